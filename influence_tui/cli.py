@@ -1,0 +1,220 @@
+"""The `influence` command. Parses arguments and hands off to the module that does the work.
+
+Nothing heavy is imported here: `influence --help` and `influence list` never import torch or
+transformers; the app's first frame paints before the engine is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+from influence_tui import __version__
+from influence_tui.config import ConfigError, Settings
+
+EPILOG = "Settings come from flags, then INFLUENCE_* environment variables, then ./.env, then the settings file (see `influence config`)."
+
+
+class UserError(Exception):
+    """An error to show as one line (exit code 1)."""
+
+
+def _gen_flags(p: argparse.ArgumentParser, chat: bool = False) -> None:
+    g = p.add_argument_group("model and generation")
+    g.add_argument("-m", "--model-path", help="model folder, .gguf file or a name from `influence list` (default: INFLUENCE_MODEL_PATH, else the bundled SmolLM2-135M-Instruct)")
+    g.add_argument("--device", help="auto | cpu | cuda | mps (default: auto)")
+    g.add_argument("--device-index", type=str, help="GPU index when there are several")
+    g.add_argument("--max-tokens", type=str, help="maximum tokens to generate (default 512)")
+    g.add_argument("--temperature", type=str, help="0-2, 0 = greedy (default 0.7)")
+    g.add_argument("--top-p", type=str, help="0-1 (default 0.9)")
+    g.add_argument("--top-k", type=str, help="top-k sampling (default off)")
+    g.add_argument("--min-p", type=str, help="0-1 (default 0 = off)")
+    g.add_argument("--repeat-penalty", type=str, help="repetition penalty (default 1.1)")
+    g.add_argument("--seed", type=str, help="random seed: same seed and input, same text")
+    g.add_argument("--system", help="system prompt")
+    if not chat:
+        g.add_argument("--stop", action="append", help="stop string (repeatable; not printed)")
+        g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence (benchmarks)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="influence",
+        description="Privacy-first local LLM inference. With no command, opens the full-screen app.",
+        epilog=EPILOG,
+    )
+    parser.add_argument("--version", action="version", version=f"influence {__version__}")
+    parser.add_argument("--batch", metavar="FILE", help="run every prompt of FILE (plain lines or JSONL; - for stdin) and print JSONL results")
+    parser.add_argument("--output", metavar="FILE", help="with --batch: write results here instead of stdout")
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    _gen_flags(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("search", help="search the Hugging Face Hub for models", epilog=EPILOG)
+    p.add_argument("query", nargs="?", default="", help="words to search for")
+    p.add_argument("--limit", type=int, default=20, help="number of results (default 20)")
+    p.add_argument("--author", help="only models of this user or organisation")
+    p.add_argument("--filter", help="a Hub tag, e.g. gguf, text-generation")
+    p.add_argument("--sort", choices=("downloads", "likes", "updated"), default="downloads")
+    p.add_argument("-r", "--mirror", help="Hub endpoint or mirror (default: INFLUENCE_MIRROR, HF_ENDPOINT, huggingface.co)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("download", help="download a model from the Hub (resumes interrupted downloads)", epilog=EPILOG)
+    p.add_argument("-m", "--model", required=True, help="repo id, e.g. TinyLlama/TinyLlama-1.1B-Chat-v1.0")
+    p.add_argument("--revision", help="branch, tag or commit (default: main)")
+    p.add_argument("-o", "--output", help="models folder (default: INFLUENCE_OUTPUT_DIR, ./models)")
+    p.add_argument("-r", "--mirror", help="Hub endpoint or mirror")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--quant", help="from a GGUF repo: the quantization to fetch (default Q4_K_M, else the nearest)")
+    which.add_argument("--file", help="fetch this one file of the repo")
+    p.add_argument("--json", action="store_true", help="print progress and the result as JSON lines")
+
+    p = sub.add_parser("list", help="list the models on this disk", epilog=EPILOG)
+    p.add_argument("--models-dir", help="models folder (default: INFLUENCE_OUTPUT_DIR, ./models)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--all", action="store_true", help="also list unusable models' full reasons")
+
+    p = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout", epilog=EPILOG)
+    p.add_argument("prompt", help="the prompt (- reads stdin)")
+    _gen_flags(p)
+    p.add_argument("--raw", action="store_true", help="send the prompt as-is, without the chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the text and timings")
+
+    p = sub.add_parser("chat", help="open the app on the chat screen", epilog=EPILOG)
+    _gen_flags(p, chat=True)
+    p.add_argument("--session", help="load this session file first")
+    p.add_argument("--save-on-exit", metavar="FILE", help="save the session to FILE however the app ends")
+
+    for name in ("serve", "deploy"):
+        p = sub.add_parser(name, help="run the local API server (Ollama- and OpenAI-compatible)" + (" (alias of serve)" if name == "deploy" else ""), epilog=EPILOG)
+        p.add_argument("-m", "--model-path", help="model to serve (default: INFLUENCE_MODEL_PATH, else the bundled one)")
+        p.add_argument("--host", help="bind address (default 127.0.0.1)")
+        p.add_argument("-p", "--port", type=str, help="port (default INFLUENCE_PORT, 8080)")
+        p.add_argument("--device", help="auto | cpu | cuda | mps")
+        p.add_argument("--device-index", type=str, help="GPU index")
+        p.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
+        p.add_argument("--cors", action="append", metavar="ORIGIN", help="allow this browser origin (repeatable)")
+        p.add_argument("--detached", action="store_true", help="run in the background (pid and log files)")
+        p.add_argument("--stop", action="store_true", help="stop a detached server")
+        p.add_argument("--status", action="store_true", help="show whether a detached server runs")
+
+    p = sub.add_parser("embed", help="print embeddings of texts as JSON", epilog=EPILOG)
+    p.add_argument("texts", nargs="+", help="texts to embed")
+    p.add_argument("-m", "--model-path", help="embedding model (default: the bundled all-MiniLM-L6-v2)")
+    p.add_argument("--device", help="auto | cpu | cuda | mps")
+
+    p = sub.add_parser("config", help="show every setting, its value and where it came from", epilog=EPILOG)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--show-secrets", action="store_true", help="print the API key instead of stars")
+    return parser
+
+
+_FLAG_SETTINGS = (
+    "model_path", "device", "device_index", "max_tokens", "temperature", "top_p", "top_k", "min_p",
+    "repeat_penalty", "seed", "host", "port", "api_key",
+)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    flags: dict[str, Any] = {name: getattr(args, name, None) for name in _FLAG_SETTINGS}
+    if getattr(args, "command", None) in ("download", "search"):
+        flags["mirror"] = getattr(args, "mirror", None)
+        if args.command == "download":
+            flags["output_dir"] = getattr(args, "output", None)
+    if getattr(args, "command", None) == "list":
+        flags["output_dir"] = getattr(args, "models_dir", None)
+    if getattr(args, "system", None):
+        flags["system_prompt"] = args.system
+    return Settings.load(flags)
+
+
+def _not_yet(what: str) -> Callable[..., int]:
+    def run(args: argparse.Namespace, settings: Settings) -> int:
+        print(f"error: `influence {what}` is not available yet in this version", file=sys.stderr)
+        return 2
+
+    return run
+
+
+def _handler(command: str | None, args: argparse.Namespace) -> Callable[[argparse.Namespace, Settings], int]:
+    # Imports happen here, per command, so that nothing heavy loads for --help or list.
+    if args.batch:
+        from influence_tui.engine_cli import run_batch
+
+        return run_batch
+    if command == "list":
+        from influence_tui.library_cli import run_list
+
+        return run_list
+    if command == "config":
+        return run_config
+    if command in ("search", "download"):
+        try:
+            from influence_tui import hub_cli
+        except ImportError:
+            return _not_yet(command)
+        return hub_cli.run_search if command == "search" else hub_cli.run_download
+    if command in ("generate", "embed"):
+        try:
+            from influence_tui import engine_cli
+        except ImportError:
+            return _not_yet(command)
+        return engine_cli.run_generate if command == "generate" else engine_cli.run_embed
+    if command in ("serve", "deploy"):
+        try:
+            from influence_tui.server.cli import run_serve
+        except ImportError:
+            return _not_yet(command)
+        return run_serve
+    try:
+        from influence_tui.tui.launch import run_app
+    except ImportError:
+        return _not_yet("chat")
+    return run_app
+
+
+def run_config(args: argparse.Namespace, settings: Settings) -> int:
+    import json
+
+    from influence_tui.config import settings_file
+
+    rows = settings.rows(reveal=args.show_secrets)
+    if args.json:
+        print(json.dumps({"settings_file": str(settings_file()), "settings": rows}, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="influence settings", caption=f"settings file: {settings_file()}")
+    for col in ("setting", "value", "source"):
+        table.add_column(col)
+    for row in rows:
+        value = "" if row["value"] is None else str(row["value"])
+        table.add_row(row["env"], value, row["source"])
+    Console().print(table)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+        handler = _handler(args.command, args)
+        return int(handler(args, settings) or 0)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:  # user-facing errors from the engine, hub, library: one line, no traceback
+        if os.environ.get("INFLUENCE_DEBUG"):
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 1

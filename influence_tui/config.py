@@ -1,0 +1,256 @@
+"""Settings: command-line flags > INFLUENCE_* environment > ./.env > user settings file > defaults.
+
+Every setting of the original tool keeps its environment name. Each value remembers where it came
+from so `influence config` can show it. A bad value raises `ConfigError` with one line naming the
+variable, the value and what is allowed; the CLI turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+from influence_tui.params import GenerationParams, ParamError, coerce
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+class ConfigError(ValueError):
+    """A setting has a bad value (message is one user-facing line)."""
+
+
+def _param(name: str) -> Callable[[str], Any]:
+    return lambda raw: coerce(name, raw)
+
+
+def _int_range(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(raw: Any) -> int:
+        try:
+            value = int(str(raw).strip())
+        except ValueError:
+            raise ParamError(f"expected an integer from {lo} to {hi}") from None
+        if not lo <= value <= hi:
+            raise ParamError(f"expected an integer from {lo} to {hi}")
+        return value
+
+    return parse
+
+
+def _device(raw: Any) -> str:
+    value = str(raw).strip().lower()
+    if value not in DEVICES:
+        raise ParamError("expected one of " + ", ".join(DEVICES))
+    return value
+
+
+def _text(raw: Any) -> str | None:
+    value = str(raw).strip()
+    return value or None
+
+
+def _url(raw: Any) -> str | None:
+    value = str(raw).strip().rstrip("/")
+    if not value:
+        return None
+    if not value.startswith(("http://", "https://")):
+        raise ParamError("expected an http:// or https:// URL")
+    return value
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str  # attribute name
+    env: str  # environment variable
+    default: Any
+    parse: Callable[[Any], Any]
+    help: str
+
+
+_D = GenerationParams()
+
+SPECS: tuple[Spec, ...] = (
+    Spec("model_path", "INFLUENCE_MODEL_PATH", None, _text, "model folder or .gguf file (default: the bundled SmolLM2-135M-Instruct)"),
+    Spec("temperature", "INFLUENCE_TEMPERATURE", _D.temperature, _param("temperature"), "sampling temperature, 0-2 (0 = greedy)"),
+    Spec("top_p", "INFLUENCE_TOP_P", _D.top_p, _param("top_p"), "nucleus sampling, 0-1"),
+    Spec("top_k", "INFLUENCE_TOP_K", _D.top_k, _param("top_k"), "top-k sampling (empty = off)"),
+    Spec("repeat_penalty", "INFLUENCE_REPEAT_PENALTY", _D.repeat_penalty, _param("repeat_penalty"), "repetition penalty (1 = off)"),
+    Spec("max_tokens", "INFLUENCE_MAX_TOKENS", _D.max_tokens, _param("max_tokens"), "maximum tokens to generate"),
+    Spec("min_p", "INFLUENCE_MIN_P", _D.min_p, _param("min_p"), "min-p sampling, 0-1 (0 = off)"),
+    Spec("seed", "INFLUENCE_SEED", None, _param("seed"), "random seed (empty = random)"),
+    Spec("system_prompt", "INFLUENCE_SYSTEM_PROMPT", None, _text, "system prompt for chat"),
+    Spec("device", "INFLUENCE_DEVICE", "auto", _device, "auto | cpu | cuda | mps"),
+    Spec("device_index", "INFLUENCE_DEVICE_INDEX", 0, _int_range(0, 64), "GPU index when several"),
+    Spec("port", "INFLUENCE_PORT", 8080, _int_range(1, 65535), "API server port"),
+    Spec("host", "INFLUENCE_HOST", "127.0.0.1", lambda raw: _text(raw) or "127.0.0.1", "API server bind address"),
+    Spec("api_key", "INFLUENCE_API_KEY", None, _text, "require 'Authorization: Bearer <key>' on the API"),
+    Spec("warmup_tokens", "INFLUENCE_WARMUP_TOKENS", 6, _int_range(0, 1024), "tokens generated after load to warm up (0 = off)"),
+    Spec("mirror", "INFLUENCE_MIRROR", None, _url, "Hugging Face Hub endpoint or mirror"),
+    Spec("output_dir", "INFLUENCE_OUTPUT_DIR", "./models", lambda raw: _text(raw) or "./models", "where models are downloaded"),
+    Spec("theme", "INFLUENCE_THEME", "textual-dark", lambda raw: _text(raw) or "textual-dark", "the app's colour theme"),
+)
+SPEC_BY_NAME = {s.name: s for s in SPECS}
+SENSITIVE = {"api_key"}
+
+
+def config_dir() -> Path:
+    """The user's settings folder (INFLUENCE_CONFIG_DIR overrides, for tests and portable installs)."""
+    override = os.environ.get("INFLUENCE_CONFIG_DIR")
+    if override:
+        return Path(override)
+    from platformdirs import user_config_dir
+
+    return Path(user_config_dir("influence-tui", appauthor=False))
+
+
+def settings_file() -> Path:
+    return config_dir() / "settings.json"
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        return {}
+    from dotenv import dotenv_values
+
+    return {k: v for k, v in dotenv_values(path).items() if v is not None}
+
+
+def read_settings_file(path: Path | None = None) -> dict[str, Any]:
+    path = path or settings_file()
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"settings file {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"settings file {path} must hold a JSON object")
+    return data
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file + rename so a crash mid-write leaves the old file whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+@dataclass
+class Settings:
+    model_path: str | None = None
+    temperature: float = _D.temperature
+    top_p: float = _D.top_p
+    top_k: int | None = _D.top_k
+    repeat_penalty: float = _D.repeat_penalty
+    max_tokens: int = _D.max_tokens
+    min_p: float = _D.min_p
+    seed: int | None = None
+    system_prompt: str | None = None
+    device: str = "auto"
+    device_index: int = 0
+    port: int = 8080
+    host: str = "127.0.0.1"
+    api_key: str | None = None
+    warmup_tokens: int = 6
+    mirror: str | None = None
+    output_dir: str = "./models"
+    theme: str = "textual-dark"
+    sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def load(
+        cls,
+        flags: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        use_file: bool = True,
+    ) -> "Settings":
+        """Resolve every setting from its strongest source; raise ConfigError on a bad value."""
+        env = dict(os.environ) if env is None else env
+        dotenv = read_dotenv((cwd or Path.cwd()) / ".env")
+        stored = read_settings_file() if use_file else {}
+        flags = {k: v for k, v in (flags or {}).items() if v is not None}
+        values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        for spec in SPECS:
+            layers = (
+                ("flag", flags.get(spec.name), f"--{spec.name.replace('_', '-')}"),
+                ("env", env.get(spec.env), spec.env),
+                (".env", dotenv.get(spec.env), f"{spec.env} in .env"),
+                ("file", stored.get(spec.name), f"{spec.name} in {settings_file()}"),
+            )
+            for source, raw, label in layers:
+                if raw is None:
+                    continue
+                values[spec.name] = _parse(spec, raw, label)
+                sources[spec.name] = source
+                break
+            else:
+                values[spec.name] = spec.default
+                sources[spec.name] = "default"
+        return cls(**values, sources=sources)
+
+    def generation_params(self) -> GenerationParams:
+        return GenerationParams(
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            repeat_penalty=self.repeat_penalty,
+            seed=self.seed,
+        )
+
+    def rows(self, reveal: bool = False) -> list[dict[str, Any]]:
+        out = []
+        for spec in SPECS:
+            value = getattr(self, spec.name)
+            if spec.name in SENSITIVE and value and not reveal:
+                value = "********"
+            out.append(
+                {"name": spec.name, "env": spec.env, "value": value, "source": self.sources.get(spec.name, "default"), "help": spec.help}
+            )
+        return out
+
+    def save(self, names: list[str] | None = None) -> Path:
+        """Write (some of) the settings into the user settings file, keeping the keys already there."""
+        path = settings_file()
+        try:
+            data = read_settings_file(path)
+        except ConfigError:
+            data = {}
+        for spec in SPECS:
+            if names is None or spec.name in names:
+                data[spec.name] = getattr(self, spec.name)
+        atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+        return path
+
+
+def _parse(spec: Spec, raw: Any, label: str) -> Any:
+    try:
+        return spec.parse(raw)
+    except ParamError as exc:
+        reason = str(exc)
+        if ": expected" in reason:
+            reason = "expected" + reason.split(": expected", 1)[1]
+        raise ConfigError(f"{label}={raw!r} is not valid: {reason}") from None
+
+
+def validate_value(name: str, raw: Any) -> Any:
+    """Parse one setting as typed (for the Settings screen and `/set`); ConfigError on a bad value."""
+    spec = SPEC_BY_NAME[name]
+    return _parse(spec, raw, name)

@@ -1,0 +1,73 @@
+"""The contract between the scheduler (engine/scheduler.py) and a loaded model.
+
+A loader (engine/loader.py) turns a path into a `LoadedModel`: a `CausalLM` that owns a static,
+slot-based KV cache, a `TextTokenizer`, and facts about the model. The scheduler owns the slots:
+each running request gets one slot; a finished conversation's slot keeps its KV entries so that a
+follow-up request sharing the prefix only prefills the new tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import torch
+
+
+class ModelLoadError(RuntimeError):
+    """A model cannot be loaded: the message names the file and the reason (user-facing)."""
+
+
+class CausalLM(Protocol):
+    vocab_size: int
+    context_length: int  # the model's maximum positions
+    device: "torch.device"
+
+    def allocate(self, max_batch: int, max_seq: int) -> None:
+        """(Re)create the static KV cache with `max_batch` slots of `max_seq` positions each."""
+
+    def prefill(self, slot: int, tokens: "torch.Tensor", start_pos: int, all_logits: bool = False) -> "torch.Tensor":
+        """Run `tokens` (1-D LongTensor, T>=1) into `slot` at positions start_pos..start_pos+T-1.
+
+        KV entries of the slot before start_pos are reused as they are. Returns float32 logits of
+        the last position, shape [vocab], or of every position, shape [T, vocab], if `all_logits`.
+        """
+
+    def decode(self, slots: "torch.Tensor", tokens: "torch.Tensor", positions: "torch.Tensor") -> "torch.Tensor":
+        """One step for B sequences at once: slots, tokens, positions are 1-D LongTensors of length B.
+
+        Each sequence attends to its own slot's positions 0..positions[i]. Returns float32 [B, vocab].
+        """
+
+
+class TextTokenizer(Protocol):
+    bos_token_id: int | None
+    eos_token_ids: set[int]
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """Render the model's own chat template (jinja2); raise ModelLoadError-free ValueError on a bad role."""
+
+    @property
+    def has_chat_template(self) -> bool: ...
+
+
+@dataclass
+class LoadedModel:
+    model: CausalLM
+    tokenizer: TextTokenizer
+    name: str
+    path: str
+    architecture: str
+    format: str  # "gguf" | "safetensors"
+    quantization: str  # e.g. "Q4_1", "BF16", "F32"
+    dtype: str  # compute dtype, e.g. "bfloat16"
+    device: str  # "cpu", "cuda:0", "mps"
+    context_length: int
+    parameters: int | None = None
+    load_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)

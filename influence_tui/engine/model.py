@@ -1,0 +1,259 @@
+"""A small Llama-family decoder (llama, mistral, qwen2) with a static, slot-based KV cache.
+
+In the style of gpt-fast: few ops per layer (fused QKV and gate/up projections, one SDPA call over
+the cache), activations kept 2-D ([tokens, features]) so the weight-only quantised linears of
+`quant.py` apply directly, plain Python objects instead of nn.Modules (less call overhead per op).
+
+Q and K weights are held in the *interleaved* RoPE layout (pairs 2i, 2i+1 rotate together, as in
+Meta's checkpoints and llama.cpp's GGUF): the loader permutes Hugging Face's rotate-half layout
+into it. Attention scores do not change (q and k are permuted alike within each head), and RoPE
+becomes one complex multiplication.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from influence_tui.engine.quant import FloatLinear, Int4Linear, Int8Linear
+
+Linear = FloatLinear | Int8Linear | Int4Linear
+
+
+@dataclass
+class ModelConfig:
+    architecture: str  # llama | mistral | qwen2
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    context_length: int = 4096
+    rope_scaling: dict[str, Any] | None = None
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    sliding_window: int | None = None  # ignored: contexts are capped at it by the loader
+    rope_freq_factors: list[float] | None = field(default=None, repr=False)  # GGUF rope_freqs
+
+    @property
+    def q_size(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Per-pair inverse frequencies [head_dim/2], with llama3 / linear scaling applied."""
+    hd = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    if cfg.rope_freq_factors is not None:  # GGUF llama3 files carry the factors as a tensor
+        return inv / torch.tensor(cfg.rope_freq_factors, dtype=torch.float64)
+    rs = cfg.rope_scaling or {}
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind == "linear":
+        inv = inv / float(rs["factor"])
+    elif kind == "llama3":
+        factor = float(rs["factor"])
+        low, high = float(rs.get("low_freq_factor", 1.0)), float(rs.get("high_freq_factor", 4.0))
+        old_ctx = float(rs.get("original_max_position_embeddings", 8192))
+        wavelen = 2 * math.pi / inv
+        smooth = ((old_ctx / wavelen) - low) / (high - low)
+        scaled = torch.where(wavelen > old_ctx / low, inv / factor, inv)
+        mid = (wavelen <= old_ctx / low) & (wavelen >= old_ctx / high)
+        inv = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    elif kind not in (None, "default"):
+        raise ValueError(f"rope scaling {kind!r} is not supported")
+    return inv
+
+
+@dataclass
+class Layer:
+    attn_norm: torch.Tensor
+    qkv: Linear
+    o: Linear
+    ffn_norm: torch.Tensor
+    gate_up: Linear
+    down: Linear
+
+
+class Embedding:
+    """Token embedding table: float, or int8 rows shared with a tied int8 lm_head."""
+
+    def __init__(self, table: torch.Tensor | Int8Linear) -> None:
+        self.table = table
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.table, Int8Linear):
+            return self.table.rows(ids)
+        return F.embedding(ids, self.table)
+
+
+class LlamaModel:
+    """Implements `engine.base.CausalLM`."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        embed: Embedding,
+        layers: list[Layer],
+        norm: torch.Tensor,
+        lm_head: Linear,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.cfg = cfg
+        self.embed = embed
+        self.layers = layers
+        self.norm = norm
+        self.lm_head = lm_head
+        self.dtype = dtype
+        self.device = device
+        self.vocab_size = cfg.vocab_size
+        self.context_length = cfg.context_length
+        self.max_batch = 0
+        self.max_seq = 0
+        self.k_cache: list[torch.Tensor] = []
+        self.v_cache: list[torch.Tensor] = []
+        self._rope_inv = rope_inv_freq(cfg).float().to(device)
+        self._rope: torch.Tensor | None = None  # complex64 [max_seq, head_dim/2]
+
+    # -- cache ------------------------------------------------------------------------------
+    def allocate(self, max_batch: int, max_seq: int) -> None:
+        max_seq = min(max_seq, self.context_length)
+        cfg = self.cfg
+        shape = (max_batch, cfg.n_kv_heads, max_seq, cfg.head_dim)
+        self.k_cache, self.v_cache = [], []
+        self.k_cache = [self._zeros(shape) for _ in self.layers]
+        self.v_cache = [self._zeros(shape) for _ in self.layers]
+        self.max_batch, self.max_seq = max_batch, max_seq
+        pos = torch.arange(max_seq, dtype=torch.float32, device=self.device)
+        angles = torch.outer(pos, self._rope_inv)
+        self._rope = torch.polar(torch.ones_like(angles), angles)
+
+    def _zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if self.device.type != "cpu":
+            return torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # numpy's zeros come from calloc: pages are only resident once written, so a large cache
+        # costs memory in proportion to what the slots actually use.
+        width = torch.empty((), dtype=self.dtype).element_size()
+        arr = np.zeros(shape, dtype={2: np.int16, 4: np.int32}[width])
+        return torch.from_numpy(arr).view(self.dtype)
+
+    def _check_cache(self) -> None:
+        if not self.k_cache:
+            raise RuntimeError("allocate() the KV cache before running the model")
+
+    # -- forward ----------------------------------------------------------------------------
+    def _rope_apply(self, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+        """x: [tokens, heads, head_dim] in interleaved layout; rot: complex [tokens, 1, head_dim/2]."""
+        xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+        return torch.view_as_real(xc * rot).flatten(-2).to(self.dtype)
+
+    def _forward(
+        self,
+        ids: torch.Tensor,
+        rot: torch.Tensor,
+        attend,  # (layer index, q [N, H, D], k [N, KV, D], v [N, KV, D]) -> [N, H*D]
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        nq, nkv, hd, eps = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.norm_eps
+        qs, ks = cfg.q_size, cfg.kv_size
+        x = self.embed(ids)
+        for i, layer in enumerate(self.layers):
+            h = F.rms_norm(x, (cfg.dim,), layer.attn_norm, eps)
+            qkv = layer.qkv(h)
+            n = qkv.shape[0]
+            qk = self._rope_apply(qkv[:, : qs + ks].view(n, nq + nkv, hd), rot)
+            q, k = qk[:, :nq], qk[:, nq:]
+            v = qkv[:, qs + ks :].view(n, nkv, hd)
+            x = x + layer.o(attend(i, q, k, v))
+            h = F.rms_norm(x, (cfg.dim,), layer.ffn_norm, eps)
+            gu = layer.gate_up(h)
+            g, u = gu.chunk(2, dim=-1)
+            x = x + layer.down(F.silu(g) * u)
+        return F.rms_norm(x, (cfg.dim,), self.norm, eps)
+
+    def prefill(self, slot: int, tokens: torch.Tensor, start_pos: int, all_logits: bool = False) -> torch.Tensor:
+        self._check_cache()
+        t = int(tokens.shape[0])
+        end = start_pos + t
+        if t < 1 or start_pos < 0 or end > self.max_seq:
+            raise ValueError(f"positions {start_pos}..{end - 1} do not fit the cache of {self.max_seq}")
+        if not 0 <= slot < self.max_batch:
+            raise ValueError(f"slot {slot} is outside 0..{self.max_batch - 1}")
+        assert self._rope is not None
+        rot = self._rope[start_pos:end].unsqueeze(1)
+        if start_pos == 0:
+            mask = None
+        else:  # row i sees cache positions 0..start_pos+i
+            cols = torch.arange(end, device=self.device)
+            rows = torch.arange(start_pos, end, device=self.device)
+            mask = cols[None, :] <= rows[:, None]
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            kc, vc = self.k_cache[i], self.v_cache[i]
+            kc[slot, :, start_pos:end] = k.transpose(0, 1)
+            vc[slot, :, start_pos:end] = v.transpose(0, 1)
+            o = F.scaled_dot_product_attention(
+                q.transpose(0, 1).unsqueeze(0),
+                kc[slot : slot + 1, :, :end],
+                vc[slot : slot + 1, :, :end],
+                attn_mask=mask,
+                is_causal=mask is None,
+                enable_gqa=True,
+            )
+            return o[0].transpose(0, 1).reshape(t, -1)
+
+        with torch.inference_mode():
+            h = self._forward(tokens.to(self.device), rot, attend)
+            if not all_logits:
+                h = h[-1:]
+            logits = self.lm_head(h).float()
+        return logits if all_logits else logits[0]
+
+    def decode(self, slots: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self._check_cache()
+        assert self._rope is not None
+        b = int(tokens.shape[0])
+        slots = slots.to(self.device)
+        positions = positions.to(self.device)
+        length = int(positions.max()) + 1
+        if length > self.max_seq or int(positions.min()) < 0:
+            raise ValueError(f"a position is outside the cache of {self.max_seq}")
+        rot = self._rope[positions].unsqueeze(1)
+        mask = (torch.arange(length, device=self.device)[None, :] <= positions[:, None]).view(b, 1, 1, length)
+        first = int(slots[0])
+        # a run of consecutive slots is read as a view of the cache; otherwise gathered
+        contiguous = bool(torch.equal(slots, torch.arange(first, first + b, device=self.device)))
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            kc, vc = self.k_cache[i], self.v_cache[i]
+            kc[slots, :, positions] = k
+            vc[slots, :, positions] = v
+            if contiguous:
+                ks, vs = kc[first : first + b, :, :length], vc[first : first + b, :, :length]
+            else:
+                ks, vs = kc[slots, :, :length], vc[slots, :, :length]
+            o = F.scaled_dot_product_attention(q.unsqueeze(2), ks, vs, attn_mask=mask, enable_gqa=True)
+            return o.view(b, -1)
+
+        with torch.inference_mode():
+            h = self._forward(tokens.to(self.device), rot, attend)
+            return self.lm_head(h).float()
+
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` cache positions of slot src into slot dst (prefix sharing)."""
+        for kc, vc in zip(self.k_cache, self.v_cache):
+            kc[dst, :, :length] = kc[src, :, :length]
+            vc[dst, :, :length] = vc[src, :, :length]

@@ -1,0 +1,148 @@
+"""Weight-only linear layers: float, int8 per-channel and int4 group-wise (CPU kernels of torch).
+
+All layers take 2-D activations [tokens, in_features] and return [tokens, out_features].
+
+int4 uses `_weight_int4pack_mm_for_cpu` (group 32, bf16 activations: with fp32 activations the
+kernel is ~25x slower). Its dequantisation rule is w = (q - 8) * scale + zero, q in 0..15, so a
+GGUF Q4_1 block (w = q * d + m) maps onto it exactly with scale = d, zero = m + 8 d, and Q4_0
+(w = (q - 8) * d) with zero = 0: the file's nibbles are repacked, never re-quantised.
+
+For many tokens at once (prefill) the int4 kernel is ~8x slower than a dense bf16 matmul on AMX,
+so `Int4Linear` dequantises its weight on the fly when the batch is large: transient memory of one
+matrix, no second copy of the model kept around.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+GROUP = 32
+DENSE_MIN_TOKENS = 16  # from this many rows on, dequantise + dense matmul beats the int4 kernel
+_PACK_BLOCK_N = 64  # the CPU int4 pack interleaves rows n and n+32 of each block of 64 rows
+
+
+class FloatLinear:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        self.weight = weight
+        self.bias = bias
+        self.out_features, self.in_features = weight.shape
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight
+
+
+class Int8Linear:
+    """Per-output-channel symmetric int8: w = q * scale[n]."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        self.q = q  # int8 [N, K]
+        self.scale = scale.to(dtype)  # [N]
+        self.bias = bias
+        self.dtype = dtype
+        self.out_features, self.in_features = q.shape
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> "Int8Linear":
+        q, scale = quantize_int8(w)
+        return cls(q, scale, bias, dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] >= DENSE_MIN_TOKENS:
+            y = F.linear(x, self.dequantize())
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
+        return y if self.bias is None else y + self.bias
+
+    def dequantize(self) -> torch.Tensor:
+        return self.q.to(self.dtype) * self.scale[:, None]
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Dequantised rows (an embedding lookup on the same table)."""
+        return self.q[ids].to(self.dtype) * self.scale[ids, None]
+
+
+class Int4Linear:
+    """Group-wise (32) asymmetric int4 in the CPU kernel's packed layout."""
+
+    def __init__(
+        self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+    ) -> None:
+        """q: integer [N, K] in 0..15; scale, zero: [N, K/32] with w = (q - 8) * scale + zero."""
+        n, k = q.shape
+        self.out_features, self.in_features = n, k
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+        # kernel wants [K/32, N, 2]
+        self.scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(dtype)
+        self.bias = bias
+        self.dtype = dtype
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> "Int4Linear":
+        q, scale, minimum = quantize_int4(w)
+        return cls(q, scale, minimum + 8 * scale, bias, dtype)
+
+    @staticmethod
+    def supports(n: int, k: int) -> bool:
+        return k % GROUP == 0 and n % _PACK_BLOCK_N == 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] >= DENSE_MIN_TOKENS:
+            y = F.linear(x, self.dequantize())
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_zeros)
+        return y if self.bias is None else y + self.bias
+
+    def unpacked(self) -> torch.Tensor:
+        """The 0..15 values as uint8 [N, K], undoing the pack layout (rows n, n+32 share a byte)."""
+        n, k = self.out_features, self.in_features
+        p = self.packed.view(n // _PACK_BLOCK_N, k, _PACK_BLOCK_N // 2)
+        q = torch.cat([p & 0x0F, p >> 4], dim=-1)  # [N/64, K, 64]
+        return q.transpose(1, 2).reshape(n, k)
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.out_features, self.in_features
+        sz = self.scales_zeros  # [K/32, N, 2]
+        scale = sz[..., 0].t().unsqueeze(-1)  # [N, K/32, 1]
+        zero = (sz[..., 1].t() - 8 * sz[..., 0].t()).unsqueeze(-1)
+        q = self.unpacked().view(n, k // GROUP, GROUP).to(self.dtype)
+        return torch.addcmul(zero, q, scale).view(n, k)
+
+
+Linear = FloatLinear | Int8Linear | Int4Linear
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: returns (int8 [N, K], float32 scale [N])."""
+    w = w.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric group-32 int4 (like GGUF Q4_1): returns (uint8 q [N, K], scale, minimum [N, K/32])."""
+    n, k = w.shape
+    g = w.float().view(n, k // GROUP, GROUP)
+    lo = g.amin(dim=-1)
+    hi = g.amax(dim=-1)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-12)
+    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
+    return q.view(n, k), scale, lo
+
+
+def make_linear(
+    w: torch.Tensor, bias: torch.Tensor | None, quant: str, dtype: torch.dtype
+) -> FloatLinear | Int8Linear | Int4Linear:
+    """A layer from a float weight: quant is "none", "int8" or "int4" (int4 falls back to int8
+    when the shape does not fit the kernel)."""
+    n, k = w.shape
+    bias = None if bias is None else bias.to(dtype)
+    if quant == "int4" and Int4Linear.supports(n, k):
+        return Int4Linear.from_float(w, bias, dtype)
+    if quant in ("int4", "int8"):
+        return Int8Linear.from_float(w, bias, dtype)
+    return FloatLinear(w.to(dtype), bias)

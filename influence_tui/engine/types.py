@@ -1,0 +1,150 @@
+"""Data that travels between the engine's worker thread and its clients (TUI, server, CLI).
+
+No torch import here: clients import these types at start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Iterator, Literal
+
+from influence_tui.params import GenerationParams
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@dataclass
+class ChatMessage:
+    role: str  # system | user | assistant
+    content: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.content}
+
+
+@dataclass
+class GenerationRequest:
+    """Either `prompt` (raw text, or wrapped in the chat template unless `raw`) or `messages`."""
+
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    system: str | None = None
+    params: GenerationParams = field(default_factory=GenerationParams)
+    raw: bool = False  # prompt goes to the model as-is, no chat template
+    num_ctx: int | None = None  # cap the context below the model's own maximum
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens reused from the KV cache (llama-server's cache_n)
+    dropped_tokens: int = 0  # history tokens dropped to fit the context window
+    context_length: int = 0  # the model's (or num_ctx's) maximum
+    load_s: float = 0.0
+    ttft_s: float = 0.0  # submit -> first token
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    queue_s: float = 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        n = self.prompt_tokens - self.cached_tokens
+        return n / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        # the first token comes out of prefill; the rest out of decode steps
+        n = max(self.completion_tokens - 1, 0)
+        return n / self.decode_s if self.decode_s > 0 else 0.0
+
+
+@dataclass
+class TokenEvent:
+    text: str  # the new text (may be "" while a multi-byte character or a stop string is pending)
+    token_id: int
+
+
+@dataclass
+class Result:
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+    error: str | None = None
+    model: str = ""
+
+
+class StreamClosed(Exception):
+    pass
+
+
+class GenerationStream:
+    """What `Engine.submit` returns: iterate it from a thread, or `async for` it from asyncio.
+
+    Yields `TokenEvent`s; after the iteration ends, `.result` holds the `Result`.
+    `cancel()` asks the worker to stop this request at its next step (finish_reason "cancelled").
+    """
+
+    _END = object()
+
+    def __init__(self) -> None:
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+        self.result: Result | None = None
+
+    # --- worker side -------------------------------------------------------------------------
+    def _put(self, event: TokenEvent) -> None:
+        self._q.put(event)
+
+    def _finish(self, result: Result) -> None:
+        self.result = result
+        self._done.set()
+        self._q.put(self._END)
+
+    # --- client side ---------------------------------------------------------------------------
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        while True:
+            item = self._q.get()
+            if item is self._END:
+                self._q.put(item)  # let a second iteration end too
+                return
+            yield item
+
+    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        while True:
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                # Park in a thread rather than poll: wakes as soon as the worker puts something.
+                item = await asyncio.to_thread(self._q.get)
+            if item is self._END:
+                self._q.put(item)
+                return
+            yield item
+
+    def wait(self, timeout: float | None = None) -> Result:
+        """Block until the request ends (draining events); return the Result."""
+        for _ in self:
+            pass
+        if not self._done.wait(timeout):
+            raise TimeoutError("generation did not finish in time")
+        assert self.result is not None
+        return self.result
+
+    def text(self) -> str:
+        return self.wait().text

