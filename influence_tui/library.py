@@ -338,6 +338,15 @@ def list_models(models_dir: str | Path | None = None, include_hf_cache: bool = T
     return out
 
 
+def model_name_for_path(path: str, models_dir: str | Path | None = None) -> str | None:
+    """The name `influence list` shows for this path (so the app, API and CLI agree on names)."""
+    target = os.path.realpath(path)
+    for m in list_models(models_dir):
+        if os.path.realpath(m.path) == target:
+            return m.name
+    return None
+
+
 class ModelNotFound(LookupError):
     pass
 

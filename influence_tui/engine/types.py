@@ -6,7 +6,6 @@ No torch import here: clients import these types at start-up.
 from __future__ import annotations
 
 import asyncio
-import queue
 import threading
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator, Literal
@@ -86,24 +85,39 @@ class GenerationStream:
 
     Yields `TokenEvent`s; after the iteration ends, `.result` holds the `Result`.
     `cancel()` asks the worker to stop this request at its next step (finish_reason "cancelled").
+    Any number of asyncio consumers can wait without holding a thread each: the worker wakes
+    their loop with `call_soon_threadsafe`.
     """
 
-    _END = object()
-
     def __init__(self) -> None:
-        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._events: list[TokenEvent] = []
+        self._cond = threading.Condition()
         self._cancel = threading.Event()
         self._done = threading.Event()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self.result: Result | None = None
+        self.request_id: str = ""
 
     # --- worker side -------------------------------------------------------------------------
     def _put(self, event: TokenEvent) -> None:
-        self._q.put(event)
+        with self._cond:
+            self._events.append(event)
+            self._cond.notify_all()
+        self._wake()
 
     def _finish(self, result: Result) -> None:
-        self.result = result
-        self._done.set()
-        self._q.put(self._END)
+        with self._cond:
+            self.result = result
+            self._done.set()
+            self._cond.notify_all()
+        self._wake()
+
+    def _wake(self) -> None:
+        for loop, event in list(self._waiters):
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # that loop is closed: its consumer is gone
+                pass
 
     # --- client side ---------------------------------------------------------------------------
     def cancel(self) -> None:
@@ -118,31 +132,48 @@ class GenerationStream:
         return self._done.is_set()
 
     def __iter__(self) -> Iterator[TokenEvent]:
+        i = 0
         while True:
-            item = self._q.get()
-            if item is self._END:
-                self._q.put(item)  # let a second iteration end too
+            with self._cond:
+                while i >= len(self._events) and not self._done.is_set():
+                    self._cond.wait()
+                batch = self._events[i:]
+                finished = self._done.is_set()
+            i += len(batch)
+            yield from batch
+            if finished and i >= len(self._events):
                 return
-            yield item
 
     async def __aiter__(self) -> AsyncIterator[TokenEvent]:
-        while True:
-            try:
-                item = self._q.get_nowait()
-            except queue.Empty:
-                # Park in a thread rather than poll: wakes as soon as the worker puts something.
-                item = await asyncio.to_thread(self._q.get)
-            if item is self._END:
-                self._q.put(item)
-                return
-            yield item
+        waiter = (asyncio.get_running_loop(), asyncio.Event())
+        self._waiters.append(waiter)
+        i = 0
+        try:
+            while True:
+                waiter[1].clear()
+                with self._cond:
+                    batch = self._events[i:]
+                    finished = self._done.is_set()
+                i += len(batch)
+                for event in batch:
+                    yield event
+                if finished and i >= len(self._events):
+                    return
+                if not batch:
+                    await waiter[1].wait()
+        finally:
+            self._waiters.remove(waiter)
 
     def wait(self, timeout: float | None = None) -> Result:
-        """Block until the request ends (draining events); return the Result."""
-        for _ in self:
-            pass
+        """Block until the request ends; return the Result."""
         if not self._done.wait(timeout):
             raise TimeoutError("generation did not finish in time")
+        assert self.result is not None
+        return self.result
+
+    async def wait_async(self) -> Result:
+        async for _ in self:
+            pass
         assert self.result is not None
         return self.result
 

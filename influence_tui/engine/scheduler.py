@@ -1,0 +1,265 @@
+"""The worker thread's half of the engine: slots, admission, batched decode, the prefix cache.
+
+Only the engine's worker thread calls into a `Scheduler`. Each running request holds one KV-cache
+slot. A new request is admitted at the next step (prefilled alone, then decoded with everyone
+else); a finished one leaves. A finished conversation's slot keeps its KV entries, so a follow-up
+that starts with the same tokens (the next chat turn, or an API request sharing a system prompt)
+only prefills what is new.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from influence_tui.engine.base import LoadedModel
+from influence_tui.engine.sampling import Sampler, StopMatcher
+from influence_tui.engine.tokenizer import IncrementalDecoder
+from influence_tui.engine.types import GenerationRequest, GenerationStream, Result, TokenEvent, Usage
+
+
+class RequestError(ValueError):
+    """The request cannot run on this model (message is user-facing)."""
+
+
+@dataclass
+class Job:
+    request: GenerationRequest
+    stream: GenerationStream
+    model_path: str | None  # None = whatever is loaded
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Slot:
+    index: int
+    tokens: list[int] = field(default_factory=list)  # ids whose K/V are valid in this slot
+    busy: bool = False
+    last_used: float = 0.0
+
+
+@dataclass
+class Sequence:
+    job: Job
+    slot: Slot
+    prompt: list[int]
+    sampler: Sampler
+    decoder: IncrementalDecoder
+    stopper: StopMatcher
+    usage: Usage
+    history: list[int]
+    last_token: int = -1
+    generated: int = 0
+    text: list[str] = field(default_factory=list)
+    limit: int = 0  # max new tokens after context fitting
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Scheduler:
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.lm = loaded
+        self.model = loaded.model
+        self.tok = loaded.tokenizer
+        max_batch = int(loaded.extra.get("max_batch", 8))
+        self.max_seq = int(loaded.extra.get("max_seq", loaded.context_length))
+        self.slots = [Slot(i) for i in range(max_batch)]
+        self.active: list[Sequence] = []
+        self.eos = set(self.tok.eos_token_ids)
+
+    # --- prompt building -----------------------------------------------------------------------
+    def context_limit(self, request: GenerationRequest) -> int:
+        limit = min(self.lm.context_length, self.max_seq)
+        if request.num_ctx:
+            limit = min(limit, max(int(request.num_ctx), 16))
+        return limit
+
+    def _messages(self, request: GenerationRequest) -> list[dict[str, str]]:
+        msgs = [m.to_dict() for m in (request.messages or [])]
+        if request.prompt is not None:
+            msgs.append({"role": "user", "content": request.prompt})
+        if request.system and not any(m["role"] == "system" for m in msgs):
+            msgs.insert(0, {"role": "system", "content": request.system})
+        return msgs
+
+    def _render(self, msgs: list[dict[str, str]]) -> list[int]:
+        if self.tok.has_chat_template:
+            try:
+                text = self.tok.apply_chat_template(msgs, add_generation_prompt=True)
+            except Exception as exc:  # a template's raise_exception (e.g. roles must alternate)
+                raise RequestError(f"the model's chat template rejected the messages: {exc}") from None
+            return self.tok.encode(text, add_special_tokens=False)
+        # No template: plain "role: content" lines, so at least the text reaches the model.
+        text = "\n".join(f"{m['role']}: {m['content']}" for m in msgs) + "\nassistant:"
+        return self.tok.encode(text, add_special_tokens=True)
+
+    def build_prompt(self, request: GenerationRequest) -> tuple[list[int], int, int]:
+        """(prompt ids, tokens dropped to fit, max new tokens). Oldest turns go first; the system
+        prompt and the last message always stay."""
+        ctx = self.context_limit(request)
+        want = request.params.max_tokens
+        if request.raw and request.prompt is not None:
+            ids = self.tok.encode(request.prompt, add_special_tokens=True)
+            dropped = 0
+            if len(ids) + want > ctx:
+                keep = max(ctx - want, min(len(ids), ctx // 2))
+                dropped, ids = len(ids) - keep, ids[len(ids) - keep:]
+            return ids, dropped, max(min(want, ctx - len(ids)), 0)
+        msgs = self._messages(request)
+        if not msgs:
+            raise RequestError("nothing to generate from: give a prompt or messages")
+        ids = self._render(msgs)
+        full = len(ids)
+        while len(ids) + want > ctx:
+            droppable = [i for i, m in enumerate(msgs[:-1]) if m["role"] != "system"]
+            if not droppable:
+                break
+            # drop a user turn together with the answer that followed it
+            i = droppable[0]
+            msgs.pop(i)
+            if i < len(msgs) - 1 and msgs[i]["role"] == "assistant":
+                msgs.pop(i)
+            ids = self._render(msgs)
+        if len(ids) >= ctx:
+            raise RequestError(f"the prompt is {len(ids)} tokens but the context holds {ctx}: shorten it")
+        return ids, full - len(ids), min(want, ctx - len(ids))
+
+    # --- admission -----------------------------------------------------------------------------
+    def free_slot(self, prompt: list[int]) -> tuple[Slot, int] | None:
+        free = [s for s in self.slots if not s.busy]
+        if not free:
+            return None
+        best = max(free, key=lambda s: (common_prefix(s.tokens, prompt), -s.last_used))
+        reuse = min(common_prefix(best.tokens, prompt), len(prompt) - 1)
+        if reuse <= 0:
+            # nothing to reuse: take the least recently used slot, keep the others' caches
+            best = min(free, key=lambda s: s.last_used)
+            reuse = 0
+        return best, reuse
+
+    @property
+    def has_free_slot(self) -> bool:
+        return any(not s.busy for s in self.slots)
+
+    def admit(self, job: Job) -> None:
+        """Tokenize, fit, prefill (reusing a cached prefix) and emit the first token."""
+        t0 = time.perf_counter()
+        req = job.request
+        try:
+            prompt, dropped, limit = self.build_prompt(req)
+        except RequestError as exc:
+            job.stream._finish(Result("", "error", Usage(), error=str(exc), model=self.lm.name))
+            return
+        picked = self.free_slot(prompt)
+        assert picked is not None, "admit() needs a free slot"
+        slot, reuse = picked
+        slot.busy = True
+        usage = Usage(
+            prompt_tokens=len(prompt), cached_tokens=reuse, dropped_tokens=dropped,
+            context_length=self.context_limit(req), queue_s=t0 - job.submitted,
+        )
+        seq = Sequence(
+            job=job, slot=slot, prompt=prompt, sampler=Sampler(req.params, self.model.device),
+            decoder=IncrementalDecoder(self.tok, skip_special_tokens=True),
+            stopper=StopMatcher(req.params.stop), usage=usage, history=list(prompt), limit=limit,
+        )
+        if limit <= 0:
+            self._finish(seq, "length")
+            return
+        tp = time.perf_counter()
+        slot.tokens = slot.tokens[:reuse]
+        with torch.inference_mode():
+            logits = self.model.prefill(slot.index, torch.tensor(prompt[reuse:], dtype=torch.long), reuse)
+        slot.tokens = list(prompt)
+        usage.prefill_s = time.perf_counter() - tp
+        self.active.append(seq)
+        self._accept(seq, seq.sampler(logits.float().cpu(), seq.history))
+        if seq.usage.ttft_s == 0.0:
+            seq.usage.ttft_s = time.perf_counter() - job.submitted
+
+    # --- decoding ------------------------------------------------------------------------------
+    def step(self) -> None:
+        """One decode step for every active sequence (cancelled ones leave first)."""
+        for seq in [s for s in self.active if s.job.stream.cancelled]:
+            self._finish(seq, "cancelled")
+        if not self.active:
+            return
+        batch = list(self.active)
+        t0 = time.perf_counter()
+        slots = torch.tensor([s.slot.index for s in batch], dtype=torch.long)
+        tokens = torch.tensor([s.last_token for s in batch], dtype=torch.long)
+        positions = torch.tensor([len(s.slot.tokens) for s in batch], dtype=torch.long)
+        with torch.inference_mode():
+            logits = self.model.decode(slots, tokens, positions).float().cpu()
+        for seq in batch:
+            seq.slot.tokens.append(seq.last_token)
+        if all(s.sampler.p.greedy and not s.sampler.needs_penalties for s in batch):
+            picks = logits.argmax(dim=-1).tolist()  # one op for the whole batch
+        else:
+            picks = [s.sampler(logits[i], s.history) for i, s in enumerate(batch)]
+        elapsed = time.perf_counter() - t0
+        for seq, token in zip(batch, picks):
+            seq.usage.decode_s += elapsed
+            self._accept(seq, int(token))
+
+    def _accept(self, seq: Sequence, token: int) -> None:
+        seq.generated += 1
+        seq.history.append(token)
+        seq.last_token = token
+        params = seq.job.request.params
+        if token in self.eos and not params.ignore_eos:
+            self._finish(seq, "stop")
+            return
+        text = seq.stopper.feed(seq.decoder.push(token))
+        if text:
+            seq.text.append(text)
+            seq.job.stream._put(TokenEvent(text, token))
+        if seq.usage.ttft_s == 0.0:
+            seq.usage.ttft_s = time.perf_counter() - seq.job.submitted
+        if seq.stopper.stopped:
+            self._finish(seq, "stop")
+        elif seq.generated >= seq.limit or len(seq.slot.tokens) + 1 >= self.context_limit(seq.job.request):
+            self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        if reason != "stop" or not seq.stopper.stopped:
+            tail = seq.stopper.feed(seq.decoder.flush()) + seq.stopper.flush()
+            if tail:
+                seq.text.append(tail)
+                seq.job.stream._put(TokenEvent(tail, -1))
+        seq.usage.completion_tokens = seq.generated
+        seq.slot.busy = False
+        seq.slot.last_used = time.perf_counter()
+        if seq in self.active:
+            self.active.remove(seq)
+        seq.job.stream._finish(Result("".join(seq.text), reason, seq.usage, model=self.lm.name))  # type: ignore[arg-type]
+
+    def cancel_all(self, reason: str = "cancelled") -> None:
+        for seq in list(self.active):
+            self._finish(seq, reason)
+
+    def warmup(self, n_tokens: int) -> None:
+        """A few decode steps right after load so the first real request does not pay for
+        one-time costs (allocations, kernel selection)."""
+        if n_tokens <= 0:
+            return
+        slot = self.slots[0]
+        ids = self.tok.encode("Hello", add_special_tokens=True) or [0]
+        with torch.inference_mode():
+            logits = self.model.prefill(slot.index, torch.tensor(ids, dtype=torch.long), 0)
+            tokens = list(ids)
+            for _ in range(n_tokens):
+                nxt = int(logits.argmax())
+                logits = self.model.decode(
+                    torch.tensor([slot.index]), torch.tensor([nxt]), torch.tensor([len(tokens)])
+                )[0]
+                tokens.append(nxt)
+        slot.tokens = tokens

@@ -1,0 +1,338 @@
+"""`Engine`: the object every client holds. It owns one worker thread that owns the model.
+
+Clients call `submit()` from any thread (or the asyncio loop) and get a `GenerationStream`.
+Loading, switching and unloading models are commands to the same thread, so nothing else ever
+touches the model. torch is imported by the worker, never by `import influence_tui.engine`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from influence_tui.config import Settings
+from influence_tui.engine.types import GenerationRequest, GenerationStream, Result, Usage
+from influence_tui.library import ModelNotFound, default_model_path, find_model, model_name_for_path
+
+
+class EngineError(RuntimeError):
+    """A user-facing engine problem (bad model file, device not there, …)."""
+
+
+class QueueFull(EngineError):
+    """Too many requests are waiting; try again shortly."""
+
+
+@dataclass
+class ModelSummary:
+    name: str
+    path: str
+    architecture: str
+    format: str
+    quantization: str
+    dtype: str
+    device: str
+    context_length: int
+    parameters: int | None
+    size_bytes: int
+    load_s: float
+    weights: str = ""  # how weights are held: int4 / int8 / none (float)
+
+
+@dataclass
+class EngineStatus:
+    state: str  # empty | loading | ready | error
+    model: ModelSummary | None
+    loading: str | None
+    error: str | None
+    in_flight: int
+    queued: int
+    served: int
+    device: str
+
+
+@dataclass
+class EmbeddingResult:
+    embeddings: list[list[float]]
+    prompt_tokens: int
+    model: str
+
+
+def _file_size(path: str) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(e.stat().st_size for e in os.scandir(path) if e.is_file()) if os.path.isdir(path) else 0
+
+
+class Engine:
+    def __init__(self, settings: Settings | None = None, *, max_batch: int = 8, max_queue: int = 64, models_dir: str | None = None) -> None:
+        self.settings = settings or Settings.load()
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.models_dir = models_dir
+        self._commands: queue.Queue = queue.Queue()
+        self._pending: deque = deque()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._scheduler: Any = None
+        self._summary: ModelSummary | None = None
+        self._state = "empty"
+        self._loading: str | None = None
+        self._error: str | None = None
+        self._served = 0
+        self._listeners: list[Callable[[EngineStatus], None]] = []
+        self._embedder: Any = None
+        self._embed_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._stop = threading.Event()
+
+    # --- public API ----------------------------------------------------------------------------
+    def status(self) -> EngineStatus:
+        sched = self._scheduler
+        return EngineStatus(
+            state=self._state, model=self._summary, loading=self._loading, error=self._error,
+            in_flight=len(sched.active) if sched else 0, queued=len(self._pending), served=self._served,
+            device=self._summary.device if self._summary else (self.settings.device or "auto"),
+        )
+
+    def add_listener(self, callback: Callable[[EngineStatus], None]) -> None:
+        """Called (from the worker thread) whenever the state changes: loading, ready, error."""
+        self._listeners.append(callback)
+
+    def resolve(self, model: str | None) -> str:
+        """A model name, alias or path -> the path to load. Raises ModelNotFound."""
+        if not model:
+            path = self.settings.model_path or default_model_path()
+            if not path:
+                raise ModelNotFound("no model given and the bundled model is not installed (run ./setup.sh)")
+            return path if os.path.exists(path) else find_model(path, models_dir=self._models_dir()).path
+        if self._summary and model in (self._summary.name, self._summary.path):
+            return self._summary.path
+        info = find_model(model, models_dir=self._models_dir())
+        if info.kind == "embedding":
+            raise EngineError(f"{info.name} is an embedding model: it cannot generate text")
+        if not info.usable:
+            raise EngineError(f"model {info.name} is not usable: {info.reason}")
+        return info.path
+
+    def load(self, model: str | None = None, device: str | None = None) -> ModelSummary:
+        """Load (or switch to) a model; blocks until it is ready. Raises ModelNotFound/EngineError."""
+        path = self.resolve(model)
+        fut: Future = Future()
+        self._ensure_thread()
+        self._commands.put(("load", path, device, fut))
+        return fut.result()
+
+    def unload(self) -> None:
+        fut: Future = Future()
+        self._ensure_thread()
+        self._commands.put(("unload", fut))
+        fut.result()
+
+    def submit(self, request: GenerationRequest, model: str | None = None) -> GenerationStream:
+        """Queue a generation; returns at once. Raises QueueFull, ModelNotFound, EngineError."""
+        path = self.resolve(model) if model else None
+        stream = GenerationStream()
+        stream.request_id = f"req-{next(self._ids)}"
+        with self._lock:
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull(f"{len(self._pending)} requests are waiting; try again shortly")
+            from influence_tui.engine.scheduler import Job  # no torch: Job is a plain dataclass
+
+            self._pending.append(Job(request, stream, path))
+        self._ensure_thread()
+        self._commands.put(("wake",))
+        return stream
+
+    def generate(self, request: GenerationRequest, model: str | None = None) -> Result:
+        return self.submit(request, model).wait()
+
+    def embed(self, texts: list[str], model: str | None = None) -> EmbeddingResult:
+        """Embeddings with a BERT-family encoder (default: the bundled all-MiniLM-L6-v2)."""
+        from influence_tui.engine.embeddings import Embedder, resolve_embedding_model
+
+        path, name = resolve_embedding_model(model, models_dir=self._models_dir())
+        with self._embed_lock:
+            if self._embedder is None or self._embedder.path != path:
+                self._embedder = Embedder(path, name=name, device=self.settings.device, device_index=self.settings.device_index)
+            vectors, n_tokens = self._embedder.embed(texts)
+        return EmbeddingResult(vectors, n_tokens, self._embedder.name)
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        if self._thread and self._thread.is_alive():
+            self._commands.put(("stop",))
+            self._thread.join(timeout=10)
+
+    # --- worker thread -------------------------------------------------------------------------
+    def _models_dir(self) -> str:
+        return self.models_dir or self.settings.output_dir
+
+    def _ensure_thread(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._stop.clear()
+                self._thread = threading.Thread(target=self._run, name="influence-engine", daemon=True)
+                self._thread.start()
+
+    def _notify(self) -> None:
+        status = self.status()
+        for callback in list(self._listeners):
+            try:
+                callback(status)
+            except Exception:  # a listener's bug must not kill the engine
+                pass
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            busy = bool(self._scheduler and self._scheduler.active)
+            try:
+                cmd = self._commands.get(block=not busy and not self._can_admit(), timeout=None if not busy else 0)
+            except queue.Empty:
+                cmd = None
+            if cmd is not None:
+                if cmd[0] == "stop":
+                    break
+                self._handle(cmd)
+                continue_draining = True
+                while continue_draining:
+                    try:
+                        nxt = self._commands.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt[0] == "stop":
+                        self._stop.set()
+                        break
+                    self._handle(nxt)
+            self._admit_pending()
+            if self._scheduler and self._scheduler.active:
+                try:
+                    self._scheduler.step()
+                except Exception as exc:  # a model bug: fail the running requests, keep serving
+                    self._fail_active(f"generation failed: {exc}")
+        if self._scheduler:
+            self._scheduler.cancel_all()
+        self._fail_pending("the engine was shut down")
+
+    def _can_admit(self) -> bool:
+        return bool(self._pending) and (self._scheduler is None or self._scheduler.has_free_slot)
+
+    def _handle(self, cmd: tuple) -> None:
+        kind = cmd[0]
+        if kind == "load":
+            _, path, device, fut = cmd
+            try:
+                fut.set_result(self._load(path, device))
+            except BaseException as exc:
+                fut.set_exception(exc)
+        elif kind == "unload":
+            if self._scheduler:
+                self._scheduler.cancel_all()
+            self._release()
+            cmd[1].set_result(None)
+
+    def _admit_pending(self) -> None:
+        while self._pending:
+            job = self._pending[0]
+            wanted = job.model_path
+            if self._scheduler is None or (wanted and wanted != self._summary.path):  # type: ignore[union-attr]
+                if self._scheduler and self._scheduler.active:
+                    return  # switch models once the running requests are done
+                try:
+                    self._load(wanted or self.resolve(None), None)
+                except BaseException as exc:
+                    with self._lock:
+                        self._pending.popleft()
+                    job.stream._finish(Result("", "error", Usage(), error=str(exc)))
+                    continue
+            if job.stream.cancelled:
+                with self._lock:
+                    self._pending.popleft()
+                job.stream._finish(Result("", "cancelled", Usage(), model=self._summary.name if self._summary else ""))
+                continue
+            if not self._scheduler.has_free_slot:
+                return
+            with self._lock:
+                self._pending.popleft()
+            self._served += 1
+            try:
+                self._scheduler.admit(job)
+            except Exception as exc:
+                job.stream._finish(Result("", "error", Usage(), error=f"generation failed: {exc}"))
+
+    def _load(self, path: str, device: str | None) -> ModelSummary:
+        if self._summary and self._summary.path == path and (device is None or device == self.settings.device):
+            return self._summary
+        if self._scheduler and self._scheduler.active:
+            self._scheduler.cancel_all()
+        self._release()
+        self._state, self._loading, self._error = "loading", os.path.basename(path.rstrip("/")), None
+        self._notify()
+        t0 = time.perf_counter()
+        try:
+            loaded = self._load_model(path, device or self.settings.device)
+            from influence_tui.engine.scheduler import Scheduler
+
+            scheduler = Scheduler(loaded)
+            scheduler.warmup(self.settings.warmup_tokens)
+        except BaseException as exc:
+            self._state, self._loading, self._error = "error", None, str(exc)
+            self._notify()
+            if isinstance(exc, (EngineError, ModelNotFound)):
+                raise
+            raise EngineError(str(exc)) from exc
+        self._scheduler = scheduler
+        self._summary = ModelSummary(
+            name=model_name_for_path(loaded.path, self._models_dir()) or loaded.name, path=loaded.path, architecture=loaded.architecture, format=loaded.format,
+            quantization=loaded.quantization, dtype=loaded.dtype, device=loaded.device,
+            context_length=loaded.context_length, parameters=loaded.parameters,
+            size_bytes=_file_size(loaded.path), load_s=time.perf_counter() - t0,
+            weights=str(loaded.extra.get("weights", "")),
+        )
+        self._state, self._loading = "ready", None
+        self._notify()
+        return self._summary
+
+    def _load_model(self, path: str, device: str) -> Any:
+        from influence_tui.engine.base import ModelLoadError
+        from influence_tui.engine.loader import UnsupportedArchitecture, load_model
+
+        try:
+            return load_model(path, device=device, device_index=self.settings.device_index, max_batch=self.max_batch)
+        except UnsupportedArchitecture:
+            if not os.path.isdir(path):
+                raise
+            from influence_tui.engine.hf_fallback import load_hf_model
+
+            return load_hf_model(path, device=device, device_index=self.settings.device_index, max_batch=self.max_batch)
+        except ModelLoadError as exc:
+            raise EngineError(str(exc)) from None
+
+    def _release(self) -> None:
+        self._scheduler = None
+        self._summary = None
+        self._state = "empty"
+        import gc
+
+        gc.collect()
+
+    def _fail_active(self, message: str) -> None:
+        sched = self._scheduler
+        for seq in list(sched.active):
+            seq.slot.busy = False
+            seq.slot.tokens = []
+            sched.active.remove(seq)
+            seq.job.stream._finish(Result("".join(seq.text), "error", seq.usage, error=message))
+
+    def _fail_pending(self, message: str) -> None:
+        with self._lock:
+            jobs, self._pending = list(self._pending), deque()
+        for job in jobs:
+            job.stream._finish(Result("", "error", Usage(), error=message))
