@@ -1,0 +1,296 @@
+"""InfluenceApp: four screens (Chat, Hub, Library, Settings) one key away, help, palette, server.
+
+The engine is created and loaded lazily in a thread worker after the first frame, so the app paints
+before torch is imported. Tests pass a shared, already-loaded `engine=` (one model load per module)
+and `autoload=False` for deterministic snapshots.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from textual import work
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.reactive import reactive
+from textual.screen import Screen
+
+from influence_tui.config import Settings
+from influence_tui.sessions import Session, SessionError, save_session
+from influence_tui.tui.conversation import Conversation
+from influence_tui.tui.screens.chat import ChatScreen
+from influence_tui.tui.screens.help import HelpScreen
+from influence_tui.tui.screens.hub import HubScreen
+from influence_tui.tui.screens.library import LibraryScreen
+from influence_tui.tui.screens.settings import SettingsScreen
+
+STYLES = Path(__file__).resolve().parents[2] / "styles"
+SCREENS = {"chat": "Chat", "hub": "Hub", "library": "Library", "settings": "Settings"}
+
+
+class InfluenceApp(App[int]):
+    TITLE = "Influence"
+    CSS_PATH = [STYLES / name for name in ("base.tcss", "chat.tcss", "hub.tcss", "library.tcss", "settings.tcss", "help.tcss")]
+    MODES = {"chat": ChatScreen, "hub": HubScreen, "library": LibraryScreen, "settings": SettingsScreen}
+    DEFAULT_MODE = "chat"
+    BINDINGS = [
+        Binding("f1", "help", "Help"),
+        Binding("f2", "switch_mode('chat')", "Chat"),
+        Binding("f3", "switch_mode('hub')", "Hub"),
+        Binding("f4", "switch_mode('library')", "Library"),
+        Binding("f5", "switch_mode('settings')", "Settings"),
+        Binding("f6", "toggle_server", "API on/off"),
+        Binding("ctrl+q", "quit", "Quit", priority=True),
+    ]
+
+    model_state: reactive[str] = reactive("empty")  # empty | loading | ready | error
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        engine: Any = None,
+        model: str | None = None,
+        autoload: bool = True,
+        session_path: str | None = None,
+        save_on_exit: str | None = None,
+        list_models: Callable[[], list[Any]] | None = None,
+        initial_mode: str = "chat",
+    ) -> None:
+        super().__init__()
+        self.settings = settings or Settings.load()
+        self.engine = engine
+        self.model_request = model or self.settings.model_path
+        self.autoload = autoload
+        self.session_path = session_path
+        self.save_on_exit_path = save_on_exit
+        self._list_models = list_models
+        self.initial_mode = initial_mode
+        self.conversation = Conversation(system_prompt=self.settings.system_prompt)
+        self.model_summary: Any = None
+        self.model_error: str | None = None
+        self.server: Any = None
+        self.answers_done = 0
+        self.last_copied: str | None = None
+        self.mounted_first = False
+        if self.settings.theme in self.available_themes:
+            self.theme = self.settings.theme
+
+    # -- start and stop --------------------------------------------------------------------------
+    async def on_mount(self) -> None:
+        self.mounted_first = True
+        if self.initial_mode != "chat":
+            await self.switch_mode(self.initial_mode)
+        self._adopt_engine()
+        if self.session_path:
+            self.call_after_refresh(self._load_start_session)
+        if self.autoload and self.model_state == "empty":
+            # After the first refresh: the first frame is on screen before torch is imported.
+            self.call_after_refresh(self.load_model, self.model_request)
+
+    def _adopt_engine(self) -> None:
+        """A shared engine that already holds a model (tests, or a reload) is ready at once."""
+        if self.engine is None:
+            return
+        status = self.engine.status()
+        if status.state == "ready":
+            self.model_summary = getattr(self.engine, "summary", None) or status.model
+            self.model_state = "ready"
+
+    async def _load_start_session(self) -> None:
+        chat = self._chat_screen()
+        try:
+            if chat is not None:
+                await chat.load_file(self.session_path or "")
+        except SessionError as exc:
+            self.notify(str(exc), title="Session not loaded", severity="error", timeout=10)
+
+    def _chat_screen(self) -> ChatScreen | None:
+        try:
+            stack = self.get_screen_stack("chat")
+        except KeyError:
+            return None
+        return next((s for s in stack if isinstance(s, ChatScreen)), None)
+
+    def save_on_exit(self) -> Path | None:
+        """Save the session to --save-on-exit (called however the app ends; safe to repeat)."""
+        if not self.save_on_exit_path:
+            return None
+        try:
+            return save_session(self.save_on_exit_path, self.current_session())
+        except SessionError as exc:
+            import sys
+
+            print(f"error: {exc}", file=sys.stderr)
+            return None
+
+    async def action_quit(self) -> None:
+        self.exit(0)
+
+    def on_unmount(self) -> None:
+        self.save_on_exit()
+        if self.server is not None:
+            try:
+                self.server.stop()
+            except Exception:  # noqa: BLE001 - leaving anyway
+                pass
+
+    # -- the model -------------------------------------------------------------------------------
+    def ensure_engine(self) -> Any:
+        if self.engine is None:
+            from influence_tui.engine import Engine  # imported here: torch stays out of the first frame
+
+            self.engine = Engine(self.settings)
+        return self.engine
+
+    def load_model(self, model: str | None = None) -> None:
+        self.model_state = "loading"
+        self.model_error = None
+        self.model_request = model or self.model_request
+        self._load_worker(self.model_request)
+
+    @work(thread=True, exclusive=True, group="load")
+    def _load_worker(self, model: str | None) -> None:
+        try:
+            engine = self.ensure_engine()
+            summary = engine.load(model)
+        except Exception as exc:  # noqa: BLE001 - any load failure is one line for the user
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self.call_from_thread(self._load_failed, message)
+        else:
+            self.call_from_thread(self._loaded, summary)
+
+    def _loaded(self, summary: Any) -> None:
+        self.model_summary = summary
+        self.model_state = "ready"
+        self.notify(f"{summary.name} ready on {summary.device} ({summary.load_s:.1f}s)", title="Model loaded")
+
+    def _load_failed(self, message: str) -> None:
+        self.model_error = message
+        self.model_state = "error"
+        self.notify(message, title="Model not loaded", severity="error", timeout=10)
+
+    def model_label(self) -> str:
+        summary = self.model_summary
+        return getattr(summary, "name", None) or "Assistant"
+
+    def model_status_text(self) -> str:
+        if self.model_state == "loading":
+            return f"⏳ loading {Path(self.model_request).name if self.model_request else 'the default model'}…"
+        if self.model_state == "error":
+            return f"✗ {self.model_error}"
+        if self.model_state == "ready" and self.model_summary is not None:
+            s = self.model_summary
+            return f"● {s.name} · {getattr(s, 'quantization', '')} · {getattr(s, 'device', '')} · ctx {getattr(s, 'context_length', '?')}"
+        return "no model loaded"
+
+    def is_loaded(self, name_or_path: str) -> bool:
+        s = self.model_summary
+        if s is None or self.model_state != "ready":
+            return False
+        return name_or_path in (getattr(s, "name", None), getattr(s, "path", None)) or (
+            bool(getattr(s, "path", None)) and Path(name_or_path).expanduser().resolve() == Path(s.path).resolve()
+        )
+
+    def models(self) -> list[Any]:
+        if self._list_models is not None:
+            return self._list_models()
+        from influence_tui.library import list_models
+
+        return list_models(self.settings.output_dir)
+
+    def current_session(self) -> Session:
+        path = getattr(self.model_summary, "path", None) or self.model_request
+        return self.conversation.to_session(self.settings, path)
+
+    # -- the API server --------------------------------------------------------------------------
+    def action_toggle_server(self) -> None:
+        running = self.server is not None and self._server_running()
+        self.set_server(not running)
+
+    def set_server(self, on: bool) -> None:
+        if on:
+            self._start_server()
+        elif self.server is not None:
+            self._stop_server()
+
+    @work(thread=True, exclusive=True, group="server")
+    def _start_server(self) -> None:
+        try:
+            from influence_tui.server.runner import ServerRunner
+        except ImportError:
+            self.call_from_thread(self.notify, "the API server is not part of this build", severity="error")
+            return
+        try:
+            if self.server is None:
+                self.server = ServerRunner(self.ensure_engine(), self.settings)
+            self.server.start()
+        except Exception as exc:  # noqa: BLE001 - port in use and the like
+            self.call_from_thread(self.notify, f"API server not started: {exc}", severity="error", timeout=10)
+            return
+        self.call_from_thread(self.notify, f"API server on {self._server_field('url')}", title="API on")
+
+    @work(thread=True, exclusive=True, group="server")
+    def _stop_server(self) -> None:
+        try:
+            self.server.stop()
+        except Exception as exc:  # noqa: BLE001
+            self.call_from_thread(self.notify, f"API server stop failed: {exc}", severity="error")
+            return
+        self.call_from_thread(self.notify, "API server stopped", title="API off")
+
+    def _server_field(self, name: str) -> Any:
+        if self.server is None:
+            return None
+        status = self.server.status()
+        if hasattr(status, name):
+            return getattr(status, name)
+        order = ("running", "url", "model", "requests_served", "in_flight")
+        return status[order.index(name)] if isinstance(status, (tuple, list)) else status.get(name)
+
+    def _server_running(self) -> bool:
+        try:
+            return bool(self._server_field("running"))
+        except Exception:  # noqa: BLE001
+            return False
+
+    def server_status_text(self) -> tuple[bool, str]:
+        if not self._server_running():
+            return False, "off (F6)"
+        served = self._server_field("requests_served") or 0
+        busy = self._server_field("in_flight") or 0
+        return True, f"{self._server_field('url')} · {served} served" + (f" · {busy} running" if busy else "")
+
+    # -- navigation, help, palette, theme --------------------------------------------------------
+    def action_help(self) -> None:
+        if isinstance(self.screen, HelpScreen):
+            self.pop_screen()
+        else:
+            self.push_screen(HelpScreen())
+
+    def watch_theme(self, theme: str) -> None:
+        # Remember the chosen theme (only when the user changes it, not at start).
+        if getattr(self, "settings", None) is not None and self.settings.theme != theme and self.mounted_first:
+            self.settings.theme = theme
+            try:
+                self.settings.save(["theme"])
+            except OSError:
+                pass
+
+    def get_system_commands(self, screen: Screen[Any]) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        for mode, title in SCREENS.items():
+            yield SystemCommand(f"{title} screen", f"Go to the {title} screen", lambda m=mode: self.run_action(f"switch_mode('{m}')"))
+        yield SystemCommand("Keys and commands", "Show every key binding and slash command (F1)", self.action_help)
+        yield SystemCommand("API server on/off", "Start or stop the local API server (F6)", self.action_toggle_server)
+        yield SystemCommand("Reload model", "Load the current model again", lambda: self.load_model(self.model_request))
+        chat = screen if isinstance(screen, ChatScreen) else None
+        if chat is not None:
+            yield SystemCommand("Stop answer", "Stop the answer being written (Esc)", chat.action_stop)
+            yield SystemCommand("Retry", "Answer the last message again (/retry)", chat.action_retry)
+            yield SystemCommand("Clear chat", "Forget the conversation, keep the system prompt (/clear)", chat.action_clear)
+            yield SystemCommand("Copy answer", "Copy the last answer (/copy)", chat.action_copy)
+            yield SystemCommand("Chat history", "Show the conversation (/history)", lambda: chat.run_command("/history"))
+        for command in getattr(screen, "palette_commands", lambda: [])():
+            yield command

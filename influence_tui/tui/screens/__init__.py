@@ -1,0 +1,1 @@
+"""One module per screen; modals live beside the screen that opens them."""

@@ -1,0 +1,333 @@
+"""The Chat screen: the conversation, the prompt, slash commands, streaming answers.
+
+The answer is consumed by an async worker on the UI loop (`async for` over the engine's stream
+never blocks it: the engine's thread wakes the loop per token), so keys keep working while the
+model writes; Esc cancels the stream and the partial answer is kept and marked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+from textual import work
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Footer, Static
+
+from influence_tui.config import ConfigError, validate_value
+from influence_tui.sessions import SessionError, load_session, save_session
+from influence_tui.tui import slash
+from influence_tui.tui.conversation import Conversation, apply_session_params
+from influence_tui.tui.widgets.messages import AssistantMessage, NoteMessage, UserMessage
+from influence_tui.tui.widgets.prompt import PromptInput
+from influence_tui.tui.widgets.status import StatusBar
+
+if TYPE_CHECKING:
+    from influence_tui.tui.app import InfluenceApp
+
+WELCOME = (
+    "**Influence** — a local model, nothing leaves this machine.  \n"
+    "Type a message and press **Enter**; **ctrl+j** or **alt+enter** adds a line. "
+    "`/help` lists the commands; **F1** shows every key."
+)
+
+
+def format_stats(result: Any) -> str:
+    """The line under an answer: tokens, speed, time to first token, context used, drops."""
+    u = result.usage
+    parts = [f"{u.completion_tokens} tokens", f"{u.decode_tokens_per_s:.1f} tok/s", f"first token {u.ttft_s:.2f}s"]
+    if u.context_length:
+        used = u.prompt_tokens + u.completion_tokens
+        parts.append(f"context {used}/{u.context_length}")
+    if u.cached_tokens:
+        parts.append(f"{u.cached_tokens} cached")
+    text = " · ".join(parts)
+    if result.finish_reason == "cancelled":
+        text = "⏹ stopped (Esc): partial answer · " + text
+    elif result.finish_reason == "length":
+        text += " · stopped at max_tokens"
+    elif result.finish_reason == "error":
+        text = f"✗ error: {result.error} · " + text
+    if u.dropped_tokens:
+        text += f"\n⚠ {u.dropped_tokens} tokens of old turns were dropped to fit the context window"
+    return text
+
+
+class ChatScreen(Screen[None]):
+    BINDINGS = [
+        Binding("escape", "stop", "Stop answer"),
+        Binding("ctrl+r", "retry", "Retry", show=False),
+        Binding("ctrl+l", "clear", "Clear", show=False),
+        Binding("ctrl+y", "copy", "Copy answer", show=False),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__(id="chat")
+        self._stream: Any = None
+        self._current: AssistantMessage | None = None
+
+    @property
+    def influence(self) -> "InfluenceApp":
+        return cast("InfluenceApp", self.app)
+
+    @property
+    def conversation(self) -> Conversation:
+        return self.influence.conversation
+
+    @property
+    def busy(self) -> bool:
+        return self._current is not None
+
+    def compose(self) -> Any:
+        yield StatusBar("Chat")
+        yield VerticalScroll(id="messages")
+        yield Static("", id="slash-hint")
+        yield PromptInput(id="prompt")
+        yield Footer()
+
+    async def on_mount(self) -> None:
+        container = self.query_one("#messages", VerticalScroll)
+        # Anchored: new text keeps the view at the bottom until the user scrolls up to read;
+        # scrolling back down re-anchors (Textual >= 4).
+        container.anchor()
+        await self.render_conversation()
+        self.query_one(PromptInput).focus()
+
+    # -- rendering -------------------------------------------------------------------------------
+    async def render_conversation(self) -> None:
+        container = self.query_one("#messages", VerticalScroll)
+        await container.remove_children()
+        widgets: list[Any] = [NoteMessage(WELCOME, "welcome")]
+        if self.conversation.system_prompt:
+            widgets.append(NoteMessage(f"System prompt: {self.conversation.system_prompt}"))
+        for m in self.conversation.messages:
+            if m.role == "user":
+                widgets.append(UserMessage(m.content))
+            else:
+                widgets.append(AssistantMessage(m.content, stopped=m.stopped))
+        await container.mount_all(widgets)
+        container.anchor()
+
+    async def note(self, text: str, kind: str = "info") -> None:
+        await self.query_one("#messages", VerticalScroll).mount(NoteMessage(text, kind))
+
+    def on_prompt_input_hint(self, event: PromptInput.Hint) -> None:
+        hint = self.query_one("#slash-hint", Static)
+        if event.matches:
+            hint.update("  ".join(f"{m.strip()} {slash.COMMANDS.get(m.strip(), ('',))[0]}".strip() for m in event.matches[:8]) + "   (Tab completes)")
+        hint.set_class(bool(event.matches), "visible")
+
+    # -- sending ---------------------------------------------------------------------------------
+    async def on_prompt_input_submitted(self, event: PromptInput.Submitted) -> None:
+        self.query_one("#slash-hint", Static).set_class(False, "visible")
+        if slash.is_command(event.text):
+            await self.run_command(event.text)
+            return
+        await self.send(event.text.lstrip("/") if event.text.lstrip().startswith("//") else event.text)
+
+    async def send(self, text: str) -> None:
+        if self.busy:
+            self.app.notify("An answer is still being written: Esc stops it.", severity="warning")
+            self.query_one(PromptInput).text = text
+            return
+        self.conversation.add("user", text)
+        container = self.query_one("#messages", VerticalScroll)
+        await container.mount(UserMessage(text))
+        await self._start_answer()
+
+    async def _start_answer(self) -> None:
+        container = self.query_one("#messages", VerticalScroll)
+        bubble = AssistantMessage(model=self.influence.model_label())
+        self._current = bubble
+        await container.mount(bubble)
+        container.anchor()  # the user just sent: follow the answer
+        self.answer(bubble)
+
+    @work(exclusive=True, group="answer")
+    async def answer(self, bubble: AssistantMessage) -> None:
+        try:
+            await self._answer(bubble)
+        finally:
+            self._current = None
+            self._stream = None
+
+    async def _answer(self, bubble: AssistantMessage) -> None:
+        app = self.influence
+        if not await self._wait_for_model(bubble):
+            return
+        from influence_tui.engine.types import GenerationRequest  # types only: no torch
+
+        request = GenerationRequest(
+            messages=self.conversation.engine_messages(),
+            system=self.conversation.system_prompt,
+            params=app.settings.generation_params(),
+        )
+        try:
+            stream = app.engine.submit(request)
+        except Exception as exc:  # QueueFull, EngineError: one line in the bubble
+            await bubble.finish(f"✗ {exc}", error=str(exc))
+            return
+        self._stream = stream
+        bubble.set_status("writing… (Esc stops)")
+        bubble.start()
+        async for event in stream:
+            bubble.feed(event.text)
+        result = stream.result
+        stopped = result.finish_reason == "cancelled"
+        await bubble.finish(format_stats(result), stopped=stopped, error=result.error if result.finish_reason == "error" else None)
+        if result.finish_reason != "error" or bubble.text:
+            self.conversation.add("assistant", bubble.text, stopped=stopped)
+        app.answers_done += 1
+
+    async def _wait_for_model(self, bubble: AssistantMessage) -> bool:
+        """Wait for a load in progress (the user may type before the model is ready)."""
+        app = self.influence
+        if app.model_state == "loading":
+            bubble.set_status("waiting for the model to load…")
+            while app.model_state == "loading":
+                await asyncio.sleep(0.1)
+        if app.model_state != "ready" or app.engine is None:
+            reason = app.model_error or "no model is loaded"
+            await bubble.finish(f"✗ {reason}: load one with /model NAME or in the Library (F4)", error=reason)
+            self._drop_unanswered()
+            return False
+        return True
+
+    def _drop_unanswered(self) -> None:
+        # The question stays on screen but not in the history, so a retry does not send it twice.
+        if self.conversation.messages and self.conversation.messages[-1].role == "user":
+            self.conversation.messages.pop()
+
+    # -- actions ---------------------------------------------------------------------------------
+    def action_stop(self) -> None:
+        if self._stream is not None and not self._stream.done:
+            self._stream.cancel()
+        elif self._current is not None:
+            self.workers.cancel_group(self, "answer")
+            self._current = None
+
+    async def action_retry(self) -> None:
+        await self.run_command("/retry")
+
+    async def action_clear(self) -> None:
+        await self.run_command("/clear")
+
+    async def action_copy(self) -> None:
+        await self.run_command("/copy")
+
+    # -- slash commands --------------------------------------------------------------------------
+    async def run_command(self, text: str) -> None:
+        try:
+            cmd = slash.parse(text)
+            handler = getattr(self, "_cmd_" + cmd.name[1:])
+            await handler(cmd.arg)
+        except (slash.SlashError, SessionError, ConfigError) as exc:
+            await self.note(f"✗ {exc}", "error")
+            self.app.notify(str(exc), severity="error")
+
+    async def _cmd_help(self, arg: str) -> None:
+        await self.note("**Commands**\n\n" + slash.help_text() + "\n\nKeys: Enter sends · ctrl+j / alt+enter newline · Esc stops · F1 all keys")
+
+    async def _cmd_clear(self, arg: str) -> None:
+        if self.busy:
+            raise slash.SlashError("wait for the answer to finish (or press Esc) before /clear")
+        self.conversation.clear()
+        await self.render_conversation()
+        self.app.notify("Conversation cleared" + (" (system prompt kept)" if self.conversation.system_prompt else ""))
+
+    async def _cmd_history(self, arg: str) -> None:
+        msgs = self.conversation.messages
+        if not msgs:
+            await self.note("The conversation is empty.")
+            return
+        lines = [f"**History** ({len(msgs)} messages)", ""]
+        for i, m in enumerate(msgs, 1):
+            preview = " ".join(m.content.split())[:80]
+            mark = " (stopped)" if m.stopped else ""
+            lines.append(f"{i}. **{m.role}**{mark} `{m.timestamp}`: {preview}")
+        await self.note("\n".join(lines))
+
+    async def _cmd_save(self, arg: str) -> None:
+        path = save_session(arg, self.influence.current_session())
+        await self.note(f"Saved the session to `{path}`")
+
+    async def _cmd_load(self, arg: str) -> None:
+        if self.busy:
+            raise slash.SlashError("wait for the answer to finish (or press Esc) before /load")
+        await self.load_file(arg)
+
+    async def load_file(self, path: str | Path) -> None:
+        session = load_session(path)  # raises SessionError before anything changes
+        app = self.influence
+        app.conversation = Conversation.from_session(session)
+        apply_session_params(app.settings, session)
+        await self.render_conversation()
+        note = f"Loaded `{path}`: {len(app.conversation.messages)} messages"
+        if session.model_path and not app.is_loaded(session.model_path):
+            note += f"\n\nIt was recorded with `{session.model_path}`; `/model NAME` switches model."
+        await self.note(note)
+
+    async def _cmd_set(self, arg: str) -> None:
+        name, raw = slash.parse_set(arg)
+        value = validate_value(name, raw)
+        setattr(self.influence.settings, name, value)
+        shown = "off" if value is None else value
+        await self.note(f"{name} = {shown} (for the next answers; the Settings screen saves it)")
+
+    async def _cmd_system(self, arg: str) -> None:
+        if not arg:
+            current = self.conversation.system_prompt
+            await self.note(f"System prompt: {current}" if current else "No system prompt. `/system TEXT` sets one.")
+            return
+        self.conversation.system_prompt = arg
+        await self.note(f"System prompt set: {arg}")
+
+    async def _cmd_model(self, arg: str) -> None:
+        if self.busy:
+            raise slash.SlashError("wait for the answer to finish (or press Esc) before /model")
+        from influence_tui.library import ModelNotFound, find_model
+
+        try:
+            info = find_model(arg, self.influence.models())
+        except ModelNotFound as exc:
+            raise slash.SlashError(str(exc)) from None
+        if not info.usable:
+            raise slash.SlashError(f"{info.name} cannot be used: {info.reason}")
+        self.influence.load_model(info.path)
+        await self.note(f"Loading {info.name}…")
+
+    async def _cmd_retry(self, arg: str) -> None:
+        if self.busy:
+            raise slash.SlashError("an answer is being written; Esc stops it first")
+        msgs = self.conversation.messages
+        if not any(m.role == "user" for m in msgs):
+            raise slash.SlashError("nothing to retry: send a message first")
+        while msgs and msgs[-1].role == "assistant":
+            msgs.pop()
+            answers = self.query(AssistantMessage)
+            if answers:
+                await answers.last().remove()
+        await self._start_answer()
+
+    async def _cmd_copy(self, arg: str) -> None:
+        last = self.conversation.last("assistant")
+        if last is None:
+            raise slash.SlashError("nothing to copy yet")
+        text = last.content
+        if arg == "code":
+            code = slash.last_code_block(text)
+            if code is None:
+                raise slash.SlashError("the last answer has no code block")
+            text = code
+        self.app.copy_to_clipboard(text)
+        self.influence.last_copied = text
+        self.app.notify(f"Copied {len(text)} characters (OSC 52: your terminal must allow it)")
+
+    async def _cmd_quit(self, arg: str) -> None:
+        self.app.exit(0)
+
+    async def _cmd_exit(self, arg: str) -> None:
+        self.app.exit(0)

@@ -1,0 +1,38 @@
+"""The confirmation asked before the Library deletes a model from the disk."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Button, Static
+
+
+class ConfirmDelete(ModalScreen[bool]):
+    BINDINGS = [Binding("escape,n", "cancel", "Keep"), Binding("y", "confirm", "Delete")]
+
+    def __init__(self, name: str, path: str, size: str) -> None:
+        super().__init__()
+        self.model_name, self.model_path, self.size = name, path, size
+
+    def compose(self) -> Any:
+        with Vertical(id="confirm-box"):
+            yield Static(f"Delete [b]{self.model_name}[/b] ({self.size})?", id="confirm-title")
+            yield Static(f"{self.model_path}\n\nThe files are removed from the disk.", id="confirm-path")
+            with Horizontal(id="confirm-buttons"):
+                yield Button("Keep (n)", id="keep", variant="primary")
+                yield Button("Delete (y)", id="delete", variant="error")
+
+    def on_mount(self) -> None:
+        self.query_one("#keep", Button).focus()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id == "delete")
+
+    def action_cancel(self) -> None:
+        self.dismiss(False)
+
+    def action_confirm(self) -> None:
+        self.dismiss(True)

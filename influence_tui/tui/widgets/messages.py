@@ -1,0 +1,108 @@
+"""Chat message bubbles: a user turn, an assistant answer that streams, and notes from the app.
+
+The answer streams through `Markdown.get_stream()`: tokens are coalesced and written at most
+`FLUSH_HZ` times a second (typing stays responsive however fast the model is), and the finished
+text is rendered once more with `update()` so that code fences closed late render right (oterm #308).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from textual.containers import Vertical
+from textual.timer import Timer
+from textual.widgets import Markdown, Static
+
+if TYPE_CHECKING:
+    from textual.widgets.markdown import MarkdownStream
+
+FLUSH_HZ = 20
+
+
+class UserMessage(Vertical):
+    def __init__(self, text: str) -> None:
+        super().__init__(classes="message user")
+        self.text = text
+
+    def compose(self) -> Any:
+        yield Static("You", classes="role")
+        yield Markdown(self.text, classes="body")
+
+
+class NoteMessage(Vertical):
+    """Output of slash commands and app notices, shown in the chat but never sent to the model."""
+
+    def __init__(self, text: str, kind: str = "info") -> None:
+        super().__init__(classes=f"message note {kind}")
+        self.text = text
+
+    def compose(self) -> Any:
+        yield Markdown(self.text, classes="body")
+
+
+class AssistantMessage(Vertical):
+    """An answer: streamed markdown plus a statistics line under it."""
+
+    def __init__(self, text: str = "", model: str = "", stopped: bool = False) -> None:
+        super().__init__(classes="message assistant")
+        self.text = text
+        self.model = model
+        self.stopped = stopped
+        self.finished = bool(text)
+        self.finish_reason: str | None = None
+        self._pending: list[str] = []
+        self._stream: MarkdownStream | None = None
+        self._timer: Timer | None = None
+
+    def compose(self) -> Any:
+        yield Static(self.model or "Assistant", classes="role")
+        yield Markdown(self.text, classes="body")
+        yield Static(self._history_stats(), classes="stats")
+
+    def _history_stats(self) -> str:
+        return "⏹ stopped: partial answer" if self.stopped else ""
+
+    @property
+    def markdown(self) -> Markdown:
+        return self.query_one(Markdown)
+
+    @property
+    def stats(self) -> Static:
+        return self.query_one(".stats", Static)
+
+    def set_status(self, text: str) -> None:
+        self.stats.update(text)
+
+    def start(self) -> None:
+        """Begin streaming: open the Markdown stream and the flush timer."""
+        self._stream = Markdown.get_stream(self.markdown)
+        self._timer = self.set_interval(1 / FLUSH_HZ, self._flush)
+
+    def feed(self, text: str) -> None:
+        """Queue new text (called per token; cheap: the timer writes it out)."""
+        if text:
+            self.text += text
+            self._pending.append(text)
+
+    async def _flush(self) -> None:
+        if self._pending and self._stream is not None:
+            chunk = "".join(self._pending)
+            self._pending.clear()
+            await self._stream.write(chunk)
+
+    async def finish(self, stats: str, stopped: bool = False, error: str | None = None) -> None:
+        """Stop streaming, render the full text once, and show the statistics."""
+        if self._timer is not None:
+            self._timer.stop()
+        await self._flush()
+        if self._stream is not None:
+            await self._stream.stop()
+            self._stream = None
+        self.stopped = stopped
+        self.finished = True
+        await self.markdown.update(self.text)
+        if error:
+            self.add_class("error")
+        if stopped:
+            self.add_class("stopped")
+        self.stats.update(stats)
