@@ -611,6 +611,8 @@ class _Downloader:
                     raise _Retry("connection closed before the end of the file")
                 break
             except _Retry as exc:
+                if part.exists() and part.stat().st_size > have:
+                    failures = 0  # bytes arrived before the trouble: a slow link, not a dead one
                 failures += 1
                 if failures > self.retry.retries:
                     if exc.unreachable:

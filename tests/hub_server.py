@@ -345,7 +345,7 @@ class _HubHandler(_Base):
 
     def _route(self, head: bool) -> None:
         parts = urlsplit(self.path)
-        path = unquote(parts.path)
+        path = parts.path  # still quoted: a revision like "refs%2Fpr%2F1" is one segment
         query = parse_qs(parts.query)
         if path.startswith("/api/"):
             with self.hub.lock:
@@ -398,7 +398,7 @@ class _HubHandler(_Base):
         # repo ids are "org/name" (two segments) or a bare "name"
         segs = rest.split("/")
         for n in (2, 1):
-            rid = "/".join(segs[:n])
+            rid = unquote("/".join(segs[:n]))
             if rid in self.hub.repos:
                 return self.hub.repos[rid], "/".join(segs[n:])
         return None, rest
@@ -434,11 +434,12 @@ class _HubHandler(_Base):
         if tail == "":
             return self._json(200, self.hub.model_json(repo), head=head)
         if tail.startswith("revision/"):
-            if not self._revision_ok(repo, tail[len("revision/") :], head):
+            if not self._revision_ok(repo, unquote(tail[len("revision/") :]), head):
                 return
             return self._json(200, self.hub.model_json(repo), head=head)
         if tail.startswith("tree/"):
             rev, _, sub = tail[len("tree/") :].partition("/")
+            rev, sub = unquote(rev), unquote(sub)
             if not self._revision_ok(repo, rev, head):
                 return
             entries = self.hub.tree_json(repo)
@@ -463,11 +464,12 @@ class _HubHandler(_Base):
     # /{id}/resolve/{rev}/{file} ------------------------------------------------------------------
     def _resolve(self, path: str, head: bool) -> None:
         before, _, after = path.lstrip("/").partition("/resolve/")
-        repo = self.hub.repos.get(before)
+        repo = self.hub.repos.get(unquote(before))
         if not self._check_access(repo, head, files=True):
             return
         assert repo is not None
         rev, _, filename = after.partition("/")
+        rev, filename = unquote(rev), unquote(filename)
         if not self._revision_ok(repo, rev, head):
             return
         entry = repo.files.get(filename)

@@ -66,13 +66,19 @@ def hub(monkeypatch: pytest.MonkeyPatch) -> LoopbackHub:
 
 
 # -- model files -----------------------------------------------------------------------------------
-def safetensors_repo(tmp_path: Path) -> dict[str, bytes]:
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    """The files of a tiny random Llama in safetensors (written once: it needs torch)."""
+    if write_tiny_llama_safetensors is None:
+        return {}
+    d = write_tiny_llama_safetensors(tmp_path_factory.mktemp("tiny-llama"))
+    return {p.name: p.read_bytes() for p in Path(d).iterdir() if p.is_file()}
+
+
+def safetensors_repo(tiny: dict[str, bytes]) -> dict[str, bytes]:
     """A small Llama in safetensors plus the clutter a real repo has (README, pickles, ONNX)."""
-    files: dict[str, bytes] = {}
-    if write_tiny_llama_safetensors is not None:
-        d = write_tiny_llama_safetensors(tmp_path / "src")
-        files = {p.name: p.read_bytes() for p in Path(d).iterdir() if p.is_file()}
-    else:
+    files: dict[str, bytes] = dict(tiny)
+    if not files:
         files = {"config.json": json.dumps({"model_type": "llama"}).encode(), "tokenizer.json": b"{}",
                  "tokenizer_config.json": b"{}", "model.safetensors": os.urandom(120_000)}
     files.setdefault("generation_config.json", b'{"do_sample": false}')
@@ -196,8 +202,8 @@ def _events() -> tuple[list[DownloadProgress], object]:
     return seen, seen.append
 
 
-def test_download_safetensors_repo(hub: LoopbackHub, tmp_path: Path) -> None:
-    files = safetensors_repo(tmp_path)
+def test_download_safetensors_repo(hub: LoopbackHub, tmp_path: Path, tiny_llama: dict[str, bytes]) -> None:
+    files = safetensors_repo(tiny_llama)
     repo = hub.add_repo("TinyOrg/Tiny-Llama", files)
     seen, cb = _events()
     out = download_model("TinyOrg/Tiny-Llama", tmp_path / "models", progress=cb, retry=FAST)
@@ -245,8 +251,10 @@ def test_resume_after_cancel_and_server_ignoring_range(hub: LoopbackHub, tmp_pat
     hub.add_repo("o/slow", {"model.safetensors": data, "config.json": b"{}"})
     hub.faults.slow["model.safetensors"] = 0.01
     cancel = threading.Event()
+    seen_cancel: list[DownloadProgress] = []
 
     def cb(p: DownloadProgress) -> None:
+        seen_cancel.append(p)
         if p.file == "model.safetensors" and p.file_bytes > 200_000:
             cancel.set()
 
@@ -259,6 +267,12 @@ def test_resume_after_cancel_and_server_ignoring_range(hub: LoopbackHub, tmp_pat
     assert marker["repo_id"] == "o/slow" and {f["name"] for f in marker["files"]} == {"model.safetensors", "config.json"}
     assert hubmod.is_partial_download(folder)
 
+    moving = [p for p in seen_cancel if p.status == "downloading" and p.speed_bps > 0]
+    assert moving and moving[-1].eta_s is not None and moving[-1].total_bytes == len(data) + 2
+    from influence_tui.library import scan_models_dir
+
+    [row] = scan_models_dir(tmp_path)
+    assert row.name == "o_slow" and not row.usable and "partial download" in row.reason
     hub.faults.slow.clear()
     have = part.stat().st_size
     sent_before = settled(hub, "model.safetensors")
@@ -276,6 +290,17 @@ def test_resume_after_cancel_and_server_ignoring_range(hub: LoopbackHub, tmp_pat
     assert (folder / "model.safetensors").read_bytes() == data
 
 
+def test_read_timeouts_are_retried_and_resume(hub: LoopbackHub, tmp_path: Path) -> None:
+    data = big(3 * CHUNK + 100, seed=4)
+    hub.add_repo("o/stall", {"model.safetensors": data, "config.json": b"{}"})
+    hub.faults.slow["model.safetensors"] = 0.6  # the server stalls after every chunk
+    seen, cb = _events()
+    out = download_model("o/stall", tmp_path, progress=cb, retry=RetryPolicy(retries=2, backoff_s=0.01, timeout_s=0.25))
+    assert (out / "model.safetensors").read_bytes() == data
+    retries = [p for p in seen if p.status == "retrying"]
+    assert len(retries) >= 3 and "timed out" in (retries[0].message or "")  # each attempt made progress
+
+
 def test_503_is_retried_then_gives_up(hub: LoopbackHub, tmp_path: Path) -> None:
     hub.add_repo("o/flaky", {"model.safetensors": big(50_000), "config.json": b"{}"})
     hub.faults.status_503["model.safetensors"] = 2
@@ -286,6 +311,31 @@ def test_503_is_retried_then_gives_up(hub: LoopbackHub, tmp_path: Path) -> None:
     with pytest.raises(HubError, match=r"config.json failed after 3 retries: 503 .*run the same command again"):
         download_model("o/flaky", tmp_path, retry=FAST)
     assert hubmod.is_partial_download(out)
+
+
+def test_revision_by_branch_and_commit(hub: LoopbackHub, tmp_path: Path) -> None:
+    repo = hub.add_repo("o/rev", {"m.Q4_K_M.gguf": big(5000)}, branches={"main", "refs/pr/1"})
+    assert repo_files("o/rev", "refs/pr/1").sha == repo.sha
+    listing = repo_files("o/rev", repo.sha)
+    assert listing.sha == repo.sha and [e.path for e in listing.files] == ["m.Q4_K_M.gguf"]
+    assert listing.quants == {"Q4_K_M": listing.files}
+    download_model("o/rev", tmp_path, revision="refs/pr/1", retry=FAST)
+    marker_free = tmp_path / "o_rev"
+    assert (marker_free / "m.Q4_K_M.gguf").exists() and not (marker_free / MARKER_NAME).exists()
+    # every file came from the pinned commit, not from a moving branch name
+    assert all(f"/resolve/{repo.sha}/" in p for (m, p, _) in hub.requests if "/resolve/" in p)
+
+
+def test_loopback_hub_serves_huggingface_hub_downloads(hub: LoopbackHub, tmp_path: Path) -> None:
+    """The stock client (HEAD, 302 to the CDN, X-Linked-*, ETag) works against the loopback Hub too."""
+    from huggingface_hub import hf_hub_download
+
+    data = big(100_000, seed=5)
+    hub.add_repo("o/stock", {"model.safetensors": data, "config.json": b'{"x": 1}'})
+    for name, content in (("model.safetensors", data), ("config.json", b'{"x": 1}')):
+        path = hf_hub_download("o/stock", name, endpoint=hub.url, cache_dir=tmp_path / "cache", token=False)
+        assert Path(path).read_bytes() == content
+    assert any(m == "HEAD" for (m, _, _) in hub.requests)
 
 
 def test_sha256_mismatch_is_caught(hub: LoopbackHub, tmp_path: Path) -> None:
@@ -439,3 +489,25 @@ def test_cli_ctrl_c_says_how_to_resume(hub: LoopbackHub, tmp_path: Path) -> None
     assert proc.returncode == 130
     assert err.strip().splitlines()[-1] == "download interrupted; run the same command again to resume"
     assert part.exists() and hubmod.is_partial_download(part.parent)
+
+
+def test_downloaded_tiny_models_are_listed_and_generate(hub: LoopbackHub, tmp_path: Path,
+                                                       tiny_llama: dict[str, bytes]) -> None:
+    """End to end: CLI download of real tiny models, `influence list` sees them, the engine runs one."""
+    if write_tiny_gguf is None or not tiny_llama:
+        pytest.skip("tests/tiny_models.py is not available")
+    hub.add_repo("TinyOrg/Tiny-Llama", safetensors_repo(tiny_llama))
+    hub.add_repo("TinyOrg/Tiny-Llama-GGUF", {"tiny-llama.Q8_0.gguf": gguf_bytes(tmp_path, "Q8_0"), "README.md": b"x"})
+    models = tmp_path / "models"
+    for repo in ("TinyOrg/Tiny-Llama", "TinyOrg/Tiny-Llama-GGUF"):  # the GGUF repo has no Q4_K_M: nearest is Q8_0
+        r = _cli("download", "-m", repo, "-o", str(models))
+        assert r.returncode == 0, r.stderr
+    r = _cli("list", "--models-dir", str(models), "--json")
+    assert r.returncode == 0, r.stderr
+    rows = {m["name"]: m for m in json.loads(r.stdout) if m["source"] == "models"}
+    assert rows["TinyOrg_Tiny-Llama"]["status"] == "ok" and rows["TinyOrg_Tiny-Llama"]["format"] == "safetensors"
+    assert rows["TinyOrg_Tiny-Llama-GGUF"]["status"] == "ok" and rows["TinyOrg_Tiny-Llama-GGUF"]["quantization"] == "Q8_0"
+    r = _cli("generate", "hello", "-m", str(models / "TinyOrg_Tiny-Llama"), "--max-tokens", "3", "--temperature", "0",
+             "--json", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["completion_tokens"] == 3
