@@ -1,0 +1,399 @@
+"""What every API dialect shares: errors in each dialect's shape, body parsing, and the bridge to the engine.
+
+The dialect modules (native, openai, ollama) stay thin: they map their field names onto
+`GenerationParams` in one place each and format the engine's events; everything about limits,
+errors, model lookup, queueing and client disconnects lives here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from influence_tui.library import ModelInfo, ModelNotFound, find_model, list_models
+from influence_tui.params import GenerationParams, ParamError
+
+if TYPE_CHECKING:  # the engine imports torch lazily; these are only names for the type checker
+    from influence_tui.config import Settings
+    from influence_tui.engine import Engine, GenerationRequest, GenerationStream, Result
+
+DEFAULT_MAX_BODY = 8 * 1024 * 1024  # generous for long chats, small enough to refuse abuse
+RETRY_AFTER_S = 2  # what a 503 tells clients to wait before trying again
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """A user-facing HTTP error; rendered in the shape of the dialect of the route that raised it."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+OPENAI_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+    404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+    502: "server_error", 503: "server_error", 500: "server_error",
+}
+
+
+def dialect_of(path: str) -> str:
+    """Which API a path belongs to, so that errors come back in the shape its clients parse."""
+    if path.startswith("/v1/") or path == "/v1":
+        return "openai"
+    if path.startswith("/api/") or path == "/":
+        return "ollama"
+    return "native"
+
+
+def error_response(path: str, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    if dialect_of(path) == "ollama":
+        body: dict[str, Any] = {"error": message}
+    else:  # OpenAI's shape; the native routes use it too (their chat route is OpenAI-shaped)
+        body = {"error": {"message": message, "type": OPENAI_TYPES.get(status, "invalid_request_error"),
+                          "param": param, "code": code or status}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def engine_error(exc: BaseException) -> ApiError | None:
+    """Translate the engine's and library's user-facing exceptions; None for anything else (a bug)."""
+    from influence_tui.engine import EngineError, QueueFull  # no torch: the facade imports lazily
+
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, QueueFull):
+        return ApiError(503, str(exc) or "the server is busy: too many requests queued; retry shortly",
+                        code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(exc, ModelNotFound):
+        return ApiError(404, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, ParamError):
+        return ApiError(400, str(exc))
+    if isinstance(exc, EngineError):
+        return ApiError(int(getattr(exc, "status", 400) or 400), str(exc))
+    return None
+
+
+# --- request bodies -----------------------------------------------------------------------------
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    """The body as a JSON object, or a 400 that says what is wrong with it."""
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"invalid JSON body: {exc}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return data
+
+
+_MISSING = object()
+
+
+def get_field(data: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = None,
+              *, required: bool = False, label: str | None = None) -> Any:
+    """One field of a body, type-checked (bool is not an int here); null counts as absent."""
+    value = data.get(name, _MISSING)
+    if value is _MISSING or value is None:
+        if required:
+            raise ApiError(400, f"{label or name} is required", param=name)
+        return default
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        raise ApiError(400, f"{label or name} must be {_kind_name(kinds)}", param=name)
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if not isinstance(value, kinds):
+        raise ApiError(400, f"{label or name} must be {_kind_name(kinds)}", param=name)
+    return value
+
+
+def _kind_name(kinds: tuple[type, ...]) -> str:
+    names = {bool: "a boolean", str: "a string", int: "an integer", float: "a number", list: "an array",
+             dict: "an object"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def build_params(base: GenerationParams, values: dict[str, Any], labels: dict[str, str] | None = None) -> GenerationParams:
+    """Our field names -> validated params; a bad value is a 400 naming the client's field name."""
+    from influence_tui.params import coerce, normalize_stop
+
+    labels = labels or {}
+    changes: dict[str, Any] = {}
+    for name, value in values.items():
+        if value is None:
+            continue
+        label = labels.get(name, name)
+        try:
+            if name == "stop":
+                changes["stop"] = normalize_stop(value)
+            elif name == "ignore_eos":
+                changes["ignore_eos"] = bool(value)
+            else:
+                if isinstance(value, str):  # JSON has numbers: "0.5" is a client bug worth reporting
+                    raise ParamError(f"{name} must be a number, not a string")
+                changes[name] = coerce(name, value)
+        except ParamError as exc:
+            raise ApiError(400, str(exc).replace(name, label, 1) if label != name else str(exc), param=label) from None
+    try:
+        from dataclasses import replace
+
+        return replace(base, **changes)
+    except ParamError as exc:
+        raise ApiError(400, str(exc)) from None
+
+
+def text_of_content(content: Any, where: str) -> str:
+    """A message's content: a string, or OpenAI content parts of type text (images are refused)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+            elif isinstance(part, dict) and part.get("type") in ("image_url", "input_image", "image"):
+                raise ApiError(400, f"{where}: images are not supported by this server")
+            else:
+                raise ApiError(400, f"{where}: content parts must be objects like {{\"type\": \"text\", \"text\": \"...\"}}")
+        return "".join(parts)
+    raise ApiError(400, f"{where} must be a string")
+
+
+ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+def parse_messages(raw: Any, *, allow_empty: bool = False) -> list[Any]:
+    """A messages array -> ChatMessage list (developer -> system, as OpenAI defines it)."""
+    from influence_tui.engine.types import ChatMessage
+
+    if raw is None:
+        raw = []
+    if not isinstance(raw, list):
+        raise ApiError(400, "messages must be an array", param="messages")
+    if not raw and not allow_empty:
+        raise ApiError(400, "messages must not be empty", param="messages")
+    out = []
+    for i, msg in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise ApiError(400, f"{where} must be an object", param="messages")
+        role = msg.get("role")
+        if not isinstance(role, str) or role not in ROLES:
+            raise ApiError(400, f"{where}.role must be one of {', '.join(ROLES)}", param="messages")
+        if msg.get("images"):
+            raise ApiError(400, f"{where}: images are not supported by this server", param="messages")
+        content = text_of_content(msg.get("content"), f"{where}.content")
+        out.append(ChatMessage("system" if role == "developer" else role, content))
+    return out
+
+
+# --- the shared state and the engine bridge -------------------------------------------------------
+
+
+@dataclass
+class ServerContext:
+    engine: "Engine"
+    settings: "Settings"
+    started: float = field(default_factory=time.time)
+    served: int = 0  # API requests answered (not counting / and /health)
+    active: int = 0  # API requests being answered now
+    _models: tuple[float, list[ModelInfo]] | None = None
+
+    @property
+    def models_dir(self) -> Path:
+        return Path(self.settings.output_dir).expanduser()
+
+    def list_models(self, fresh: bool = False) -> list[ModelInfo]:
+        """The library, cached for a second: model lookups happen on every request."""
+        now = time.monotonic()
+        if fresh or self._models is None or now - self._models[0] > 1.0:
+            self._models = (now, list_models(self.models_dir))
+        return self._models[1]
+
+    def find(self, name: str) -> ModelInfo:
+        try:
+            return find_model(name, models=self.list_models())
+        except ModelNotFound:
+            return find_model(name, models=self.list_models(fresh=True))
+
+    def base_params(self) -> GenerationParams:
+        return self.settings.generation_params()
+
+    def loaded_name(self) -> str | None:
+        model = self.engine.status().model
+        return model.name if model else None
+
+    def loaded_context(self) -> int | None:
+        model = self.engine.status().model
+        return model.context_length if model else None
+
+
+def ctx_of(request: Request) -> ServerContext:
+    return request.app.state.ctx
+
+
+async def check_chat_model(ctx: ServerContext, name: str | None) -> str | None:
+    """Resolve a chat route's `model` field: 404 if unknown, 400 if it is not a usable chat model.
+
+    Returns the name to hand to the engine (None = whatever is loaded, or the default)."""
+    if not name:
+        return None
+    loaded = ctx.engine.status().model
+    if loaded is not None and name in (loaded.name, f"{loaded.name}:latest", loaded.path):
+        return name
+    try:
+        info = await asyncio.to_thread(ctx.find, name)
+    except ModelNotFound:
+        raise ApiError(404, f"model {name!r} not found", param="model", code="model_not_found") from None
+    if info.kind == "embedding":
+        raise ApiError(400, f"model {name!r} is an embedding model: use an embeddings route", param="model")
+    if not info.usable:
+        raise ApiError(400, f"model {name!r} cannot be used: {info.reason}", param="model")
+    return name
+
+
+async def check_embedding_model(ctx: ServerContext, name: str | None) -> str | None:
+    if not name:
+        return None
+    try:
+        info = await asyncio.to_thread(ctx.find, name)
+    except ModelNotFound:
+        raise ApiError(404, f"model {name!r} not found", param="model", code="model_not_found") from None
+    if not info.usable:
+        raise ApiError(400, f"model {name!r} cannot be used: {info.reason}", param="model")
+    return name
+
+
+async def submit(ctx: ServerContext, req: "GenerationRequest", model: str | None) -> "GenerationStream":
+    """Hand a request to the engine (off the event loop: a model switch may resolve names on disk)."""
+    try:
+        return await asyncio.to_thread(ctx.engine.submit, req, model)
+    except Exception as exc:
+        mapped = engine_error(exc)
+        if mapped is None:
+            raise
+        raise mapped from None
+
+
+async def embed(ctx: ServerContext, texts: list[str], model: str | None) -> Any:
+    try:
+        return await asyncio.to_thread(ctx.engine.embed, texts, model)
+    except Exception as exc:
+        mapped = engine_error(exc)
+        if mapped is None:
+            raise
+        raise mapped from None
+
+
+async def wait_result(request: Request, stream: "GenerationStream") -> "Result":
+    """Wait for a non-streamed answer, cancelling the generation if the client goes away meanwhile."""
+    result: list[Any] = []
+
+    async def consume(scope: anyio.CancelScope) -> None:
+        result.append(await stream.wait_async())
+        scope.cancel()
+
+    async def watch(scope: anyio.CancelScope) -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                stream.cancel()
+                scope.cancel()
+                return
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(consume, tg.cancel_scope)
+            tg.start_soon(watch, tg.cancel_scope)
+    finally:
+        if not stream.done:
+            stream.cancel()
+    if not result:  # the client left; nobody reads this answer
+        raise ApiError(499, "client disconnected")
+    return result[0]
+
+
+def check_result(result: "Result") -> None:
+    """A generation that failed inside the engine: a JSON 500 with its one-line message."""
+    if result.finish_reason == "error":
+        raise ApiError(500, result.error or "generation failed", code="generation_failed")
+
+
+class EventStream(StreamingResponse):
+    """A streamed answer that stops (and so cancels its generation) as soon as the client disconnects.
+
+    Starlette only listens for the disconnect on ASGI < 2.4; this always does, so a client that
+    leaves while its request waits in the queue frees its place without waiting for a token."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with anyio.create_task_group() as tg:
+
+            async def run_stream() -> None:
+                try:
+                    await self.stream_response(send)
+                except OSError:  # the socket went away mid-write
+                    pass
+                tg.cancel_scope.cancel()
+
+            async def listen() -> None:
+                await self.listen_for_disconnect(receive)
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(run_stream)
+            tg.start_soon(listen)
+
+
+def stream_response(events: AsyncIterator[str], media_type: str) -> EventStream:
+    return EventStream(events, media_type=media_type,
+                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def token_texts(stream: "GenerationStream") -> AsyncIterator[str]:
+    """The non-empty text pieces of a stream; cancels the generation if the consumer stops early."""
+    try:
+        async for event in stream:
+            if event.text:
+                yield event.text
+    finally:
+        if not stream.done:
+            stream.cancel()
+
+
+def now_ns() -> int:
+    return time.perf_counter_ns()
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+Handler = Callable[[Request], Awaitable[Response]]

@@ -1,0 +1,120 @@
+"""The project's own routes (the original tool's): GET /health, POST /generate, POST /chat/completions.
+
+/generate takes our own field names (`max_tokens`, `temperature`, ... as in GenerationParams) and
+streams Server-Sent Events `data: {"text": "..."}`, then one `data: {"done": true, ...}` with the
+finish reason and usage, then `data: [DONE]`. /chat/completions is the OpenAI chat route without
+the /v1 prefix (many tools call it that way), in the same wire format.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from influence_tui.server.common import (
+    ApiError,
+    build_params,
+    check_chat_model,
+    check_result,
+    ctx_of,
+    dumps,
+    get_field,
+    read_json,
+    stream_response,
+    submit,
+    token_texts,
+    wait_result,
+)
+
+# our field name -> JSON type accepted (the values are validated by GenerationParams)
+PARAM_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty",
+                "frequency_penalty", "repeat_last_n", "seed")
+
+
+async def health(request: Request) -> Response:
+    ctx = ctx_of(request)
+    st = ctx.engine.status()
+    body: dict[str, Any] = {
+        "status": {"ready": "ok", "empty": "ok"}.get(st.state, st.state),
+        "state": st.state,
+        "model": st.model.name if st.model else None,
+        "device": st.model.device if st.model else st.device,
+        "loading": st.loading,
+        "error": st.error,
+        "uptime_s": round(time.time() - ctx.started, 3),
+        "in_flight": st.in_flight,
+        "queued": st.queued,
+        "served": st.served,
+    }
+    if st.state == "loading":  # load balancers and scripts wait for 200 before sending work
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "2"})
+    return JSONResponse(body)
+
+
+def usage_dict(usage: Any) -> dict[str, Any]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "cached_tokens": usage.cached_tokens,
+        "dropped_tokens": usage.dropped_tokens,
+        "context_length": usage.context_length,
+        "load_s": round(usage.load_s, 6),
+        "queue_s": round(usage.queue_s, 6),
+        "ttft_s": round(usage.ttft_s, 6),
+        "prefill_s": round(usage.prefill_s, 6),
+        "decode_s": round(usage.decode_s, 6),
+        "prompt_tokens_per_s": round(usage.prefill_tokens_per_s, 3),
+        "tokens_per_s": round(usage.decode_tokens_per_s, 3),
+    }
+
+
+async def generate(request: Request) -> Response:
+    from influence_tui.engine.types import GenerationRequest
+
+    ctx = ctx_of(request)
+    data = await read_json(request)
+    prompt = get_field(data, "prompt", str, required=True)
+    system = get_field(data, "system", str)
+    stream = get_field(data, "stream", bool, False)
+    raw = get_field(data, "raw", bool, False)
+    model = await check_chat_model(ctx, get_field(data, "model", str))
+    values = {name: get_field(data, name, (int, float)) for name in PARAM_FIELDS}
+    values["stop"] = get_field(data, "stop", (str, list))
+    params = build_params(ctx.base_params(), values)
+    req = GenerationRequest(prompt=prompt, system=system, params=params, raw=raw)
+    gen = await submit(ctx, req, model)
+    if not stream:
+        result = await wait_result(request, gen)
+        check_result(result)
+        return JSONResponse({"text": result.text, "model": ctx.loaded_name() or result.model, "finish_reason": result.finish_reason,
+                             "usage": usage_dict(result.usage)})
+
+    async def events() -> AsyncIterator[str]:
+        async for text in token_texts(gen):
+            yield f"data: {dumps({'text': text})}\n\n"
+        result = gen.result
+        if result.finish_reason == "error":
+            yield f"data: {dumps({'error': {'message': result.error or 'generation failed', 'type': 'server_error'}})}\n\n"
+        else:
+            yield f"data: {dumps({'done': True, 'text': result.text, 'model': ctx.loaded_name() or result.model, 'finish_reason': result.finish_reason, 'usage': usage_dict(result.usage)})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return stream_response(events(), "text/event-stream")
+
+
+async def chat_completions(request: Request) -> Response:
+    from influence_tui.server.openai import chat_completions as openai_chat
+
+    return await openai_chat(request)
+
+
+ROUTES = [
+    Route("/health", health, methods=["GET"]),
+    Route("/generate", generate, methods=["POST"]),
+    Route("/chat/completions", chat_completions, methods=["POST"]),
+]

@@ -1,0 +1,328 @@
+"""OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings.
+
+Wire format as OpenAI sends it: `chat.completion` objects with `usage`, and for `stream: true`
+Server-Sent Events of `chat.completion.chunk` objects ending with `data: [DONE]`; with
+`stream_options.include_usage` a last chunk carries `"choices": []` and the usage. Like
+llama-server, answers also carry `timings` (with `cache_n`, the prompt tokens reused from the cache).
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from influence_tui.params import GenerationParams
+from influence_tui.server.common import (
+    ApiError,
+    ServerContext,
+    build_params,
+    check_chat_model,
+    check_embedding_model,
+    check_result,
+    ctx_of,
+    dumps,
+    embed,
+    get_field,
+    parse_messages,
+    read_json,
+    stream_response,
+    submit,
+    token_texts,
+    wait_result,
+)
+
+OWNER = "influence"
+
+
+# --- the one place OpenAI field names meet GenerationParams ---------------------------------------
+
+
+def openai_params(data: dict[str, Any], base: GenerationParams) -> GenerationParams:
+    n = get_field(data, "n", int, 1)
+    if n != 1:
+        raise ApiError(400, "n must be 1: this server returns one choice per request", param="n")
+    max_tokens = get_field(data, "max_completion_tokens", int)
+    if max_tokens is None:
+        max_tokens = get_field(data, "max_tokens", int)
+    values = {
+        "max_tokens": max_tokens,
+        "temperature": get_field(data, "temperature", (int, float)),
+        "top_p": get_field(data, "top_p", (int, float)),
+        "presence_penalty": get_field(data, "presence_penalty", (int, float)),
+        "frequency_penalty": get_field(data, "frequency_penalty", (int, float)),
+        "seed": get_field(data, "seed", int),
+        "stop": get_field(data, "stop", (str, list)),
+        # not OpenAI's, but vLLM and llama-server clients send them (extra_body)
+        "top_k": get_field(data, "top_k", int),
+        "min_p": get_field(data, "min_p", (int, float)),
+        "repeat_penalty": get_field(data, "repeat_penalty", (int, float)),
+    }
+    labels = {"max_tokens": "max_tokens" if data.get("max_completion_tokens") is None else "max_completion_tokens"}
+    return build_params(base, values, labels)
+
+
+def refuse_unsupported(data: dict[str, Any]) -> None:
+    if data.get("tools"):
+        raise ApiError(400, "tools are not supported by this server", param="tools")
+    fmt = data.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") in (None, "text")):
+        raise ApiError(400, "response_format other than text is not supported by this server", param="response_format")
+    if data.get("logprobs"):
+        raise ApiError(400, "logprobs are not supported by this server", param="logprobs")
+
+
+def include_usage(data: dict[str, Any]) -> bool:
+    options = get_field(data, "stream_options", dict, {})
+    return bool(get_field(options, "include_usage", bool, False, label="stream_options.include_usage"))
+
+
+def usage_of(usage: Any) -> dict[str, Any]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+    }
+
+
+def timings_of(usage: Any) -> dict[str, Any]:
+    """llama-server's `timings` object (milliseconds)."""
+    prompt_n = max(usage.prompt_tokens - usage.cached_tokens, 0)
+    prompt_ms = usage.prefill_s * 1000
+    predicted_ms = (usage.prefill_s + usage.decode_s) * 1000 if usage.completion_tokens else 0.0
+    return {
+        "cache_n": usage.cached_tokens,
+        "prompt_n": prompt_n,
+        "prompt_ms": round(prompt_ms, 3),
+        "prompt_per_token_ms": round(prompt_ms / prompt_n, 3) if prompt_n else 0.0,
+        "prompt_per_second": round(prompt_n / usage.prefill_s, 3) if usage.prefill_s > 0 else 0.0,
+        "predicted_n": usage.completion_tokens,
+        "predicted_ms": round(usage.decode_s * 1000, 3),
+        "predicted_per_token_ms": round(usage.decode_s * 1000 / max(usage.completion_tokens - 1, 1), 3),
+        "predicted_per_second": round(usage.decode_tokens_per_s, 3),
+    }
+
+
+def finish_reason(result: Any) -> str:
+    return "length" if result.finish_reason == "length" else "stop"
+
+
+def _error_chunk(result: Any) -> str:
+    body = {"error": {"message": result.error or "generation failed", "type": "server_error", "param": None,
+                      "code": "generation_failed"}}
+    return f"data: {dumps(body)}\n\n"
+
+
+# --- routes ---------------------------------------------------------------------------------------
+
+
+async def chat_completions(request: Request) -> Response:
+    from influence_tui.engine.types import GenerationRequest
+
+    ctx = ctx_of(request)
+    data = await read_json(request)
+    messages = parse_messages(data.get("messages"))
+    refuse_unsupported(data)
+    stream = get_field(data, "stream", bool, False)
+    usage_chunk = include_usage(data) if stream else False
+    params = openai_params(data, ctx.base_params())
+    name = get_field(data, "model", str)
+    model = await check_chat_model(ctx, name)
+    gen = await submit(ctx, GenerationRequest(messages=messages, params=params), model)
+    ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    if not stream:
+        result = await wait_result(request, gen)
+        check_result(result)
+        return JSONResponse({
+            "id": ident, "object": "chat.completion", "created": created, "model": name or ctx.loaded_name() or result.model,
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
+                         "finish_reason": finish_reason(result)}],
+            "usage": usage_of(result.usage), "timings": timings_of(result.usage),
+        })
+
+    def chunk(delta: dict[str, Any], reason: str | None, model_name: str, **extra: Any) -> str:
+        body: dict[str, Any] = {"id": ident, "object": "chat.completion.chunk", "created": created,
+                                "model": model_name, "system_fingerprint": None,
+                                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+        if usage_chunk:
+            body["usage"] = None
+        body.update(extra)
+        return f"data: {dumps(body)}\n\n"
+
+    async def events() -> AsyncIterator[str]:
+        model_name = name or ctx.loaded_name() or ""
+        yield chunk({"role": "assistant", "content": ""}, None, model_name)
+        async for text in token_texts(gen):
+            yield chunk({"content": text}, None, model_name)
+        result = gen.result
+        if result.finish_reason == "error":
+            yield _error_chunk(result)
+        else:
+            yield chunk({}, finish_reason(result), model_name, timings=timings_of(result.usage))
+            if usage_chunk:
+                body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                        "system_fingerprint": None, "choices": [], "usage": usage_of(result.usage)}
+                yield f"data: {dumps(body)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return stream_response(events(), "text/event-stream")
+
+
+def completion_prompt(data: dict[str, Any]) -> str:
+    prompt = data.get("prompt", "")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        return prompt[0]
+    if isinstance(prompt, str):
+        return prompt
+    raise ApiError(400, "prompt must be a string (or a list of one string); token arrays and batches are not supported",
+                   param="prompt")
+
+
+async def completions(request: Request) -> Response:
+    from influence_tui.engine.types import GenerationRequest
+
+    ctx = ctx_of(request)
+    data = await read_json(request)
+    prompt = completion_prompt(data)
+    if data.get("suffix"):
+        raise ApiError(400, "suffix (fill-in-the-middle) is not supported by this server", param="suffix")
+    if data.get("logprobs"):
+        raise ApiError(400, "logprobs are not supported by this server", param="logprobs")
+    if get_field(data, "best_of", int, 1) != 1:
+        raise ApiError(400, "best_of must be 1", param="best_of")
+    echo = get_field(data, "echo", bool, False)
+    stream = get_field(data, "stream", bool, False)
+    usage_chunk = include_usage(data) if stream else False
+    params = openai_params(data, ctx.base_params())
+    name = get_field(data, "model", str)
+    model = await check_chat_model(ctx, name)
+    # a completion continues the text as written: no chat template
+    gen = await submit(ctx, GenerationRequest(prompt=prompt, params=params, raw=True), model)
+    ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    head = prompt if echo else ""
+    if not stream:
+        result = await wait_result(request, gen)
+        check_result(result)
+        return JSONResponse({
+            "id": ident, "object": "text_completion", "created": created, "model": name or ctx.loaded_name() or result.model,
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "text": head + result.text, "logprobs": None,
+                         "finish_reason": finish_reason(result)}],
+            "usage": usage_of(result.usage), "timings": timings_of(result.usage),
+        })
+
+    def chunk(text: str, reason: str | None, model_name: str, **extra: Any) -> str:
+        body: dict[str, Any] = {"id": ident, "object": "text_completion", "created": created, "model": model_name,
+                                "system_fingerprint": None,
+                                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}]}
+        if usage_chunk:
+            body["usage"] = None
+        body.update(extra)
+        return f"data: {dumps(body)}\n\n"
+
+    async def events() -> AsyncIterator[str]:
+        model_name = name or ctx.loaded_name() or ""
+        if head:
+            yield chunk(head, None, model_name)
+        async for text in token_texts(gen):
+            yield chunk(text, None, model_name)
+        result = gen.result
+        if result.finish_reason == "error":
+            yield _error_chunk(result)
+        else:
+            yield chunk("", finish_reason(result), model_name, timings=timings_of(result.usage))
+            if usage_chunk:
+                body = {"id": ident, "object": "text_completion", "created": created, "model": model_name,
+                        "system_fingerprint": None, "choices": [], "usage": usage_of(result.usage)}
+                yield f"data: {dumps(body)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return stream_response(events(), "text/event-stream")
+
+
+def embedding_inputs(data: dict[str, Any]) -> list[str]:
+    raw = data.get("input")
+    if isinstance(raw, str):
+        return [raw]
+    if isinstance(raw, list) and raw and all(isinstance(t, str) for t in raw):
+        return raw
+    if raw is None:
+        raise ApiError(400, "input is required", param="input")
+    raise ApiError(400, "input must be a string or a non-empty array of strings (token arrays are not supported)",
+                   param="input")
+
+
+def encode_base64(vector: list[float]) -> str:
+    """OpenAI's base64 encoding: little-endian float32 (the openai client asks for it by default)."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+
+
+async def embeddings(request: Request) -> Response:
+    ctx = ctx_of(request)
+    data = await read_json(request)
+    texts = embedding_inputs(data)
+    fmt = get_field(data, "encoding_format", str, "float")
+    if fmt not in ("float", "base64"):
+        raise ApiError(400, "encoding_format must be 'float' or 'base64'", param="encoding_format")
+    dims = get_field(data, "dimensions", int)
+    if dims is not None and dims < 1:
+        raise ApiError(400, "dimensions must be a positive integer", param="dimensions")
+    name = await check_embedding_model(ctx, get_field(data, "model", str))
+    result = await embed(ctx, texts, name)
+    vectors = [v[:dims] if dims else v for v in result.embeddings]
+    return JSONResponse({
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": encode_base64(v) if fmt == "base64" else v}
+                 for i, v in enumerate(vectors)],
+        "model": name or result.model,
+        "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
+    })
+
+
+def model_object(info: Any) -> dict[str, Any]:
+    import os
+
+    try:
+        created = int(os.path.getmtime(info.path))
+    except OSError:
+        created = 0
+    return {"id": info.name, "object": "model", "created": created, "owned_by": OWNER}
+
+
+async def list_models(request: Request) -> Response:
+    import asyncio
+
+    ctx: ServerContext = ctx_of(request)
+    models = await asyncio.to_thread(ctx.list_models, True)
+    return JSONResponse({"object": "list", "data": [model_object(m) for m in models if m.usable]})
+
+
+async def get_model(request: Request) -> Response:
+    import asyncio
+
+    from influence_tui.library import ModelNotFound
+
+    ctx: ServerContext = ctx_of(request)
+    name = request.path_params["model"]
+    try:
+        info = await asyncio.to_thread(ctx.find, name)
+    except ModelNotFound:
+        raise ApiError(404, f"model {name!r} not found", param="model", code="model_not_found") from None
+    return JSONResponse(model_object(info))
+
+
+ROUTES = [
+    Route("/v1/models", list_models, methods=["GET"]),
+    Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/completions", completions, methods=["POST"]),
+    Route("/v1/embeddings", embeddings, methods=["POST"]),
+]
