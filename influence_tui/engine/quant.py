@@ -109,7 +109,7 @@ class Int4Linear:
         scale = sz[..., 0].t().unsqueeze(-1)  # [N, K/32, 1]
         zero = (sz[..., 1].t() - 8 * sz[..., 0].t()).unsqueeze(-1)
         q = self.unpacked().view(n, k // GROUP, GROUP).to(self.dtype)
-        return torch.addcmul(zero, q, scale).view(n, k)
+        return (q * scale).add_(zero).view(n, k)
 
 
 Linear = FloatLinear | Int8Linear | Int4Linear

@@ -1,0 +1,490 @@
+"""Path -> LoadedModel: GGUF files and safetensors folders onto the fast Llama-family model.
+
+Only local files are read (HF_HUB_OFFLINE is set while loading) and never pickle: `.bin`/`.pt`
+weights are refused. Architectures other than llama/mistral/qwen2 raise `UnsupportedArchitecture`
+so that the scheduler can hand a safetensors folder to the transformers fallback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+
+from influence_tui.engine.base import LoadedModel, ModelLoadError
+from influence_tui.engine.model import Embedding, Layer, LlamaModel, ModelConfig
+from influence_tui.engine.quant import FloatLinear, Int4Linear, Int8Linear, make_linear, quantize_int4
+from influence_tui.formats.gguf_tensors import GGUFTensors, Q4Blocks
+
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class UnsupportedArchitecture(ModelLoadError):
+    """The fast model does not implement this architecture (the transformers fallback may)."""
+
+    def __init__(self, architecture: str, path: str) -> None:
+        super().__init__(
+            f"{Path(path).name}: architecture {architecture!r} is not supported by the built-in engine "
+            f"(supported: {', '.join(SUPPORTED_ARCHS)})"
+        )
+        self.architecture = architecture
+        self.path = path
+
+
+# -- device and dtype --------------------------------------------------------------------------
+def resolve_device(device: str = "auto", device_index: int = 0) -> torch.device:
+    device = (device or "auto").lower()
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", device_index)
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    kind = device.split(":")[0]
+    if ":" in device:
+        device_index = int(device.split(":")[1])
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError("device 'cuda' is not available (this torch build or machine has no CUDA GPU)")
+        if device_index >= torch.cuda.device_count():
+            raise ModelLoadError(f"device 'cuda:{device_index}' is not available ({torch.cuda.device_count()} GPUs)")
+        return torch.device("cuda", device_index)
+    if kind == "mps":
+        if getattr(torch.backends, "mps", None) is None or not torch.backends.mps.is_available():
+            raise ModelLoadError("device 'mps' is not available (Apple Metal is not present)")
+        return torch.device("mps")
+    if kind == "cpu":
+        return torch.device("cpu")
+    raise ModelLoadError(f"unknown device {device!r} (expected auto, cpu, cuda, cuda:N or mps)")
+
+
+def cpu_has_bf16() -> bool:
+    """True where bf16 matmuls are fast on this CPU (AMX or AVX512-BF16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split()
+    except (OSError, IndexError):
+        flags = []
+    if "amx_bf16" in flags or "avx512_bf16" in flags:
+        return True
+    return torch.backends.cpu.get_cpu_capability() == "AVX512" and "avx512_bf16" in flags
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype and dtype != "auto":
+        if dtype.lower() not in _DTYPES:
+            raise ModelLoadError(f"unknown dtype {dtype!r} (expected auto, float32, float16 or bfloat16)")
+        return _DTYPES[dtype.lower()]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+# -- weight sources ----------------------------------------------------------------------------
+class WeightSource(Protocol):
+    interleaved_qk: bool  # q/k rows already in the interleaved RoPE layout (llama.cpp's llama)
+
+    def has(self, name: str) -> bool: ...
+    def float(self, name: str) -> torch.Tensor: ...
+    def q4(self, name: str) -> Q4Blocks | None: ...
+
+
+# canonical names are llama.cpp's (short); safetensors maps onto them
+_HF_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_HF_LAYER = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+
+
+def _hf_name(name: str) -> str:
+    if name in _HF_NAMES:
+        return _HF_NAMES[name]
+    _, i, rest = name.split(".", 2)
+    return f"model.layers.{i}.{_HF_LAYER.get(rest, rest)}"
+
+
+class GGUFSource:
+    def __init__(self, tensors: GGUFTensors, interleaved_qk: bool) -> None:
+        self.t = tensors
+        self.interleaved_qk = interleaved_qk
+
+    def has(self, name: str) -> bool:
+        return name in self.t
+
+    def float(self, name: str) -> torch.Tensor:
+        return self.t.dequantize(name)
+
+    def q4(self, name: str) -> Q4Blocks | None:
+        return self.t.q4_blocks(name)
+
+
+class SafetensorsSource:
+    interleaved_qk = False
+
+    def __init__(self, files: list[Path]) -> None:
+        from safetensors import safe_open
+
+        self.handles = []
+        self.where: dict[str, object] = {}
+        for f in files:
+            try:
+                h = safe_open(str(f), framework="pt")
+            except Exception as exc:  # safetensors raises its own error types
+                raise ModelLoadError(f"{f.name}: not a readable safetensors file ({exc})") from exc
+            self.handles.append(h)
+            for key in h.keys():
+                self.where[key] = h
+
+    def has(self, name: str) -> bool:
+        return _hf_name(name) in self.where
+
+    def float(self, name: str) -> torch.Tensor:
+        key = _hf_name(name)
+        return self.where[key].get_tensor(key)  # type: ignore[attr-defined]
+
+    def q4(self, name: str) -> Q4Blocks | None:
+        return None
+
+
+# -- configs -----------------------------------------------------------------------------------
+def config_from_hf(cfg: dict, path: str) -> ModelConfig:
+    arch = cfg.get("model_type", "unknown")
+    if arch not in SUPPORTED_ARCHS:
+        raise UnsupportedArchitecture(arch, path)
+    heads = cfg["num_attention_heads"]
+    dim = cfg["hidden_size"]
+    rope = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=cfg["vocab_size"],
+        dim=dim,
+        n_layers=cfg["num_hidden_layers"],
+        n_heads=heads,
+        n_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or dim // heads,
+        ffn_dim=cfg["intermediate_size"],
+        norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope_theta=float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0))),
+        context_length=cfg.get("max_position_embeddings", 4096),
+        rope_scaling=scaling,
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
+        sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", arch == "mistral") else None,
+    )
+
+
+def config_from_gguf(t: GGUFTensors, path: str) -> ModelConfig:
+    md = t.header.metadata
+    arch = t.header.architecture
+    if arch not in SUPPORTED_ARCHS:
+        raise UnsupportedArchitecture(arch, path)
+
+    def get(key: str, default=None):
+        return md.get(f"{arch}.{key}", default)
+
+    dim = int(get("embedding_length"))
+    heads = int(get("attention.head_count"))
+    vocab = get("vocab_size") or t.shape("token_embd.weight")[0]
+    scaling = None
+    if get("rope.scaling.type") == "linear":
+        scaling = {"rope_type": "linear", "factor": get("rope.scaling.factor", 1.0)}
+    factors = t.dequantize("rope_freqs.weight").tolist() if "rope_freqs.weight" in t else None
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=int(vocab),
+        dim=dim,
+        n_layers=int(get("block_count")),
+        n_heads=heads,
+        n_kv_heads=int(get("attention.head_count_kv", heads)),
+        head_dim=int(get("attention.key_length", get("rope.dimension_count", dim // heads))),
+        ffn_dim=int(get("feed_forward_length")),
+        norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        context_length=int(get("context_length", 4096)),
+        rope_scaling=scaling,
+        tie_embeddings="output.weight" not in t,
+        qkv_bias="blk.0.attn_q.bias" in t,
+        sliding_window=get("attention.sliding_window"),
+        rope_freq_factors=factors,
+    )
+
+
+# -- building the model ------------------------------------------------------------------------
+def to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows of a q/k projection from rotate-half (HF) to interleaved RoPE layout (also biases)."""
+    rows = w.shape[0]
+    hd = rows // n_heads
+    return w.reshape(n_heads, 2, hd // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+@dataclass
+class _Builder:
+    src: WeightSource
+    cfg: ModelConfig
+    quant: str  # none | int8 | int4
+    dtype: torch.dtype
+    device: torch.device
+
+    def _rows_fn(self, part: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The row permutation that brings a q/k tensor into interleaved layout (identity otherwise)."""
+        if self.src.interleaved_qk or part not in ("attn_q", "attn_k"):
+            return lambda x: x
+        heads = self.cfg.n_heads if part == "attn_q" else self.cfg.n_kv_heads
+        return lambda x: to_interleaved(x, heads)
+
+    def linear(self, prefix: str, parts: list[str]):
+        """One (possibly fused) linear layer from the parts' weights, concatenated on rows."""
+        names = [f"{prefix}.{p}.weight" for p in parts]
+        biases = [f"{prefix}.{p}.bias" for p in parts]
+        bias = None
+        if any(self.src.has(b) for b in biases):
+            bias = torch.cat([self._rows_fn(p)(self.src.float(b).float()) for p, b in zip(parts, biases)])
+            bias = bias.to(self.device, self.dtype)
+        if self.quant == "int4" and self.device.type == "cpu":
+            fused = [self._q4_parts(p, n) for p, n in zip(parts, names)]
+            q = torch.cat([f[0] for f in fused])
+            if Int4Linear.supports(*q.shape):
+                scale = torch.cat([f[1] for f in fused])
+                minimum = torch.cat([f[2] for f in fused])
+                return Int4Linear(q, scale, minimum + 8 * scale, bias, self.dtype)
+        w = torch.cat([self._rows_fn(p)(self.src.float(n)) for p, n in zip(parts, names)])
+        if self.device.type != "cpu" or self.quant == "none":
+            return FloatLinear(w.to(self.device, self.dtype), bias)
+        return make_linear(w, bias, self.quant, self.dtype)
+
+    def _q4_parts(self, part: str, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = self._rows_fn(part)
+        blocks = self.src.q4(name)
+        if blocks is not None:  # the file's own nibbles: no re-quantisation
+            return rows(blocks.q), rows(blocks.scale), rows(blocks.minimum)
+        return tuple(rows(x) for x in quantize_int4(self.src.float(name)))  # type: ignore[return-value]
+
+    def norm(self, name: str) -> torch.Tensor:
+        return self.src.float(name).to(self.device, self.dtype)
+
+    def build(self) -> LlamaModel:
+        cfg = self.cfg
+        layers = []
+        for i in range(cfg.n_layers):
+            p = f"blk.{i}"
+            layers.append(
+                Layer(
+                    attn_norm=self.norm(f"{p}.attn_norm.weight"),
+                    qkv=self.linear(p, ["attn_q", "attn_k", "attn_v"]),
+                    o=self.linear(p, ["attn_output"]),
+                    ffn_norm=self.norm(f"{p}.ffn_norm.weight"),
+                    gate_up=self.linear(p, ["ffn_gate", "ffn_up"]),
+                    down=self.linear(p, ["ffn_down"]),
+                )
+            )
+        embed_w = self.src.float("token_embd.weight")
+        quantized = self.quant != "none" and self.device.type == "cpu"
+        if quantized:
+            table = Int8Linear.from_float(embed_w, None, self.dtype)  # rows for lookup, int8 mm for a tied head
+            embed = Embedding(table)
+        else:
+            table = embed_w.to(self.device, self.dtype)
+            embed = Embedding(table)
+        del embed_w
+        if cfg.tie_embeddings or not self.src.has("output.weight"):
+            lm_head = table if quantized else FloatLinear(table)
+        else:
+            lm_head = self._head()
+        return LlamaModel(cfg, embed, layers, self.norm("output_norm.weight"), lm_head, self.dtype, self.device)
+
+    def _head(self):
+        w = self.src.float("output.weight")
+        if self.device.type != "cpu" or self.quant == "none":
+            return FloatLinear(w.to(self.device, self.dtype))
+        return Int8Linear.from_float(w, None, self.dtype)
+
+
+# -- paths -------------------------------------------------------------------------------------
+@dataclass
+class _Located:
+    format: str  # gguf | safetensors
+    file: Path | None  # the .gguf
+    folder: Path | None  # the safetensors folder
+
+
+def locate(path: str) -> _Located:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelLoadError(f"{path}: no such file or folder")
+    if p.is_file():
+        if p.suffix.lower() == ".gguf":
+            return _Located("gguf", p, None)
+        if p.suffix.lower() in PICKLE_SUFFIXES:
+            raise ModelLoadError(f"{p.name}: pickle weights are never loaded (unsafe); convert to safetensors")
+        if p.suffix.lower() == ".safetensors":
+            return _Located("safetensors", None, p.parent)
+        raise ModelLoadError(f"{p.name}: not a model file (expected .gguf or a folder with safetensors)")
+    shards = sorted(p.glob("*.safetensors"))
+    if shards and (p / "config.json").exists():
+        return _Located("safetensors", None, p)
+    ggufs = sorted(p.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return _Located("gguf", ggufs[0], None)
+    if len(ggufs) > 1:
+        raise ModelLoadError(f"{p}: several .gguf files ({', '.join(g.name for g in ggufs)}); choose one")
+    pickles = [f for f in p.iterdir() if f.suffix.lower() in PICKLE_SUFFIXES]
+    if pickles:
+        raise ModelLoadError(f"{pickles[0].name}: pickle weights are never loaded (unsafe); convert to safetensors")
+    if shards:
+        raise ModelLoadError(f"{p}: config.json is missing next to the safetensors weights")
+    raise ModelLoadError(f"{p}: no model weights (.gguf or .safetensors) found")
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as exc:
+            raise ModelLoadError(f"{index.name}: unreadable index ({exc})") from exc
+        missing = [n for n in names if not (folder / n).exists()]
+        if missing:
+            raise ModelLoadError(f"{missing[0]}: shard listed in {index.name} is missing")
+        return [folder / n for n in names]
+    return sorted(folder.glob("*.safetensors"))
+
+
+def _default_quant(fmt: str, file_quant: str, device: torch.device, dtype: torch.dtype) -> str:
+    if device.type != "cpu":
+        return "none"
+    if fmt == "gguf" and dtype == torch.bfloat16:
+        wide = file_quant.upper() in ("F32", "F16", "BF16", "Q8_0", "Q6_K")
+        return "int8" if wide else "int4"
+    return "int8" if dtype == torch.bfloat16 else "none"
+
+
+def load_model(
+    path: str,
+    device: str = "auto",
+    device_index: int = 0,
+    dtype: str | None = None,
+    quant: str | None = None,
+    max_batch: int = 8,
+    max_seq: int | None = None,
+) -> LoadedModel:
+    """Load a GGUF file or safetensors folder. quant: None/"auto", "none", "int8", "int4".
+
+    The KV cache is allocated for `max_batch` slots of `max_seq` positions (default: the model's
+    context length capped at 4096; memory is only resident where slots are written on CPU).
+    """
+    t0 = time.perf_counter()
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    dev = resolve_device(device, device_index)
+    loc = locate(path)
+    torch_dtype = resolve_dtype(dtype, dev)
+    if dev.type == "cpu":
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    from influence_tui.engine import tokenizer as tok_mod
+
+    if loc.format == "gguf":
+        assert loc.file is not None
+        try:
+            tensors = GGUFTensors(loc.file)
+        except (ValueError, OSError) as exc:
+            raise ModelLoadError(f"{loc.file.name}: cannot read GGUF ({exc})") from exc
+        cfg = config_from_gguf(tensors, str(loc.file))
+        # llama.cpp stores llama/mistral q/k interleaved; qwen2 keeps Hugging Face's layout
+        src: WeightSource = GGUFSource(tensors, interleaved_qk=cfg.architecture in ("llama", "mistral"))
+        file_quant = tensors.header.quantization
+        name = str(tensors.header.metadata.get("general.name") or loc.file.stem)
+        params = tensors.header.parameter_count
+        tokenizer_loader = lambda: tok_mod.load_gguf_tokenizer(loc.file, tensors.header)  # noqa: E731
+        model_path = loc.file
+    else:
+        assert loc.folder is not None
+        try:
+            hf_cfg = json.loads((loc.folder / "config.json").read_text())
+        except ValueError as exc:
+            raise ModelLoadError(f"config.json in {loc.folder}: invalid JSON ({exc})") from exc
+        cfg = config_from_hf(hf_cfg, str(loc.folder))
+        src = SafetensorsSource(_safetensors_files(loc.folder))
+        file_quant = str(hf_cfg.get("torch_dtype") or hf_cfg.get("dtype") or "unknown").replace("bfloat16", "BF16")
+        file_quant = {"float16": "F16", "float32": "F32"}.get(file_quant, file_quant)
+        name = loc.folder.name
+        params = None
+        tokenizer_loader = lambda: tok_mod.load_folder_tokenizer(loc.folder)  # noqa: E731
+        model_path = loc.folder
+
+    q = (quant or "auto").lower()
+    if q == "auto":
+        q = _default_quant(loc.format, file_quant, dev, torch_dtype)
+    if q not in ("none", "int8", "int4"):
+        raise ModelLoadError(f"unknown quantization {quant!r} (expected auto, none, int8 or int4)")
+    if dev.type != "cpu":
+        q = "none"
+    try:
+        model = _Builder(src, cfg, q, torch_dtype, dev).build()
+    except (KeyError, ValueError, RuntimeError) as exc:
+        if isinstance(exc, ModelLoadError):
+            raise
+        raise ModelLoadError(f"{model_path.name}: broken or incomplete weights ({type(exc).__name__}: {exc})") from exc
+    if cfg.sliding_window:
+        model.context_length = min(model.context_length, int(cfg.sliding_window))
+    ctx = model.context_length
+    model.allocate(max_batch, min(ctx, max_seq or 4096))
+    tokenizer = tokenizer_loader()
+    if params is None and isinstance(src, SafetensorsSource):
+        params = _count_safetensors(src)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=name,
+        path=str(model_path),
+        architecture=cfg.architecture,
+        format=loc.format,
+        quantization=file_quant,
+        dtype=str(torch_dtype).removeprefix("torch."),
+        device=str(dev),
+        context_length=ctx,
+        parameters=params,
+        load_s=time.perf_counter() - t0,
+        extra={"weights": q, "max_batch": max_batch, "max_seq": model.max_seq, "config": cfg},
+    )
+
+
+def _count_safetensors(src: SafetensorsSource) -> int:
+    total = 0
+    for h in src.handles:
+        for key in h.keys():  # type: ignore[attr-defined]
+            total += _numel(h.get_slice(key).get_shape())  # type: ignore[attr-defined]
+    return total
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -1,0 +1,280 @@
+"""Tokenizers on the `tokenizers` library, chat templates on jinja2, incremental detokenisation.
+
+No torch and no transformers at import. A GGUF file carries its vocabulary as metadata, not as a
+tokenizer.json: the first load builds one with transformers' GGUF converter (a few seconds) and
+caches it under the user cache dir, keyed by the file's path, size and mtime; later loads only
+read that JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer
+
+from influence_tui.engine.base import ModelLoadError
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+# end-of-turn tokens of common chat formats: stop on them too when the vocabulary has them
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+CACHE_VERSION = 1
+
+
+def cache_dir() -> Path:
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("influence-tui"))
+
+
+@lru_cache(maxsize=16)
+def _compile_template(template: str):
+    import jinja2
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt: str) -> str:
+        return datetime.now().strftime(fmt)
+
+    # the same environment settings as transformers' apply_chat_template
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    return env.from_string(template)
+
+
+def _token_content(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+@dataclass
+class HFTokenizer:
+    """Implements `engine.base.TextTokenizer`."""
+
+    tok: Tokenizer
+    bos_token: str | None = None
+    eos_token: str | None = None
+    eos_token_ids: set[int] = field(default_factory=set)
+    chat_template: str | None = None
+    add_bos_token: bool = False  # prepend BOS on encode(add_special_tokens=True) when the backend does not
+    extra_tokens: dict[str, str] = field(default_factory=dict)  # unk_token, pad_token for templates
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.tok.token_to_id(self.bos_token) if self.bos_token else None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+        bos = self.bos_token_id
+        if add_special_tokens and self.add_bos_token and bos is not None and (not ids or ids[0] != bos):
+            ids = [bos, *ids]
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, token_id: int) -> str | None:
+        return self.tok.id_to_token(token_id)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.chat_template)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        import jinja2
+
+        for m in messages:
+            if m.get("role") not in CHAT_ROLES:
+                raise ValueError(f"unknown chat role {m.get('role')!r} (expected one of {', '.join(CHAT_ROLES)})")
+        if not self.chat_template:
+            raise ValueError("this model has no chat template")
+        try:
+            return _compile_template(self.chat_template).render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+                **self.extra_tokens,
+            )
+        except jinja2.exceptions.TemplateError as exc:
+            raise ValueError(f"chat template error: {exc}") from exc
+
+
+def _end_of_turn_ids(tok: Tokenizer, eos: list[int]) -> set[int]:
+    ids = set(eos)
+    added = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+    for text in END_OF_TURN_TOKENS:
+        tid = tok.token_to_id(text)
+        # <|endoftext|> only stops when it is the declared eos, or in chat-format vocabularies
+        if tid is not None and text in added and (text != "<|endoftext|>" or not ids):
+            ids.add(tid)
+    return ids
+
+
+# -- folders -----------------------------------------------------------------------------------
+def load_folder_tokenizer(folder: str | Path) -> HFTokenizer:
+    folder = Path(folder)
+    tj = folder / "tokenizer.json"
+    if not tj.exists():
+        raise ModelLoadError(f"{folder}: tokenizer.json is missing (only fast tokenizers are supported)")
+    try:
+        tok = Tokenizer.from_file(str(tj))
+    except Exception as exc:  # tokenizers raises a plain Exception on bad JSON
+        raise ModelLoadError(f"{tj.name}: unreadable tokenizer ({exc})") from exc
+    cfg = _read_json(folder / "tokenizer_config.json")
+    template = cfg.get("chat_template")
+    if isinstance(template, list):  # named templates: take "default"
+        named = {t.get("name"): t.get("template") for t in template}
+        template = named.get("default") or next(iter(named.values()), None)
+    jinja_file = folder / "chat_template.jinja"
+    if not template and jinja_file.exists():
+        template = jinja_file.read_text(encoding="utf-8")
+    eos = _token_content(cfg.get("eos_token"))
+    eos_ids = [tok.token_to_id(eos)] if eos and tok.token_to_id(eos) is not None else []
+    gen_eos = _read_json(folder / "generation_config.json").get("eos_token_id")
+    if gen_eos is not None:
+        eos_ids += gen_eos if isinstance(gen_eos, list) else [gen_eos]
+    bos = _token_content(cfg.get("bos_token"))
+    # the backend's post-processor usually adds BOS itself; honour the flag only where it does not
+    adds_bos = bool(cfg.get("add_bos_token", False)) and bos is not None
+    return HFTokenizer(
+        tok=tok,
+        bos_token=bos,
+        eos_token=eos,
+        eos_token_ids=_end_of_turn_ids(tok, eos_ids),
+        chat_template=template,
+        add_bos_token=adds_bos,
+        extra_tokens={k: v for k in ("unk_token", "pad_token") if (v := _token_content(cfg.get(k)))},
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ModelLoadError(f"{path.name}: invalid JSON ({exc})") from exc
+    return data if isinstance(data, dict) else {}
+
+
+# -- GGUF --------------------------------------------------------------------------------------
+def _gguf_cache_key(path: Path) -> str:
+    st = path.stat()
+    raw = f"{CACHE_VERSION}:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:24]
+
+
+def build_gguf_tokenizer_json(path: str | Path) -> str:
+    """The tokenizer.json text of a GGUF's vocabulary (slow: imports transformers)."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
+
+    arch, tok_dict, _ = get_gguf_tokenizer(str(path))
+    backend, _ = convert_gguf_tokenizer(arch, tok_dict)
+    return backend.to_str()
+
+
+def load_gguf_tokenizer(path: str | Path, header: Any | None = None) -> HFTokenizer:
+    """From a GGUF file; `header` is a `formats.gguf.GGUFHeader` already read (arrays skipped)."""
+    path = Path(path)
+    if header is None:
+        from influence_tui.formats.gguf import read_gguf_header
+
+        header = read_gguf_header(path, skip_arrays=True)
+    md = header.metadata
+    cached = cache_dir() / "tokenizers" / _gguf_cache_key(path) / "tokenizer.json"
+    text = None
+    if cached.exists():
+        text = cached.read_text(encoding="utf-8")
+    else:
+        try:
+            text = build_gguf_tokenizer_json(path)
+        except Exception as exc:  # the converter raises many kinds for odd files
+            raise ModelLoadError(f"{path.name}: cannot build its tokenizer ({type(exc).__name__}: {exc})") from exc
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(".tmp")
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(cached)
+        except OSError:
+            pass  # a read-only cache only costs speed
+    tok = Tokenizer.from_str(text)
+
+    def token(key: str) -> str | None:
+        tid = md.get(f"tokenizer.ggml.{key}")
+        return tok.id_to_token(int(tid)) if tid is not None else None
+
+    eos_ids = [int(md[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                                     "tokenizer.ggml.eom_token_id") if md.get(k) is not None]
+    add_bos = md.get("tokenizer.ggml.add_bos_token")
+    if add_bos is None:
+        add_bos = md.get("tokenizer.ggml.model") == "llama"
+    return HFTokenizer(
+        tok=tok,
+        bos_token=token("bos_token_id"),
+        eos_token=token("eos_token_id"),
+        eos_token_ids=_end_of_turn_ids(tok, eos_ids),
+        chat_template=md.get("tokenizer.chat_template"),
+        add_bos_token=bool(add_bos),
+        extra_tokens={k: v for k, key in (("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id"))
+                      if (v := token(key))},
+    )
+
+
+# -- streaming ---------------------------------------------------------------------------------
+class IncrementalDecoder:
+    """Token ids in, text deltas out: never a broken UTF-8 character, never a lost leading space.
+
+    Decodes a short window ids[prefix:] and returns what it adds to the text of ids[prefix:read]:
+    the window keeps the previous token for context (SentencePiece strips the space of a first
+    token; byte-level BPE may split a character over several tokens).
+    """
+
+    def __init__(self, tokenizer: HFTokenizer | Any, skip_special_tokens: bool = False) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        if isinstance(self.tokenizer, HFTokenizer):
+            return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        return self.tokenizer.decode(ids)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset :])
+        if len(text) > len(prefix) and not text.endswith("\ufffd"):
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(self.ids)
+            return text[len(prefix) :]
+        return ""
+
+    def flush(self) -> str:
+        """What is still held back (an incomplete character at the very end comes out as-is)."""
+        if self.read_offset == len(self.ids):
+            return ""
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset :])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return text[len(prefix) :] if text.startswith(prefix) else text

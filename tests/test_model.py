@@ -1,0 +1,182 @@
+"""The fast Llama-family model against transformers' implementation, and its KV cache semantics."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from influence_tui.engine.base import ModelLoadError  # noqa: E402
+from influence_tui.engine.loader import UnsupportedArchitecture, load_model  # noqa: E402
+from tests.tiny_models import write_tiny_gguf, write_tiny_llama_safetensors  # noqa: E402
+
+TOKENS = [5, 17, 42, 99, 3, 250, 300, 7, 64, 128, 11, 200, 33, 1, 77, 150, 180, 190, 260, 21]
+
+
+def _hf_logits(model, ids: list[int]) -> "torch.Tensor":
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_safetensors_float_matches_transformers(tiny_dir: Path, arch: str) -> None:
+    folder = write_tiny_llama_safetensors(tiny_dir / f"st-{arch}", arch=arch)
+    lm = load_model(str(folder), device="cpu", dtype="float32", quant="none", max_batch=2, max_seq=64)
+    assert lm.architecture == arch and lm.format == "safetensors"
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ours = lm.model.prefill(0, torch.tensor(TOKENS), 0, all_logits=True)
+    assert (ours - _hf_logits(ref, TOKENS)).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("arch,qtype", [("llama", "F32"), ("llama", "Q8_0"), ("llama", "Q4_0"), ("qwen2", "F16")])
+def test_gguf_float_matches_transformers(tiny_dir: Path, arch: str, qtype: str) -> None:
+    path = write_tiny_gguf(tiny_dir / f"{arch}-{qtype}.gguf", arch=arch, qtype=qtype)
+    lm = load_model(str(path), device="cpu", dtype="float32", quant="none", max_batch=1, max_seq=64)
+    assert lm.format == "gguf" and lm.quantization == qtype
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    ours = lm.model.prefill(0, torch.tensor(TOKENS), 0, all_logits=True)
+    assert (ours - _hf_logits(ref, TOKENS)).abs().max().item() < 1e-3
+
+
+@pytest.fixture(scope="module")
+def tiny_fp32(tiny_dir: Path):
+    folder = write_tiny_llama_safetensors(tiny_dir / "cache-llama", arch="llama", seed=1)
+    return load_model(str(folder), device="cpu", dtype="float32", quant="none", max_batch=4, max_seq=64).model
+
+
+def test_prefill_reuses_cached_prefix(tiny_fp32) -> None:
+    m = tiny_fp32
+    fresh = m.prefill(1, torch.tensor(TOKENS), 0, all_logits=True)
+    m.prefill(0, torch.tensor(TOKENS[:8]), 0)
+    tail = m.prefill(0, torch.tensor(TOKENS[8:]), 8, all_logits=True)
+    assert torch.allclose(tail, fresh[8:], atol=1e-4)
+    # one token at a time through decode gives the same last logits
+    last = m.decode(torch.tensor([0]), torch.tensor([TOKENS[-1]]), torch.tensor([len(TOKENS) - 1]))
+    assert torch.allclose(last[0], fresh[-1], atol=1e-4)
+
+
+def test_batched_decode_equals_single(tiny_fp32) -> None:
+    m = tiny_fp32
+    prompts = {3: TOKENS[:5], 0: TOKENS[2:14], 2: TOKENS[:9]}  # slots out of order, different lengths
+    nxt = {3: 7, 0: 8, 2: 9}
+    alone = {}
+    for slot, p in prompts.items():
+        m.prefill(slot, torch.tensor(p), 0)
+        alone[slot] = m.decode(torch.tensor([slot]), torch.tensor([nxt[slot]]), torch.tensor([len(p)]))[0]
+    for slot, p in prompts.items():  # rewrite the caches, then one batched step
+        m.prefill(slot, torch.tensor(p), 0)
+    slots = list(prompts)
+    out = m.decode(torch.tensor(slots), torch.tensor([nxt[s] for s in slots]),
+                   torch.tensor([len(prompts[s]) for s in slots]))
+    assert out.shape == (3, m.vocab_size) and out.dtype == torch.float32
+    for row, slot in enumerate(slots):
+        assert torch.allclose(out[row], alone[slot], atol=1e-4)
+
+
+def test_int4_and_int8_close_to_float_on_tiny(tiny_dir: Path) -> None:
+    path = write_tiny_gguf(tiny_dir / "q4.gguf", arch="llama", qtype="Q4_1")
+    ref = load_model(str(path), device="cpu", dtype="float32", quant="none", max_batch=1, max_seq=64).model
+    base = ref.prefill(0, torch.tensor(TOKENS), 0, all_logits=True)
+    for quant in ("int4", "int8"):
+        m = load_model(str(path), device="cpu", dtype="bfloat16", quant=quant, max_batch=1, max_seq=64).model
+        # short prompts go through the int4/int8 kernels, long ones through dequantised matmuls
+        got = torch.cat([m.prefill(0, torch.tensor(TOKENS[:4]), 0, all_logits=True),
+                         m.prefill(0, torch.tensor(TOKENS[4:]), 4, all_logits=True)])
+        cos = torch.nn.functional.cosine_similarity(got, base, dim=-1)
+        assert cos.min().item() > 0.98, quant
+
+
+# -- loader errors -------------------------------------------------------------------------------
+def test_refuses_pickle(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    with pytest.raises(ModelLoadError, match="pytorch_model.bin"):
+        load_model(str(tmp_path), device="cpu")
+
+
+def test_truncated_gguf(tiny_dir: Path, tmp_path: Path) -> None:
+    data = write_tiny_gguf(tiny_dir / "trunc-src.gguf", qtype="F16").read_bytes()
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(ModelLoadError, match="broken.gguf"):
+        load_model(str(bad), device="cpu")
+
+
+def test_unsupported_architecture(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"model_type": "gpt_neox"}')
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UnsupportedArchitecture, match="gpt_neox"):
+        load_model(str(tmp_path), device="cpu")
+
+
+def test_absent_device(tiny_dir: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ModelLoadError, match="device 'cuda' is not available"):
+        load_model(str(tiny_dir / "q4.gguf"), device="cuda")
+
+
+# -- the bundled model ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bundled(bundled_gguf: Path):
+    return load_model(str(bundled_gguf), device="cpu", dtype="float32", quant="none", max_batch=2, max_seq=256)
+
+
+@pytest.fixture(scope="module")
+def bundled_hf(bundled_gguf: Path):
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        bundled_gguf.parent, gguf_file=bundled_gguf.name, dtype=torch.float32
+    ).eval()
+
+
+def _prompt_ids(lm) -> list[int]:
+    tok = lm.tokenizer
+    return tok.encode(tok.apply_chat_template([{"role": "user", "content": "Write a short poem about the sea."}]))
+
+
+@pytest.mark.slow
+def test_bundled_fp32_matches_transformers(bundled, bundled_hf) -> None:
+    ids = _prompt_ids(bundled)
+    ours = bundled.model.prefill(0, torch.tensor(ids), 0, all_logits=True)
+    assert (ours - _hf_logits(bundled_hf, ids)).abs().max().item() < 2e-3
+    # greedy continuation of 32 tokens is the same token for token
+    with torch.no_grad():
+        ref = bundled_hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, min_new_tokens=32)
+    ref_new = ref[0, len(ids):].tolist()
+    got, logits, pos = [], ours[-1], len(ids)
+    for _ in range(32):
+        t = int(logits.argmax())
+        got.append(t)
+        logits = bundled.model.decode(torch.tensor([0]), torch.tensor([t]), torch.tensor([pos]))[0]
+        pos += 1
+    assert got == ref_new
+
+
+@pytest.mark.slow
+def test_bundled_int4_agrees_with_float(bundled, bundled_gguf: Path) -> None:
+    fast = load_model(str(bundled_gguf), device="cpu", max_batch=2, max_seq=256)
+    assert fast.extra["weights"] in ("int4", "int8")
+    ids = _prompt_ids(bundled)
+    ref_logits = bundled.model.prefill(0, torch.tensor(ids), 0)
+    seq, logits = [], ref_logits
+    for i in range(40):  # the float model's greedy text, fed to both (teacher forcing)
+        t = int(logits.argmax())
+        seq.append(t)
+        logits = bundled.model.decode(torch.tensor([0]), torch.tensor([t]), torch.tensor([len(ids) + i]))[0]
+    ref_all = bundled.model.prefill(0, torch.tensor(ids + seq), 0, all_logits=True)[len(ids) - 1:]
+    got = [fast.model.prefill(1, torch.tensor(ids), 0)]
+    for i, t in enumerate(seq):  # step by step through the decode kernel path
+        got.append(fast.model.decode(torch.tensor([1]), torch.tensor([t]), torch.tensor([len(ids) + i]))[0])
+    got_all = torch.stack(got)
+    agree = (got_all.argmax(-1) == ref_all.argmax(-1)).float().mean().item()
+    cos = torch.nn.functional.cosine_similarity(got_all, ref_all, dim=-1).min().item()
+    assert agree >= 0.9 and cos > 0.99, (agree, cos)

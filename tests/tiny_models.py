@@ -1,0 +1,176 @@
+"""Tiny random Llama-family models written to disk, for fast format and engine tests.
+
+    write_tiny_llama_safetensors(dir, arch="llama" | "mistral" | "qwen2", seed=0) -> folder Path
+    write_tiny_gguf(path, arch="llama" | "qwen2", qtype="F32" | "F16" | "Q8_0" | "Q4_0" | "Q4_1") -> file Path
+
+Both come with a small byte-level BPE tokenizer (trained here on a few sentences) with ChatML
+special tokens and a ChatML chat template. Dimensions are multiples of 64 so the int4 kernel
+applies. The GGUF is written the way llama.cpp's converter does (tensor names, q/k permutation
+for llama), so transformers can read it back with `gguf_file=`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello world! How are you today? I am fine, thank you.",
+    "Paris is the capital of France. Berlin is the capital of Germany.",
+    "def main():\n    print('hello')\n",
+    "Numbers 0123456789 and symbols #$%&*()[]{}",
+]
+DIMS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer (`tokenizers.Tokenizer`) of ~400 tokens, specials at ids 0..2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=384, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    return tok
+
+
+def _hf_model(arch: str, vocab: int, seed: int):
+    import torch
+    import transformers
+
+    cls_cfg, cls_model = {
+        "llama": ("LlamaConfig", "LlamaForCausalLM"),
+        "mistral": ("MistralConfig", "MistralForCausalLM"),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    }[arch]
+    extra = {"sliding_window": None} if arch in ("mistral", "qwen2") else {}
+    cfg = getattr(transformers, cls_cfg)(
+        vocab_size=vocab, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        rope_theta=10000.0, **DIMS, **extra,
+    )
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls_model)(cfg).eval()
+    with torch.no_grad():  # random init is tiny (std 0.02): widen it so logits are not all ~0
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.15 if p.dim() > 1 else 0.05)
+    return model
+
+
+def write_tiny_llama_safetensors(dir: str | Path, arch: str = "llama", seed: int = 0) -> Path:
+    folder = Path(dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = tiny_tokenizer()
+    model = _hf_model(arch, tok.get_vocab_size(), seed)
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": None, "pad_token": "<|endoftext|>",
+        "add_bos_token": False, "chat_template": CHATML, "model_max_length": 256,
+    }))
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    return folder
+
+
+def _permute_qk(w, n_heads: int):
+    """llama.cpp's converter: Hugging Face rotate-half rows -> interleaved rows."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_gguf(path: str | Path, arch: str = "llama", qtype: str = "F32", seed: int = 0) -> Path:
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFWriter, TokenType
+    from gguf.quants import quantize
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok = tiny_tokenizer()
+    vocab = tok.get_vocab_size()
+    model = _hf_model(arch, vocab, seed)
+    cfg = model.config
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+
+    w = GGUFWriter(str(path), arch)
+    w.add_name(f"tiny-{arch}")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(vocab)
+    w.add_file_type({"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7}[qtype])
+
+    # tokenizer metadata as llama.cpp writes a gpt2-style BPE
+    data = json.loads(tok.to_str())
+    inv = {i: t for t, i in data["model"]["vocab"].items()}
+    for added in data["added_tokens"]:
+        inv[added["id"]] = added["content"]
+    tokens = [inv[i] for i in range(vocab)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([TokenType.CONTROL if t in SPECIALS else TokenType.NORMAL for t in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHATML)
+
+    gq = GGMLQuantizationType[qtype]
+
+    def add(name: str, arr: np.ndarray) -> None:
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if arr.ndim == 1:  # norms and biases stay F32, as llama.cpp keeps them
+            w.add_tensor(name, arr)
+        elif gq == GGMLQuantizationType.F32:
+            w.add_tensor(name, arr)
+        elif gq == GGMLQuantizationType.F16:
+            w.add_tensor(name, arr.astype(np.float16))
+        else:
+            w.add_tensor(name, quantize(arr, gq), raw_dtype=gq)
+
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    permute = arch == "llama"  # llama.cpp keeps qwen2's Hugging Face q/k layout
+    add("token_embd.weight", sd["model.embed_tokens.weight"])
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        q, k = sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"]
+        if permute:
+            q, k = _permute_qk(q, heads), _permute_qk(k, kv)
+        add(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"])
+        add(f"blk.{i}.attn_q.weight", q)
+        add(f"blk.{i}.attn_k.weight", k)
+        add(f"blk.{i}.attn_v.weight", sd[p + "self_attn.v_proj.weight"])
+        for b in ("q", "k", "v"):
+            if p + f"self_attn.{b}_proj.bias" in sd:
+                add(f"blk.{i}.attn_{b}.bias", sd[p + f"self_attn.{b}_proj.bias"])
+        add(f"blk.{i}.attn_output.weight", sd[p + "self_attn.o_proj.weight"])
+        add(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
+        add(f"blk.{i}.ffn_gate.weight", sd[p + "mlp.gate_proj.weight"])
+        add(f"blk.{i}.ffn_up.weight", sd[p + "mlp.up_proj.weight"])
+        add(f"blk.{i}.ffn_down.weight", sd[p + "mlp.down_proj.weight"])
+    add("output_norm.weight", sd["model.norm.weight"])
+    add("output.weight", sd["lm_head.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
