@@ -58,20 +58,24 @@ def run_search(args: argparse.Namespace, settings: Any) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"models on {endpoint}" if endpoint != hub.DEFAULT_ENDPOINT else None)
-    table.add_column("model", overflow="fold")
-    table.add_column("downloads", justify="right")
-    table.add_column("likes", justify="right")
-    table.add_column("updated")
-    table.add_column("task")
-    table.add_column("weights")
+    from rich import box
+
+    table = Table(title=f"models on {endpoint}" if endpoint != hub.DEFAULT_ENDPOINT else None, box=box.SIMPLE_HEAD)
+    table.add_column("model", no_wrap=True)  # ids stay whole (copy-pasteable); other columns give way
+    table.add_column("downloads", justify="right", no_wrap=True, min_width=9)
+    table.add_column("likes", justify="right", no_wrap=True, min_width=5)
+    table.add_column("updated", no_wrap=True, min_width=10)
+    console = Console()
+    show_task = console.width >= 96  # on a narrow terminal the task column goes first
+    if show_task:
+        table.add_column("task", overflow="ellipsis", no_wrap=True)
+    table.add_column("weights", no_wrap=True, min_width=11)
     for m in models:
         weights = ", ".join(f for f in ("gguf", "safetensors", "pickle") if f in m.formats) or "-"
-        table.add_row(
-            m.repo_id + (" (gated)" if m.gated else ""), f"{m.downloads:,}", f"{m.likes:,}",
-            m.last_modified.strftime("%Y-%m-%d") if m.last_modified else "-", m.pipeline_tag or "-", weights,
-        )
-    Console().print(table)
+        row = [m.repo_id + (" (gated)" if m.gated else ""), f"{m.downloads:,}", f"{m.likes:,}",
+               m.last_modified.strftime("%Y-%m-%d") if m.last_modified else "-"]
+        table.add_row(*row, *([m.pipeline_tag or "-"] if show_task else []), weights)
+    console.print(table)
     return 0
 
 
@@ -174,6 +178,8 @@ class _RichReporter(_Reporter):
         self.progress.start()
 
     def update(self, p: DownloadProgress) -> None:
+        if p.status == "retrying":
+            self.progress.console.print(f"[yellow]{p.file}: {p.message}[/]", highlight=False)
         if p.file and p.file not in self.tasks:
             self.tasks[p.file] = self.progress.add_task(f"  {p.file}", total=p.file_total)
         if p.file:
