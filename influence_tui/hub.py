@@ -509,6 +509,16 @@ class _Downloader:
             raise HubError(f"{self.plan.repo_id}: two files of this download share a name; choose one with --file")
         created = not self.folder.exists()
         try:
+            self.folder.parent.mkdir(parents=True, exist_ok=True)
+            with _FolderLock(self.folder, self.plan.repo_id):
+                self._run(created)
+        except OSError as exc:
+            raise _disk_error(exc, self.folder) from None
+        self._emit("", 0, 0, "done", force=True)
+        return self.folder
+
+    def _run(self, created: bool) -> None:
+        try:
             self.folder.mkdir(parents=True, exist_ok=True)
             self._write_marker()
             self._check_space()
@@ -524,8 +534,6 @@ class _Downloader:
         except HubError:
             self._tidy(created)
             raise
-        self._emit("", 0, 0, "done", force=True)
-        return self.folder
 
     def _tidy(self, created: bool) -> None:
         """After a failure before any byte landed (401, no space...), leave no empty "partial" folder."""
@@ -721,6 +729,39 @@ class _Downloader:
             total_done=done_total, speed_bps=speed, eta_s=eta, files_done=files_done,
             files_total=len(self.plan.files), status=status, message=message,
         ))
+
+
+class _FolderLock:
+    """One download per model folder at a time (the app, the server and the CLI may all try):
+    an exclusive flock on a hidden file next to the folder, which the library does not list."""
+
+    def __init__(self, folder: Path, repo_id: str) -> None:
+        self.path = folder.parent / f".{folder.name}.lock"
+        self.folder, self.repo_id = folder, repo_id
+        self.fd: int | None = None
+
+    def __enter__(self) -> _FolderLock:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks; concurrent downloads are the user's call
+            return self
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            self.fd = None
+            raise HubError(f"{self.repo_id} is already being downloaded into {self.folder}") from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            import fcntl
+
+            self.path.unlink(missing_ok=True)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
 
 
 class _Hasher:

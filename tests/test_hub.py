@@ -301,6 +301,32 @@ def test_read_timeouts_are_retried_and_resume(hub: LoopbackHub, tmp_path: Path) 
     assert len(retries) >= 3 and "timed out" in (retries[0].message or "")  # each attempt made progress
 
 
+def test_one_download_per_folder_at_a_time(hub: LoopbackHub, tmp_path: Path) -> None:
+    hub.add_repo("o/busy", {"model.safetensors": big(200_000), "config.json": b"{}"})
+    hub.faults.slow["model.safetensors"] = 0.02
+    cancel, started = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def first() -> None:
+        try:
+            download_model("o/busy", tmp_path, retry=FAST, cancel=cancel,
+                           progress=lambda p: started.set() if p.file_bytes > 0 else None)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    t = threading.Thread(target=first)
+    t.start()
+    assert started.wait(10)
+    with pytest.raises(HubError, match=r"o/busy is already being downloaded into .*o_busy"):
+        download_model("o/busy", tmp_path, retry=FAST)
+    cancel.set()
+    t.join(10)
+    assert len(errors) == 1 and isinstance(errors[0], DownloadCancelled)
+    assert not (tmp_path / ".o_busy.lock").exists()
+    hub.faults.slow.clear()
+    assert (download_model("o/busy", tmp_path, retry=FAST) / "model.safetensors").stat().st_size == 200_000 - 200_000 % 32
+
+
 def test_503_is_retried_then_gives_up(hub: LoopbackHub, tmp_path: Path) -> None:
     hub.add_repo("o/flaky", {"model.safetensors": big(50_000), "config.json": b"{}"})
     hub.faults.status_503["model.safetensors"] = 2
