@@ -5,20 +5,29 @@ from __future__ import annotations
 
 import os
 
+import sys
+
 # huggingface_hub reads HF_ENDPOINT once, at import: start the loopback Hub and point it there
-# first, so that nothing in this module can ever reach the real Hub. (hub.py itself passes the
-# endpoint explicitly on every call; this is belt and braces.)
+# before the first import, so that its constant can never name the real Hub. hub.py itself passes
+# the endpoint explicitly on every call, and the `hub` fixture sets HF_ENDPOINT per test; the
+# variable is put back at once so the other test modules do not see it.
 from tests.hub_server import CHUNK, Faults, LoopbackHub  # noqa: E402  (stdlib only)
 
 _HUB = LoopbackHub(page_size=2, cdn_threshold=32 * 1024).start()
-_OLD_HF_ENDPOINT = os.environ.get("HF_ENDPOINT")
-os.environ["HF_ENDPOINT"] = _HUB.url
+if "huggingface_hub" not in sys.modules:
+    _saved = os.environ.get("HF_ENDPOINT")
+    os.environ["HF_ENDPOINT"] = _HUB.url
+    import huggingface_hub  # noqa: E402,F401
+
+    if _saved is None:
+        del os.environ["HF_ENDPOINT"]
+    else:
+        os.environ["HF_ENDPOINT"] = _saved
 
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -44,10 +53,6 @@ except ImportError:  # pragma: no cover - depends on another module's progress
 def _loopback_module():
     yield
     _HUB.stop()
-    if _OLD_HF_ENDPOINT is None:
-        os.environ.pop("HF_ENDPOINT", None)
-    else:
-        os.environ["HF_ENDPOINT"] = _OLD_HF_ENDPOINT
 
 
 @pytest.fixture
