@@ -40,8 +40,8 @@ class InfluenceApp(App[int]):
         Binding("f3", "switch_mode('hub')", "Hub"),
         Binding("f4", "switch_mode('library')", "Library"),
         Binding("f5", "switch_mode('settings')", "Settings"),
-        Binding("f6", "toggle_server", "API on/off"),
-        Binding("ctrl+q", "quit", "Quit", priority=True),
+        Binding("f6", "toggle_server", "API"),
+        Binding("ctrl+q", "quit", "Quit", priority=True, show=False),
     ]
 
     model_state: reactive[str] = reactive("empty")  # empty | loading | ready | error
@@ -83,8 +83,6 @@ class InfluenceApp(App[int]):
         if self.initial_mode != "chat":
             await self.switch_mode(self.initial_mode)
         self._adopt_engine()
-        if self.session_path:
-            self.call_after_refresh(self._load_start_session)
         if self.autoload and self.model_state == "empty":
             # After the first refresh: the first frame is on screen before torch is imported.
             self.call_after_refresh(self.load_model, self.model_request)
@@ -98,20 +96,15 @@ class InfluenceApp(App[int]):
             self.model_summary = getattr(self.engine, "summary", None) or status.model
             self.model_state = "ready"
 
-    async def _load_start_session(self) -> None:
-        chat = self._chat_screen()
+    async def load_start_session(self, chat: ChatScreen) -> None:
+        """`--session FILE`: loaded once, by the Chat screen when it is mounted."""
+        path, self.session_path = self.session_path, None
+        if not path:
+            return
         try:
-            if chat is not None:
-                await chat.load_file(self.session_path or "")
+            await chat.load_file(path)
         except SessionError as exc:
             self.notify(str(exc), title="Session not loaded", severity="error", timeout=10)
-
-    def _chat_screen(self) -> ChatScreen | None:
-        try:
-            stack = self.get_screen_stack("chat")
-        except KeyError:
-            return None
-        return next((s for s in stack if isinstance(s, ChatScreen)), None)
 
     def save_on_exit(self) -> Path | None:
         """Save the session to --save-on-exit (called however the app ends; safe to repeat)."""
@@ -175,7 +168,16 @@ class InfluenceApp(App[int]):
         summary = self.model_summary
         return getattr(summary, "name", None) or "Assistant"
 
+    def sync_engine_state(self) -> None:
+        """Follow model switches made by others (an API request naming another model)."""
+        if self.engine is None or self.model_state != "ready":
+            return
+        status = self.engine.status()
+        if status.state == "ready" and status.model is not None:
+            self.model_summary = status.model
+
     def model_status_text(self) -> str:
+        self.sync_engine_state()
         if self.model_state == "loading":
             return f"⏳ loading {Path(self.model_request).name if self.model_request else 'the default model'}…"
         if self.model_state == "error":
@@ -199,6 +201,16 @@ class InfluenceApp(App[int]):
         from influence_tui.library import list_models
 
         return list_models(self.settings.output_dir)
+
+    def hub_client(self) -> Any:
+        import influence_tui.hub as hub  # imported on first use: huggingface_hub is not light
+
+        return hub
+
+    def settings_file_label(self) -> str:
+        from influence_tui.config import settings_file
+
+        return str(settings_file())
 
     def current_session(self) -> Session:
         path = getattr(self.model_summary, "path", None) or self.model_request

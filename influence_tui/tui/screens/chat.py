@@ -95,6 +95,7 @@ class ChatScreen(Screen[None]):
         container.anchor()
         await self.render_conversation()
         self.query_one(PromptInput).focus()
+        await self.influence.load_start_session(self)
 
     # -- rendering -------------------------------------------------------------------------------
     async def render_conversation(self) -> None:
@@ -142,6 +143,7 @@ class ChatScreen(Screen[None]):
         container = self.query_one("#messages", VerticalScroll)
         bubble = AssistantMessage(model=self.influence.model_label())
         self._current = bubble
+        self.refresh_bindings()
         await container.mount(bubble)
         container.anchor()  # the user just sent: follow the answer
         self.answer(bubble)
@@ -153,6 +155,7 @@ class ChatScreen(Screen[None]):
         finally:
             self._current = None
             self._stream = None
+            self.refresh_bindings()
 
     async def _answer(self, bubble: AssistantMessage) -> None:
         app = self.influence
@@ -202,6 +205,12 @@ class ChatScreen(Screen[None]):
             self.conversation.messages.pop()
 
     # -- actions ---------------------------------------------------------------------------------
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # "Stop answer" shows in the footer only while an answer is being written.
+        if action == "stop":
+            return self.busy
+        return True
+
     def action_stop(self) -> None:
         if self._stream is not None and not self._stream.done:
             self._stream.cancel()

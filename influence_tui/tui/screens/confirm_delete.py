@@ -15,11 +15,11 @@ class ConfirmDelete(ModalScreen[bool]):
 
     def __init__(self, name: str, path: str, size: str) -> None:
         super().__init__()
-        self.model_name, self.model_path, self.size = name, path, size
+        self.model_name, self.model_path, self.size_text = name, path, size
 
     def compose(self) -> Any:
         with Vertical(id="confirm-box"):
-            yield Static(f"Delete [b]{self.model_name}[/b] ({self.size})?", id="confirm-title")
+            yield Static(f"Delete [b]{self.model_name}[/b] ({self.size_text})?", id="confirm-title")
             yield Static(f"{self.model_path}\n\nThe files are removed from the disk.", id="confirm-path")
             with Horizontal(id="confirm-buttons"):
                 yield Button("Keep (n)", id="keep", variant="primary")

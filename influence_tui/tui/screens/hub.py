@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 RESULT_COLUMNS = ("repo", "downloads", "likes", "updated", "formats")
 AUTO = "auto"
+AUTO_LABEL = "quant: auto (Q4_K_M or nearest)"
 
 
 @dataclass
@@ -46,9 +47,9 @@ def _count(n: int) -> str:
 
 class HubScreen(Screen[None]):
     BINDINGS = [
-        Binding("ctrl+f", "focus_search", "Search"),
+        Binding("ctrl+f", "focus_search", "Search", show=False),
         Binding("ctrl+d", "download", "Download"),
-        Binding("ctrl+x", "cancel_download", "Cancel download"),
+        Binding("ctrl+x", "cancel_download", "Cancel download", key_display="^x"),
     ]
 
     def __init__(self) -> None:
@@ -66,18 +67,17 @@ class HubScreen(Screen[None]):
     def compose(self) -> Any:
         yield StatusBar("Hub")
         yield Input(placeholder="Search models on the Hub (Enter), e.g. smollm gguf", id="hub-search")
-        with Horizontal(id="hub-body"):
-            results: DataTable[str] = DataTable(id="hub-results", cursor_type="row", zebra_stripes=True)
-            results.add_columns(*RESULT_COLUMNS)
-            yield results
-            with Vertical(id="hub-detail"):
-                yield Static("Select a result to see its files.", id="hub-repo")
-                files: DataTable[str] = DataTable(id="hub-files", cursor_type="row")
-                files.add_columns("file", "size", "quant")
-                yield files
-                with Horizontal(id="hub-actions"):
-                    yield Select([(AUTO, AUTO)], value=AUTO, allow_blank=False, id="hub-quant")
-                    yield Button("Download (ctrl+d)", id="hub-download", variant="primary", disabled=True)
+        results: DataTable[str] = DataTable(id="hub-results", cursor_type="row", zebra_stripes=True)
+        results.add_columns(*RESULT_COLUMNS)
+        yield results
+        with Horizontal(id="hub-detail"):
+            with Vertical(id="hub-side"):
+                yield Static("Search, then pick a result to see its files.", id="hub-repo")
+                yield Select([(AUTO_LABEL, AUTO)], value=AUTO, allow_blank=False, id="hub-quant", compact=True)
+                yield Button("Download (ctrl+d)", id="hub-download", variant="primary", disabled=True, compact=True)
+            files: DataTable[str] = DataTable(id="hub-files", cursor_type="row")
+            files.add_columns("file", "size", "quant")
+            yield files
         yield Static("Downloads", id="hub-downloads-title")
         yield VerticalScroll(id="hub-downloads")
         yield Footer()
@@ -88,10 +88,13 @@ class HubScreen(Screen[None]):
     def action_focus_search(self) -> None:
         self.query_one("#hub-search", Input).focus()
 
-    def _endpoint(self) -> str:
-        from influence_tui.hub import resolve_endpoint
+    @property
+    def hub(self) -> Any:
+        """The Hub client module (the snapshot app swaps in a canned one)."""
+        return self.influence.hub_client()
 
-        return resolve_endpoint(self.influence.settings.mirror)
+    def _endpoint(self) -> str:
+        return self.hub.resolve_endpoint(self.influence.settings.mirror)
 
     # -- search ----------------------------------------------------------------------------------
     def on_input_submitted(self, event: Input.Submitted) -> None:
@@ -101,11 +104,9 @@ class HubScreen(Screen[None]):
 
     @work(thread=True, exclusive=True, group="hub-search")
     def _search(self, query: str) -> None:
-        from influence_tui.hub import HubError, search_models
-
         try:
-            results = search_models(query, limit=30, endpoint=self._endpoint())
-        except HubError as exc:
+            results = self.hub.search_models(query, limit=30, endpoint=self._endpoint())
+        except self.hub.HubError as exc:
             self.app.call_from_thread(self._failed, "Search failed", str(exc))
             return
         self.app.call_from_thread(self._show_results, query, results)
@@ -139,18 +140,15 @@ class HubScreen(Screen[None]):
 
     @work(thread=True, exclusive=True, group="hub-files")
     def _files(self, repo_id: str) -> None:
-        from influence_tui.hub import HubError, repo_files
-
         try:
-            listing = repo_files(repo_id, endpoint=self._endpoint())
-        except HubError as exc:
+            listing = self.hub.repo_files(repo_id, endpoint=self._endpoint())
+        except self.hub.HubError as exc:
             self.app.call_from_thread(self._failed, "Cannot list files", str(exc))
             return
         self.app.call_from_thread(self._show_files, listing)
 
     def _show_files(self, listing: Any) -> None:
-        from influence_tui.hub import gguf_quant
-
+        gguf_quant = self.hub.gguf_quant
         self.listing = listing
         table = self.query_one("#hub-files", DataTable)
         table.clear()
@@ -158,7 +156,7 @@ class HubScreen(Screen[None]):
             table.add_row(e.path, human_size(e.size), gguf_quant(e.path) or "")
         quants = sorted(listing.quants)
         select = self.query_one("#hub-quant", Select)
-        select.set_options([(AUTO, AUTO)] + [(f"{q} ({human_size(sum(e.size for e in listing.quants[q]))})", q) for q in quants])
+        select.set_options([(AUTO_LABEL if quants else "all model files", AUTO)] + [(f"{q} ({human_size(sum(e.size for e in listing.quants[q]))})", q) for q in quants])
         select.value = AUTO
         total = human_size(sum(e.size for e in listing.files))
         kinds = f"{len(quants)} GGUF quantization(s)" if quants else "safetensors / other files"
@@ -223,15 +221,14 @@ class HubScreen(Screen[None]):
             self._queue_running = False
 
     def _download(self, job: DownloadJob) -> None:
-        from influence_tui.hub import DownloadCancelled, HubError, download_model
-
+        hub = self.hub
         row = job.row
         try:
-            folder = download_model(job.repo_id, self.influence.settings.output_dir, quant=job.quant,
+            folder = hub.download_model(job.repo_id, self.influence.settings.output_dir, quant=job.quant,
                                     endpoint=self._endpoint(), progress=row.progress_from_thread, cancel=job.cancel)
-        except DownloadCancelled:
+        except hub.DownloadCancelled:
             row.post_message(DownloadRow.Finished(row, "cancelled", "cancelled: the next download resumes it"))
-        except (HubError, OSError) as exc:
+        except (hub.HubError, OSError) as exc:
             row.post_message(DownloadRow.Finished(row, "failed", str(exc)))
             self.app.call_from_thread(self.app.notify, str(exc), title=f"Download of {job.repo_id} failed",
                                       severity="error", timeout=10)

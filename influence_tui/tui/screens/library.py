@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any, cast
 
 from textual import work
 from textual.binding import Binding
-from textual.containers import Horizontal
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
@@ -28,16 +27,11 @@ COLUMNS = ("", "name", "format", "quant", "params", "size", "source", "status")
 
 def model_details(m: Any, loaded: bool) -> str:
     rows = [
-        f"[b]{m.name}[/b]" + ("  [green]● loaded[/green]" if loaded else ""),
-        "",
-        f"format        {m.format}",
-        f"quantization  {m.quantization}",
-        f"architecture  {m.architecture}",
-        f"parameters    {human_params(m.parameters)}",
-        f"context       {m.context_length or '?'}",
-        f"size          {human_size(m.size_bytes)} in {m.file_count} file(s)",
-        f"kind          {m.kind}",
-        f"source        {m.source}",
+        f"[b]{m.name}[/b]" + ("  [green]● loaded for chat[/green]" if loaded else ""),
+        f"format        {m.format:<14}  architecture  {m.architecture}",
+        f"quantization  {m.quantization:<14}  parameters    {human_params(m.parameters)}",
+        f"context       {str(m.context_length or '?'):<14}  size          {human_size(m.size_bytes)} in {m.file_count} file(s)",
+        f"kind          {m.kind:<14}  source        {m.source}",
         f"path          {m.path}",
     ]
     if not m.usable:
@@ -62,11 +56,10 @@ class LibraryScreen(Screen[None]):
 
     def compose(self) -> Any:
         yield StatusBar("Library")
-        with Horizontal(id="library-body"):
-            table: DataTable[str] = DataTable(id="library-table", cursor_type="row", zebra_stripes=True)
-            table.add_columns(*COLUMNS)
-            yield table
-            yield Static("Scanning…", id="library-detail")
+        table: DataTable[str] = DataTable(id="library-table", cursor_type="row", zebra_stripes=True)
+        table.add_columns(*COLUMNS)
+        yield table
+        yield Static("Scanning…", id="library-detail")
         yield Footer()
 
     def on_screen_resume(self) -> None:

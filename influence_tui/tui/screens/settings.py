@@ -14,7 +14,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Input, Label, Static
 
-from influence_tui.config import SPEC_BY_NAME, ConfigError, settings_file, validate_value
+from influence_tui.config import SPEC_BY_NAME, ConfigError, validate_value
 from influence_tui.tui.widgets.status import StatusBar
 
 if TYPE_CHECKING:
@@ -62,12 +62,12 @@ class SettingsScreen(Screen[None]):
                         yield Label(label, classes="field-label")
                         with Vertical(classes="field-input"):
                             yield Input(id=f"set-{name}", placeholder=SPEC_BY_NAME[name].help,
-                                        password=name == "api_key")
+                                        password=name == "api_key", compact=True)
                             yield Static("", id=f"err-{name}", classes="field-error")
             with Horizontal(id="settings-buttons"):
                 yield Button("Save (ctrl+s)", id="settings-save", variant="primary")
                 yield Button("Revert", id="settings-revert")
-            yield Static(f"Saved to {settings_file()}", id="settings-file")
+            yield Static(f"Saved to {self.influence.settings_file_label()}", id="settings-file")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -94,10 +94,12 @@ class SettingsScreen(Screen[None]):
             reason = str(exc).split(" is not valid: ", 1)[-1]
             self.errors[name] = reason
             box.update(f"✗ {reason}")
+            box.add_class("shown")
             field.add_class("invalid")
             return None
         self.errors.pop(name, None)
         box.update("")
+        box.remove_class("shown")
         field.remove_class("invalid")
         return value
 

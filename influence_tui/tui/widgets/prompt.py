@@ -22,7 +22,7 @@ NEWLINE_KEYS = ("ctrl+j", "alt+enter", "shift+enter", "ctrl+enter")
 class PromptInput(TextArea):
     BINDINGS = [
         Binding("enter", "submit", "Send", priority=True),
-        Binding("ctrl+j", "newline", "Newline (ctrl+j / alt+enter)", key_display="^j"),
+        Binding("ctrl+j", "newline", "Newline", key_display="^j/alt+⏎"),
         Binding("tab", "complete", "Complete /command", show=False),
     ]
 

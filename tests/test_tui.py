@@ -1,0 +1,480 @@
+"""Pilot tests of the app. Chat tests use the real bundled model, loaded once for the module and
+shared by every app (the app takes `engine=`); waits use `wait_until`, never fixed sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from influence_tui.config import Settings, settings_file
+from influence_tui.sessions import SessionMessage
+from influence_tui.tui.app import InfluenceApp
+from influence_tui.tui.screens.chat import ChatScreen
+from influence_tui.tui.widgets.messages import AssistantMessage, NoteMessage
+from influence_tui.tui.widgets.prompt import PromptInput
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZE = (100, 32)
+LONG_PROMPT = "Count from 1 to 100, separated by commas."
+
+
+async def wait_until(pilot: Any, predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> None:
+    """Let the app run until `predicate()` is true; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        await pilot.pause(0.05)
+
+
+@pytest.fixture(scope="module")
+def engine() -> Any:
+    from influence_tui.engine import Engine
+
+    eng = Engine(Settings(warmup_tokens=0))
+    eng.load("smollm2")
+    yield eng
+    eng.shutdown()
+
+
+def make_settings(**changes: Any) -> Settings:
+    settings = Settings.load()
+    settings.temperature = 0.0
+    settings.max_tokens = 24
+    for name, value in changes.items():
+        setattr(settings, name, value)
+    return settings
+
+
+def make_app(engine: Any = None, **kwargs: Any) -> InfluenceApp:
+    settings = kwargs.pop("settings", None) or make_settings()
+    return InfluenceApp(settings, engine=engine, autoload=engine is not None, **kwargs)
+
+
+def chat(app: InfluenceApp) -> ChatScreen:
+    assert isinstance(app.screen, ChatScreen)
+    return app.screen
+
+
+async def send(pilot: Any, text: str) -> None:
+    prompt = pilot.app.screen.query_one(PromptInput)
+    prompt.text = text
+    prompt.focus()
+    await pilot.press("enter")
+
+
+def notes(app: InfluenceApp) -> list[str]:
+    return [n.text for n in app.screen.query(NoteMessage)]
+
+
+def last_answer(app: InfluenceApp) -> AssistantMessage:
+    return app.screen.query(AssistantMessage).last()
+
+
+# -- chat with the real model -------------------------------------------------------------------
+async def test_answer_streams_then_stats_and_keys_work_meanwhile(engine: Any) -> None:
+    app = make_app(engine, settings=make_settings(max_tokens=60))
+    async with app.run_test(size=SIZE) as pilot:
+        assert app.model_state == "ready"
+        await send(pilot, LONG_PROMPT)
+        await wait_until(pilot, lambda: app.screen.query(AssistantMessage), what="the answer bubble")
+        bubble = last_answer(app)
+        # Partial text is on screen while the model still writes...
+        await wait_until(pilot, lambda: len(bubble.text) > 5, what="first tokens")
+        assert not bubble.finished
+        # ...and the keyboard is live: typing goes into the prompt during the stream.
+        await pilot.press("o", "k")
+        assert app.screen.query_one(PromptInput).text == "ok"
+        assert not bubble.finished, "the answer ended before the keys were handled"
+        await wait_until(pilot, lambda: app.answers_done == 1, what="the end of the answer")
+        stats = str(bubble.stats.render())
+        for part in ("tokens", "tok/s", "first token", "context "):
+            assert part in stats
+        assert "1, 2, 3" in bubble.text
+        assert [m.role for m in app.conversation.messages] == ["user", "assistant"]
+        assert app.conversation.messages[1].content == bubble.text
+        # /retry answers the same question again, replacing the answer
+        app.screen.query_one(PromptInput).text = ""
+        await send(pilot, "/retry")
+        await wait_until(pilot, lambda: app.answers_done == 2, what="the retried answer")
+        assert [m.role for m in app.conversation.messages] == ["user", "assistant"]
+        assert len(app.screen.query(AssistantMessage)) == 1
+
+
+async def test_escape_stops_and_keeps_partial_answer(engine: Any) -> None:
+    app = make_app(engine, settings=make_settings(max_tokens=400))
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "Write a long story about a dragon who learns to cook.")
+        await wait_until(pilot, lambda: app.screen.query(AssistantMessage) and len(last_answer(app).text) > 10,
+                         what="some of the answer")
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: app.answers_done == 1, timeout=20, what="the stopped answer")
+        bubble = last_answer(app)
+        assert bubble.stopped and bubble.has_class("stopped")
+        assert "stopped" in str(bubble.stats.render())
+        kept = app.conversation.messages[-1]
+        assert kept.role == "assistant" and kept.stopped and kept.content == bubble.text != ""
+
+
+async def test_settings_apply_to_the_next_answer(engine: Any) -> None:
+    class Recording:
+        def __init__(self, inner: Any) -> None:
+            self.inner, self.requests = inner, []
+
+        def submit(self, request: Any) -> Any:
+            self.requests.append(request)
+            return self.inner.submit(request)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+    rec = Recording(engine)
+    app = make_app(rec)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f5")
+        await pilot.pause()
+        app.screen.query_one("#set-temperature").value = "0.3"
+        app.screen.query_one("#set-max_tokens").value = "5"
+        app.screen.query_one("#set-system_prompt").value = "Answer in French."
+        await pilot.press("ctrl+s")
+        await pilot.press("f2")
+        await pilot.pause()
+        await send(pilot, "Hello")
+        await wait_until(pilot, lambda: app.answers_done == 1, what="the answer")
+        request = rec.requests[-1]
+        assert (request.params.temperature, request.params.max_tokens) == (0.3, 5)
+        assert request.system == "Answer in French."
+        assert last_answer(app).text
+
+
+async def test_server_toggle_answers_http_while_chat_streams(engine: Any) -> None:
+    import httpx
+
+    app = make_app(engine, settings=make_settings(max_tokens=80, port=0))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f6")
+        await wait_until(pilot, app._server_running, timeout=30, what="the API server")
+        url = app._server_field("url")
+        await send(pilot, LONG_PROMPT)
+        await wait_until(pilot, lambda: app.screen.query(AssistantMessage) and last_answer(app).text,
+                         what="the chat answer to start")
+        response = await asyncio.to_thread(httpx.get, f"{url}/api/tags", timeout=10)
+        assert response.status_code == 200 and "models" in response.json()
+        assert not last_answer(app).finished, "the chat answer should still be streaming"
+        await wait_until(pilot, lambda: app.server_status_text()[1].startswith(url), timeout=5, what="the status")
+        bar = app.screen.query_one(".server-status")
+        await wait_until(pilot, lambda: url in str(bar.render()), timeout=5, what="URL in the status bar")
+        await wait_until(pilot, lambda: app.answers_done == 1, what="the chat answer")
+        await pilot.press("f6")
+        await wait_until(pilot, lambda: not app._server_running(), timeout=15, what="the server to stop")
+
+
+# -- slash commands and sessions (no generation) ------------------------------------------------
+async def test_slash_commands() -> None:
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "/help")
+        assert any("/retry" in n for n in notes(app))
+        await send(pilot, "/set temperature 0.25")
+        assert app.settings.temperature == 0.25
+        await send(pilot, "/set temperature 7")
+        assert app.settings.temperature == 0.25 and "from 0 to 2" in notes(app)[-1]
+        await send(pilot, "/set top_k 40")
+        assert app.settings.top_k == 40
+        await send(pilot, "/set seed 7")
+        assert app.settings.seed == 7
+        await send(pilot, "/set warp 9")
+        assert "unknown setting" in notes(app)[-1]
+        await send(pilot, "/frobnicate")
+        assert "unknown command /frobnicate" in notes(app)[-1]
+        await send(pilot, "/sa x.json extra")  # a prefix is not a command
+        assert "Did you mean /save" in notes(app)[-1]
+        await send(pilot, "/load")
+        assert "/load needs FILE" in notes(app)[-1]
+        await send(pilot, "/system You are terse.")
+        assert app.conversation.system_prompt == "You are terse."
+        await send(pilot, "/copy")
+        assert "nothing to copy" in notes(app)[-1]
+        await send(pilot, "/retry")
+        assert "nothing to retry" in notes(app)[-1]
+        app.conversation.add("user", "code please")
+        app.conversation.add("assistant", "Here:\n```python\nprint('hi')\n```\nDone.")
+        await send(pilot, "/copy code")
+        assert app.last_copied == "print('hi')"
+        await send(pilot, "/copy")
+        assert app.last_copied is not None and app.last_copied.startswith("Here:")
+        await send(pilot, "/history")
+        assert "2 messages" in notes(app)[-1]
+        await send(pilot, "/model no-such-model")
+        assert "not found" in notes(app)[-1]
+        await send(pilot, "/clear")
+        assert app.conversation.messages == [] and app.conversation.system_prompt == "You are terse."
+        # completion: Tab completes a unique prefix
+        prompt = app.screen.query_one(PromptInput)
+        prompt.text = "/his"
+        prompt.move_cursor(prompt.document.end)
+        await pilot.press("tab")
+        assert prompt.text == "/history "
+        # a newline key adds a line instead of sending
+        prompt.text = "line one"
+        prompt.move_cursor(prompt.document.end)
+        await pilot.press("ctrl+j")
+        assert prompt.text == "line one\n"
+        await send(pilot, "/quit")
+        await wait_until(pilot, lambda: not app.is_running, timeout=5, what="the app to exit")
+
+
+async def test_save_load_round_trip_original_file_and_broken_file(tmp_path: Path) -> None:
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        app.conversation.system_prompt = "Be kind."
+        app.conversation.add("user", "Hi there")
+        app.conversation.add("assistant", "Hello! **How** can I help?")
+        await send(pilot, f"/save {tmp_path / 'chat.json'}")
+        saved = json.loads((tmp_path / "chat.json").read_text())
+        assert saved["version"] == 1 and len(saved["messages"]) == 2 and saved["system_prompt"] == "Be kind."
+        await send(pilot, "/clear")
+        await send(pilot, "/system Other")
+        await send(pilot, f"/load {tmp_path / 'chat.json'}")
+        assert [m.content for m in app.conversation.messages] == ["Hi there", "Hello! **How** can I help?"]
+        assert app.conversation.system_prompt == "Be kind."
+        assert len(app.screen.query(AssistantMessage)) == 1
+
+        original = {
+            "model_path": "./models/TinyLlama_TinyLlama-1.1B-Chat-v1.0", "system_prompt": "You are a pirate.",
+            "max_tokens": 128, "temperature": 0.5, "top_p": 0.95, "top_k": 40, "repeat_penalty": 1.2,
+            "messages": [{"role": "user", "content": "Ahoy?", "timestamp": "2026-01-29 14:30:15"},
+                         {"role": "assistant", "content": "Arr!", "timestamp": "2026-01-29 14:30:16"}],
+            "created_at": "2026-01-29 14:30:10",
+        }
+        (tmp_path / "old.json").write_text(json.dumps(original))
+        await send(pilot, f"/load {tmp_path / 'old.json'}")
+        assert [m.content for m in app.conversation.messages] == ["Ahoy?", "Arr!"]
+        assert (app.settings.temperature, app.settings.max_tokens, app.settings.top_k) == (0.5, 128, 40)
+        assert "TinyLlama" in notes(app)[-1]  # says which model the session was recorded with
+
+        before = list(app.conversation.messages)
+        (tmp_path / "broken.json").write_text('{"messages": [{"role": "user", "content": "x"}')
+        await send(pilot, f"/load {tmp_path / 'broken.json'}")
+        assert app.conversation.messages == before and app.settings.temperature == 0.5
+        assert "not valid JSON" in notes(app)[-1]
+        assert any("not valid JSON" in str(n.message) and n.severity == "error" for n in app._notifications)
+
+
+async def test_save_on_exit_and_start_session(tmp_path: Path) -> None:
+    start = tmp_path / "start.json"
+    start.write_text(json.dumps({"messages": [{"role": "user", "content": "from file"}]}))
+    out = tmp_path / "out.json"
+    app = make_app(session_path=str(start), save_on_exit=str(out))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.conversation.messages, timeout=5, what="the session to load")
+        app.conversation.add("assistant", "an answer")
+        await pilot.press("ctrl+q")
+    data = json.loads(out.read_text())
+    assert [m["content"] for m in data["messages"]] == ["from file", "an answer"]
+
+
+# -- settings, help, palette, theme ---------------------------------------------------------------
+async def test_settings_validation_and_persistence() -> None:
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f5")
+        await pilot.pause()
+        screen = app.screen
+        screen.query_one("#set-temperature").value = "hot"
+        screen.query_one("#set-port").value = "70000"
+        await pilot.pause()
+        assert "expected a number from 0 to 2" in str(screen.query_one("#err-temperature").render())
+        assert "1 to 65535" in str(screen.query_one("#err-port").render())
+        await pilot.press("ctrl+s")
+        assert not settings_file().exists() and app.settings.temperature == 0.0
+        screen.query_one("#set-temperature").value = "1.25"
+        screen.query_one("#set-port").value = "9090"
+        screen.query_one("#set-mirror").value = "https://hf-mirror.com"
+        await pilot.pause()
+        assert str(screen.query_one("#err-temperature").render()) == ""
+        await pilot.press("ctrl+s")
+        stored = json.loads(settings_file().read_text())
+        assert (stored["temperature"], stored["port"], stored["mirror"]) == (1.25, 9090, "https://hf-mirror.com")
+        assert app.settings.temperature == 1.25
+    assert Settings.load().temperature == 1.25
+
+
+async def test_navigation_help_palette_and_theme() -> None:
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        for key, name in (("f3", "HubScreen"), ("f4", "LibraryScreen"), ("f5", "SettingsScreen"), ("f2", "ChatScreen")):
+            await pilot.press(key)
+            await pilot.pause()
+            assert type(app.screen).__name__ == name
+        await pilot.press("f1")
+        await pilot.pause()
+        from influence_tui.tui.screens.help import HelpScreen, help_markdown
+
+        assert isinstance(app.screen, HelpScreen)
+        text = help_markdown()
+        for key in ("f1", "f2", "f3", "f4", "f5", "f6", "ctrl+s", "escape", "ctrl+d", "/retry", "alt+⏎"):
+            assert key in text, key
+        await pilot.press("escape")
+        await pilot.pause()
+        titles = [c.title for c in app.get_system_commands(app.screen)]
+        for title in ("Hub screen", "Library screen", "Settings screen", "Chat screen", "API server on/off",
+                      "Keys and commands", "Stop answer", "Retry", "Clear chat", "Copy answer"):
+            assert title in titles
+        app.theme = "nord"
+        await pilot.pause()
+    assert json.loads(settings_file().read_text())["theme"] == "nord"
+    assert InfluenceApp(Settings.load(), autoload=False).theme == "nord"
+
+
+# -- library ------------------------------------------------------------------------------------
+def _write_gguf(path: Path) -> Path:
+    import numpy as np
+    from gguf import GGUFWriter
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = GGUFWriter(str(path), "llama")
+    w.add_context_length(128)
+    w.add_tensor("token_embd.weight", np.zeros((64, 256), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+async def test_library_delete_with_confirm(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    doomed = _write_gguf(models / "org_mini" / "mini.Q8_0.gguf")
+    app = make_app(settings=make_settings(output_dir=str(models)))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f4")
+        screen = app.screen
+        await wait_until(pilot, lambda: screen.models, timeout=10, what="the model list")
+        assert screen.models[0].path == str(doomed)
+        screen.query_one("#library-table").move_cursor(row=0)
+        await pilot.press("d")
+        await pilot.pause()
+        from influence_tui.tui.screens.confirm_delete import ConfirmDelete
+
+        assert isinstance(app.screen, ConfirmDelete)
+        await pilot.press("n")
+        await pilot.pause()
+        assert doomed.exists() and app.screen is screen
+        await pilot.press("d")
+        await pilot.pause()
+        await pilot.press("y")
+        await wait_until(pilot, lambda: not doomed.exists(), timeout=10, what="the delete")
+        await wait_until(pilot, lambda: all(m.path != str(doomed) for m in screen.models), timeout=10,
+                         what="the table to refresh")
+        # bundled models are never deleted from here
+        bundled = next(i for i, m in enumerate(screen.models) if m.source == "bundled")
+        screen.query_one("#library-table").move_cursor(row=bundled)
+        await pilot.press("d")
+        await pilot.pause()
+        assert app.screen is screen
+
+
+# -- hub against the loopback Hub ----------------------------------------------------------------
+async def test_hub_search_download_progress_and_library(tmp_path: Path) -> None:
+    from tests.hub_server import LoopbackHub
+
+    gguf = _write_gguf(tmp_path / "src" / "mini.Q8_0.gguf").read_bytes()
+    models = tmp_path / "models"
+    with LoopbackHub(cdn_threshold=32 * 1024) as hub:
+        hub.add_repo("acme/Mini-GGUF", {"README.md": b"# mini", "mini.Q8_0.gguf": gguf,
+                                        "mini.F16.gguf": gguf}, downloads=42, likes=3)
+        hub.add_repo("acme/Slow-GGUF", {"slow.Q8_0.gguf": gguf})
+        hub.faults.slow["slow.Q8_0.gguf"] = 0.2
+        app = make_app(settings=make_settings(output_dir=str(models), mirror=hub.url))
+        async with app.run_test(size=(110, 36)) as pilot:
+            await pilot.press("f3")
+            await pilot.pause()
+            screen = app.screen
+            await pilot.press(*"gguf", "enter")
+            await wait_until(pilot, lambda: len(screen.results) == 2, timeout=15, what="search results")
+            assert {m.repo_id for m in screen.results} == {"acme/Mini-GGUF", "acme/Slow-GGUF"}
+            row = next(i for i, m in enumerate(screen.results) if m.repo_id == "acme/Mini-GGUF")
+            screen.query_one("#hub-results").move_cursor(row=row)
+            await wait_until(pilot, lambda: screen.listing is not None and screen.listing.repo_id == "acme/Mini-GGUF",
+                             timeout=15, what="the repo's files")
+            assert set(screen.listing.quants) == {"Q8_0", "F16"}
+            screen.query_one("#hub-quant").value = "Q8_0"
+            await pilot.press("ctrl+d")
+            await wait_until(pilot, lambda: screen.jobs and screen.jobs[0].row.finished, timeout=30, what="the download")
+            job = screen.jobs[0]
+            assert job.row.outcome == "done", job.row.query_one(".download-info").render()
+            assert job.row.query_one("ProgressBar").percentage == 1.0
+            assert (models / "acme_Mini-GGUF" / "mini.Q8_0.gguf").read_bytes() == gguf
+            assert not (models / "acme_Mini-GGUF" / "mini.F16.gguf").exists()
+
+            # a slow download can be cancelled
+            row = next(i for i, m in enumerate(screen.results) if m.repo_id == "acme/Slow-GGUF")
+            screen.query_one("#hub-results").move_cursor(row=row)
+            await wait_until(pilot, lambda: screen.listing.repo_id == "acme/Slow-GGUF", timeout=15, what="files")
+            await pilot.press("ctrl+d")
+            slow = screen.jobs[1].row
+            await wait_until(pilot, lambda: slow.last is not None, timeout=15, what="progress")
+            await pilot.press("ctrl+x")
+            await wait_until(pilot, lambda: slow.finished, timeout=15, what="the cancel")
+            assert slow.outcome == "cancelled"
+
+            await pilot.press("f4")
+            library = app.screen
+            await wait_until(pilot, lambda: any(m.name.startswith("acme_Mini") or "mini" in m.path for m in library.models),
+                             timeout=10, what="the download in the Library")
+
+
+async def test_hub_failure_is_a_notification() -> None:
+    app = make_app(settings=make_settings(mirror="http://127.0.0.1:9"))  # nothing listens on port 9
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f3")
+        await pilot.pause()
+        await pilot.press(*"x", "enter")
+        await wait_until(pilot, lambda: any(n.severity == "error" for n in app._notifications), timeout=20,
+                         what="an error notification")
+
+
+# -- start-up -----------------------------------------------------------------------------------
+def test_first_frame_paints_before_torch_is_imported(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        """
+        import sys
+        from influence_tui.config import Settings
+        from influence_tui.tui.app import InfluenceApp
+
+        seen = {}
+
+        class Probe(InfluenceApp):
+            def on_ready(self):
+                seen["ready"] = "torch" in sys.modules
+                seen["state_at_ready"] = self.model_state
+
+        async def auto_pilot(pilot):
+            app = pilot.app
+            while app.model_state in ("empty", "loading"):
+                await pilot.pause(0.1)
+            seen["final"] = app.model_state
+            seen["torch_after_load"] = "torch" in sys.modules
+            app.exit()
+
+        at_import = "torch" in sys.modules
+        s = Settings.load()
+        s.warmup_tokens = 0
+        Probe(s).run(headless=True, auto_pilot=auto_pilot, size=(80, 24))
+        print(at_import, seen["ready"], seen["final"], seen["torch_after_load"])
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    at_import, at_ready, final, after = out.stdout.split()[-4:]
+    assert (at_import, at_ready) == ("False", "False"), "torch was imported before the first frame"
+    assert final == "ready" and after == "True"
