@@ -384,7 +384,7 @@ def _is_safe_name(name: str) -> bool:
 
 def plan_download(listing: RepoListing, quant: str | None = None, file: str | None = None) -> DownloadPlan:
     """Choose the files a model needs: one GGUF quant, or the safetensors weights plus config and tokenizer."""
-    base = dict(repo_id=listing.repo_id, revision=listing.revision, sha=listing.sha)
+    base = {"repo_id": listing.repo_id, "revision": listing.revision, "sha": listing.sha}
     if quant and file:
         raise HubError("use either --quant or --file, not both")
     if file:
@@ -427,7 +427,7 @@ def plan_download(listing: RepoListing, quant: str | None = None, file: str | No
 
 
 def _gguf_plan(listing: RepoListing, quants: dict[str, list[RepoEntry]], want: str, explicit: bool) -> DownloadPlan:
-    base = dict(repo_id=listing.repo_id, revision=listing.revision, sha=listing.sha)
+    base = {"repo_id": listing.repo_id, "revision": listing.revision, "sha": listing.sha}
     available = sorted(quants, key=lambda q: (_quant_rank(q), q))
     # "Q4_K_M" also matches "UD-Q4_K_M"-style names when the plain one is absent.
     chosen = want if want in quants else next((q for q in available if q.endswith("-" + want)), None)

@@ -55,10 +55,9 @@ def run_search(args: argparse.Namespace, settings: Any) -> int:
     if not models:
         print(f"no models found on {endpoint}", file=sys.stderr)
         return 0
+    from rich import box
     from rich.console import Console
     from rich.table import Table
-
-    from rich import box
 
     table = Table(title=f"models on {endpoint}" if endpoint != hub.DEFAULT_ENDPOINT else None, box=box.SIMPLE_HEAD)
     table.add_column("model", no_wrap=True)  # ids stay whole (copy-pasteable); other columns give way
@@ -166,8 +165,14 @@ class _RichReporter(_Reporter):
 
     def __init__(self, plan: hub.DownloadPlan) -> None:
         from rich.console import Console
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                                   TransferSpeedColumn)
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
 
         self.progress = Progress(
             TextColumn("{task.description}", justify="left"), BarColumn(), DownloadColumn(),

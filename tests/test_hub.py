@@ -4,40 +4,50 @@ client, real HTTP, real files, real resume."""
 from __future__ import annotations
 
 import os
-
 import sys
 
 # huggingface_hub reads HF_ENDPOINT once, at import: start the loopback Hub and point it there
 # before the first import, so that its constant can never name the real Hub. hub.py itself passes
 # the endpoint explicitly on every call, and the `hub` fixture sets HF_ENDPOINT per test; the
 # variable is put back at once so the other test modules do not see it.
-from tests.hub_server import CHUNK, Faults, LoopbackHub  # noqa: E402  (stdlib only)
+from tests.hub_server import CHUNK, Faults, LoopbackHub
 
 _HUB = LoopbackHub(page_size=2, cdn_threshold=32 * 1024).start()
 if "huggingface_hub" not in sys.modules:
     _saved = os.environ.get("HF_ENDPOINT")
     os.environ["HF_ENDPOINT"] = _HUB.url
-    import huggingface_hub  # noqa: E402,F401
+    import huggingface_hub  # noqa: F401
 
     if _saved is None:
         del os.environ["HF_ENDPOINT"]
     else:
         os.environ["HF_ENDPOINT"] = _saved
 
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import hashlib
+import json
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
-from influence_tui import hub as hubmod  # noqa: E402
-from influence_tui.hub import (  # noqa: E402
-    MARKER_NAME, DownloadCancelled, DownloadProgress, HubError, RepoEntry, RepoListing, RetryPolicy,
-    download_model, gguf_quant, plan_download, repo_files, resolve_endpoint, search_models,
+from influence_tui import hub as hubmod
+from influence_tui.hub import (
+    MARKER_NAME,
+    DownloadCancelled,
+    DownloadProgress,
+    HubError,
+    RepoEntry,
+    RepoListing,
+    RetryPolicy,
+    download_model,
+    gguf_quant,
+    plan_download,
+    repo_files,
+    resolve_endpoint,
+    search_models,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -433,7 +443,7 @@ def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> 
     e = {**os.environ, "INFLUENCE_HUB_BACKOFF": "0.01", "INFLUENCE_HUB_RETRIES": "3", "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1",
          "PYTHONPATH": str(ROOT), "COLUMNS": "200", **(env or {})}
     e.pop("HF_TOKEN", None)
-    return subprocess.run([sys.executable, "-m", "influence_tui", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "influence_tui", *args], check=False, capture_output=True, text=True,
                           timeout=timeout, env=e, cwd=ROOT)
 
 
@@ -496,7 +506,7 @@ def test_cli_resume_after_killed_process(hub: LoopbackHub, tmp_path: Path) -> No
 
     hub.faults.slow.clear()
     sent = settled(hub, "model.safetensors")
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+    r = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
     assert r.returncode == 0, r.stderr
     assert (part.parent / "model.safetensors").read_bytes() == data and not part.exists()
     assert not hubmod.is_partial_download(part.parent)
