@@ -102,7 +102,7 @@ def run_download(args: argparse.Namespace, settings: Any) -> int:
     if as_json:
         print(json.dumps({"event": "done", "path": str(folder), "repo_id": plan.repo_id, "sha": plan.sha,
                           "kind": plan.kind, "quant": plan.quant, "files": [e.name for e in plan.files],
-                          "bytes": plan.total_bytes}), flush=True)
+                          "bytes": plan.total_bytes, "note": plan.note}), flush=True)
     else:
         print(f"downloaded {plan.repo_id} ({_size(plan.total_bytes)}) to {folder}")
     return 0
