@@ -60,13 +60,15 @@ def url_for(host: str, port: int) -> str:
 class ServerRunner:
     def __init__(self, engine: "Engine", settings: "Settings", *, host: str | None = None, port: int | None = None,
                  api_key: str | None = None, cors_origins: Sequence[str] | None = None,
-                 log_level: str = "warning", access_log: bool = False, log_config: Any = None) -> None:
+                 log_level: str = "warning", access_log: bool = False, log_config: Any = None,
+                 max_body: int | None = None) -> None:
         self.engine, self.settings = engine, settings
         self.host = host or settings.host
         self.port = settings.port if port is None else port
         self.api_key = api_key if api_key is not None else settings.api_key
         self.cors_origins = list(cors_origins or [])
         self.log_level, self.access_log, self.log_config = log_level, access_log, log_config
+        self.max_body = max_body
         self.app: Any = None
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -92,7 +94,9 @@ class ServerRunner:
                 return self.url or ""
             sock = _bind(self.host, self.port)
             self.port = sock.getsockname()[1]
-            self.app = create_app(self.engine, self.settings, api_key=self.api_key, cors_origins=self.cors_origins)
+            limits = {"max_body": self.max_body} if self.max_body else {}
+            self.app = create_app(self.engine, self.settings, api_key=self.api_key, cors_origins=self.cors_origins,
+                                  **limits)
             if self.log_config is None:
                 # inside the TUI nothing may write to the terminal: keep uvicorn's loggers quiet
                 quiet = logging.getLogger("uvicorn")
