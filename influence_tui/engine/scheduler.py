@@ -231,7 +231,8 @@ class Scheduler:
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         if reason != "stop" or not seq.stopper.stopped:
-            tail = seq.stopper.feed(seq.decoder.flush()) + seq.stopper.flush()
+            # an answer cut off mid-character (length, cancel) drops the partial bytes, not shows U+FFFD
+            tail = seq.stopper.feed(seq.decoder.flush().rstrip("\ufffd")) + seq.stopper.flush()
             if tail:
                 seq.text.append(tail)
                 seq.job.stream._put(TokenEvent(tail, -1))

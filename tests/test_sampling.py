@@ -1,0 +1,61 @@
+import torch
+
+from influence_tui.engine.sampling import Sampler, StopMatcher, filtered_probs
+from influence_tui.params import GenerationParams
+
+
+def test_top_k_keeps_k_best():
+    logits = torch.tensor([1.0, 5.0, 3.0, 4.0, 2.0])
+    probs = filtered_probs(logits, GenerationParams(temperature=1.0, top_k=2, top_p=1.0))
+    assert set(torch.nonzero(probs).flatten().tolist()) == {1, 3}
+
+
+def test_top_p_keeps_smallest_set_reaching_mass():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    probs = filtered_probs(logits, GenerationParams(temperature=1.0, top_p=0.7))
+    assert set(torch.nonzero(probs).flatten().tolist()) == {0, 1}
+    probs = filtered_probs(logits, GenerationParams(temperature=1.0, top_p=0.85))
+    assert set(torch.nonzero(probs).flatten().tolist()) == {0, 1, 2}
+
+
+def test_min_p_drops_tokens_far_below_the_best():
+    logits = torch.log(torch.tensor([0.6, 0.3, 0.06, 0.04]))
+    probs = filtered_probs(logits, GenerationParams(temperature=1.0, top_p=1.0, min_p=0.2))
+    assert set(torch.nonzero(probs).flatten().tolist()) == {0, 1}
+
+
+def test_repeat_penalty_divides_positive_and_multiplies_negative():
+    s = Sampler(GenerationParams(temperature=0, repeat_penalty=2.0), torch.device("cpu"))
+    out = s.apply_penalties(torch.tensor([4.0, -1.0, 3.0]), history=[0, 1])
+    assert out.tolist() == [2.0, -2.0, 3.0]
+
+
+def test_presence_and_frequency_penalties_count_generated_tokens():
+    s = Sampler(GenerationParams(temperature=0, repeat_penalty=1.0, presence_penalty=0.5, frequency_penalty=0.25), torch.device("cpu"))
+    s.generated.update([2, 2, 1])
+    out = s.apply_penalties(torch.zeros(3), history=[])
+    assert out.tolist() == [0.0, -0.75, -1.0]
+
+
+def test_greedy_penalty_changes_choice():
+    s = Sampler(GenerationParams(temperature=0, repeat_penalty=10.0), torch.device("cpu"))
+    assert s(torch.tensor([5.0, 4.0]), history=[0]) == 1
+
+
+def test_same_seed_same_draws():
+    logits = torch.randn(1000)
+    a = Sampler(GenerationParams(temperature=1.0, top_p=1.0, seed=7, repeat_penalty=1.0), torch.device("cpu"))
+    b = Sampler(GenerationParams(temperature=1.0, top_p=1.0, seed=7, repeat_penalty=1.0), torch.device("cpu"))
+    assert [a(logits, []) for _ in range(20)] == [b(logits, []) for _ in range(20)]
+
+
+def test_stop_matcher_across_deltas_and_never_emitted():
+    m = StopMatcher(("###", "END"))
+    out = "".join(m.feed(d) for d in ["Hello #", "#", " wor", "ld E", "N", "D tail"])
+    assert out == "Hello ## world " and m.stopped
+    m = StopMatcher(("###",))
+    pieces = [m.feed(d) for d in ["ab#", "#", "#cd"]]
+    assert "".join(pieces) == "ab" and m.stopped
+    m = StopMatcher(("###",))
+    pieces = [m.feed(d) for d in ["ab#", "#x"]]
+    assert "".join(pieces) + m.flush() == "ab##x" and not m.stopped
