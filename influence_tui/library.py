@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -269,11 +270,30 @@ def scan_models_dir(root: Path) -> list[ModelInfo]:
     return out
 
 
+_SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
+
+
+def _gguf_models(folder: Path) -> list[list[Path]]:
+    """GGUF files grouped into models: a split model (`x-00001-of-00003.gguf`) is one model."""
+    groups: dict[str, list[Path]] = {}
+    for g in sorted(folder.glob("*.gguf")):
+        m = _SHARD.search(g.name)
+        key = g.name[: m.start()] if m else g.name
+        groups.setdefault(key, []).append(g)
+    return list(groups.values())
+
+
 def _scan_model_dir(folder: Path, name: str, source: str) -> list[ModelInfo]:
-    ggufs = sorted(folder.glob("*.gguf"))
-    if len(ggufs) > 1 and not list(folder.glob("*.safetensors")):
+    groups = _gguf_models(folder)
+    if len(groups) > 1 and not list(folder.glob("*.safetensors")):
         # several quantizations side by side: one row each
-        return [inspect_gguf(g, f"{name}/{g.stem}", source) for g in ggufs]
+        rows = []
+        for files in groups:
+            info = inspect_gguf(files[0], f"{name}/{_SHARD.sub('', files[0].name).removesuffix('.gguf')}", source)
+            info.size_bytes = sum(f.stat().st_size for f in files)
+            info.file_count = len(files)
+            rows.append(info)
+        return rows
     info = inspect_folder(folder, name, source)
     return [info] if info else []
 

@@ -1,0 +1,135 @@
+"""One measurement of one engine, in a fresh process (so peak RSS is that engine's own).
+
+    python benchmarks/engines.py ours|llamacpp|transformers --prompt-tokens 509 --decode-tokens 128
+
+Prints one JSON line: load_s, prefill_tok_s, decode_tok_s, peak_rss_mb, prompt_tokens, first_ids.
+Greedy, EOS ignored, 2 threads. run.py calls this A B A B so that the machine's drift cancels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+TEXT = (
+    "The history of the city is long and full of stories about its people, its rivers and its bridges. "
+    "Merchants came from far away to trade wool, salt and spices, and the markets grew every year. "
+)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bundled() -> str:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from influence_tui.library import bundled_gguf_path
+
+    return str(bundled_gguf_path())
+
+
+def prompt_ids(encode, n: int) -> list[int]:
+    return encode(TEXT * 64)[:n]
+
+
+def run_ours(path: str, n_prompt: int, n_decode: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    from influence_tui.engine.loader import load_model
+
+    t0 = time.perf_counter()
+    lm = load_model(path, device="cpu", max_batch=1, max_seq=1024)
+    load_s = time.perf_counter() - t0
+    m = lm.model
+    ids = prompt_ids(lambda t: lm.tokenizer.encode(t), n_prompt)
+    with torch.inference_mode():
+        m.prefill(0, torch.tensor(ids[:16]), 0)  # warm-up, as every engine gets one
+        t = time.perf_counter()
+        logits = m.prefill(0, torch.tensor(ids), 0)
+        prefill_s = time.perf_counter() - t
+        out = []
+        tok = int(logits.argmax())
+        slot = torch.tensor([0])
+        t = time.perf_counter()
+        for i in range(n_decode):
+            out.append(tok)
+            logits = m.decode(slot, torch.tensor([tok]), torch.tensor([len(ids) + i]))
+            tok = int(logits[0].argmax())
+        decode_s = time.perf_counter() - t
+    return dict(load_s=load_s, prefill_tok_s=len(ids) / prefill_s, decode_tok_s=n_decode / decode_s,
+                prompt_tokens=len(ids), first_ids=out[:16], weights=lm.extra.get("weights"))
+
+
+def run_llamacpp(path: str, n_prompt: int, n_decode: int, threads: int) -> dict:
+    import numpy as np
+    from llama_cpp import Llama
+
+    t0 = time.perf_counter()
+    # use_extra_bufts=False: the stock build segfaults in its AMX repack path on this CPU (llama.cpp #20824)
+    llm = Llama(model_path=path, n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                verbose=False, use_extra_bufts=False, logits_all=False)
+    load_s = time.perf_counter() - t0
+    ids = prompt_ids(lambda t: llm.tokenize(t.encode(), add_bos=False, special=False), n_prompt)
+    llm.eval(ids[:16])
+    llm.reset()
+    t = time.perf_counter()
+    llm.eval(ids)
+    prefill_s = time.perf_counter() - t
+    out = []
+    t = time.perf_counter()
+    for _ in range(n_decode):
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(tok)
+        llm.eval([tok])
+    decode_s = time.perf_counter() - t
+    return dict(load_s=load_s, prefill_tok_s=len(ids) / prefill_s, decode_tok_s=n_decode / decode_s,
+                prompt_tokens=len(ids), first_ids=out[:16])
+
+
+def run_transformers(path: str, n_prompt: int, n_decode: int, threads: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(threads)
+    folder, name = os.path.split(path)
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.bfloat16).eval()
+    load_s = time.perf_counter() - t0
+    ids = prompt_ids(lambda t: tok.encode(t, add_special_tokens=False), n_prompt)
+    x = torch.tensor([ids])
+    with torch.inference_mode():
+        model(x[:, :16])
+        t = time.perf_counter()
+        model(x)
+        prefill_s = time.perf_counter() - t
+        t = time.perf_counter()
+        out = model.generate(x, max_new_tokens=n_decode, min_new_tokens=n_decode, do_sample=False)
+        total = time.perf_counter() - t
+    decode_s = max(total - prefill_s, 1e-9)
+    return dict(load_s=load_s, prefill_tok_s=len(ids) / prefill_s, decode_tok_s=(n_decode - 1) / decode_s,
+                prompt_tokens=len(ids), first_ids=out[0, len(ids):len(ids) + 16].tolist())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("engine", choices=("ours", "llamacpp", "transformers"))
+    ap.add_argument("--path", default=None)
+    ap.add_argument("--prompt-tokens", type=int, default=509)
+    ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    path = a.path or bundled()
+    fn = {"ours": run_ours, "llamacpp": run_llamacpp, "transformers": run_transformers}[a.engine]
+    result = fn(path, a.prompt_tokens, a.decode_tokens, a.threads)
+    result["peak_rss_mb"] = peak_rss_mb()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

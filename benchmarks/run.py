@@ -1,0 +1,198 @@
+"""Influence's speed and memory against reference engines, measured in one run.
+
+    .venv/bin/python benchmarks/run.py [--rounds 3] [--skip-transformers] [--quick]
+
+1. Load, prefill (509-token prompt) and decode (128 tokens, EOS ignored) tok/s and peak RSS for
+   this engine, llama.cpp (llama-cpp-python, optional: `pip install llama-cpp-python`) and
+   transformers, each in a fresh process, alternated A B C A B C so the machine's drift cancels.
+   Medians with min/max, and ratios against llama.cpp and transformers.
+2. What weight-only quantization costs: greedy agreement and perplexity, fast path vs float.
+3. Multi-turn chat: time to first token of turn 10 vs turn 1 (the KV cache kept between turns).
+4. Concurrency: 8 streams through continuous batching vs 1 stream; answers identical to alone.
+5. `--batch`-style: 32 prompts submitted together vs one after another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+
+def measure_engines(rounds: int, engines: list[str], prompt_tokens: int, decode_tokens: int) -> dict[str, list[dict]]:
+    runs: dict[str, list[dict]] = {e: [] for e in engines}
+    for r in range(rounds):
+        for engine in engines:
+            cmd = [sys.executable, str(HERE / "engines.py"), engine, "--prompt-tokens", str(prompt_tokens), "--decode-tokens", str(decode_tokens)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                print(f"  {engine} round {r + 1} failed: {out.stderr.strip().splitlines()[-1:] }", file=sys.stderr)
+                continue
+            runs[engine].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            d = runs[engine][-1]
+            print(f"  round {r + 1} {engine:12s} load {d['load_s']:.2f}s prefill {d['prefill_tok_s']:.0f} tok/s decode {d['decode_tok_s']:.1f} tok/s rss {d['peak_rss_mb']:.0f} MB", flush=True)
+    return runs
+
+
+def _stat(values: list[float]) -> str:
+    return f"{statistics.median(values):,.2f} ({min(values):,.2f}-{max(values):,.2f})" if values else "-"
+
+
+def engine_table(runs: dict[str, list[dict]]) -> dict:
+    metrics = ("load_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb")
+    med = {e: {m: statistics.median([r[m] for r in rs]) for m in metrics} for e, rs in runs.items() if rs}
+    print("\n| engine | load s | prefill tok/s | decode tok/s | peak RSS MB |")
+    print("|---|---|---|---|---|")
+    for engine, rs in runs.items():
+        if rs:
+            print(f"| {engine} | " + " | ".join(_stat([r[m] for r in rs]) for m in metrics) + " |")
+    for ref in ("llamacpp", "transformers"):
+        if "ours" in med and ref in med:
+            o, x = med["ours"], med[ref]
+            print(f"\nours vs {ref}: decode {o['decode_tok_s'] / x['decode_tok_s']:.2f}x, prefill {o['prefill_tok_s'] / x['prefill_tok_s']:.2f}x, "
+                  f"load {o['load_s']:.2f}s vs {x['load_s']:.2f}s, peak RSS {o['peak_rss_mb'] / x['peak_rss_mb']:.2f}x")
+    return med
+
+
+def quant_quality(path: str, n_steps: int = 32) -> dict:
+    """Greedy agreement (teacher-forced on the float model's own continuation) and perplexity."""
+    import math
+
+    import torch
+
+    from influence_tui.engine.loader import load_model
+
+    fast = load_model(path, device="cpu", max_batch=1, max_seq=1024)
+    ref = load_model(path, device="cpu", dtype="float32", quant="none", max_batch=1, max_seq=1024)
+    tok = ref.tokenizer
+    prompts = ["What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis briefly.",
+               "List three prime numbers.", "How do I reverse a list in Python?", "Who wrote Hamlet?"]
+    agree = total = 0
+    with torch.inference_mode():
+        for p in prompts:
+            ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": p}]))
+            seq = list(ids)
+            logits = ref.model.prefill(0, torch.tensor(seq), 0)
+            for _ in range(n_steps):  # the float model's greedy continuation
+                seq.append(int(logits.argmax()))
+                logits = ref.model.decode(torch.tensor([0]), torch.tensor([seq[-1]]), torch.tensor([len(seq) - 1]))[0]
+            a = ref.model.prefill(0, torch.tensor(seq), 0, all_logits=True).argmax(-1)[len(ids) - 1:-1]
+            b = fast.model.prefill(0, torch.tensor(seq), 0, all_logits=True).argmax(-1)[len(ids) - 1:-1]
+            agree += int((a == b).sum())
+            total += a.numel()
+        text = ("The quick brown fox jumps over the lazy dog. Scientists study the natural world by observation and "
+                "experiment. Rivers flow from the mountains to the sea, carrying water and sediment with them. ") * 3
+        ids = torch.tensor(tok.encode(text))
+        ppl = {}
+        for name, lm in (("float32", ref), ("fast", fast)):
+            logits = lm.model.prefill(0, ids, 0, all_logits=True).float()
+            nll = torch.nn.functional.cross_entropy(logits[:-1], ids[1:])
+            ppl[name] = math.exp(float(nll))
+    result = {"greedy_agreement": agree / total, "ppl_float32": ppl["float32"], "ppl_fast": ppl["fast"], "weights": fast.extra.get("weights")}
+    print(f"\nquantization ({result['weights']}): greedy agreement with float32 {result['greedy_agreement']:.1%} over {total} tokens; "
+          f"perplexity {ppl['fast']:.2f} vs {ppl['float32']:.2f} float32 ({ppl['fast'] / ppl['float32']:.3f}x)")
+    return result
+
+
+def engine_level(quick: bool) -> dict:
+    from influence_tui.config import Settings
+    from influence_tui.engine import ChatMessage, Engine, GenerationRequest
+    from influence_tui.params import GenerationParams
+
+    engine = Engine(Settings.load(env={}, use_file=False), max_batch=8, max_queue=256)
+    engine.load()
+    greedy = GenerationParams(temperature=0, max_tokens=48, repeat_penalty=1.0)
+    out: dict = {}
+
+    # multi-turn: TTFT per turn with the conversation growing
+    msgs = [ChatMessage("system", "You are a helpful assistant.")]
+    ttft, cached = [], []
+    for turn in range(10):
+        msgs.append(ChatMessage("user", f"Tell me one short fact about the number {turn + 1}."))
+        r = engine.generate(GenerationRequest(messages=list(msgs), params=greedy.with_(max_tokens=40)))
+        msgs.append(ChatMessage("assistant", r.text))
+        ttft.append(r.usage.ttft_s)
+        cached.append((r.usage.cached_tokens, r.usage.prompt_tokens))
+    out["ttft_turn1_s"], out["ttft_turn10_s"] = ttft[0], ttft[-1]
+    print(f"\nmulti-turn: TTFT turn 1 {ttft[0] * 1000:.0f} ms, turn 10 {ttft[-1] * 1000:.0f} ms "
+          f"({ttft[-1] / ttft[0]:.2f}x); turn 10 reused {cached[-1][0]} of {cached[-1][1]} prompt tokens")
+
+    # concurrency: 8 streams vs 1
+    prompts = [f"Write two sentences about animal number {i}." for i in range(8)]
+    p = greedy.with_(max_tokens=64, ignore_eos=True)
+    t = time.perf_counter()
+    alone = [engine.generate(GenerationRequest(prompt=q, params=p)) for q in prompts]
+    one_by_one = time.perf_counter() - t
+    streams = [engine.submit(GenerationRequest(prompt=q, params=p)) for q in prompts]
+    t = time.perf_counter()
+    together = [s.wait() for s in streams]
+    concurrent_s = time.perf_counter() - t
+    tokens = sum(r.usage.completion_tokens for r in together)
+    single_rate = sum(r.usage.completion_tokens for r in alone) / one_by_one
+    same = sum(a.text == b.text for a, b in zip(alone, together))
+    out.update(single_tok_s=single_rate, concurrent_tok_s=tokens / concurrent_s, identical=same)
+    print(f"concurrency: 8 streams {tokens / concurrent_s:.0f} tok/s vs 1 stream {single_rate:.0f} tok/s "
+          f"({tokens / concurrent_s / single_rate:.2f}x); {same}/8 answers identical to alone (greedy)")
+
+    # batch: 32 prompts together vs one by one
+    n = 8 if quick else 32
+    batch_prompts = [f"Give a one-line tip about topic {i}." for i in range(n)]
+    p = greedy.with_(max_tokens=32, ignore_eos=True)
+    t = time.perf_counter()
+    for q in batch_prompts:
+        engine.generate(GenerationRequest(prompt=q, params=p))
+    seq_s = time.perf_counter() - t
+    t = time.perf_counter()
+    ss = [engine.submit(GenerationRequest(prompt=q, params=p)) for q in batch_prompts]
+    for s in ss:
+        s.wait()
+    batch_s = time.perf_counter() - t
+    out.update(batch_seq_s=seq_s, batch_s=batch_s)
+    print(f"batch of {n}: {n * 32 / batch_s:.0f} tok/s together vs {n * 32 / seq_s:.0f} tok/s one by one ({seq_s / batch_s:.2f}x)")
+    engine.shutdown()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="fewer rounds and prompts")
+    ap.add_argument("--prompt-tokens", type=int, default=509)
+    ap.add_argument("--decode-tokens", type=int, default=128)
+    a = ap.parse_args()
+    import torch
+
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, threads 2, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    engines = ["ours"]
+    if importlib.util.find_spec("llama_cpp"):
+        engines.append("llamacpp")
+    else:
+        print("llama-cpp-python is not installed: the llama.cpp reference is skipped (pip install llama-cpp-python)")
+    if not a.skip_transformers:
+        engines.append("transformers")
+    rounds = 1 if a.quick else a.rounds
+    runs = measure_engines(rounds, engines, a.prompt_tokens, a.decode_tokens)
+    report = {"engines": engine_table(runs), "runs": runs}
+    from influence_tui.library import bundled_gguf_path
+
+    report["quantization"] = quant_quality(str(bundled_gguf_path()))
+    report["engine"] = engine_level(a.quick)
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(report, indent=2))
+    print(f"\nwritten: {out / 'latest.json'}")
+
+
+if __name__ == "__main__":
+    main()
