@@ -90,9 +90,20 @@ class SnapshotApp(InfluenceApp):
         return CannedHub
 
 
+def loaded_summary() -> Any:
+    """What the engine reports for the bundled model, without loading it (no torch here)."""
+    from types import SimpleNamespace
+
+    m = MODELS[0]
+    return SimpleNamespace(name=m.name, path=m.path, architecture="llama", format="gguf", quantization="Q4_1",
+                           dtype="float32", device="cpu", context_length=8192, parameters=m.parameters,
+                           size_bytes=m.size_bytes, load_s=1.2)
+
+
 def make_app(**kwargs: Any) -> SnapshotApp:
     settings = Settings(output_dir="./models")
     app = SnapshotApp(settings, autoload=False, list_models=lambda: list(MODELS), **kwargs)
+    app.model_summary, app.model_state = loaded_summary(), "ready"  # shown as loaded; never used to chat
     app.conversation.messages = [
         SessionMessage("user", "Write a Python function that reverses a string.", "2026-01-29 14:30:15"),
         SessionMessage("assistant", ANSWER, "2026-01-29 14:30:17"),

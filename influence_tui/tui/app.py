@@ -34,13 +34,14 @@ class InfluenceApp(App[int]):
     CSS_PATH = [STYLES / name for name in ("base.tcss", "chat.tcss", "hub.tcss", "library.tcss", "settings.tcss", "help.tcss")]
     MODES = {"chat": ChatScreen, "hub": HubScreen, "library": LibraryScreen, "settings": SettingsScreen}
     DEFAULT_MODE = "chat"
+    # Priority: the F-keys work whatever has focus (TextArea binds f6/f7 to selection otherwise).
     BINDINGS = [
-        Binding("f1", "help", "Help"),
-        Binding("f2", "switch_mode('chat')", "Chat"),
-        Binding("f3", "switch_mode('hub')", "Hub"),
-        Binding("f4", "switch_mode('library')", "Library"),
-        Binding("f5", "switch_mode('settings')", "Settings"),
-        Binding("f6", "toggle_server", "API"),
+        Binding("f1", "help", "Help", priority=True),
+        Binding("f2", "switch_mode('chat')", "Chat", priority=True),
+        Binding("f3", "switch_mode('hub')", "Hub", priority=True),
+        Binding("f4", "switch_mode('library')", "Library", priority=True),
+        Binding("f5", "switch_mode('settings')", "Settings", priority=True),
+        Binding("f6", "toggle_server", "API", priority=True),
         Binding("ctrl+q", "quit", "Quit", priority=True, show=False),
     ]
 
