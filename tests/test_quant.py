@@ -83,7 +83,13 @@ def test_gguf_blocks_decode_like_gguf_package(tmp_path: Path, qtype: str) -> Non
     blocks = t.q4_blocks("w")
     if qtype in ("Q4_0", "Q4_1"):  # the nibbles map onto the int4 kernel without re-quantising
         assert blocks is not None
-        lin = Q.Int4Linear(blocks.q, blocks.scale, blocks.minimum + 8 * blocks.scale, None, torch.float32)
+        lin = Q.Int4Linear.from_parts(blocks.q, blocks.scale, blocks.minimum + 8 * blocks.scale, None, torch.float32)
         np.testing.assert_allclose(lin.dequantize().numpy(), expected, rtol=0, atol=1e-5)
     else:
         assert blocks is None
+
+
+def test_int4_rows_match_dequantized(weight) -> None:
+    lin = Q.Int4Linear.from_float(weight, None, torch.float32)
+    ids = torch.tensor([0, 31, 32, 63, 64, 100, 191])
+    assert torch.allclose(lin.rows(ids), lin.dequantize()[ids], atol=1e-6)

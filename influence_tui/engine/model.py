@@ -13,14 +13,14 @@ becomes one complex multiplication.
 from __future__ import annotations
 
 import math
+import mmap
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from influence_tui.engine.quant import FloatLinear, Int4Linear, Int8Linear
+from influence_tui.engine.quant import FloatLinear, Int4Linear, Int8Linear, linear_from_tensors, linear_tensors
 
 Linear = FloatLinear | Int8Linear | Int4Linear
 
@@ -88,15 +88,15 @@ class Layer:
 
 
 class Embedding:
-    """Token embedding table: float, or int8 rows shared with a tied int8 lm_head."""
+    """Token embedding table: float, or int8/int4 rows shared with a tied quantised lm_head."""
 
-    def __init__(self, table: torch.Tensor | Int8Linear) -> None:
+    def __init__(self, table: torch.Tensor | Int8Linear | Int4Linear) -> None:
         self.table = table
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.table, Int8Linear):
-            return self.table.rows(ids)
-        return F.embedding(ids, self.table)
+        if isinstance(self.table, torch.Tensor):
+            return F.embedding(ids, self.table)
+        return self.table.rows(ids)
 
 
 class LlamaModel:
@@ -125,6 +125,7 @@ class LlamaModel:
         self.max_seq = 0
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
+        self._buffers: list[mmap.mmap] = []
         self._rope_inv = rope_inv_freq(cfg).float().to(device)
         self._rope: torch.Tensor | None = None  # complex64 [max_seq, head_dim/2]
 
@@ -133,7 +134,7 @@ class LlamaModel:
         max_seq = min(max_seq, self.context_length)
         cfg = self.cfg
         shape = (max_batch, cfg.n_kv_heads, max_seq, cfg.head_dim)
-        self.k_cache, self.v_cache = [], []
+        self.k_cache, self.v_cache, self._buffers = [], [], []
         self.k_cache = [self._zeros(shape) for _ in self.layers]
         self.v_cache = [self._zeros(shape) for _ in self.layers]
         self.max_batch, self.max_seq = max_batch, max_seq
@@ -144,11 +145,13 @@ class LlamaModel:
     def _zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
         if self.device.type != "cpu":
             return torch.zeros(shape, dtype=self.dtype, device=self.device)
-        # numpy's zeros come from calloc: pages are only resident once written, so a large cache
-        # costs memory in proportion to what the slots actually use.
-        width = torch.empty((), dtype=self.dtype).element_size()
-        arr = np.zeros(shape, dtype={2: np.int16, 4: np.int32}[width])
-        return torch.from_numpy(arr).view(self.dtype)
+        # An anonymous mmap is zero-filled lazily by the OS in 4 KiB pages: a large cache costs
+        # memory only where slots are written. (numpy/calloc would do the same, but numpy asks
+        # for 2 MiB huge pages, which makes every touched head cost 2 MiB.)
+        nbytes = math.prod(shape) * torch.empty((), dtype=self.dtype).element_size()
+        buf = mmap.mmap(-1, max(nbytes, 1))
+        self._buffers.append(buf)
+        return torch.frombuffer(buf, dtype=torch.uint8)[:nbytes].view(self.dtype).view(shape)
 
     def _check_cache(self) -> None:
         if not self.k_cache:
@@ -251,6 +254,43 @@ class LlamaModel:
         with torch.inference_mode():
             h = self._forward(tokens.to(self.device), rot, attend)
             return self.lm_head(h).float()
+
+    # -- (de)serialisation for the converted-weights cache ----------------------------------------
+    _LAYER_LINEARS = ("qkv", "o", "gate_up", "down")
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {"norm": self.norm}
+        table = self.embed.table
+        out.update({"embed.weight": table} if isinstance(table, torch.Tensor) else linear_tensors(table, "embed"))
+        if self.lm_head is not table and not (isinstance(self.lm_head, FloatLinear) and self.lm_head.weight is table):
+            out.update(linear_tensors(self.lm_head, "lm_head"))
+        for i, layer in enumerate(self.layers):
+            out[f"layers.{i}.attn_norm"] = layer.attn_norm
+            out[f"layers.{i}.ffn_norm"] = layer.ffn_norm
+            for name in self._LAYER_LINEARS:
+                out.update(linear_tensors(getattr(layer, name), f"layers.{i}.{name}"))
+        return out
+
+    @classmethod
+    def from_state(cls, cfg: ModelConfig, t: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> "LlamaModel":
+        table = linear_from_tensors(t, "embed", dtype)
+        if isinstance(table, FloatLinear):
+            embed, tied_head = Embedding(table.weight), table
+        else:
+            embed, tied_head = Embedding(table), table
+        lm_head = linear_from_tensors(t, "lm_head", dtype) if any(k.startswith("lm_head.") for k in t) else tied_head
+        layers = [
+            Layer(
+                attn_norm=t[f"layers.{i}.attn_norm"],
+                qkv=linear_from_tensors(t, f"layers.{i}.qkv", dtype),
+                o=linear_from_tensors(t, f"layers.{i}.o", dtype),
+                ffn_norm=t[f"layers.{i}.ffn_norm"],
+                gate_up=linear_from_tensors(t, f"layers.{i}.gate_up", dtype),
+                down=linear_from_tensors(t, f"layers.{i}.down", dtype),
+            )
+            for i in range(cfg.n_layers)
+        ]
+        return cls(cfg, embed, layers, t["norm"], lm_head, dtype, device)
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` cache positions of slot src into slot dst (prefix sharing)."""

@@ -69,21 +69,29 @@ class Int4Linear:
     """Group-wise (32) asymmetric int4 in the CPU kernel's packed layout."""
 
     def __init__(
-        self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+        self, packed: torch.Tensor, scales_zeros: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
     ) -> None:
-        """q: integer [N, K] in 0..15; scale, zero: [N, K/32] with w = (q - 8) * scale + zero."""
-        n, k = q.shape
-        self.out_features, self.in_features = n, k
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
-        # kernel wants [K/32, N, 2]
-        self.scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(dtype)
+        """packed: the kernel's layout, uint8 [N, K/2]; scales_zeros: [K/32, N, 2] in `dtype`."""
+        self.packed = packed
+        self.scales_zeros = scales_zeros
+        self.out_features, self.in_features = packed.shape[0], packed.shape[1] * 2
         self.bias = bias
         self.dtype = dtype
 
     @classmethod
+    def from_parts(
+        cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+    ) -> "Int4Linear":
+        """q: integer [N, K] in 0..15; scale, zero: [N, K/32] with w = (q - 8) * scale + zero."""
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+        # the kernel wants [K/32, N, 2]
+        scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(dtype)
+        return cls(packed, scales_zeros, bias, dtype)
+
+    @classmethod
     def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> "Int4Linear":
         q, scale, minimum = quantize_int4(w)
-        return cls(q, scale, minimum + 8 * scale, bias, dtype)
+        return cls.from_parts(q, scale, minimum + 8 * scale, bias, dtype)
 
     @staticmethod
     def supports(n: int, k: int) -> bool:
@@ -103,6 +111,18 @@ class Int4Linear:
         q = torch.cat([p & 0x0F, p >> 4], dim=-1)  # [N/64, K, 64]
         return q.transpose(1, 2).reshape(n, k)
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Dequantised rows [len(ids), K] (an embedding lookup on the same table)."""
+        k = self.in_features
+        p = self.packed.view(-1, k, _PACK_BLOCK_N // 2)  # [N/64, K, 32]
+        half = _PACK_BLOCK_N // 2
+        byte = p[ids // _PACK_BLOCK_N, :, ids % half]  # [B, K]
+        shift = ((ids % _PACK_BLOCK_N) >= half).to(torch.uint8).mul_(4)[:, None]
+        q = ((byte >> shift) & 0x0F).to(self.dtype).view(len(ids), k // GROUP, GROUP)
+        sz = self.scales_zeros[:, ids].transpose(0, 1)  # [B, K/32, 2]
+        scale, zero = sz[..., 0:1], sz[..., 1:2]
+        return ((q - 8) * scale + zero).view(len(ids), k)
+
     def dequantize(self) -> torch.Tensor:
         n, k = self.out_features, self.in_features
         sz = self.scales_zeros  # [K/32, N, 2]
@@ -113,6 +133,28 @@ class Int4Linear:
 
 
 Linear = FloatLinear | Int8Linear | Int4Linear
+
+
+def linear_tensors(layer: Linear, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors that rebuild `layer` with `linear_from_tensors` (for the on-disk cache)."""
+    if isinstance(layer, Int4Linear):
+        out = {f"{prefix}.packed": layer.packed, f"{prefix}.scales_zeros": layer.scales_zeros}
+    elif isinstance(layer, Int8Linear):
+        out = {f"{prefix}.q8": layer.q, f"{prefix}.scale": layer.scale}
+    else:
+        out = {f"{prefix}.weight": layer.weight}
+    if layer.bias is not None:
+        out[f"{prefix}.bias"] = layer.bias
+    return out
+
+
+def linear_from_tensors(t: dict[str, torch.Tensor], prefix: str, dtype: torch.dtype) -> Linear:
+    bias = t.get(f"{prefix}.bias")
+    if f"{prefix}.packed" in t:
+        return Int4Linear(t[f"{prefix}.packed"], t[f"{prefix}.scales_zeros"], bias, dtype)
+    if f"{prefix}.q8" in t:
+        return Int8Linear(t[f"{prefix}.q8"], t[f"{prefix}.scale"], bias, dtype)
+    return FloatLinear(t[f"{prefix}.weight"], bias)
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

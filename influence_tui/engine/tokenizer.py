@@ -192,14 +192,14 @@ def build_gguf_tokenizer_json(path: str | Path) -> str:
     return backend.to_str()
 
 
-def load_gguf_tokenizer(path: str | Path, header: Any | None = None) -> HFTokenizer:
-    """From a GGUF file; `header` is a `formats.gguf.GGUFHeader` already read (arrays skipped)."""
+def load_gguf_tokenizer(path: str | Path, metadata: dict[str, Any] | None = None) -> HFTokenizer:
+    """From a GGUF file; `metadata`: its header's key/values if already read (arrays not needed)."""
     path = Path(path)
-    if header is None:
+    if metadata is None:
         from influence_tui.formats.gguf import read_gguf_header
 
-        header = read_gguf_header(path, skip_arrays=True)
-    md = header.metadata
+        metadata = read_gguf_header(path, skip_arrays=True).metadata
+    md = metadata
     cached = cache_dir() / "tokenizers" / _gguf_cache_key(path) / "tokenizer.json"
     text = None
     if cached.exists():
