@@ -180,3 +180,19 @@ def test_bundled_int4_agrees_with_float(bundled, bundled_gguf: Path) -> None:
     agree = (got_all.argmax(-1) == ref_all.argmax(-1)).float().mean().item()
     cos = torch.nn.functional.cosine_similarity(got_all, ref_all, dim=-1).min().item()
     assert agree >= 0.9 and cos > 0.99, (agree, cos)
+
+
+def test_converted_weights_cache(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INFLUENCE_CACHE_DIR", str(tmp_path / "cache"))
+    path = write_tiny_gguf(tiny_dir / "cached.gguf", arch="llama", qtype="Q4_0")
+    first = load_model(str(path), device="cpu", dtype="bfloat16", quant="int4", max_batch=1, max_seq=64)
+    second = load_model(str(path), device="cpu", dtype="bfloat16", quant="int4", max_batch=1, max_seq=64)
+    assert not first.extra["cached"] and second.extra["cached"]
+    assert (second.name, second.quantization, second.parameters) == (first.name, first.quantization, first.parameters)
+    a = first.model.prefill(0, torch.tensor(TOKENS[:5]), 0)
+    b = second.model.prefill(0, torch.tensor(TOKENS[:5]), 0)
+    assert torch.equal(a, b)
+    assert second.tokenizer.encode("Hello world") == first.tokenizer.encode("Hello world")
+    path.touch()  # a changed file is converted again
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert not load_model(str(path), device="cpu", dtype="bfloat16", quant="int4", max_batch=1, max_seq=64).extra["cached"]

@@ -27,6 +27,11 @@ CACHE_VERSION = 1
 
 
 def cache_dir() -> Path:
+    """Where converted tokenizers and weights are kept: $INFLUENCE_CACHE_DIR or the user cache dir."""
+    import os
+
+    if os.environ.get("INFLUENCE_CACHE_DIR"):
+        return Path(os.environ["INFLUENCE_CACHE_DIR"])
     from platformdirs import user_cache_dir
 
     return Path(user_cache_dir("influence-tui"))
