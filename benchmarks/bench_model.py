@@ -89,12 +89,14 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--quant", default=None)
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
     path = args.path or bundled()
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     rows = {"influence": bench_ours(path, args.prompt_tokens, args.decode_tokens, args.quant)}
+    torch.set_num_threads(args.threads)  # the loader may have set it
     if not args.no_transformers:
         rows["transformers"] = bench_transformers(path, args.prompt_tokens, args.decode_tokens)
     print(f"{'engine':<14}{'weights':>8}{'load s':>9}{'prefill t/s':>13}{'decode t/s':>12}{'RSS MB':>9}")
