@@ -7,6 +7,7 @@ and `autoload=False` for deterministic snapshots.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -75,6 +76,7 @@ class InfluenceApp(App[int]):
         self.answers_done = 0
         self.last_copied: str | None = None
         self.mounted_first = False
+        self._user_offline_env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
         if self.settings.theme in self.available_themes:
             self.theme = self.settings.theme
 
@@ -85,7 +87,9 @@ class InfluenceApp(App[int]):
             await self.switch_mode(self.initial_mode)
         self._adopt_engine()
         if self.autoload and self.model_state == "empty":
-            # After the first refresh: the first frame is on screen before torch is imported.
+            # Shown as loading at once; the worker starts after the first refresh, so the first
+            # frame is on screen before torch is imported.
+            self.model_state = "loading"
             self.call_after_refresh(self.load_model, self.model_request)
 
     def _adopt_engine(self) -> None:
@@ -206,7 +210,26 @@ class InfluenceApp(App[int]):
     def hub_client(self) -> Any:
         import influence_tui.hub as hub  # imported on first use: huggingface_hub is not light
 
+        self._restore_hub_online()
         return hub
+
+    def _restore_hub_online(self) -> None:
+        """Undo the engine loader's process-wide HF_HUB_OFFLINE=1 for the Hub screen.
+
+        The loader sets HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE=1 while it reads a model and leaves them
+        set, and huggingface_hub freezes them into `constants.HF_HUB_OFFLINE` when first imported,
+        so after a model load every Hub call would fail with "offline". Put back what the user had:
+        a user who set HF_HUB_OFFLINE themselves keeps it.
+        """
+        for name, value in self._user_offline_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        from huggingface_hub import constants
+
+        user = {k: v for k, v in self._user_offline_env.items() if v}
+        constants.HF_HUB_OFFLINE = constants._is_true(user.get("HF_HUB_OFFLINE") or user.get("TRANSFORMERS_OFFLINE"))
 
     def settings_file_label(self) -> str:
         from influence_tui.config import settings_file

@@ -97,6 +97,11 @@ class ChatScreen(Screen[None]):
         self.query_one(PromptInput).focus()
         await self.influence.load_start_session(self)
 
+    def on_unmount(self) -> None:
+        # Leaving the app mid-answer: free the engine for the API server and the next run.
+        if self._stream is not None and not self._stream.done:
+            self._stream.cancel()
+
     # -- rendering -------------------------------------------------------------------------------
     async def render_conversation(self) -> None:
         container = self.query_one("#messages", VerticalScroll)
@@ -152,6 +157,12 @@ class ChatScreen(Screen[None]):
     async def answer(self, bubble: AssistantMessage) -> None:
         try:
             await self._answer(bubble)
+        except asyncio.CancelledError:
+            if self._stream is None:  # Esc while waiting for the model: nothing was generated
+                bubble.set_status("⏹ stopped before the model was ready")
+                bubble.add_class("stopped")
+                self._drop_unanswered()
+            raise
         finally:
             self._current = None
             self._stream = None
