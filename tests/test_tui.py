@@ -514,3 +514,21 @@ async def test_no_jump_to_bottom_while_reading_history() -> None:
         await pilot.pause()
         await screen.note("another")
         await wait_until(pilot, lambda: box.scroll_y == box.max_scroll_y, timeout=30, what="following the bottom")
+
+
+async def test_library_load_marks_the_loaded_model_and_model_command(engine: Any) -> None:
+    app = make_app(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "/model smollm2")
+        await wait_until(pilot, lambda: app.model_state == "ready" and "Loading" in notes(app)[-1], what="/model")
+        await pilot.press("f4")
+        screen = app.screen
+        await wait_until(pilot, lambda: screen.models, what="the model list")
+        row = next(i for i, m in enumerate(screen.models) if m.name == "SmolLM2-135M-Instruct")
+        table = screen.query_one("#library-table")
+        assert table.get_row_at(row)[0] == "●"  # the loaded one is marked
+        table.move_cursor(row=row)
+        await pilot.press("l")
+        await wait_until(pilot, lambda: app.model_state == "ready", what="the load")
+        assert app.is_loaded(screen.models[row].path)
+        assert "loaded for chat" in str(screen.query_one("#library-detail").render())

@@ -77,6 +77,8 @@ class InfluenceApp(App[int]):
         self.last_copied: str | None = None
         self.mounted_first = False
         self._user_offline_env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+        if autoload:
+            self.set_reactive(InfluenceApp.model_state, "loading")
         if self.settings.theme in self.available_themes:
             self.theme = self.settings.theme
 
@@ -86,10 +88,9 @@ class InfluenceApp(App[int]):
         if self.initial_mode != "chat":
             await self.switch_mode(self.initial_mode)
         self._adopt_engine()
-        if self.autoload and self.model_state == "empty":
-            # Shown as loading at once; the worker starts after the first refresh, so the first
-            # frame is on screen before torch is imported.
-            self.model_state = "loading"
+        if self.autoload and self.model_state != "ready":
+            # The worker starts after the first refresh: the first frame (already saying
+            # "loading") is on screen before torch is imported.
             self.call_after_refresh(self.load_model, self.model_request)
 
     def _adopt_engine(self) -> None:
@@ -259,8 +260,8 @@ class InfluenceApp(App[int]):
             self.call_from_thread(self.notify, "the API server is not part of this build", severity="error")
             return
         try:
-            if self.server is None:
-                self.server = ServerRunner(self.ensure_engine(), self.settings)
+            # A new runner each start: host, port and key changed in Settings apply.
+            self.server = ServerRunner(self.ensure_engine(), self.settings)
             self.server.start()
         except Exception as exc:  # noqa: BLE001 - port in use and the like
             self.call_from_thread(self.notify, f"API server not started: {exc}", severity="error", timeout=10)
