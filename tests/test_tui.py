@@ -83,8 +83,9 @@ def last_answer(app: InfluenceApp) -> AssistantMessage:
 
 
 # -- chat with the real model -------------------------------------------------------------------
+@pytest.mark.slow
 async def test_answer_streams_then_stats_and_keys_work_meanwhile(engine: Any) -> None:
-    app = make_app(engine, settings=make_settings(max_tokens=32))
+    app = make_app(engine, settings=make_settings(max_tokens=24))
     async with app.run_test(size=SIZE) as pilot:
         assert app.model_state == "ready"
         await send(pilot, LONG_PROMPT)
@@ -114,6 +115,7 @@ async def test_answer_streams_then_stats_and_keys_work_meanwhile(engine: Any) ->
         assert "3 tokens" in str(last_answer(app).stats.render())
 
 
+@pytest.mark.slow
 async def test_escape_stops_and_keeps_partial_answer(engine: Any) -> None:
     app = make_app(engine, settings=make_settings(max_tokens=400))
     async with app.run_test(size=SIZE) as pilot:
@@ -129,6 +131,7 @@ async def test_escape_stops_and_keeps_partial_answer(engine: Any) -> None:
         assert kept.role == "assistant" and kept.stopped and kept.content == bubble.text != ""
 
 
+@pytest.mark.slow
 async def test_settings_apply_to_the_next_answer(engine: Any) -> None:
     class Recording:
         def __init__(self, inner: Any) -> None:
@@ -160,10 +163,11 @@ async def test_settings_apply_to_the_next_answer(engine: Any) -> None:
         assert last_answer(app).text
 
 
+@pytest.mark.slow
 async def test_server_toggle_answers_http_while_chat_streams(engine: Any) -> None:
     import httpx
 
-    app = make_app(engine, settings=make_settings(max_tokens=24, port=0))
+    app = make_app(engine, settings=make_settings(max_tokens=16, port=0))
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("f6")
         await wait_until(pilot, app._server_running, timeout=30, what="the API server")
@@ -457,6 +461,7 @@ async def test_hub_failure_is_a_notification(online: None) -> None:
 
 
 # -- start-up -----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_first_frame_paints_before_torch_is_imported(tmp_path: Path) -> None:
     script = textwrap.dedent(
         """
@@ -516,6 +521,7 @@ async def test_no_jump_to_bottom_while_reading_history() -> None:
         await wait_until(pilot, lambda: box.scroll_y == box.max_scroll_y, timeout=30, what="following the bottom")
 
 
+@pytest.mark.slow
 async def test_library_load_marks_the_loaded_model_and_model_command(engine: Any) -> None:
     app = make_app(engine)
     async with app.run_test(size=SIZE) as pilot:

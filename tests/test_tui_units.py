@@ -42,3 +42,16 @@ def test_stats_line_shows_speed_context_and_dropped_turns() -> None:
     assert "350 tokens of old turns were dropped" in line
     stopped = format_stats(Result("x", "cancelled", Usage(completion_tokens=3)))
     assert stopped.startswith("⏹ stopped")
+
+
+def test_launch_maps_chat_flags_onto_the_app() -> None:
+    from influence_tui.cli import build_parser, settings_from_args
+    from influence_tui.tui.launch import build_app
+
+    args = build_parser().parse_args(["chat", "-m", "smollm2", "--system", "Be brief.", "--temperature", "0.2",
+                                      "--session", "in.json", "--save-on-exit", "out.json"])
+    app = build_app(args, settings_from_args(args))
+    assert (app.model_request, app.session_path, app.save_on_exit_path) == ("smollm2", "in.json", "out.json")
+    assert app.conversation.system_prompt == "Be brief." and app.settings.temperature == 0.2
+    bare = build_parser().parse_args([])
+    assert build_app(bare, settings_from_args(bare)).save_on_exit_path is None
