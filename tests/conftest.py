@@ -18,6 +18,10 @@ for name in list(os.environ):
     if name.startswith("INFLUENCE_") and name != "INFLUENCE_CONFIG_DIR":
         del os.environ[name]
 os.environ["INFLUENCE_OUTPUT_DIR"] = str(_SESSION_TMP / "models")
+# converted-weights cache: per test session, never the developer's own cache folder
+os.environ["INFLUENCE_CACHE_DIR"] = str(_SESSION_TMP / "cache")
+for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.pop(_name, None)
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable

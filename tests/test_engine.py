@@ -111,12 +111,23 @@ def test_concurrent_submitters_get_their_own_answers(engine):
 
 
 def test_multi_turn_reuses_the_kv_cache(engine):
-    msgs = [ChatMessage("system", "You are terse."), ChatMessage("user", "Name a fruit.")]
+    system = "You are a terse assistant. " + "Answer with one word whenever you can. " * 30
+    msgs = [ChatMessage("system", system), ChatMessage("user", "Name a fruit.")]
     first = engine.submit(GenerationRequest(messages=msgs, params=GREEDY)).wait()
+    assert first.usage.prompt_tokens > 256
     msgs += [ChatMessage("assistant", first.text), ChatMessage("user", "Name another one.")]
     second = engine.submit(GenerationRequest(messages=msgs, params=GREEDY)).wait()
-    assert second.usage.cached_tokens >= first.usage.prompt_tokens - 1
+    # everything but the last partial chunk of the first prompt comes from the cache
+    assert second.usage.cached_tokens >= first.usage.prompt_tokens - 128
     assert second.usage.prompt_tokens > first.usage.prompt_tokens
+
+
+def test_cache_hit_gives_the_same_answer_as_a_cold_start(engine):
+    prompt = "Describe a sunrise over the mountains. " * 20
+    cold = engine.submit(GenerationRequest(prompt=prompt, params=GREEDY.with_(max_tokens=32))).wait()
+    warm = engine.submit(GenerationRequest(prompt=prompt, params=GREEDY.with_(max_tokens=32))).wait()
+    assert warm.usage.cached_tokens > 0
+    assert warm.text == cold.text
 
 
 def test_context_overflow_drops_oldest_turns_and_says_so(engine):
@@ -202,3 +213,23 @@ def test_works_without_network(tmp_path):
         out = subprocess.run(["unshare", "-n", py, "-m", "influence_tui", *args], capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, (args, out.stderr)
         assert out.stdout.strip()
+
+
+def test_loading_a_model_leaves_the_process_able_to_reach_the_hub(engine, monkeypatch):
+    import os
+
+    from influence_tui.engine.offline import local_only
+
+    # the module's engine has loaded a model: offline switches must be back to what the user had
+    assert "HF_HUB_OFFLINE" not in os.environ and "TRANSFORMERS_OFFLINE" not in os.environ
+    import huggingface_hub.constants as constants
+
+    assert constants.HF_HUB_OFFLINE is False
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with local_only():
+        assert os.environ["TRANSFORMERS_OFFLINE"] == "1"
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and constants.HF_HUB_OFFLINE is True  # the user's own choice is kept
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    with local_only():
+        pass
+    assert constants.HF_HUB_OFFLINE is False

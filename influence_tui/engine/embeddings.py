@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -39,7 +38,6 @@ class Embedder:
 
         from influence_tui.engine.loader import resolve_device
 
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.path, self.name = path, name or Path(path).name
         folder = Path(path)
         self.cfg = json.loads((folder / "config.json").read_text())

@@ -8,7 +8,6 @@ transformers can run. `trust_remote_code` stays off and only safetensors are rea
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -63,8 +62,6 @@ def load_hf_model(path: str, device: str = "auto", device_index: int = 0, max_ba
     from influence_tui.engine.tokenizer import load_folder_tokenizer
 
     t0 = time.perf_counter()
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
     folder = Path(path)
     if not any(folder.glob("*.safetensors")):
         raise ModelLoadError(f"{folder.name}: no *.safetensors weights (pickle .bin/.pt files are never loaded)")

@@ -53,7 +53,7 @@ class Sampler:
 
     def _pick(self, logits: torch.Tensor) -> int:
         p = self.p
-        if p.greedy:
+        if p.greedy or p.temperature < 1e-4 or p.top_p <= 0.0 or p.top_k == 1:
             return int(torch.argmax(logits))
         logits = logits / p.temperature
         if p.top_k:
@@ -70,6 +70,9 @@ class Sampler:
             drop = cumulative - sorted_probs >= p.top_p
             sorted_probs[drop] = 0.0
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        total = float(probs.sum())
+        if not total > 0.0 or total != total or total == float("inf"):
+            return int(torch.argmax(logits))  # penalties pushed everything to -inf: fall back to greedy
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 

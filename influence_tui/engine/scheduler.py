@@ -32,10 +32,18 @@ class Job:
     submitted: float = field(default_factory=time.perf_counter)
 
 
+# Prompts are prefilled in chunks aligned to multiples of CHUNK positions. A chunk's numbers then
+# do not depend on whether the tokens before it came from the cache or were just computed, so an
+# answer is the same with or without a cache hit (bf16 matmuls of different shapes round
+# differently, and greedy decoding amplifies that into different text).
+CHUNK = 128
+
+
 @dataclass
 class Slot:
     index: int
     tokens: list[int] = field(default_factory=list)  # ids whose K/V are valid in this slot
+    exact: int = 0  # leading positions computed by full aligned prefill chunks: safe to reuse
     busy: bool = False
     last_used: float = 0.0
 
@@ -137,13 +145,34 @@ class Scheduler:
         free = [s for s in self.slots if not s.busy]
         if not free:
             return None
-        best = max(free, key=lambda s: (common_prefix(s.tokens, prompt), -s.last_used))
-        reuse = min(common_prefix(best.tokens, prompt), len(prompt) - 1)
+        best = max(free, key=lambda s: (self.reusable(s, prompt), -s.last_used))
+        reuse = self.reusable(best, prompt)
         if reuse <= 0:
             # nothing to reuse: take the least recently used slot, keep the others' caches
             best = min(free, key=lambda s: s.last_used)
             reuse = 0
         return best, reuse
+
+    @staticmethod
+    def reusable(slot: Slot, prompt: list[int]) -> int:
+        """Cached positions this prompt can start from: shared, exactly computed, chunk-aligned."""
+        n = min(common_prefix(slot.tokens, prompt), slot.exact, len(prompt) - 1)
+        return max(n, 0) // CHUNK * CHUNK
+
+    def prefill(self, slot: Slot, prompt: list[int], start: int) -> torch.Tensor:
+        """Prefill prompt[start:] into the slot chunk by chunk; logits of the last position."""
+        slot.tokens = slot.tokens[:start]
+        slot.exact = min(slot.exact, start)
+        ids = torch.tensor(prompt, dtype=torch.long)
+        logits = None
+        with torch.inference_mode():
+            for begin in range(start, len(prompt), CHUNK):
+                end = min(begin + CHUNK, len(prompt))
+                logits = self.model.prefill(slot.index, ids[begin:end], begin)
+        slot.tokens = list(prompt)
+        slot.exact = len(prompt) // CHUNK * CHUNK  # a partial last chunk is recomputed next time
+        assert logits is not None
+        return logits
 
     @property
     def has_free_slot(self) -> bool:
@@ -175,10 +204,7 @@ class Scheduler:
             self._finish(seq, "length")
             return
         tp = time.perf_counter()
-        slot.tokens = slot.tokens[:reuse]
-        with torch.inference_mode():
-            logits = self.model.prefill(slot.index, torch.tensor(prompt[reuse:], dtype=torch.long), reuse)
-        slot.tokens = list(prompt)
+        logits = self.prefill(slot, prompt, reuse)
         usage.prefill_s = time.perf_counter() - tp
         self.active.append(seq)
         self._accept(seq, seq.sampler(logits.float().cpu(), seq.history))
@@ -263,4 +289,4 @@ class Scheduler:
                     torch.tensor([slot.index]), torch.tensor([nxt]), torch.tensor([len(tokens)])
                 )[0]
                 tokens.append(nxt)
-        slot.tokens = tokens
+        slot.tokens, slot.exact = tokens, 0

@@ -161,7 +161,10 @@ class Engine:
         path, name = resolve_embedding_model(model, models_dir=self._models_dir())
         with self._embed_lock:
             if self._embedder is None or self._embedder.path != path:
-                self._embedder = Embedder(path, name=name, device=self.settings.device, device_index=self.settings.device_index)
+                from influence_tui.engine.offline import local_only
+
+                with local_only():
+                    self._embedder = Embedder(path, name=name, device=self.settings.device, device_index=self.settings.device_index)
             vectors, n_tokens = self._embedder.embed(texts)
         return EmbeddingResult(vectors, n_tokens, self._embedder.name)
 
@@ -303,17 +306,22 @@ class Engine:
     def _load_model(self, path: str, device: str) -> Any:
         from influence_tui.engine.base import ModelLoadError
         from influence_tui.engine.loader import UnsupportedArchitecture, load_model
+        from influence_tui.engine.offline import local_only
 
-        try:
-            return load_model(path, device=device, device_index=self.settings.device_index, max_batch=self.max_batch)
-        except UnsupportedArchitecture:
-            if not os.path.isdir(path):
-                raise
-            from influence_tui.engine.hf_fallback import load_hf_model
+        with local_only():
+            try:
+                return load_model(path, device=device, device_index=self.settings.device_index, max_batch=self.max_batch)
+            except UnsupportedArchitecture:
+                if not os.path.isdir(path):
+                    raise
+                from influence_tui.engine.hf_fallback import load_hf_model
 
-            return load_hf_model(path, device=device, device_index=self.settings.device_index, max_batch=self.max_batch)
-        except ModelLoadError as exc:
-            raise EngineError(str(exc)) from None
+                try:
+                    return load_hf_model(path, device=device, device_index=self.settings.device_index, max_batch=self.max_batch)
+                except ModelLoadError as exc:
+                    raise EngineError(str(exc)) from None
+            except ModelLoadError as exc:
+                raise EngineError(str(exc)) from None
 
     def _release(self) -> None:
         self._scheduler = None
@@ -327,7 +335,7 @@ class Engine:
         sched = self._scheduler
         for seq in list(sched.active):
             seq.slot.busy = False
-            seq.slot.tokens = []
+            seq.slot.tokens, seq.slot.exact = [], 0
             sched.active.remove(seq)
             seq.job.stream._finish(Result("".join(seq.text), "error", seq.usage, error=message))
 
