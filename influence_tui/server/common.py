@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from influence_tui.library import ModelInfo, ModelNotFound, find_model, list_models
+from influence_tui.library import ALIASES, ModelInfo, ModelNotFound, list_models
 from influence_tui.params import GenerationParams, ParamError
 
 if TYPE_CHECKING:  # the engine imports torch lazily; these are only names for the type checker
@@ -240,10 +240,12 @@ class ServerContext:
         return self._models[1]
 
     def find(self, name: str) -> ModelInfo:
+        """A model of the library by name or alias (never a filesystem path: remote clients must
+        not probe the disk or load files from outside the library)."""
         try:
-            return find_model(name, models=self.list_models())
+            return lookup(name, self.list_models())
         except ModelNotFound:
-            return find_model(name, models=self.list_models(fresh=True))
+            return lookup(name, self.list_models(fresh=True))
 
     def base_params(self) -> GenerationParams:
         return self.settings.generation_params()
@@ -257,6 +259,16 @@ class ServerContext:
         return model.context_length if model else None
 
 
+def lookup(name: str, models: list[ModelInfo]) -> ModelInfo:
+    wanted = name.strip()
+    for key in (wanted, wanted.removesuffix(":latest")):
+        key = ALIASES.get(key.lower(), key).lower()
+        for m in models:
+            if key == m.name.lower() or key in (a.lower() for a in m.aliases):
+                return m
+    raise ModelNotFound(f"model {name!r} not found")
+
+
 def ctx_of(request: Request) -> ServerContext:
     return request.app.state.ctx
 
@@ -264,12 +276,12 @@ def ctx_of(request: Request) -> ServerContext:
 async def check_chat_model(ctx: ServerContext, name: str | None) -> str | None:
     """Resolve a chat route's `model` field: 404 if unknown, 400 if it is not a usable chat model.
 
-    Returns the name to hand to the engine (None = whatever is loaded, or the default)."""
+    Returns what to hand to the engine: the model's path (None = whatever is loaded, or the default)."""
     if not name:
         return None
     loaded = ctx.engine.status().model
-    if loaded is not None and name in (loaded.name, f"{loaded.name}:latest", loaded.path):
-        return name
+    if loaded is not None and name in (loaded.name, f"{loaded.name}:latest"):
+        return loaded.path
     try:
         info = await asyncio.to_thread(ctx.find, name)
     except ModelNotFound:
@@ -278,7 +290,7 @@ async def check_chat_model(ctx: ServerContext, name: str | None) -> str | None:
         raise ApiError(400, f"model {name!r} is an embedding model: use an embeddings route", param="model")
     if not info.usable:
         raise ApiError(400, f"model {name!r} cannot be used: {info.reason}", param="model")
-    return name
+    return info.path
 
 
 async def check_embedding_model(ctx: ServerContext, name: str | None) -> str | None:
@@ -288,9 +300,11 @@ async def check_embedding_model(ctx: ServerContext, name: str | None) -> str | N
         info = await asyncio.to_thread(ctx.find, name)
     except ModelNotFound:
         raise ApiError(404, f"model {name!r} not found", param="model", code="model_not_found") from None
+    if info.kind != "embedding":
+        raise ApiError(400, f"model {name!r} is not an embedding model (try all-MiniLM-L6-v2)", param="model")
     if not info.usable:
         raise ApiError(400, f"model {name!r} cannot be used: {info.reason}", param="model")
-    return name
+    return info.name
 
 
 async def submit(ctx: ServerContext, req: "GenerationRequest", model: str | None) -> "GenerationStream":
@@ -307,6 +321,8 @@ async def submit(ctx: ServerContext, req: "GenerationRequest", model: str | None
 async def embed(ctx: ServerContext, texts: list[str], model: str | None) -> Any:
     try:
         return await asyncio.to_thread(ctx.engine.embed, texts, model)
+    except ValueError as exc:  # the encoder refuses this model or input: the client's to fix
+        raise ApiError(400, str(exc)) from None
     except Exception as exc:
         mapped = engine_error(exc)
         if mapped is None:
@@ -342,9 +358,24 @@ async def wait_result(request: Request, stream: "GenerationStream") -> "Result":
     return result[0]
 
 
+# The engine's messages for requests that cannot run as asked (scheduler.RequestError); used
+# until Result says by itself whether the request or the engine was at fault.
+_REQUEST_ERRORS = ("shorten it", "nothing to generate", "chat template rejected")
+
+
+def is_request_error(result: "Result") -> bool:
+    kind = getattr(result, "error_kind", None)
+    if kind is not None:
+        return kind == "request"
+    return any(phrase in (result.error or "") for phrase in _REQUEST_ERRORS)
+
+
 def check_result(result: "Result") -> None:
-    """A generation that failed inside the engine: a JSON 500 with its one-line message."""
+    """A generation that failed: a 400 when the request was at fault (too long for the context, …),
+    else a JSON 500 with the engine's one-line message."""
     if result.finish_reason == "error":
+        if is_request_error(result):
+            raise ApiError(400, result.error or "the request cannot run on this model", code="invalid_request")
         raise ApiError(500, result.error or "generation failed", code="generation_failed")
 
 

@@ -79,6 +79,8 @@ async def generate(request: Request) -> Response:
     ctx = ctx_of(request)
     data = await read_json(request)
     prompt = get_field(data, "prompt", str, required=True)
+    if not prompt:
+        raise ApiError(400, "prompt must not be empty", param="prompt")
     system = get_field(data, "system", str)
     stream = get_field(data, "stream", bool, False)
     raw = get_field(data, "raw", bool, False)

@@ -132,11 +132,12 @@ def final_fields(result: Any, started_ns: int) -> dict[str, Any]:
     }
 
 
-async def load_or_unload(request: Request, ctx: ServerContext, model: str | None, keep_alive: float | None,
-                         chat: bool) -> Response:
-    """An empty prompt / messages: load the model (or unload it with keep_alive 0), as Ollama does."""
+async def load_or_unload(request: Request, ctx: ServerContext, name: str | None, model: str | None,
+                         keep_alive: float | None, chat: bool) -> Response:
+    """An empty prompt / messages: load the model (or unload it with keep_alive 0), as Ollama does.
+    `name` is what the client asked for, `model` what the engine gets (a library path)."""
     started = time.perf_counter_ns()
-    name = model or ctx.loaded_name() or ""
+    name = name or ctx.loaded_name() or ""
     if keep_alive is not None and keep_alive == 0:
         await asyncio.to_thread(ctx.engine.unload)
         reason = "unload"
@@ -149,7 +150,7 @@ async def load_or_unload(request: Request, ctx: ServerContext, model: str | None
             if mapped is None:
                 raise
             raise mapped from None
-        name = model or summary.name
+        name = name or summary.name
         reason = "load"
         load_ns = int(getattr(summary, "load_s", 0.0) * 1e9)
     body: dict[str, Any] = {"model": name, "created_at": created_at()}
@@ -181,7 +182,7 @@ async def generate(request: Request) -> Response:
     params, num_ctx = ollama_params(data, ctx)
     model = await check_chat_model(ctx, name)
     if not prompt:
-        return await load_or_unload(request, ctx, model, keep_alive, chat=False)
+        return await load_or_unload(request, ctx, name, model, keep_alive, chat=False)
     req = GenerationRequest(prompt=prompt, system=system, params=params, raw=raw, num_ctx=num_ctx)
     gen = await submit(ctx, req, model)
     return await answer(request, ctx, gen, name, started, stream, chat=False)
@@ -201,7 +202,7 @@ async def chat(request: Request) -> Response:
     params, num_ctx = ollama_params(data, ctx)
     model = await check_chat_model(ctx, name)
     if not messages:
-        return await load_or_unload(request, ctx, model, keep_alive, chat=True)
+        return await load_or_unload(request, ctx, name, model, keep_alive, chat=True)
     gen = await submit(ctx, GenerationRequest(messages=messages, params=params, num_ctx=num_ctx), model)
     return await answer(request, ctx, gen, name, started, stream, chat=True)
 
@@ -379,12 +380,13 @@ async def embed_route(request: Request) -> Response:
         raise ApiError(400, "input must be a string or an array of strings")
     get_field(data, "truncate", bool)
     keep_alive_s(data)
-    name = await check_embedding_model(ctx, get_field(data, "model", str))
+    requested = get_field(data, "model", str)
+    name = await check_embedding_model(ctx, requested)
     if not texts:
-        return JSONResponse({"model": name or "", "embeddings": [], "total_duration": 0, "load_duration": 0,
+        return JSONResponse({"model": requested or "", "embeddings": [], "total_duration": 0, "load_duration": 0,
                              "prompt_eval_count": 0})
     result = await embed(ctx, texts, name)
-    return JSONResponse({"model": name or result.model, "embeddings": result.embeddings,
+    return JSONResponse({"model": requested or result.model, "embeddings": result.embeddings,
                          "total_duration": time.perf_counter_ns() - started, "load_duration": 0,
                          "prompt_eval_count": result.prompt_tokens})
 

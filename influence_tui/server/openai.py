@@ -192,6 +192,8 @@ async def completions(request: Request) -> Response:
     ctx = ctx_of(request)
     data = await read_json(request)
     prompt = completion_prompt(data)
+    if not prompt:  # nothing to continue from (a model without BOS would see zero tokens)
+        raise ApiError(400, "prompt must not be empty", param="prompt")
     if data.get("suffix"):
         raise ApiError(400, "suffix (fill-in-the-middle) is not supported by this server", param="suffix")
     if data.get("logprobs"):
@@ -275,14 +277,14 @@ async def embeddings(request: Request) -> Response:
     dims = get_field(data, "dimensions", int)
     if dims is not None and dims < 1:
         raise ApiError(400, "dimensions must be a positive integer", param="dimensions")
-    name = await check_embedding_model(ctx, get_field(data, "model", str))
-    result = await embed(ctx, texts, name)
+    requested = get_field(data, "model", str)
+    result = await embed(ctx, texts, await check_embedding_model(ctx, requested))
     vectors = [v[:dims] if dims else v for v in result.embeddings]
     return JSONResponse({
         "object": "list",
         "data": [{"object": "embedding", "index": i, "embedding": encode_base64(v) if fmt == "base64" else v}
                  for i, v in enumerate(vectors)],
-        "model": name or result.model,
+        "model": requested or result.model,
         "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
     })
 
