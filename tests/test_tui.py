@@ -338,6 +338,10 @@ async def test_navigation_help_palette_and_theme() -> None:
         for title in ("Hub screen", "Library screen", "Settings screen", "Chat screen", "API server on/off",
                       "Keys and commands", "Stop answer", "Retry", "Clear chat", "Copy answer"):
             assert title in titles
+        for key, title in (("f3", "Download"), ("f4", "Delete model"), ("f5", "Save settings")):
+            await pilot.press(key)
+            await pilot.pause()
+            assert title in [c.title for c in app.get_system_commands(app.screen)]
         app.theme = "nord"
         await pilot.pause()
     assert json.loads(settings_file().read_text())["theme"] == "nord"
@@ -440,9 +444,18 @@ async def test_hub_search_download_progress_and_library(tmp_path: Path, online: 
             await pilot.press("ctrl+d")
             slow = screen.jobs[1].row
             await wait_until(pilot, lambda: slow.last is not None, timeout=30, what="progress")
-            await pilot.press("ctrl+x")
+            # another download waits in the queue behind it
+            row = next(i for i, m in enumerate(screen.results) if m.repo_id == "acme/Mini-GGUF")
+            screen.query_one("#hub-results").move_cursor(row=row)
+            await wait_until(pilot, lambda: screen.listing.repo_id == "acme/Mini-GGUF", timeout=30, what="files")
+            await pilot.press("ctrl+d")
+            again = screen.jobs[2].row
+            assert "queued (1 ahead)" in str(again.query_one(".download-info").render())
+            await pilot.press("ctrl+x")  # cancels the running one; the queued one starts
             await wait_until(pilot, lambda: slow.finished, timeout=30, what="the cancel")
             assert slow.outcome == "cancelled"
+            await wait_until(pilot, lambda: again.finished, timeout=30, what="the queued download")
+            assert again.outcome == "done"
 
             await pilot.press("f4")
             library = app.screen

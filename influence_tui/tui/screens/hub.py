@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 from textual import work
+from textual.app import SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
@@ -59,6 +60,7 @@ class HubScreen(Screen[None]):
         self.queue: deque[DownloadJob] = deque()
         self.jobs: list[DownloadJob] = []
         self._queue_running = False
+        self._queue_lock = threading.Lock()
 
     @property
     def influence(self) -> "InfluenceApp":
@@ -81,6 +83,13 @@ class HubScreen(Screen[None]):
         yield Static("Downloads", id="hub-downloads-title")
         yield VerticalScroll(id="hub-downloads")
         yield Footer()
+
+    def palette_commands(self) -> list[SystemCommand]:
+        return [
+            SystemCommand("Search the Hub", "Focus the search box (ctrl+f)", self.action_focus_search),
+            SystemCommand("Download", "Download the selected repo (ctrl+d)", self.action_download),
+            SystemCommand("Cancel download", "Cancel the running or first queued download (ctrl+x)", self.action_cancel_download),
+        ]
 
     def on_mount(self) -> None:
         self.query_one("#hub-search", Input).focus()
@@ -187,10 +196,12 @@ class HubScreen(Screen[None]):
         await self.query_one("#hub-downloads", VerticalScroll).mount(row)
         job = DownloadJob(repo, quant, row)
         self.jobs.append(job)
-        self.queue.append(job)
-        row.set_queued(len(self.queue) - (0 if self._queue_running else 1))
-        if not self._queue_running:
+        with self._queue_lock:  # the worker may be deciding to stop right now
+            self.queue.append(job)
+            start = not self._queue_running
             self._queue_running = True
+        row.set_queued(len(self.queue) - 1 if start else len(self.queue))
+        if start:
             self._run_queue()
 
     def action_cancel_download(self) -> None:
@@ -204,21 +215,25 @@ class HubScreen(Screen[None]):
 
     def _cancel(self, job: DownloadJob) -> None:
         job.cancel.set()
-        if job in self.queue:  # not started yet: just take it out
-            self.queue.remove(job)
+        with self._queue_lock:
+            queued = job in self.queue
+            if queued:  # not started yet: just take it out
+                self.queue.remove(job)
+        if queued:
             job.row.finish("cancelled", "cancelled before it started")
 
     @work(thread=True, group="hub-downloads")
     def _run_queue(self) -> None:
-        try:
-            while True:
-                try:
-                    job = self.queue.popleft()
-                except IndexError:
+        while True:
+            with self._queue_lock:
+                if not self.queue:
+                    self._queue_running = False
                     return
+                job = self.queue.popleft()
+            try:
                 self._download(job)
-        finally:
-            self._queue_running = False
+            except Exception as exc:  # noqa: BLE001 - one bad job must not stall the queue
+                job.row.post_message(DownloadRow.Finished(job.row, "failed", str(exc)))
 
     def _download(self, job: DownloadJob) -> None:
         hub = self.hub

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from textual import work
+from textual.app import SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
@@ -61,6 +62,13 @@ class LibraryScreen(Screen[None]):
         yield table
         yield Static("Scanning…", id="library-detail")
         yield Footer()
+
+    def palette_commands(self) -> list[SystemCommand]:
+        return [
+            SystemCommand("Load model", "Load the selected model for chat (l)", self.action_load),
+            SystemCommand("Delete model", "Delete the selected model from the disk (d)", self.action_delete),
+            SystemCommand("Refresh library", "Scan the model folders again (r)", self.action_refresh),
+        ]
 
     def on_screen_resume(self) -> None:
         self.action_refresh()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, cast
 
+from textual.app import SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
@@ -69,6 +70,12 @@ class SettingsScreen(Screen[None]):
                 yield Button("Revert", id="settings-revert")
             yield Static(f"Saved to {self.influence.settings_file_label()}", id="settings-file")
         yield Footer()
+
+    def palette_commands(self) -> list[SystemCommand]:
+        return [
+            SystemCommand("Save settings", "Check and save the form (ctrl+s)", self.action_save),
+            SystemCommand("Revert settings", "Show the settings in use again", self.action_revert),
+        ]
 
     def on_mount(self) -> None:
         self.action_revert()
