@@ -66,13 +66,23 @@ def run_ours(path: str, n_prompt: int, n_decode: int, threads: int) -> dict:
 
 
 def run_llamacpp(path: str, n_prompt: int, n_decode: int, threads: int) -> dict:
+    import llama_cpp.llama_cpp as lib
     import numpy as np
     from llama_cpp import Llama
 
+    # use_extra_bufts=False (the CLI's --no-repack): the stock build segfaults in its AMX repack
+    # path on this CPU (llama.cpp #20824). Llama() has no keyword for it, so patch the defaults.
+    defaults = lib.llama_model_default_params
+
+    def no_repack():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    lib.llama_model_default_params = no_repack
     t0 = time.perf_counter()
-    # use_extra_bufts=False: the stock build segfaults in its AMX repack path on this CPU (llama.cpp #20824)
     llm = Llama(model_path=path, n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_batch=512,
-                verbose=False, use_extra_bufts=False, logits_all=False)
+                verbose=False, logits_all=False)
     load_s = time.perf_counter() - t0
     ids = prompt_ids(lambda t: llm.tokenize(t.encode(), add_bos=False, special=False), n_prompt)
     llm.eval(ids[:16])
@@ -81,9 +91,14 @@ def run_llamacpp(path: str, n_prompt: int, n_decode: int, threads: int) -> dict:
     llm.eval(ids)
     prefill_s = time.perf_counter() - t
     out = []
+    n_vocab = llm.n_vocab()
+
+    def last_logits():
+        return np.ctypeslib.as_array(lib.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
+
     t = time.perf_counter()
     for _ in range(n_decode):
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = int(np.argmax(last_logits()))
         out.append(tok)
         llm.eval([tok])
     decode_s = time.perf_counter() - t
