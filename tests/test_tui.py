@@ -487,7 +487,7 @@ def test_first_frame_paints_before_torch_is_imported(tmp_path: Path) -> None:
         class Probe(InfluenceApp):
             def on_ready(self):
                 seen["ready"] = "torch" in sys.modules
-                seen["state_at_ready"] = self.model_state
+                seen["state_at_ready"] = self.model_state  # InfluenceApp.on_ready runs next (MRO)
 
         async def auto_pilot(pilot):
             app = pilot.app
@@ -501,13 +501,14 @@ def test_first_frame_paints_before_torch_is_imported(tmp_path: Path) -> None:
         s = Settings.load()
         s.warmup_tokens = 0
         Probe(s).run(headless=True, auto_pilot=auto_pilot, size=(80, 24))
-        print(at_import, seen["ready"], seen["final"], seen["torch_after_load"])
+        print(at_import, seen["ready"], seen["state_at_ready"], seen["final"], seen["torch_after_load"])
         """
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
-    at_import, at_ready, final, after = out.stdout.split()[-4:]
+    at_import, at_ready, state, final, after = out.stdout.split()[-5:]
     assert (at_import, at_ready) == ("False", "False"), "torch was imported before the first frame"
+    assert state == "loading"  # the first frame already says so
     assert final == "ready" and after == "True"
 
 

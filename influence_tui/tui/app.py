@@ -88,10 +88,12 @@ class InfluenceApp(App[int]):
         if self.initial_mode != "chat":
             await self.switch_mode(self.initial_mode)
         self._adopt_engine()
+
+    def on_ready(self) -> None:
+        # Ready comes once the first frame is on the screen (already saying "loading"); only
+        # then does the load worker start, and with it the torch import.
         if self.autoload and self.model_state != "ready":
-            # The worker starts after the first refresh: the first frame (already saying
-            # "loading") is on screen before torch is imported.
-            self.call_after_refresh(self.load_model, self.model_request)
+            self.load_model(self.model_request)
 
     def _adopt_engine(self) -> None:
         """A shared engine that already holds a model (tests, or a reload) is ready at once."""
