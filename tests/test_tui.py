@@ -84,21 +84,15 @@ def last_answer(app: InfluenceApp) -> AssistantMessage:
 
 # -- chat with the real model -------------------------------------------------------------------
 @pytest.mark.slow
-async def test_answer_streams_then_stats_and_keys_work_meanwhile(engine: Any) -> None:
+async def test_answer_streams_then_ends_with_stats(engine: Any) -> None:
     app = make_app(engine, settings=make_settings(max_tokens=24))
     async with app.run_test(size=SIZE) as pilot:
         assert app.model_state == "ready"
         await send(pilot, LONG_PROMPT)
         await wait_until(pilot, lambda: app.screen.query(AssistantMessage), what="the answer bubble")
         bubble = last_answer(app)
-        # Partial text is on screen while the model still writes...
-        await wait_until(pilot, lambda: len(bubble.text) > 5, what="first tokens")
-        assert not bubble.finished
-        # ...and the keyboard is live: typing goes into the prompt during the stream.
-        await pilot.press("o", "k")
-        assert app.screen.query_one(PromptInput).text == "ok"
-        assert not bubble.finished, "the answer ended before the keys were handled"
         await wait_until(pilot, lambda: app.answers_done == 1, what="the end of the answer")
+        assert bubble.writes >= 2, "the answer was not streamed into the widget as it grew"
         stats = str(bubble.stats.render())
         for part in ("tokens", "tok/s", "first token", "context "):
             assert part in stats
@@ -116,12 +110,16 @@ async def test_answer_streams_then_stats_and_keys_work_meanwhile(engine: Any) ->
 
 
 @pytest.mark.slow
-async def test_escape_stops_and_keeps_partial_answer(engine: Any) -> None:
+async def test_keys_work_while_streaming_and_escape_keeps_partial_answer(engine: Any) -> None:
     app = make_app(engine, settings=make_settings(max_tokens=400))
     async with app.run_test(size=SIZE) as pilot:
         await send(pilot, "Write a long story about a dragon who learns to cook.")
         await wait_until(pilot, lambda: app.screen.query(AssistantMessage) and len(last_answer(app).text) > 10,
                          what="some of the answer")
+        # the keyboard is live while the model writes: typing goes into the prompt
+        await pilot.press("o", "k")
+        assert app.screen.query_one(PromptInput).text == "ok"
+        assert not last_answer(app).finished
         await pilot.press("escape")
         await wait_until(pilot, lambda: app.answers_done == 1, timeout=30, what="the stopped answer")
         bubble = last_answer(app)

@@ -53,6 +53,7 @@ class AssistantMessage(Vertical):
         self._pending: list[str] = []
         self._stream: MarkdownStream | None = None
         self._timer: Timer | None = None
+        self.writes = 0  # stream writes so far: more than one means the answer was shown as it grew
 
     def compose(self) -> Any:
         yield Static(self.model or "Assistant", classes="role")
@@ -88,6 +89,7 @@ class AssistantMessage(Vertical):
         if self._pending and self._stream is not None:
             chunk = "".join(self._pending)
             self._pending.clear()
+            self.writes += 1
             await self._stream.write(chunk)
 
     async def finish(self, stats: str, stopped: bool = False, error: str | None = None) -> None:
