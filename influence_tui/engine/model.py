@@ -128,19 +128,28 @@ class LlamaModel:
         self._buffers: list[mmap.mmap] = []
         self._rope_inv = rope_inv_freq(cfg).float().to(device)
         self._rope: torch.Tensor | None = None  # complex64 [max_seq, head_dim/2]
+        self.kv_cache: list[torch.Tensor] = []
+        self._arange = torch.arange(0)
+        self._norms: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._final_norm = norm
+        self._norm_eps = torch.tensor(0.0)
 
     # -- cache ------------------------------------------------------------------------------
     def allocate(self, max_batch: int, max_seq: int) -> None:
         max_seq = min(max_seq, self.context_length)
         cfg = self.cfg
-        shape = (max_batch, cfg.n_kv_heads, max_seq, cfg.head_dim)
-        self.k_cache, self.v_cache, self._buffers = [], [], []
-        self.k_cache = [self._zeros(shape) for _ in self.layers]
-        self.v_cache = [self._zeros(shape) for _ in self.layers]
+        # one tensor per layer holds K and V: [slot, 2, kv heads, positions, head_dim], so that a
+        # decode step writes both with one copy
+        shape = (max_batch, 2, cfg.n_kv_heads, max_seq, cfg.head_dim)
+        self.kv_cache, self.k_cache, self.v_cache, self._buffers = [], [], [], []
+        self.kv_cache = [self._zeros(shape) for _ in self.layers]
+        self.k_cache = [kv[:, 0] for kv in self.kv_cache]
+        self.v_cache = [kv[:, 1] for kv in self.kv_cache]
         self.max_batch, self.max_seq = max_batch, max_seq
         pos = torch.arange(max_seq, dtype=torch.float32, device=self.device)
         angles = torch.outer(pos, self._rope_inv)
         self._rope = torch.polar(torch.ones_like(angles), angles)
+        self._arange = torch.arange(max_seq, device=self.device)
 
     def _zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
         if self.device.type != "cpu":
@@ -163,29 +172,44 @@ class LlamaModel:
         xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
         return torch.view_as_real(xc * rot).flatten(-2).to(self.dtype)
 
+    def _norm_weights(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the two RMSNorm weights in float32, pre-multiplied by sqrt(dim) (see `_rms_norm`)."""
+        if self._norms is None:
+            root = math.sqrt(self.cfg.dim)
+            self._norms = [(l.attn_norm.float() * root, l.ffn_norm.float() * root) for l in self.layers]
+            self._final_norm = self.norm.float() * root
+            self._norm_eps = torch.tensor(math.sqrt(self.cfg.dim * self.cfg.norm_eps), device=self.device)
+        return self._norms
+
+    def _rms_norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """RMSNorm of the float32 residual stream, in the compute dtype: x * w / sqrt(mean(x^2) + eps)
+        = x * (w sqrt(d)) / hypot(|x|, sqrt(d eps)). Four ops: F.rms_norm is a composite of ~9 on CPU
+        (3x slower for one token, and for a 500-token prefill too)."""
+        r = torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), self._norm_eps)
+        return (x * w).div_(r).to(self.dtype)
+
     def _forward(
         self,
         ids: torch.Tensor,
         rot: torch.Tensor,
-        attend,  # (layer index, q [N, H, D], k [N, KV, D], v [N, KV, D]) -> [N, H*D]
+        attend,  # (layer index, q [N, H, D], kv [N, 2, KV, D]) -> [N, H*D]
     ) -> torch.Tensor:
         cfg = self.cfg
-        nq, nkv, hd, eps = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.norm_eps
+        nq, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         qs, ks = cfg.q_size, cfg.kv_size
-        x = self.embed(ids)
+        norms = self._norm_weights()
+        x = self.embed(ids).float()
+        n = x.shape[0]
         for i, layer in enumerate(self.layers):
-            h = F.rms_norm(x, (cfg.dim,), layer.attn_norm, eps)
-            qkv = layer.qkv(h)
-            n = qkv.shape[0]
+            attn_norm, ffn_norm = norms[i]
+            qkv = layer.qkv(self._rms_norm(x, attn_norm))
             qk = self._rope_apply(qkv[:, : qs + ks].view(n, nq + nkv, hd), rot)
-            q, k = qk[:, :nq], qk[:, nq:]
+            k = qk[:, nq:]
             v = qkv[:, qs + ks :].view(n, nkv, hd)
-            x = x + layer.o(attend(i, q, k, v))
-            h = F.rms_norm(x, (cfg.dim,), layer.ffn_norm, eps)
-            gu = layer.gate_up(h)
-            g, u = gu.chunk(2, dim=-1)
-            x = x + layer.down(F.silu(g) * u)
-        return F.rms_norm(x, (cfg.dim,), self.norm, eps)
+            x += layer.o(attend(i, qk[:, :nq], torch.stack((k, v), dim=1)))
+            g, u = layer.gate_up(self._rms_norm(x, ffn_norm)).chunk(2, dim=-1)
+            x += layer.down(F.silu(g).mul_(u))
+        return self._rms_norm(x, self._final_norm)
 
     def prefill(self, slot: int, tokens: torch.Tensor, start_pos: int, all_logits: bool = False) -> torch.Tensor:
         self._check_cache()
@@ -204,14 +228,13 @@ class LlamaModel:
             rows = torch.arange(start_pos, end, device=self.device)
             mask = cols[None, :] <= rows[:, None]
 
-        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            kc, vc = self.k_cache[i], self.v_cache[i]
-            kc[slot, :, start_pos:end] = k.transpose(0, 1)
-            vc[slot, :, start_pos:end] = v.transpose(0, 1)
+        def attend(i: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+            c = self.kv_cache[i]
+            c[slot, :, :, start_pos:end] = kv.permute(1, 2, 0, 3)
             o = F.scaled_dot_product_attention(
                 q.transpose(0, 1).unsqueeze(0),
-                kc[slot : slot + 1, :, :end],
-                vc[slot : slot + 1, :, :end],
+                c[slot : slot + 1, 0, :, :end],
+                c[slot : slot + 1, 1, :, :end],
                 attn_mask=mask,
                 is_causal=mask is None,
                 enable_gqa=True,
@@ -229,30 +252,50 @@ class LlamaModel:
         self._check_cache()
         assert self._rope is not None
         b = int(tokens.shape[0])
+        if b == 1:
+            return self._decode_one(int(slots[0]), tokens, int(positions[0]))
         slots = slots.to(self.device)
         positions = positions.to(self.device)
         length = int(positions.max()) + 1
         if length > self.max_seq or int(positions.min()) < 0:
             raise ValueError(f"a position is outside the cache of {self.max_seq}")
         rot = self._rope[positions].unsqueeze(1)
-        if b == 1 or int(positions.min()) == length - 1:
+        if int(positions.min()) == length - 1:
             mask = None  # every row sees all `length` positions: SDPA without a mask is ~25% faster
         else:
-            mask = (torch.arange(length, device=self.device)[None, :] <= positions[:, None]).view(b, 1, 1, length)
+            mask = (self._arange[None, :length] <= positions[:, None]).view(b, 1, 1, length)
         first = int(slots[0])
         # a run of consecutive slots is read as a view of the cache; otherwise gathered
-        contiguous = bool(torch.equal(slots, torch.arange(first, first + b, device=self.device)))
+        contiguous = bool(torch.equal(slots, self._arange[first : first + b])) if first + b <= self.max_seq else False
 
-        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            kc, vc = self.k_cache[i], self.v_cache[i]
-            kc[slots, :, positions] = k
-            vc[slots, :, positions] = v
-            if contiguous:
-                ks, vs = kc[first : first + b, :, :length], vc[first : first + b, :, :length]
-            else:
-                ks, vs = kc[slots, :, :length], vc[slots, :, :length]
-            o = F.scaled_dot_product_attention(q.unsqueeze(2), ks, vs, attn_mask=mask, enable_gqa=True)
+        def attend(i: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+            c = self.kv_cache[i]
+            c[slots, :, :, positions] = kv
+            cs = c[first : first + b, :, :, :length] if contiguous else c[slots, :, :, :length]
+            o = F.scaled_dot_product_attention(q.unsqueeze(2), cs[:, 0], cs[:, 1], attn_mask=mask, enable_gqa=True)
             return o.view(b, -1)
+
+        with torch.inference_mode():
+            h = self._forward(tokens.to(self.device), rot, attend)
+            return self.lm_head(h).float()
+
+    def _decode_one(self, slot: int, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        """decode() for one sequence: plain slices instead of index tensors, no mask."""
+        if not 0 <= pos < self.max_seq:
+            raise ValueError(f"a position is outside the cache of {self.max_seq}")
+        assert self._rope is not None
+        rot = self._rope[pos : pos + 1].unsqueeze(1)
+        end = pos + 1
+        nq, hd = self.cfg.n_heads, self.cfg.head_dim
+        caches = [c[slot] for c in self.kv_cache]  # [2, KV, S, D] each
+        q_shape = (1, nq, 1, hd)
+
+        def attend(i: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+            c = caches[i]
+            c[:, :, pos] = kv[0]
+            c = c[:, :, :end]
+            o = F.scaled_dot_product_attention(q.view(q_shape), c[0:1], c[1:2], enable_gqa=True)
+            return o.view(1, -1)
 
         with torch.inference_mode():
             h = self._forward(tokens.to(self.device), rot, attend)
@@ -297,6 +340,5 @@ class LlamaModel:
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` cache positions of slot src into slot dst (prefix sharing)."""
-        for kc, vc in zip(self.k_cache, self.v_cache):
-            kc[dst, :, :length] = kc[src, :, :length]
-            vc[dst, :, :length] = vc[src, :, :length]
+        for c in self.kv_cache:
+            c[dst, :, :, :length] = c[src, :, :, :length]
