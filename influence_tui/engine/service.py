@@ -295,7 +295,9 @@ class Engine:
         self._summary = ModelSummary(
             name=model_name_for_path(loaded.path, self._models_dir()) or loaded.name, path=loaded.path, architecture=loaded.architecture, format=loaded.format,
             quantization=loaded.quantization, dtype=loaded.dtype, device=loaded.device,
-            context_length=loaded.context_length, parameters=loaded.parameters,
+            # what a request can use: the model's maximum, capped by the KV cache allocated for it
+            context_length=min(loaded.context_length, int(loaded.extra.get("max_seq") or loaded.context_length)),
+            parameters=loaded.parameters,
             size_bytes=_file_size(loaded.path), load_s=time.perf_counter() - t0,
             weights=str(loaded.extra.get("weights", "")),
         )
