@@ -7,7 +7,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, TextIO
+from typing import Any, TextIO
 
 from influence_tui.config import Settings
 from influence_tui.engine.types import ChatMessage, GenerationRequest

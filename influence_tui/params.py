@@ -6,7 +6,7 @@ so that every client gets the same one-line error for the same bad value.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 

@@ -7,7 +7,6 @@ and `autoload=False` for deterministic snapshots.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -76,7 +75,6 @@ class InfluenceApp(App[int]):
         self.answers_done = 0
         self.last_copied: str | None = None
         self.mounted_first = False
-        self._user_offline_env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
         if autoload:
             self.set_reactive(InfluenceApp.model_state, "loading")
         if self.settings.theme in self.available_themes:
@@ -211,28 +209,11 @@ class InfluenceApp(App[int]):
         return list_models(self.settings.output_dir)
 
     def hub_client(self) -> Any:
-        import influence_tui.hub as hub  # imported on first use: huggingface_hub is not light
+        # imported on first use: huggingface_hub is not light. The engine puts the offline
+        # switches back after each model load (engine/offline.py), so the Hub works after a load.
+        import influence_tui.hub as hub
 
-        self._restore_hub_online()
         return hub
-
-    def _restore_hub_online(self) -> None:
-        """Undo the engine loader's process-wide HF_HUB_OFFLINE=1 for the Hub screen.
-
-        The loader sets HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE=1 while it reads a model and leaves them
-        set, and huggingface_hub freezes them into `constants.HF_HUB_OFFLINE` when first imported,
-        so after a model load every Hub call would fail with "offline". Put back what the user had:
-        a user who set HF_HUB_OFFLINE themselves keeps it.
-        """
-        for name, value in self._user_offline_env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        from huggingface_hub import constants
-
-        user = {k: v for k, v in self._user_offline_env.items() if v}
-        constants.HF_HUB_OFFLINE = constants._is_true(user.get("HF_HUB_OFFLINE") or user.get("TRANSFORMERS_OFFLINE"))
 
     def settings_file_label(self) -> str:
         from influence_tui.config import settings_file
