@@ -165,7 +165,7 @@ async def test_settings_apply_to_the_next_answer(engine: Any) -> None:
 async def test_server_toggle_answers_http_while_chat_streams(engine: Any) -> None:
     import httpx
 
-    app = make_app(engine, settings=make_settings(max_tokens=16, port=0))
+    app = make_app(engine, settings=make_settings(max_tokens=400, port=0))
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("f6")
         await wait_until(pilot, app._server_running, timeout=30, what="the API server")
@@ -173,9 +173,13 @@ async def test_server_toggle_answers_http_while_chat_streams(engine: Any) -> Non
         await send(pilot, LONG_PROMPT)
         await wait_until(pilot, lambda: app.screen.query(AssistantMessage) and last_answer(app).text,
                          what="the chat answer to start")
-        response = await asyncio.to_thread(httpx.get, f"{url}/api/tags", timeout=30)
-        assert response.status_code == 200 and "models" in response.json()
+        # an outside client generates through the same engine while the chat answer streams
+        body = {"model": "smollm2", "prompt": "Say hi.", "stream": False, "options": {"num_predict": 8, "temperature": 0}}
+        response = await asyncio.to_thread(httpx.post, f"{url}/api/generate", json=body, timeout=60)
+        assert response.status_code == 200 and response.json()["done"] is True
+        assert response.json()["eval_count"] >= 1
         assert not last_answer(app).finished, "the chat answer should still be streaming"
+        await pilot.press("escape")
         await wait_until(pilot, lambda: app.server_status_text()[1].startswith(url), timeout=30, what="the status")
         bar = app.screen.query_one(".server-status")
         await wait_until(pilot, lambda: url in str(bar.render()), timeout=30, what="URL in the status bar")
