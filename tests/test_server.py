@@ -549,3 +549,41 @@ def test_serve_status_and_stop_without_a_server(capsys):
     assert "no detached server" in capsys.readouterr().out
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_detached_status_and_stop(tmp_path):
+    """`influence serve --detached` starts a background server with pid and log files; --stop ends it."""
+    import os
+    import subprocess
+    import sys
+
+    port = _free_port()
+    env = {**os.environ, "INFLUENCE_CONFIG_DIR": str(tmp_path / "cfg"), "INFLUENCE_API_KEY": "detached-key"}
+    cmd = [sys.executable, "-m", "influence_tui", "serve"]
+    started = subprocess.run([*cmd, "--detached", "--port", str(port)], env=env, capture_output=True, text=True,
+                             timeout=240)
+    try:
+        assert started.returncode == 0, started.stderr
+        assert f"http://127.0.0.1:{port}" in started.stdout
+        info = json.loads((tmp_path / "cfg" / "server.pid").read_text())
+        assert (tmp_path / "cfg" / "server.log").is_file()
+        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()
+        assert health["model"] == "SmolLM2-135M-Instruct"
+        # the key reached the child through its environment, not its command line
+        assert httpx.get(f"http://127.0.0.1:{port}/api/tags", timeout=10).status_code == 401
+        status = subprocess.run([*cmd, "--status"], env=env, capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0 and str(info["pid"]) in status.stdout
+    finally:
+        stopped = subprocess.run([*cmd, "--stop"], env=env, capture_output=True, text=True, timeout=60)
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+    assert not (tmp_path / "cfg" / "server.pid").exists()

@@ -186,7 +186,7 @@ def _foreground(args: argparse.Namespace, settings: Settings) -> int:
     # load, then serve: /health says "ok" with the model from the first request on
     engine = Engine(settings)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # `serve --stop`, systemd, docker stop
     print(f"loading {settings.model_path or 'the bundled model'} …", file=sys.stderr, flush=True)
     try:
         summary = engine.load(settings.model_path or None)
@@ -194,6 +194,8 @@ def _foreground(args: argparse.Namespace, settings: Settings) -> int:
         runner = ServerRunner(engine, settings, cors_origins=getattr(args, "cors", None) or None,
                               log_level="info", access_log=True, log_config=_log_config())
         url = runner.start()
+        # Ctrl+C while serving: stop cleanly (also where a launcher started us with SIGINT ignored)
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
         print(f"serving at {url} (Ollama: {url}/api, OpenAI: {url}/v1); Ctrl+C stops", file=sys.stderr, flush=True)
         try:
             while runner.running and not stop.wait(0.5):
