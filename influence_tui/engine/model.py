@@ -149,6 +149,12 @@ class LlamaModel:
         pos = torch.arange(max_seq, dtype=torch.float32, device=self.device)
         angles = torch.outer(pos, self._rope_inv)
         self._rope = torch.polar(torch.ones_like(angles), angles)
+        self._rope_cos, self._rope_sin = angles.cos(), angles.sin()
+        hd = cfg.head_dim
+        pair = torch.arange(hd // 2, device=self.device)
+        even, odd = 2 * pair, 2 * pair + 1  # flat indices into a [D, D] matrix (row: input, col: output)
+        self._rope_idx = (even * hd + even, odd * hd + odd, even * hd + odd, odd * hd + even)
+        self._slot_views: dict[int, list[torch.Tensor]] = {}
         self._arange = torch.arange(max_seq, device=self.device)
 
     def _zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
@@ -250,7 +256,6 @@ class LlamaModel:
 
     def decode(self, slots: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         self._check_cache()
-        assert self._rope is not None
         b = int(tokens.shape[0])
         if b == 1:
             return self._decode_one(int(slots[0]), tokens, int(positions[0]))
@@ -259,47 +264,89 @@ class LlamaModel:
         length = int(positions.max()) + 1
         if length > self.max_seq or int(positions.min()) < 0:
             raise ValueError(f"a position is outside the cache of {self.max_seq}")
-        rot = self._rope[positions].unsqueeze(1)
         if int(positions.min()) == length - 1:
             mask = None  # every row sees all `length` positions: SDPA without a mask is ~25% faster
         else:
             mask = (self._arange[None, :length] <= positions[:, None]).view(b, 1, 1, length)
         first = int(slots[0])
         # a run of consecutive slots is read as a view of the cache; otherwise gathered
-        contiguous = bool(torch.equal(slots, self._arange[first : first + b])) if first + b <= self.max_seq else False
+        contiguous = first + b <= self.max_seq and bool(torch.equal(slots, self._arange[first : first + b]))
+        cfg, dtype = self.cfg, self.dtype
+        nq, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        qk_size, qk_shape = cfg.q_size + cfg.kv_size, (b, nq + nkv, hd)
+        rot = self._rotations(positions)  # [B, D, D]
 
-        def attend(i: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        def attend(i: int, qkv: torch.Tensor) -> torch.Tensor:
+            r = torch.bmm(qkv[:, :qk_size].view(qk_shape).float(), rot)  # q and k rotated [B, H + KV, D]
             c = self.kv_cache[i]
-            c[slots, :, :, positions] = kv
+            c[slots, 0, :, positions] = r[:, nq:].to(dtype)
+            c[slots, 1, :, positions] = qkv[:, qk_size:].view(b, nkv, hd)
             cs = c[first : first + b, :, :, :length] if contiguous else c[slots, :, :, :length]
-            o = F.scaled_dot_product_attention(q.unsqueeze(2), cs[:, 0], cs[:, 1], attn_mask=mask, enable_gqa=True)
+            q = r[:, :nq].unsqueeze(2).to(dtype)
+            o = F.scaled_dot_product_attention(q, cs[:, 0], cs[:, 1], attn_mask=mask, enable_gqa=True)
             return o.view(b, -1)
 
         with torch.inference_mode():
-            h = self._forward(tokens.to(self.device), rot, attend)
+            h = self._decode_forward(tokens.to(self.device), attend)
             return self.lm_head(h).float()
 
     def _decode_one(self, slot: int, tokens: torch.Tensor, pos: int) -> torch.Tensor:
         """decode() for one sequence: plain slices instead of index tensors, no mask."""
         if not 0 <= pos < self.max_seq:
             raise ValueError(f"a position is outside the cache of {self.max_seq}")
-        assert self._rope is not None
-        rot = self._rope[pos : pos + 1].unsqueeze(1)
+        if not 0 <= slot < self.max_batch:
+            raise ValueError(f"slot {slot} is outside 0..{self.max_batch - 1}")
+        cfg, dtype = self.cfg, self.dtype
+        nq, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        qk_size, qk_shape = cfg.q_size + cfg.kv_size, (nq + nkv, hd)
+        q_shape, v_shape = (1, nq, 1, hd), (nkv, hd)
         end = pos + 1
-        nq, hd = self.cfg.n_heads, self.cfg.head_dim
-        caches = [c[slot] for c in self.kv_cache]  # [2, KV, S, D] each
-        q_shape = (1, nq, 1, hd)
+        caches = self._slot_caches(slot)  # [2, KV, S, D] each
+        rot = self._rotations(torch.tensor([pos], device=self.device))[0]
 
-        def attend(i: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        def attend(i: int, qkv: torch.Tensor) -> torch.Tensor:
+            r = torch.mm(qkv[0, :qk_size].view(qk_shape).float(), rot)  # q and k rotated [H + KV, D]
             c = caches[i]
-            c[:, :, pos] = kv[0]
+            c[0, :, pos] = r[nq:]
+            c[1, :, pos] = qkv[0, qk_size:].view(v_shape)
             c = c[:, :, :end]
-            o = F.scaled_dot_product_attention(q.view(q_shape), c[0:1], c[1:2], enable_gqa=True)
+            o = F.scaled_dot_product_attention(r[:nq].to(dtype).view(q_shape), c[0:1], c[1:2], enable_gqa=True)
             return o.view(1, -1)
 
         with torch.inference_mode():
-            h = self._forward(tokens.to(self.device), rot, attend)
+            h = self._decode_forward(tokens.to(self.device), attend)
             return self.lm_head(h).float()
+
+    def _slot_caches(self, slot: int) -> list[torch.Tensor]:
+        views = self._slot_views.get(slot)
+        if views is None:
+            views = self._slot_views[slot] = [c[slot] for c in self.kv_cache]
+        return views
+
+    def _rotations(self, positions: torch.Tensor) -> torch.Tensor:
+        """RoPE of a decode step as one float32 matrix per row, [B, D, D]: x @ R rotates the pairs
+        (2i, 2i+1) of the interleaved layout by position * inv_freq[i]. One small matmul per layer
+        then rotates all q and k heads (instead of ~9 ops through complex numbers)."""
+        hd, b = self.cfg.head_dim, int(positions.shape[0])
+        cos, sin = self._rope_cos[positions], self._rope_sin[positions]  # [B, D/2]
+        rot = torch.zeros(b, hd * hd, device=self.device)
+        i = self._rope_idx
+        rot[:, i[0]] = cos  # out[2i] = x[2i] cos - x[2i+1] sin; out[2i+1] = x[2i] sin + x[2i+1] cos
+        rot[:, i[1]] = cos
+        rot[:, i[2]] = sin
+        rot[:, i[3]] = -sin
+        return rot.view(b, hd, hd)
+
+    def _decode_forward(self, ids: torch.Tensor, attend) -> torch.Tensor:
+        """Like `_forward`, for decode steps: attend(layer index, qkv) gets the fused QKV output
+        [B, (H + 2 KV) D] and applies RoPE itself."""
+        norms = self._norm_weights()
+        x = self.embed(ids).float()
+        for i, (layer, (attn_norm, ffn_norm)) in enumerate(zip(self.layers, norms)):
+            x += layer.o(attend(i, layer.qkv(self._rms_norm(x, attn_norm))))
+            g, u = layer.gate_up(self._rms_norm(x, ffn_norm)).chunk(2, dim=-1)
+            x += layer.down(F.silu(g).mul_(u))
+        return self._rms_norm(x, self._final_norm)
 
     # -- (de)serialisation for the converted-weights cache ----------------------------------------
     _LAYER_LINEARS = ("qkv", "o", "gate_up", "down")
