@@ -58,12 +58,6 @@ def _cap(body: Any) -> None:
     if not isinstance(body, dict):
         return
     body.pop("keep_alive", None)
-    # Known engine bug, reported: repeat_penalty 0 (allowed by GenerationParams) divides logits by
-    # zero and sampling fails (a JSON 500). Steer around it until the sampler or the range is fixed.
-    for holder in (body, body.get("options") if isinstance(body.get("options"), dict) else {}):
-        value = holder.get("repeat_penalty")
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 0.01:
-            holder["repeat_penalty"] = 1.0
     # long generated texts (exotic unicode: several tokens a character) only make prefill slow on
     # two cores; the server handles them the same way as short ones
     for key in ("prompt", "system"):
