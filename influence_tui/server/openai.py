@@ -96,7 +96,6 @@ def timings_of(usage: Any) -> dict[str, Any]:
     """llama-server's `timings` object (milliseconds)."""
     prompt_n = max(usage.prompt_tokens - usage.cached_tokens, 0)
     prompt_ms = usage.prefill_s * 1000
-    predicted_ms = (usage.prefill_s + usage.decode_s) * 1000 if usage.completion_tokens else 0.0
     return {
         "cache_n": usage.cached_tokens,
         "prompt_n": prompt_n,
