@@ -116,6 +116,8 @@ class Scheduler:
         want = request.params.max_tokens
         if request.raw and request.prompt is not None:
             ids = self.tok.encode(request.prompt, add_special_tokens=True)
+            if not ids:
+                raise RequestError("the prompt is empty")
             dropped = 0
             if len(ids) + want > ctx:
                 keep = max(ctx - want, min(len(ids), ctx // 2))
@@ -185,7 +187,7 @@ class Scheduler:
         try:
             prompt, dropped, limit = self.build_prompt(req)
         except RequestError as exc:
-            job.stream._finish(Result("", "error", Usage(), error=str(exc), model=self.lm.name))
+            job.stream._finish(Result("", "error", Usage(), error=str(exc), model=self.lm.name, error_kind="request"))
             return
         picked = self.free_slot(prompt)
         assert picked is not None, "admit() needs a free slot"

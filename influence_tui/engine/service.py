@@ -253,7 +253,7 @@ class Engine:
                 except BaseException as exc:
                     with self._lock:
                         self._pending.popleft()
-                    job.stream._finish(Result("", "error", Usage(), error=str(exc)))
+                    job.stream._finish(Result("", "error", Usage(), error=str(exc), error_kind="engine"))
                     continue
             if job.stream.cancelled:
                 with self._lock:
@@ -281,6 +281,8 @@ class Engine:
         t0 = time.perf_counter()
         try:
             loaded = self._load_model(path, device or self.settings.device)
+            # one name everywhere: what `influence list` shows, not the file's internal name
+            loaded.name = model_name_for_path(loaded.path, self._models_dir()) or loaded.name
             from influence_tui.engine.scheduler import Scheduler
 
             scheduler = Scheduler(loaded)
@@ -293,7 +295,7 @@ class Engine:
             raise EngineError(str(exc)) from exc
         self._scheduler = scheduler
         self._summary = ModelSummary(
-            name=model_name_for_path(loaded.path, self._models_dir()) or loaded.name, path=loaded.path, architecture=loaded.architecture, format=loaded.format,
+            name=loaded.name, path=loaded.path, architecture=loaded.architecture, format=loaded.format,
             quantization=loaded.quantization, dtype=loaded.dtype, device=loaded.device,
             # what a request can use: the model's maximum, capped by the KV cache allocated for it
             context_length=min(loaded.context_length, int(loaded.extra.get("max_seq") or loaded.context_length)),

@@ -74,6 +74,7 @@ class Result:
     usage: Usage
     error: str | None = None
     model: str = ""
+    error_kind: str | None = None  # "request" (the request cannot run as asked) | "engine"
 
 
 class StreamClosed(Exception):

@@ -358,16 +358,8 @@ async def wait_result(request: Request, stream: "GenerationStream") -> "Result":
     return result[0]
 
 
-# The engine's messages for requests that cannot run as asked (scheduler.RequestError); used
-# until Result says by itself whether the request or the engine was at fault.
-_REQUEST_ERRORS = ("shorten it", "nothing to generate", "chat template rejected")
-
-
 def is_request_error(result: "Result") -> bool:
-    kind = getattr(result, "error_kind", None)
-    if kind is not None:
-        return kind == "request"
-    return any(phrase in (result.error or "") for phrase in _REQUEST_ERRORS)
+    return result.error_kind == "request"
 
 
 def check_result(result: "Result") -> None:
