@@ -59,3 +59,12 @@ def test_stop_matcher_across_deltas_and_never_emitted():
     m = StopMatcher(("###",))
     pieces = [m.feed(d) for d in ["ab#", "#x"]]
     assert "".join(pieces) + m.flush() == "ab##x" and not m.stopped
+
+
+def test_degenerate_distribution_falls_back_to_greedy():
+    s = Sampler(GenerationParams(temperature=0.8, top_p=0.9, repeat_penalty=1.0, seed=1), torch.device("cpu"))
+    logits = torch.full((5,), float("-inf"))
+    logits[3] = float("-inf")
+    assert s(logits, []) in range(5)  # no "invalid multinomial distribution" error
+    s = Sampler(GenerationParams(temperature=0.8, top_p=0.0, seed=1), torch.device("cpu"))
+    assert s(torch.tensor([0.0, 2.0, 1.0]), []) == 1  # top_p 0 keeps only the best token

@@ -55,31 +55,16 @@ class Sampler:
         p = self.p
         if p.greedy or p.temperature < 1e-4 or p.top_p <= 0.0 or p.top_k == 1:
             return int(torch.argmax(logits))
-        logits = logits / p.temperature
-        if p.top_k:
-            k = min(p.top_k, logits.numel())
-            kth = torch.topk(logits, k).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        if p.min_p > 0.0:
-            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-        if 0.0 < p.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            cumulative = torch.cumsum(sorted_probs, dim=-1)
-            # keep the smallest set whose mass reaches top_p (the token that crosses it included)
-            drop = cumulative - sorted_probs >= p.top_p
-            sorted_probs[drop] = 0.0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        total = float(probs.sum())
-        if not total > 0.0 or total != total or total == float("inf"):
+        probs = filtered_probs(logits, p)
+        if probs is None:
             return int(torch.argmax(logits))  # penalties pushed everything to -inf: fall back to greedy
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 
-def filtered_probs(logits: torch.Tensor, params: GenerationParams) -> torch.Tensor:
-    """The distribution a Sampler draws from (for tests of the masks)."""
-    p = params
-    logits = logits.float() / max(p.temperature, 1e-6)
+def filtered_probs(logits: torch.Tensor, p: GenerationParams) -> torch.Tensor | None:
+    """The distribution a Sampler draws from: temperature, then top-k, min-p and top-p masks.
+    None when nothing is left to draw from."""
+    logits = logits.float() / p.temperature
     if p.top_k:
         kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -88,10 +73,14 @@ def filtered_probs(logits: torch.Tensor, params: GenerationParams) -> torch.Tens
         probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
     if 0.0 < p.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
+        # keep the smallest set whose mass reaches top_p (the token that crosses it included)
         drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= p.top_p
         sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return probs / probs.sum()
+    total = float(probs.sum())
+    if not total > 0.0 or total == float("inf"):  # also catches NaN
+        return None
+    return probs / total
 
 
 class StopMatcher:
