@@ -68,3 +68,9 @@ def test_degenerate_distribution_falls_back_to_greedy():
     assert s(logits, []) in range(5)  # no "invalid multinomial distribution" error
     s = Sampler(GenerationParams(temperature=0.8, top_p=0.0, seed=1), torch.device("cpu"))
     assert s(torch.tensor([0.0, 2.0, 1.0]), []) == 1  # top_p 0 keeps only the best token
+
+
+def test_top_p_with_a_flat_distribution_uses_the_full_sort():
+    # 5000 equal tokens: the first 1024 candidates hold too little mass, so all tokens are sorted
+    probs = filtered_probs(torch.zeros(5000), GenerationParams(temperature=1.0, top_p=0.5))
+    assert int((probs > 0).sum()) in (2500, 2501)  # float rounding of the running sum

@@ -55,15 +55,22 @@ class Sampler:
         p = self.p
         if p.greedy or p.temperature < 1e-4 or p.top_p <= 0.0 or p.top_k == 1:
             return int(torch.argmax(logits))
-        probs = filtered_probs(logits, p)
-        if probs is None:
+        picked = candidates(logits, p)
+        if picked is None:
             return int(torch.argmax(logits))  # penalties pushed everything to -inf: fall back to greedy
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        probs, ids = picked
+        # drawing from the few kept tokens, not the whole vocabulary, saves ~1 ms a token
+        return int(ids[torch.multinomial(probs, 1, generator=self.generator)])
 
 
-def filtered_probs(logits: torch.Tensor, p: GenerationParams) -> torch.Tensor | None:
-    """The distribution a Sampler draws from: temperature, then top-k, min-p and top-p masks.
-    None when nothing is left to draw from."""
+# top-p looks at the best CANDIDATES tokens first: a full sort of a 50k vocabulary costs more than
+# the rest of sampling; the full sort is only needed when those hold less than top_p of the mass.
+CANDIDATES = 1024
+
+
+def candidates(logits: torch.Tensor, p: GenerationParams) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Temperature, then top-k, min-p and top-p: the kept tokens' probabilities (normalised) and
+    ids. None when nothing is left to draw from."""
     logits = logits.float() / p.temperature
     if p.top_k:
         kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
@@ -72,15 +79,27 @@ def filtered_probs(logits: torch.Tensor, p: GenerationParams) -> torch.Tensor | 
     if p.min_p > 0.0:
         probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
     if 0.0 < p.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        # keep the smallest set whose mass reaches top_p (the token that crosses it included)
-        drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= p.top_p
-        sorted_probs[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        k = min(CANDIDATES, probs.numel())
+        best, ids = torch.topk(probs, k)  # sorted, descending
+        if float(best.sum()) < p.top_p and k < probs.numel():
+            best, ids = torch.sort(probs, descending=True)
+        keep = torch.cumsum(best, dim=-1) - best < p.top_p  # the token that crosses top_p stays
+        probs, ids = best[keep], ids[keep]
+    else:
+        ids = torch.arange(probs.numel())
     total = float(probs.sum())
     if not total > 0.0 or total == float("inf"):  # also catches NaN
         return None
-    return probs / total
+    return probs / total, ids
+
+
+def filtered_probs(logits: torch.Tensor, p: GenerationParams) -> torch.Tensor | None:
+    """The full-vocabulary distribution a Sampler draws from (for tests and inspection)."""
+    picked = candidates(logits, p)
+    if picked is None:
+        return None
+    probs, ids = picked
+    return torch.zeros(logits.numel()).scatter_(0, ids, probs)
 
 
 class StopMatcher:
