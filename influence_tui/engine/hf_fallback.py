@@ -58,6 +58,13 @@ class HFCausalLM:
 
 
 def load_hf_model(path: str, device: str = "auto", device_index: int = 0, max_batch: int = 8, max_seq: int = 4096) -> LoadedModel:
+    from influence_tui.engine.offline import local_only
+
+    with local_only():
+        return _load_hf(path, device, device_index, max_batch, max_seq)
+
+
+def _load_hf(path: str, device: str, device_index: int, max_batch: int, max_seq: int) -> LoadedModel:
     from influence_tui.engine.loader import resolve_device, resolve_dtype
     from influence_tui.engine.tokenizer import load_folder_tokenizer
 

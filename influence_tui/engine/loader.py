@@ -1,6 +1,6 @@
 """Path -> LoadedModel: GGUF files and safetensors folders onto the fast Llama-family model.
 
-Only local files are read (HF_HUB_OFFLINE is set while loading) and never pickle: `.bin`/`.pt`
+Only local files are read (the offline switches are on while loading) and never pickle: `.bin`/`.pt`
 weights are refused. Architectures other than llama/mistral/qwen2 raise `UnsupportedArchitecture`
 so that the scheduler can hand a safetensors folder to the transformers fallback.
 """
@@ -20,6 +20,7 @@ from typing import Callable, Protocol
 import torch
 
 from influence_tui.engine.base import LoadedModel, ModelLoadError
+from influence_tui.engine.offline import local_only
 from influence_tui.engine.model import Embedding, Layer, LlamaModel, ModelConfig
 from influence_tui.engine.quant import FloatLinear, Int4Linear, Int8Linear, make_linear, quantize_int4
 from influence_tui.formats.gguf_tensors import GGUFTensors, Q4Blocks
@@ -472,9 +473,16 @@ def load_model(
     context length capped at 4096; memory is only resident where slots are written on CPU).
     `cache`: keep CPU-quantised weights converted on disk (user cache dir) for fast reloads.
     """
+    # local files only: the libraries' offline switches are on while loading and put back after
+    with local_only():
+        return _load(path, device, device_index, dtype, quant, max_batch, max_seq, cache)
+
+
+def _load(
+    path: str, device: str, device_index: int, dtype: str | None, quant: str | None,
+    max_batch: int, max_seq: int | None, cache: bool,
+) -> LoadedModel:
     t0 = time.perf_counter()
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
     dev = resolve_device(device, device_index)
     loc = locate(path)
     torch_dtype = resolve_dtype(dtype, dev)

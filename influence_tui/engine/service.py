@@ -310,22 +310,20 @@ class Engine:
     def _load_model(self, path: str, device: str) -> Any:
         from influence_tui.engine.base import ModelLoadError
         from influence_tui.engine.loader import UnsupportedArchitecture, load_model
-        from influence_tui.engine.offline import local_only
 
-        with local_only():
+        try:
+            return load_model(path, device=device, device_index=self.settings.device_index, max_batch=self.max_batch)
+        except UnsupportedArchitecture:
+            if not os.path.isdir(path):
+                raise
+            from influence_tui.engine.hf_fallback import load_hf_model
+
             try:
-                return load_model(path, device=device, device_index=self.settings.device_index, max_batch=self.max_batch)
-            except UnsupportedArchitecture:
-                if not os.path.isdir(path):
-                    raise
-                from influence_tui.engine.hf_fallback import load_hf_model
-
-                try:
-                    return load_hf_model(path, device=device, device_index=self.settings.device_index, max_batch=self.max_batch)
-                except ModelLoadError as exc:
-                    raise EngineError(str(exc)) from None
+                return load_hf_model(path, device=device, device_index=self.settings.device_index, max_batch=self.max_batch)
             except ModelLoadError as exc:
                 raise EngineError(str(exc)) from None
+        except ModelLoadError as exc:
+            raise EngineError(str(exc)) from None
 
     def _release(self) -> None:
         self._scheduler = None
