@@ -196,3 +196,20 @@ def test_converted_weights_cache(tiny_dir: Path, tmp_path: Path, monkeypatch: py
     path.touch()  # a changed file is converted again
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
     assert not load_model(str(path), device="cpu", dtype="bfloat16", quant="int4", max_batch=1, max_seq=64).extra["cached"]
+
+
+def test_chunked_prefill_equals_prefilling_each_chunk(tmp_path):
+    """The scheduler's one-pass chunked prefill gives the numbers of chunk-by-chunk prefill calls,
+    from a cold start and from a chunk-aligned cached prefix."""
+    from influence_tui.engine.loader import load_model
+    from influence_tui.library import bundled_gguf_path
+
+    lm = load_model(str(bundled_gguf_path()), max_batch=2)
+    m = lm.model
+    ids = torch.tensor(lm.tokenizer.encode("Rivers run to the sea and the sea gives rain back. " * 30)[:300])
+    with torch.inference_mode():
+        for begin in range(0, 300, 128):
+            ref = m.prefill(0, ids[begin : begin + 128], begin)
+        assert torch.equal(m.prefill_chunked(1, ids, 0, 128), ref)
+        assert torch.equal(m.prefill_chunked(1, ids[128:], 128, 128), ref)
+        assert torch.equal(m.kv_cache[3][0, :, :, :300], m.kv_cache[3][1, :, :, :300])

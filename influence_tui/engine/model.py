@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from influence_tui.engine.quant import FloatLinear, Int4Linear, Int8Linear, linear_from_tensors, linear_tensors
+from influence_tui.engine.quant import FloatLinear, Int4Linear, Int8Linear, linear_from_tensors, linear_tensors, dense_weights
 
 Linear = FloatLinear | Int8Linear | Int4Linear
 
@@ -260,33 +260,56 @@ class LlamaModel:
         rot: torch.Tensor,
         attend,  # (layer index, q [N, H, D], kv [N, 2, KV, D]) -> [N, H*D]
     ) -> torch.Tensor:
+        self._norm_weights()
+        x = self.embed(ids).float()
+        for i in range(len(self.layers)):
+            self._layer(i, x, rot, attend)
+        return self._rms_norm(x, self._final_norm)
+
+    def _layer(self, i: int, x: torch.Tensor, rot: torch.Tensor, attend) -> None:
+        """One transformer block on the float32 residual stream x [N, dim], in place."""
         cfg = self.cfg
         nq, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         qs, ks = cfg.q_size, cfg.kv_size
-        norms = self._norm_weights()
-        x = self.embed(ids).float()
+        attn_norm, ffn_norm = self._norm_weights()[i]
+        layer = self.layers[i]
         n = x.shape[0]
-        for i, layer in enumerate(self.layers):
-            attn_norm, ffn_norm = norms[i]
-            qkv = layer.qkv(self._rms_norm(x, attn_norm))
-            qk = self._rope_apply(qkv[:, : qs + ks].view(n, nq + nkv, hd), rot)
-            k = qk[:, nq:]
-            v = qkv[:, qs + ks :].view(n, nkv, hd)
-            x += layer.o(attend(i, qk[:, :nq], torch.stack((k, v), dim=1)))
-            g, u = layer.gate_up(self._rms_norm(x, ffn_norm)).chunk(2, dim=-1)
-            x += layer.down(F.silu(g).mul_(u))
-        return self._rms_norm(x, self._final_norm)
+        qkv = layer.qkv(self._rms_norm(x, attn_norm))
+        qk = self._rope_apply(qkv[:, : qs + ks].view(n, nq + nkv, hd), rot)
+        k = qk[:, nq:]
+        v = qkv[:, qs + ks :].view(n, nkv, hd)
+        x += layer.o(attend(i, qk[:, :nq], torch.stack((k, v), dim=1)))
+        g, u = layer.gate_up(self._rms_norm(x, ffn_norm)).chunk(2, dim=-1)
+        x += layer.down(F.silu(g).mul_(u))
 
-    def prefill(self, slot: int, tokens: torch.Tensor, start_pos: int, all_logits: bool = False) -> torch.Tensor:
-        self._check_cache()
+    def prefill_chunked(self, slot: int, tokens: torch.Tensor, start_pos: int, chunk: int) -> torch.Tensor:
+        """Logits of the last position, exactly as calling `prefill` on each `chunk`-aligned piece
+        in turn (the same ops on the same rows), but layer by layer: each layer's low-bit weights
+        are dequantised once for the whole prompt instead of once per piece."""
         t = int(tokens.shape[0])
         end = start_pos + t
-        if t < 1 or start_pos < 0 or end > self.max_seq:
-            raise ValueError(f"positions {start_pos}..{end - 1} do not fit the cache of {self.max_seq}")
-        if not 0 <= slot < self.max_batch:
-            raise ValueError(f"slot {slot} is outside 0..{self.max_batch - 1}")
+        edges = [start_pos] + list(range((start_pos // chunk + 1) * chunk, end, chunk)) + [end]
+        spans = list(zip(edges[:-1], edges[1:]))
+        if len(spans) == 1:
+            return self.prefill(slot, tokens, start_pos)
+        self._check_cache()
+        if end > self.max_seq or not 0 <= slot < self.max_batch:
+            raise ValueError(f"positions {start_pos}..{end - 1} of slot {slot} do not fit the cache")
         assert self._rope is not None
-        rot = self._rope[start_pos:end].unsqueeze(1)
+        self._norm_weights()
+        with torch.inference_mode():
+            x = self.embed(tokens.to(self.device)).float()
+            for i, layer in enumerate(self.layers):
+                with dense_weights(layer.qkv, layer.o, layer.gate_up, layer.down):
+                    for a, b in spans:
+                        rows = x[a - start_pos : b - start_pos]
+                        self._layer(i, rows, self._rope[a:b].unsqueeze(1), self._prefill_attend(slot, a, b))
+            h = self._rms_norm(x[-1:], self._final_norm)
+            return self.lm_head(h).float()[0]
+
+    def _prefill_attend(self, slot: int, start_pos: int, end: int):
+        """Attention for prefill rows start_pos..end-1 of one slot (writes their K/V first)."""
+        t = end - start_pos
         if start_pos == 0:
             mask = None
         else:  # row i sees cache positions 0..start_pos+i
@@ -306,6 +329,20 @@ class LlamaModel:
                 enable_gqa=True,
             )
             return o[0].transpose(0, 1).reshape(t, -1)
+
+        return attend
+
+    def prefill(self, slot: int, tokens: torch.Tensor, start_pos: int, all_logits: bool = False) -> torch.Tensor:
+        self._check_cache()
+        t = int(tokens.shape[0])
+        end = start_pos + t
+        if t < 1 or start_pos < 0 or end > self.max_seq:
+            raise ValueError(f"positions {start_pos}..{end - 1} do not fit the cache of {self.max_seq}")
+        if not 0 <= slot < self.max_batch:
+            raise ValueError(f"slot {slot} is outside 0..{self.max_batch - 1}")
+        assert self._rope is not None
+        rot = self._rope[start_pos:end].unsqueeze(1)
+        attend = self._prefill_attend(slot, start_pos, end)
 
         with torch.inference_mode():
             h = self._forward(tokens.to(self.device), rot, attend)

@@ -14,12 +14,29 @@ matrix, no second copy of the model kept around.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 
 GROUP = 32
 DENSE_MIN_TOKENS = 16  # from this many rows on, dequantise + dense matmul beats the int4 kernel
 _PACK_BLOCK_N = 64  # the CPU int4 pack interleaves rows n and n+32 of each block of 64 rows
+
+
+@contextmanager
+def dense_weights(*linears: object) -> Iterator[None]:
+    """Within the block, low-bit linears reuse one dequantised copy of their weight for every
+    dense (prefill) matmul, instead of dequantising it per call. Same numbers, less work."""
+    held = [lin for lin in linears if isinstance(lin, (Int4Linear, Int8Linear))]
+    for lin in held:
+        lin._dense = lin.dense_weight()
+    try:
+        yield
+    finally:
+        for lin in held:
+            lin._dense = None
 
 
 class FloatLinear:
@@ -50,12 +67,17 @@ class Int8Linear:
         q, scale = quantize_int8(w)
         return cls(q, scale, bias, dtype)
 
+    _dense: torch.Tensor | None = None  # set by dense_weights()
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] >= DENSE_MIN_TOKENS:
-            y = F.linear(x, self.dequantize())
+            y = F.linear(x, self._dense if self._dense is not None else self.dense_weight())
         else:
             y = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
         return y if self.bias is None else y + self.bias
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.dequantize()
 
     def dequantize(self) -> torch.Tensor:
         return self.q.to(self.dtype) * self.scale[:, None]
@@ -97,12 +119,17 @@ class Int4Linear:
     def supports(n: int, k: int) -> bool:
         return k % GROUP == 0 and n % _PACK_BLOCK_N == 0
 
+    _dense: torch.Tensor | None = None  # set by dense_weights()
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] >= DENSE_MIN_TOKENS:
-            y = torch.mm(x, self.dequantize_t())
+            y = torch.mm(x, self._dense if self._dense is not None else self.dense_weight())
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_zeros)
         return y if self.bias is None else y + self.bias
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.dequantize_t()
 
     def dequantize_t(self) -> torch.Tensor:
         """The transposed weight [K, N] in `dtype` (for a dense matmul x @ w.T).

@@ -168,9 +168,13 @@ class Scheduler:
         ids = torch.tensor(prompt, dtype=torch.long)
         logits = None
         with torch.inference_mode():
-            for begin in range(start, len(prompt), CHUNK):
-                end = min(begin + CHUNK, len(prompt))
-                logits = self.model.prefill(slot.index, ids[begin:end], begin)
+            chunked = getattr(self.model, "prefill_chunked", None)
+            if chunked is not None:  # the fast model: one pass per layer over all the chunks
+                logits = chunked(slot.index, ids[start:], start, CHUNK)
+            else:
+                for begin in range(start, len(prompt), CHUNK):
+                    end = min(begin + CHUNK, len(prompt))
+                    logits = self.model.prefill(slot.index, ids[begin:end], begin)
         slot.tokens = list(prompt)
         slot.exact = len(prompt) // CHUNK * CHUNK  # a partial last chunk is recomputed next time
         assert logits is not None
