@@ -213,3 +213,18 @@ def test_chunked_prefill_equals_prefilling_each_chunk(tmp_path):
         assert torch.equal(m.prefill_chunked(1, ids, 0, 128), ref)
         assert torch.equal(m.prefill_chunked(1, ids[128:], 128, 128), ref)
         assert torch.equal(m.kv_cache[3][0, :, :, :300], m.kv_cache[3][1, :, :, :300])
+
+
+def test_prefill_many_equals_each_prompt_alone():
+    """Prompts admitted together share each layer's dequantised weights and get the same numbers."""
+    from influence_tui.engine.loader import load_model
+    from influence_tui.library import bundled_gguf_path
+
+    lm = load_model(str(bundled_gguf_path()), max_batch=4)
+    m = lm.model
+    a = torch.tensor(lm.tokenizer.encode("The moon rises over the quiet harbour. " * 20)[:200])
+    b = torch.tensor(lm.tokenizer.encode("Write a poem about bread.")[:12])  # short: the int4 kernel path
+    with torch.inference_mode():
+        alone = [m.prefill_chunked(0, a, 0, 128), m.prefill_chunked(1, b, 0, 128)]
+        together = m.prefill_many([(2, a, 0), (3, b, 0)], 128)
+    assert all(torch.equal(x, y) for x, y in zip(alone, together))

@@ -286,26 +286,29 @@ class LlamaModel:
         """Logits of the last position, exactly as calling `prefill` on each `chunk`-aligned piece
         in turn (the same ops on the same rows), but layer by layer: each layer's low-bit weights
         are dequantised once for the whole prompt instead of once per piece."""
-        t = int(tokens.shape[0])
-        end = start_pos + t
-        edges = [start_pos] + list(range((start_pos // chunk + 1) * chunk, end, chunk)) + [end]
-        spans = list(zip(edges[:-1], edges[1:]))
-        if len(spans) == 1:
-            return self.prefill(slot, tokens, start_pos)
+        return self.prefill_many([(slot, tokens, start_pos)], chunk)[0]
+
+    def prefill_many(self, jobs: list[tuple[int, torch.Tensor, int]], chunk: int) -> list[torch.Tensor]:
+        """`prefill_chunked` for several (slot, tokens, start_pos) at once: requests that arrive
+        together share each layer's dequantised weights. Returns each one's last-position logits."""
         self._check_cache()
-        if end > self.max_seq or not 0 <= slot < self.max_batch:
-            raise ValueError(f"positions {start_pos}..{end - 1} of slot {slot} do not fit the cache")
         assert self._rope is not None
+        spans = []
+        for slot, tokens, start in jobs:
+            end = start + int(tokens.shape[0])
+            if tokens.shape[0] < 1 or start < 0 or end > self.max_seq or not 0 <= slot < self.max_batch:
+                raise ValueError(f"positions {start}..{end - 1} of slot {slot} do not fit the cache")
+            edges = [start] + list(range((start // chunk + 1) * chunk, end, chunk)) + [end]
+            spans.append(list(zip(edges[:-1], edges[1:])))
         self._norm_weights()
         with torch.inference_mode():
-            x = self.embed(tokens.to(self.device)).float()
+            xs = [self.embed(tokens.to(self.device)).float() for _, tokens, _ in jobs]
             for i, layer in enumerate(self.layers):
                 with dense_weights(layer.qkv, layer.o, layer.gate_up, layer.down):
-                    for a, b in spans:
-                        rows = x[a - start_pos : b - start_pos]
-                        self._layer(i, rows, self._rope[a:b].unsqueeze(1), self._prefill_attend(slot, a, b))
-            h = self._rms_norm(x[-1:], self._final_norm)
-            return self.lm_head(h).float()[0]
+                    for (slot, _, start), x, pieces in zip(jobs, xs, spans):
+                        for a, b in pieces:
+                            self._layer(i, x[a - start : b - start], self._rope[a:b].unsqueeze(1), self._prefill_attend(slot, a, b))
+            return [self.lm_head(self._rms_norm(x[-1:], self._final_norm)).float()[0] for x in xs]
 
     def _prefill_attend(self, slot: int, start_pos: int, end: int):
         """Attention for prefill rows start_pos..end-1 of one slot (writes their K/V first)."""

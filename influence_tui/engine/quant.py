@@ -31,12 +31,12 @@ def dense_weights(*linears: object) -> Iterator[None]:
     dense (prefill) matmul, instead of dequantising it per call. Same numbers, less work."""
     held = [lin for lin in linears if isinstance(lin, (Int4Linear, Int8Linear))]
     for lin in held:
-        lin._dense = lin.dense_weight()
+        lin._hold = True  # the copy is made on the first dense call (short prompts never need it)
     try:
         yield
     finally:
         for lin in held:
-            lin._dense = None
+            lin._hold, lin._dense = False, None
 
 
 class FloatLinear:
@@ -67,11 +67,20 @@ class Int8Linear:
         q, scale = quantize_int8(w)
         return cls(q, scale, bias, dtype)
 
-    _dense: torch.Tensor | None = None  # set by dense_weights()
+    _dense: torch.Tensor | None = None  # kept while inside dense_weights()
+    _hold = False
+
+    def _held_dense(self) -> torch.Tensor:
+        if self._dense is not None:
+            return self._dense
+        w = self.dense_weight()
+        if self._hold:
+            self._dense = w
+        return w
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] >= DENSE_MIN_TOKENS:
-            y = F.linear(x, self._dense if self._dense is not None else self.dense_weight())
+            y = F.linear(x, self._held_dense())
         else:
             y = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
         return y if self.bias is None else y + self.bias
@@ -119,11 +128,20 @@ class Int4Linear:
     def supports(n: int, k: int) -> bool:
         return k % GROUP == 0 and n % _PACK_BLOCK_N == 0
 
-    _dense: torch.Tensor | None = None  # set by dense_weights()
+    _dense: torch.Tensor | None = None  # kept while inside dense_weights()
+    _hold = False
+
+    def _held_dense(self) -> torch.Tensor:
+        if self._dense is not None:
+            return self._dense
+        w = self.dense_weight()
+        if self._hold:
+            self._dense = w
+        return w
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] >= DENSE_MIN_TOKENS:
-            y = torch.mm(x, self._dense if self._dense is not None else self.dense_weight())
+            y = torch.mm(x, self._held_dense())
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_zeros)
         return y if self.bias is None else y + self.bias

@@ -163,20 +163,28 @@ class Scheduler:
 
     def prefill(self, slot: Slot, prompt: list[int], start: int) -> torch.Tensor:
         """Prefill prompt[start:] into the slot chunk by chunk; logits of the last position."""
-        slot.tokens = slot.tokens[:start]
-        slot.exact = min(slot.exact, start)
+        return self._prefill_all([(slot, prompt, start)])[0]
+
+    def _prefill_all(self, work: list[tuple[Slot, list[int], int]]) -> list[torch.Tensor]:
+        for slot, _, start in work:
+            slot.tokens = slot.tokens[:start]
+            slot.exact = min(slot.exact, start)
+        with torch.inference_mode():
+            many = getattr(self.model, "prefill_many", None)
+            if many is not None:  # the fast model: one pass per layer over every chunk of every prompt
+                out = many([(slot.index, torch.tensor(prompt[start:], dtype=torch.long), start) for slot, prompt, start in work], CHUNK)
+            else:
+                out = [self._prefill_chunks(slot.index, prompt, start) for slot, prompt, start in work]
+        for slot, prompt, _ in work:
+            slot.tokens = list(prompt)
+            slot.exact = len(prompt) // CHUNK * CHUNK  # a partial last chunk is recomputed next time
+        return out
+
+    def _prefill_chunks(self, index: int, prompt: list[int], start: int) -> torch.Tensor:
         ids = torch.tensor(prompt, dtype=torch.long)
         logits = None
-        with torch.inference_mode():
-            chunked = getattr(self.model, "prefill_chunked", None)
-            if chunked is not None:  # the fast model: one pass per layer over all the chunks
-                logits = chunked(slot.index, ids[start:], start, CHUNK)
-            else:
-                for begin in range(start, len(prompt), CHUNK):
-                    end = min(begin + CHUNK, len(prompt))
-                    logits = self.model.prefill(slot.index, ids[begin:end], begin)
-        slot.tokens = list(prompt)
-        slot.exact = len(prompt) // CHUNK * CHUNK  # a partial last chunk is recomputed next time
+        for begin in range(start, len(prompt), CHUNK):
+            logits = self.model.prefill(index, ids[begin : min(begin + CHUNK, len(prompt))], begin)
         assert logits is not None
         return logits
 
@@ -184,17 +192,33 @@ class Scheduler:
     def has_free_slot(self) -> bool:
         return any(not s.busy for s in self.slots)
 
-    def admit(self, job: Job) -> None:
-        """Tokenize, fit, prefill (reusing a cached prefix) and emit the first token."""
+    def admit(self, jobs: list[Job]) -> None:
+        """Tokenize, fit, prefill (reusing cached prefixes) and emit each job's first token. Jobs
+        that arrive together are prefilled together (the model shares work across them)."""
+        ready = [p for p in (self._prepare(job) for job in jobs) if p is not None]
+        if not ready:
+            return
+        tp = time.perf_counter()
+        logits = self._prefill_all([(seq.slot, seq.prompt, reuse) for seq, reuse in ready])
+        elapsed = time.perf_counter() - tp
+        for (seq, _), row in zip(ready, logits):
+            seq.usage.prefill_s = elapsed
+            self.active.append(seq)
+            self._accept(seq, seq.sampler(row.float().cpu(), seq.history))
+            if seq.usage.ttft_s == 0.0:
+                seq.usage.ttft_s = time.perf_counter() - seq.job.submitted
+
+    def _prepare(self, job: Job) -> tuple[Sequence, int] | None:
+        """Prompt, slot and per-request state; None when the job already ended (bad request, no room)."""
         t0 = time.perf_counter()
         req = job.request
         try:
             prompt, dropped, limit = self.build_prompt(req)
         except RequestError as exc:
             job.stream._finish(Result("", "error", Usage(), error=str(exc), model=self.lm.name, error_kind="request"))
-            return
+            return None
         picked = self.free_slot(prompt)
-        assert picked is not None, "admit() needs a free slot"
+        assert picked is not None, "admit() needs a free slot per job"
         slot, reuse = picked
         slot.busy = True
         usage = Usage(
@@ -208,14 +232,8 @@ class Scheduler:
         )
         if limit <= 0:
             self._finish(seq, "length")
-            return
-        tp = time.perf_counter()
-        logits = self.prefill(slot, prompt, reuse)
-        usage.prefill_s = time.perf_counter() - tp
-        self.active.append(seq)
-        self._accept(seq, seq.sampler(logits.float().cpu(), seq.history))
-        if seq.usage.ttft_s == 0.0:
-            seq.usage.ttft_s = time.perf_counter() - job.submitted
+            return None
+        return seq, reuse
 
     # --- decoding ------------------------------------------------------------------------------
     def step(self) -> None:

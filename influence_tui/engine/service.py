@@ -242,12 +242,14 @@ class Engine:
             cmd[1].set_result(None)
 
     def _admit_pending(self) -> None:
+        """Move waiting jobs into free slots: everything that can start now starts together."""
+        batch: list = []
         while self._pending:
             job = self._pending[0]
             wanted = job.model_path
             if self._scheduler is None or (wanted and wanted != self._summary.path):  # type: ignore[union-attr]
-                if self._scheduler and self._scheduler.active:
-                    return  # switch models once the running requests are done
+                if batch or (self._scheduler and self._scheduler.active):
+                    break  # switch models once the running requests are done
                 try:
                     self._load(wanted or self.resolve(None), None)
                 except BaseException as exc:
@@ -260,15 +262,24 @@ class Engine:
                     self._pending.popleft()
                 job.stream._finish(Result("", "cancelled", Usage(), model=self._summary.name if self._summary else ""))
                 continue
-            if not self._scheduler.has_free_slot:
-                return
+            free = sum(not s.busy for s in self._scheduler.slots)
+            if len(batch) >= free:
+                break
             with self._lock:
                 self._pending.popleft()
-            self._served += 1
-            try:
-                self._scheduler.admit(job)
-            except Exception as exc:
-                job.stream._finish(Result("", "error", Usage(), error=f"generation failed: {exc}"))
+            batch.append(job)
+        if not batch:
+            return
+        self._served += len(batch)
+        try:
+            self._scheduler.admit(batch)
+        except Exception as exc:
+            for job in batch:
+                if not job.stream.done:
+                    job.stream._finish(Result("", "error", Usage(), error=f"generation failed: {exc}", error_kind="engine"))
+            self._fail_active(f"generation failed: {exc}")
+            for slot in self._scheduler.slots:  # their caches may be half written: start clean
+                slot.busy, slot.tokens, slot.exact = False, [], 0
 
     def _load(self, path: str, device: str | None) -> ModelSummary:
         if self._summary and self._summary.path == path and (device is None or device == self.settings.device):
