@@ -20,6 +20,11 @@ class ModelLoadError(RuntimeError):
 
 
 class CausalLM(Protocol):
+    """What the scheduler needs from a model. A model may also offer
+    `prefill_many([(slot, tokens, start_pos), ...], chunk) -> [last-position logits, ...]`: the same
+    numbers as prefilling each prompt in `chunk`-aligned pieces, computed together (the fast model
+    does; the transformers fallback does not, and the scheduler then calls `prefill` per piece)."""
+
     vocab_size: int
     context_length: int  # the model's maximum positions
     device: "torch.device"
@@ -50,7 +55,7 @@ class TextTokenizer(Protocol):
     def decode(self, ids: list[int]) -> str: ...
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """Render the model's own chat template (jinja2); raise ModelLoadError-free ValueError on a bad role."""
+        """Render the model's own chat template (jinja2); a ValueError when the template rejects the messages."""
 
     @property
     def has_chat_template(self) -> bool: ...
