@@ -29,7 +29,7 @@ _PACK_BLOCK_N = 64  # the CPU int4 pack interleaves rows n and n+32 of each bloc
 def dense_weights(*linears: object) -> Iterator[None]:
     """Within the block, low-bit linears reuse one dequantised copy of their weight for every
     dense (prefill) matmul, instead of dequantising it per call. Same numbers, less work."""
-    held = [lin for lin in linears if isinstance(lin, (Int4Linear, Int8Linear))]
+    held = [lin for lin in linears if isinstance(lin, _LowBitLinear)]
     for lin in held:
         lin._hold = True  # the copy is made on the first dense call (short prompts never need it)
     try:
@@ -52,7 +52,26 @@ class FloatLinear:
         return self.weight
 
 
-class Int8Linear:
+class _LowBitLinear:
+    """What Int8Linear and Int4Linear share: the dense weight a prefill matmul uses, kept for
+    reuse while inside `dense_weights()` (made on first use: short prompts never need it)."""
+
+    _dense: torch.Tensor | None = None
+    _hold = False
+
+    def dense_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _held_dense(self) -> torch.Tensor:
+        if self._dense is not None:
+            return self._dense
+        w = self.dense_weight()
+        if self._hold:
+            self._dense = w
+        return w
+
+
+class Int8Linear(_LowBitLinear):
     """Per-output-channel symmetric int8: w = q * scale[n]."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
@@ -66,17 +85,6 @@ class Int8Linear:
     def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> "Int8Linear":
         q, scale = quantize_int8(w)
         return cls(q, scale, bias, dtype)
-
-    _dense: torch.Tensor | None = None  # kept while inside dense_weights()
-    _hold = False
-
-    def _held_dense(self) -> torch.Tensor:
-        if self._dense is not None:
-            return self._dense
-        w = self.dense_weight()
-        if self._hold:
-            self._dense = w
-        return w
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] >= DENSE_MIN_TOKENS:
@@ -96,7 +104,7 @@ class Int8Linear:
         return self.q[ids].to(self.dtype) * self.scale[ids, None]
 
 
-class Int4Linear:
+class Int4Linear(_LowBitLinear):
     """Group-wise (32) asymmetric int4 in the CPU kernel's packed layout."""
 
     def __init__(
@@ -127,17 +135,6 @@ class Int4Linear:
     @staticmethod
     def supports(n: int, k: int) -> bool:
         return k % GROUP == 0 and n % _PACK_BLOCK_N == 0
-
-    _dense: torch.Tensor | None = None  # kept while inside dense_weights()
-    _hold = False
-
-    def _held_dense(self) -> torch.Tensor:
-        if self._dense is not None:
-            return self._dense
-        w = self.dense_weight()
-        if self._hold:
-            self._dense = w
-        return w
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] >= DENSE_MIN_TOKENS:
