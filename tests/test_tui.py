@@ -111,9 +111,12 @@ async def test_answer_streams_then_ends_with_stats(engine: Any) -> None:
 
 @pytest.mark.slow
 async def test_keys_work_while_streaming_and_escape_keeps_partial_answer(engine: Any) -> None:
-    app = make_app(engine, settings=make_settings(max_tokens=400))
+    app = make_app(engine, settings=make_settings(max_tokens=3000))
     async with app.run_test(size=SIZE) as pilot:
-        await send(pilot, "Write a long story about a dragon who learns to cook.")
+        # a long answer (greedy SmolLM2 writes ~1,500 tokens here): at ~150 tok/s it is still
+        # streaming when the keys arrive
+        await send(pilot, "Write a very long, detailed story in ten chapters about a dragon who learns to cook. "
+                          "Give each chapter a title.")
         await wait_until(pilot, lambda: app.screen.query(AssistantMessage) and len(last_answer(app).text) > 10,
                          what="some of the answer")
         # the keyboard is live while the model writes: typing goes into the prompt

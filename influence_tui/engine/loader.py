@@ -22,7 +22,7 @@ import torch
 from influence_tui.engine.base import LoadedModel, ModelLoadError
 from influence_tui.engine.offline import local_only
 from influence_tui.engine.model import Embedding, Layer, LlamaModel, ModelConfig
-from influence_tui.engine.quant import FloatLinear, Int4Linear, Int8Linear, make_linear, quantize_int4
+from influence_tui.engine.quant import FloatLinear, Int4Linear, Int8Linear, Q4Linear, make_linear, native_int4, quantize_int4
 from influence_tui.formats.gguf_tensors import GGUFTensors, Q4Blocks
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
@@ -275,6 +275,10 @@ class _Builder:
         if self.quant == "int4" and self.device.type == "cpu":
             fused = [self._q4_parts(p, n) for p, n in zip(parts, names)]
             q = torch.cat([f[0] for f in fused])
+            if Q4Linear.supports(*q.shape) and native_int4(self.dtype):  # the C kernel's layout
+                scale = torch.cat([f[1] for f in fused])
+                minimum = torch.cat([f[2] for f in fused])
+                return Q4Linear.from_parts(q, scale, minimum, bias, self.dtype)
             if Int4Linear.supports(*q.shape):
                 scale = torch.cat([f[1] for f in fused])
                 minimum = torch.cat([f[2] for f in fused])
@@ -338,7 +342,7 @@ class _Builder:
 # Repacking a GGUF into the int4 kernel's layout takes ~1 s; the packed tensors are written once
 # (safetensors format) and memory-mapped on later loads, keyed by the source files' path, size and
 # mtime, the weight format and dtype. Bump the version when the stored layout changes.
-WEIGHTS_CACHE_VERSION = 3
+WEIGHTS_CACHE_VERSION = 4
 _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I8": torch.int8,
               "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64}
 
@@ -346,7 +350,8 @@ _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32
 def weights_cache_path(sources: list[Path], quant: str, dtype: torch.dtype) -> Path:
     from influence_tui.engine.tokenizer import cache_dir
 
-    h = hashlib.sha256(f"v{WEIGHTS_CACHE_VERSION}:{quant}:{dtype}:{torch.__version__}".encode())
+    layout = "q4native" if quant in ("auto", "int4") and native_int4(dtype) else "torch"
+    h = hashlib.sha256(f"v{WEIGHTS_CACHE_VERSION}:{quant}:{dtype}:{torch.__version__}:{layout}".encode())
     for f in sources:
         st = f.stat()
         h.update(f"|{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())

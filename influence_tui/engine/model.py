@@ -12,6 +12,7 @@ becomes one complex multiplication.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import mmap
 import time
@@ -21,9 +22,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from influence_tui.engine.quant import FloatLinear, Int4Linear, Int8Linear, linear_from_tensors, linear_tensors, dense_weights
+from influence_tui.engine.quant import (
+    FloatLinear,
+    Int4Linear,
+    Int8Linear,
+    Q4Linear,
+    dense_weights,
+    linear_from_tensors,
+    linear_tensors,
+)
 
-Linear = FloatLinear | Int8Linear | Int4Linear
+Linear = FloatLinear | Int8Linear | Int4Linear | Q4Linear
 
 
 @dataclass
@@ -91,7 +100,7 @@ class Layer:
 class Embedding:
     """Token embedding table: float, or int8/int4 rows shared with a tied quantised lm_head."""
 
-    def __init__(self, table: torch.Tensor | Int8Linear | Int4Linear) -> None:
+    def __init__(self, table: torch.Tensor | Int8Linear | Int4Linear | Q4Linear) -> None:
         self.table = table
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
@@ -193,6 +202,7 @@ class LlamaModel:
         self._final_norm = norm
         self._norm_eps = torch.tensor(0.0)
         self._governors: dict[int, ThreadGovernor] = {}
+        self._native: tuple | None = None  # the C decode step, when every piece fits it
 
     # -- cache ------------------------------------------------------------------------------
     def allocate(self, max_batch: int, max_seq: int) -> None:
@@ -216,6 +226,63 @@ class LlamaModel:
         self._rope_idx = (even * hd + even, odd * hd + odd, even * hd + odd, odd * hd + even)
         self._slot_views: dict[int, list[torch.Tensor]] = {}
         self._arange = torch.arange(max_seq, device=self.device)
+        self._native = self._native_step()
+
+    @property
+    def native(self) -> bool:
+        """Whether decode steps run in the C kernel."""
+        return self._native is not None
+
+    def use_native(self, enabled: bool) -> bool:
+        """Switch decode steps between the C kernel and the torch path (the reference the tests
+        compare it with); returns whether the kernel is now in use."""
+        self._native = self._native_step() if enabled and self.kv_cache else None
+        return self._native is not None
+
+    def _native_step(self) -> tuple | None:
+        """The whole decode step in one C call (kernels/decode.c), when the weights are Q4Linear
+        (CPU, bf16) and the embedding / lm_head int8; None keeps the torch path."""
+        cfg = self.cfg
+        linears = [getattr(layer, name) for layer in self.layers for name in self._LAYER_LINEARS]
+        table, head = self.embed.table, self.lm_head
+        if (
+            self.device.type != "cpu" or self.dtype != torch.bfloat16
+            or not all(isinstance(lin, Q4Linear) for lin in linears)
+            or not isinstance(table, Int8Linear) or not isinstance(head, Int8Linear) or head.bias is not None
+            or cfg.head_dim % 2 or cfg.n_heads % cfg.n_kv_heads or cfg.dim % 64
+        ):
+            return None
+        from influence_tui.engine import native
+
+        try:
+            lib = native.library()
+        except native.NativeUnavailable:
+            return None
+        norms = self._norm_weights()
+        layers = (native.LayerT * cfg.n_layers)()
+        for i, (layer, (attn_norm, ffn_norm)) in enumerate(zip(self.layers, norms)):
+            layers[i] = native.LayerT(layer.qkv.struct(), layer.o.struct(), layer.gate_up.struct(), layer.down.struct(),
+                                      attn_norm.data_ptr(), ffn_norm.data_ptr(), self.kv_cache[i].data_ptr())
+        keep = [table.q.contiguous(), table.scale.contiguous(), head.q.contiguous(), head.scale.contiguous()]
+        m = native.ModelT(cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.vocab_size,
+                          self.max_seq, self.max_batch, float(self._norm_eps), ctypes.addressof(layers),
+                          keep[0].data_ptr(), keep[1].data_ptr(), keep[2].data_ptr(), keep[3].data_ptr(),
+                          self._final_norm.data_ptr(), self._rope_cos.data_ptr(), self._rope_sin.data_ptr())
+        return lib, m, layers, keep
+
+    def _native_decode(self, slots: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, threads: int) -> torch.Tensor:
+        assert self._native is not None
+        lib, m = self._native[0], self._native[1]
+        b = int(tokens.shape[0])
+        args = [t.to(torch.int64).contiguous() for t in (slots, tokens, positions)]
+        logits = torch.empty(b, self.vocab_size, dtype=torch.float32)
+        rc = lib.influence_decode(ctypes.byref(m), b, args[0].data_ptr(), args[1].data_ptr(), args[2].data_ptr(),
+                                  logits.data_ptr(), threads)
+        if rc == -1:
+            raise ValueError(f"a slot, position or token is outside the cache ({self.max_batch} x {self.max_seq}) or vocabulary")
+        if rc != 0:
+            raise MemoryError("the decode kernel could not allocate its buffers")
+        return logits
 
     def _zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
         if self.device.type != "cpu":
@@ -359,9 +426,14 @@ class LlamaModel:
             return self._decode(slots, tokens, positions)
         gov = self._governors.setdefault(int(tokens.shape[0]), ThreadGovernor())
         n = gov.threads()
+        t0 = time.perf_counter()
+        if self._native is not None:
+            try:
+                return self._native_decode(slots, tokens, positions, n)
+            finally:
+                gov.record(time.perf_counter() - t0)
         if n != gov.full:
             torch.set_num_threads(n)
-        t0 = time.perf_counter()
         try:
             return self._decode(slots, tokens, positions)
         finally:

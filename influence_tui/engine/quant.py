@@ -192,12 +192,102 @@ class Int4Linear(_LowBitLinear):
         return (q * scale).add_(zero).view(n, k)
 
 
-Linear = FloatLinear | Int8Linear | Int4Linear
+class Q4Linear(_LowBitLinear):
+    """Group-wise (32) int4 in the layout of the C decode kernel (kernels/decode.c): per row, the
+    nibbles of each pair of groups interleaved for vdpbf16ps, and the GGUF Q4_1 fp16 scale d and
+    minimum m per group (w = q * d + m), so a Q4_0/Q4_1 file is repacked exactly, bit for bit.
+
+    Prompts of >= DENSE_MIN_TOKENS rows dequantise the weight (in C) and use a dense bf16 matmul;
+    shorter ones, and every decode step, run the kernel."""
+
+    def __init__(self, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        self.qs = qs  # uint8 [N, K/2]
+        self.d = d  # float16 [N, K/32]
+        self.m = m  # float16 [N, K/32]
+        self.bias = None if bias is None else bias.to(torch.bfloat16).contiguous()
+        self.dtype = dtype
+        self.out_features, self.in_features = qs.shape[0], qs.shape[1] * 2
+        self._struct = None
+
+    @staticmethod
+    def supports(n: int, k: int) -> bool:
+        return k % (2 * GROUP) == 0
+
+    @classmethod
+    def from_parts(cls, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bias: torch.Tensor | None,
+                   dtype: torch.dtype) -> "Q4Linear":
+        """q: integer [N, K] in 0..15; scale, minimum: [N, K/32] with w = q * scale + minimum."""
+        n, k = q.shape
+        # [N, pair, group of the pair, j2, j1] for weight j = 2 j2 + j1 (low nibble) and j + 16 (high)
+        q = q.to(torch.uint8).view(n, k // 64, 2, 2, 8, 2)  # [..., half (j < 16 or not), j2, j1]
+        byte = q[:, :, :, 0] | (q[:, :, :, 1] << 4)  # [N, P, grp, j2, j1]
+        qs = byte.permute(0, 1, 3, 2, 4).reshape(n, k // 2).contiguous()  # byte w = 4 j2 + 2 grp + j1
+        return cls(qs, scale.to(torch.float16).contiguous(), minimum.to(torch.float16).contiguous(), bias, dtype)
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> "Q4Linear":
+        q, scale, minimum = quantize_int4(w)
+        return cls.from_parts(q, scale, minimum, bias, dtype)
+
+    def struct(self):
+        """The kernel's view of this matrix (pointers into the tensors above)."""
+        if self._struct is None:
+            from influence_tui.engine.native import Q4Mat
+
+            bias = self.bias.data_ptr() if self.bias is not None else None
+            self._struct = Q4Mat(self.qs.data_ptr(), self.d.data_ptr(), self.m.data_ptr(), bias,
+                                 self.out_features, self.in_features)
+        return self._struct
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] >= DENSE_MIN_TOKENS:
+            y = F.linear(x.to(torch.bfloat16), self._held_dense())
+            return y if self.bias is None else y + self.bias
+        import ctypes
+
+        from influence_tui.engine.native import library
+
+        x = x.to(torch.bfloat16).contiguous()
+        y = torch.empty(x.shape[0], self.out_features, dtype=torch.bfloat16)
+        rc = library().influence_q4_matmul(ctypes.byref(self.struct()), x.data_ptr(), x.shape[0], y.data_ptr(),
+                                           torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError("the int4 kernel could not allocate its buffers")
+        return y
+
+    def dense_weight(self) -> torch.Tensor:
+        """bf16 [N, K] = bf16(q * d + m), dequantised in C (at memory speed)."""
+        import ctypes
+
+        from influence_tui.engine.native import library
+
+        out = torch.empty(self.out_features, self.in_features, dtype=torch.bfloat16)
+        library().influence_q4_dequant(ctypes.byref(self.struct()), out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def unpacked(self) -> torch.Tensor:
+        """The 0..15 values as uint8 [N, K], undoing the layout."""
+        n, k = self.out_features, self.in_features
+        byte = self.qs.view(n, k // 64, 8, 2, 2).permute(0, 1, 3, 2, 4)  # [N, P, grp, j2, j1]
+        return torch.stack((byte & 0x0F, byte >> 4), dim=3).reshape(n, k)
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.out_features, self.in_features
+        q = self.unpacked().view(n, k // GROUP, GROUP).float()
+        return (q * self.d.float()[..., None] + self.m.float()[..., None]).view(n, k).to(self.dtype)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.dequantize()[ids]
+
+
+Linear = FloatLinear | Int8Linear | Int4Linear | Q4Linear
 
 
 def linear_tensors(layer: Linear, prefix: str) -> dict[str, torch.Tensor]:
     """The tensors that rebuild `layer` with `linear_from_tensors` (for the on-disk cache)."""
-    if isinstance(layer, Int4Linear):
+    if isinstance(layer, Q4Linear):
+        out = {f"{prefix}.q4s": layer.qs, f"{prefix}.q4d": layer.d, f"{prefix}.q4m": layer.m}
+    elif isinstance(layer, Int4Linear):
         out = {f"{prefix}.packed": layer.packed, f"{prefix}.scales_zeros": layer.scales_zeros}
     elif isinstance(layer, Int8Linear):
         out = {f"{prefix}.q8": layer.q, f"{prefix}.scale": layer.scale}
@@ -210,6 +300,8 @@ def linear_tensors(layer: Linear, prefix: str) -> dict[str, torch.Tensor]:
 
 def linear_from_tensors(t: dict[str, torch.Tensor], prefix: str, dtype: torch.dtype) -> Linear:
     bias = t.get(f"{prefix}.bias")
+    if f"{prefix}.q4s" in t:
+        return Q4Linear(t[f"{prefix}.q4s"], t[f"{prefix}.q4d"], t[f"{prefix}.q4m"], bias, dtype)
     if f"{prefix}.packed" in t:
         return Int4Linear(t[f"{prefix}.packed"], t[f"{prefix}.scales_zeros"], bias, dtype)
     if f"{prefix}.q8" in t:
@@ -236,13 +328,22 @@ def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return q.view(n, k), scale, lo
 
 
-def make_linear(
-    w: torch.Tensor, bias: torch.Tensor | None, quant: str, dtype: torch.dtype
-) -> FloatLinear | Int8Linear | Int4Linear:
+def native_int4(dtype: torch.dtype) -> bool:
+    """Whether int4 weights go in the C kernel's layout (Q4Linear) rather than torch's (Int4Linear)."""
+    if dtype != torch.bfloat16:
+        return False
+    from influence_tui.engine.native import vectorized
+
+    return vectorized()
+
+
+def make_linear(w: torch.Tensor, bias: torch.Tensor | None, quant: str, dtype: torch.dtype) -> Linear:
     """A layer from a float weight: quant is "none", "int8" or "int4" (int4 falls back to int8
     when the shape does not fit the kernel)."""
     n, k = w.shape
     bias = None if bias is None else bias.to(dtype)
+    if quant == "int4" and Q4Linear.supports(n, k) and native_int4(dtype):
+        return Q4Linear.from_float(w, bias, dtype)
     if quant == "int4" and Int4Linear.supports(n, k):
         return Int4Linear.from_float(w, bias, dtype)
     if quant in ("int4", "int8"):

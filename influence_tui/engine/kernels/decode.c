@@ -1,0 +1,567 @@
+/* The decode step of the Llama-family model on CPU, in one call: all layers and the lm_head.
+ *
+ * Why C: a decode step in torch is ~300 small ops; each costs a dispatch and a parallel region,
+ * and torch's int4 kernel wants its own layout. Here one OpenMP region runs the whole step, its
+ * threads splitting the rows of each matmul, with 4 barriers per layer.
+ *
+ * Numbers follow the torch path of model.py: bf16 activations into every matmul (fp32 sums),
+ * outputs rounded to bf16, a float32 residual stream, a bf16 KV cache. Each row's sum runs in
+ * the same order whatever the batch size and thread count, so a sequence decodes to the same
+ * tokens alone or batched.
+ *
+ * Q4 weights (`q4mat`): per output row, K/2 bytes of nibbles and per group of 32 weights an fp16
+ * scale d and minimum m (w = q * d + m, GGUF Q4_1; Q4_0 is m = -8 d). Groups go in pairs (A, B):
+ * the 32 bytes of a pair are ordered A0 A1 B0 B1 A2 A3 B2 B3 ... where byte j of a group holds
+ * weight j (low nibble) and j + 16 (high nibble). Widened to 16-bit words, pairs of words feed
+ * vdpbf16ps lanes: even lanes sum group A, odd lanes group B, so one broadcast of (dA, dB)
+ * scales both. A nibble becomes a bf16 number by OR-ing 0x4300 (the bf16 of 128 + q), and the
+ * extra 128 * sum(x) is taken off with the minimum: y = sum_g d_g D_g + sum_g (m_g - 128 d_g) S_g,
+ * D_g = x . (q + 128), S_g = sum of x over the group.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define VEC 1
+#else
+#define VEC 0
+#endif
+
+typedef struct {
+    const uint8_t *qs;     /* [n, k/2] */
+    const uint16_t *d;     /* fp16 [n, k/32] */
+    const uint16_t *m;     /* fp16 [n, k/32] */
+    const uint16_t *bias;  /* bf16 [n] or NULL */
+    int64_t n, k;
+} q4mat;
+
+typedef struct {
+    q4mat qkv, o, gate_up, down;
+    const float *attn_norm, *ffn_norm; /* float32 [dim], pre-multiplied by sqrt(dim) */
+    uint16_t *kv;                      /* bf16 [slots, 2, n_kv, max_seq, head_dim] */
+} layer_t;
+
+typedef struct {
+    int64_t n_layers, dim, n_heads, n_kv, head_dim, ffn, vocab, max_seq, max_batch;
+    float norm_eps; /* sqrt(dim * eps): rms = hypot(|x|, norm_eps) / sqrt(dim) */
+    const layer_t *layers;
+    const int8_t *emb_q;      /* int8 [vocab, dim] */
+    const uint16_t *emb_scale; /* bf16 [vocab] */
+    const int8_t *head_q;      /* int8 [vocab, dim] (the embedding when tied) */
+    const uint16_t *head_scale;
+    const float *final_norm;   /* float32 [dim], pre-multiplied */
+    const float *rope_cos, *rope_sin; /* float32 [max_seq, head_dim/2] */
+} model_t;
+
+#define MAXB 8 /* tokens per pass over a weight matrix */
+
+/* -- scalar helpers ------------------------------------------------------------------------ */
+static inline float bf2f(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static inline uint16_t f2bf(float f) { /* round to nearest even, as torch does */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+static inline float rbf(float f) { return bf2f(f2bf(f)); }
+static inline float h2f(uint16_t h) {
+    uint32_t s = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff, u;
+    if (e == 0) {
+        if (m == 0) u = s;
+        else { /* subnormal */
+            e = 127 - 15 + 1;
+            while (!(m & 0x400)) { m <<= 1; e--; }
+            u = s | (e << 23) | ((m & 0x3ff) << 13);
+        }
+    } else if (e == 31) u = s | 0x7f800000u | (m << 13);
+    else u = s | ((e + 127 - 15) << 23) | (m << 13);
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static inline void split(int64_t n, int tid, int nt, int64_t *a, int64_t *b) {
+    *a = n * tid / nt;
+    *b = n * (tid + 1) / nt;
+}
+
+/* -- activations: a bf16 vector in the pair layout of the weights, with group sums ---------- */
+/* out: k bf16 values; word w of pair p's first half holds x[g*32 + j], of its second half x[g*32 + j + 16],
+ * g = 2p + ((w >> 1) & 1), j = ((w >> 2) << 1) | (w & 1). */
+static void arrange(const float *x, int64_t k, uint16_t *out, float *gsum) {
+#if VEC
+    /* per pair: [A 0..15 | B 0..15] and [A 16..31 | B 16..31] in bf16, then one word permutation each */
+    static const int16_t order[32] = {0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23,
+                                      8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31};
+    const __m512i idx = _mm512_loadu_si512(order);
+    for (int64_t p = 0; p < k / 64; p++) {
+        const float *xa = x + p * 64, *xb = xa + 32;
+        __m512i lo = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(xb), _mm512_loadu_ps(xa));
+        __m512i hi = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(xb + 16), _mm512_loadu_ps(xa + 16));
+        _mm512_storeu_si512(out + p * 64, _mm512_permutexvar_epi16(idx, lo));
+        _mm512_storeu_si512(out + p * 64 + 32, _mm512_permutexvar_epi16(idx, hi));
+        __m512 sa = _mm512_add_ps(_mm512_cvtpbh_ps((__m256bh)_mm512_castsi512_si256(lo)),
+                                  _mm512_cvtpbh_ps((__m256bh)_mm512_castsi512_si256(hi)));
+        __m512 sb = _mm512_add_ps(_mm512_cvtpbh_ps((__m256bh)_mm512_extracti64x4_epi64(lo, 1)),
+                                  _mm512_cvtpbh_ps((__m256bh)_mm512_extracti64x4_epi64(hi, 1)));
+        gsum[2 * p] = _mm512_reduce_add_ps(sa);
+        gsum[2 * p + 1] = _mm512_reduce_add_ps(sb);
+    }
+    return;
+#endif
+    for (int64_t p = 0; p < k / 64; p++) {
+        const float *xa = x + p * 64, *xb = x + p * 64 + 32;
+        uint16_t *o = out + p * 64;
+        float sa = 0.f, sb = 0.f;
+        for (int w = 0; w < 32; w++) {
+            int j = ((w >> 2) << 1) | (w & 1);
+            const float *src = ((w >> 1) & 1) ? xb : xa;
+            o[w] = f2bf(src[j]);
+            o[32 + w] = f2bf(src[j + 16]);
+        }
+        for (int j = 0; j < 32; j++) {
+            sa += rbf(xa[j]);
+            sb += rbf(xb[j]);
+        }
+        gsum[2 * p] = sa;
+        gsum[2 * p + 1] = sb;
+    }
+}
+
+/* -- q4 rows: y[b][r] = bf16(W[r] . x[b] + bias[r]) for rows r0..r1 --------------------------- */
+static inline float q4_offset(const q4mat *W, int64_t r, const float *gs) {
+    int64_t G = W->k / 32;
+    const uint16_t *d = W->d + r * G, *m = W->m + r * G;
+#if VEC
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; g += 16) {
+        __mmask16 mk = (G - g) >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (G - g)) - 1);
+        __m512 dv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, d + g));
+        __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, m + g));
+        __m512 sv = _mm512_maskz_loadu_ps(mk, gs + g);
+        acc = _mm512_fmadd_ps(_mm512_fmadd_ps(dv, _mm512_set1_ps(-128.f), mv), sv, acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+#else
+    float acc = 0.f;
+    for (int64_t g = 0; g < G; g++) acc += (h2f(m[g]) - 128.f * h2f(d[g])) * gs[g];
+    return acc;
+#endif
+}
+
+#if VEC
+static inline __attribute__((always_inline)) void q4_rows_n(
+    const int B, const q4mat *W, int64_t r0, int64_t r1, const uint16_t *xa, int64_t xstride,
+    const float *gs, int64_t gstride, float *y, int64_t ystride) {
+    const int64_t P = W->k / 64;
+    const __m512i low = _mm512_set1_epi16(0x0f), one28 = _mm512_set1_epi16(0x4300);
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *q = W->qs + r * (W->k / 2);
+        const uint16_t *d = W->d + r * (W->k / 32);
+        __m512 acc[MAXB];
+#pragma GCC unroll 8
+        for (int b = 0; b < B; b++) acc[b] = _mm512_setzero_ps();
+        for (int64_t p = 0; p < P; p++) {
+            __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(q + p * 32)));
+            __m512bh lo = (__m512bh)_mm512_or_si512(_mm512_and_si512(w, low), one28);
+            __m512bh hi = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(w, 4), one28);
+            uint32_t dd;
+            memcpy(&dd, d + 2 * p, 4);
+            __m512 dv = _mm512_cvtph_ps(_mm256_set1_epi32((int)dd));
+#pragma GCC unroll 8
+            for (int b = 0; b < B; b++) {
+                const uint16_t *xp = xa + b * xstride + p * 64;
+                __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), lo, (__m512bh)_mm512_loadu_si512(xp));
+                t = _mm512_dpbf16_ps(t, hi, (__m512bh)_mm512_loadu_si512(xp + 32));
+                acc[b] = _mm512_fmadd_ps(t, dv, acc[b]);
+            }
+        }
+        float bias = W->bias ? bf2f(W->bias[r]) : 0.f;
+#pragma GCC unroll 8
+        for (int b = 0; b < B; b++)
+            y[b * ystride + r] = rbf(_mm512_reduce_add_ps(acc[b]) + q4_offset(W, r, gs + b * gstride) + bias);
+    }
+}
+#endif
+
+static void q4_rows(int B, const q4mat *W, int64_t r0, int64_t r1, const uint16_t *xa, int64_t xstride,
+                    const float *gs, int64_t gstride, float *y, int64_t ystride) {
+#if VEC
+    switch (B) { /* constant B: the token loop unrolls and its accumulators stay in registers */
+    case 1: q4_rows_n(1, W, r0, r1, xa, xstride, gs, gstride, y, ystride); return;
+    case 2: q4_rows_n(2, W, r0, r1, xa, xstride, gs, gstride, y, ystride); return;
+    case 3: q4_rows_n(3, W, r0, r1, xa, xstride, gs, gstride, y, ystride); return;
+    case 4: q4_rows_n(4, W, r0, r1, xa, xstride, gs, gstride, y, ystride); return;
+    case 5: q4_rows_n(5, W, r0, r1, xa, xstride, gs, gstride, y, ystride); return;
+    case 6: q4_rows_n(6, W, r0, r1, xa, xstride, gs, gstride, y, ystride); return;
+    case 7: q4_rows_n(7, W, r0, r1, xa, xstride, gs, gstride, y, ystride); return;
+    default: q4_rows_n(8, W, r0, r1, xa, xstride, gs, gstride, y, ystride); return;
+    }
+#else
+    const int64_t G = W->k / 32;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *q = W->qs + r * (W->k / 2);
+        for (int b = 0; b < B; b++) {
+            const uint16_t *x = xa + b * xstride;
+            float acc = 0.f;
+            for (int64_t g = 0; g < G; g++) {
+                const uint8_t *qp = q + (g / 2) * 32;
+                const uint16_t *xp = x + (g / 2) * 64;
+                float s = 0.f;
+                for (int w = 0; w < 32; w++) {
+                    if (((w >> 1) & 1) != (g & 1)) continue;
+                    s += bf2f(xp[w]) * (float)((qp[w] & 15) + 128) + bf2f(xp[32 + w]) * (float)((qp[w] >> 4) + 128);
+                }
+                acc += h2f(W->d[r * G + g]) * s;
+            }
+            float bias = W->bias ? bf2f(W->bias[r]) : 0.f;
+            y[b * ystride + r] = rbf(acc + q4_offset(W, r, gs + b * gstride) + bias);
+        }
+    }
+#endif
+}
+
+/* all tokens, in passes of MAXB; rows r0..r1 */
+static void q4_matmul_rows(int B, const q4mat *W, int64_t r0, int64_t r1, const uint16_t *xa, int64_t xstride,
+                           const float *gs, int64_t gstride, float *y, int64_t ystride) {
+    for (int b0 = 0; b0 < B; b0 += MAXB) {
+        int nb = B - b0 < MAXB ? B - b0 : MAXB;
+        q4_rows(nb, W, r0, r1, xa + b0 * xstride, xstride, gs + b0 * gstride, gstride, y + b0 * ystride, ystride);
+    }
+}
+
+/* -- int8 rows (lm_head): y[b][r] = bf16(scale[r] * (q[r] . x[b])) -------------------------- */
+static __attribute__((noinline)) void i8_rows(int B, const int8_t *Q, const uint16_t *scale, int64_t k, int64_t r0, int64_t r1,
+                    const float *x, float *y, int64_t ystride) {
+#if VEC
+    for (int b0 = 0; b0 < B; b0 += 4) { /* 4 tokens a pass keep the accumulators in registers */
+        int nb = B - b0 < 4 ? B - b0 : 4;
+        for (int64_t r = r0; r < r1; r++) {
+            const int8_t *q = Q + r * k;
+            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            for (int64_t c = 0; c < k; c += 16) {
+                __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + c))));
+                for (int b = 0; b < nb; b++) acc[b] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + (b0 + b) * k + c), acc[b]);
+            }
+            float s = bf2f(scale[r]);
+            for (int b = 0; b < nb; b++) y[(b0 + b) * ystride + r] = rbf(rbf(_mm512_reduce_add_ps(acc[b])) * s);
+        }
+    }
+#else
+    for (int64_t r = r0; r < r1; r++) {
+        const int8_t *q = Q + r * k;
+        float s = bf2f(scale[r]);
+        for (int b = 0; b < B; b++) {
+            float acc = 0.f;
+            for (int64_t c = 0; c < k; c++) acc += (float)q[c] * x[b * k + c];
+            y[b * ystride + r] = rbf(rbf(acc) * s);
+        }
+    }
+#endif
+}
+
+/* -- small vector pieces ---------------------------------------------------------------------- */
+#if VEC
+static inline __m512 exp512(__m512 x) { /* e^x, ~2 ulp: 2^n * p(r), r in [-ln2/2, ln2/2] */
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3f)), _mm512_set1_ps(-103.9f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
+    p = _mm512_add_ps(p, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+/* bf16(silu(bf16 g)) * bf16 u, rounded: F.silu(g).mul_(u) in bf16 */
+static void silu_mul(const float *g, const float *u, float *h, int64_t n) {
+    int64_t i = 0;
+#if VEC
+    for (; i + 16 <= n; i += 16) {
+        __m512 gv = _mm512_loadu_ps(g + i);
+        __m512 s = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+        s = _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(s));
+        __m512 o = _mm512_mul_ps(s, _mm512_loadu_ps(u + i));
+        _mm512_storeu_ps(h + i, _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(o)));
+    }
+#endif
+    for (; i < n; i++) h[i] = rbf(rbf(g[i] / (1.f + expf(-g[i]))) * u[i]);
+}
+
+/* RMSNorm of the float32 residual: bf16(x * w / hypot(|x|, eps)) */
+static void rms_norm(const float *x, const float *w, float eps, int64_t n, float *out) {
+    int64_t i = 0;
+    float ss = 0.f;
+#if VEC
+    __m512 acc = _mm512_setzero_ps();
+    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(x + i), acc);
+    ss = _mm512_reduce_add_ps(acc);
+#endif
+    for (; i < n; i++) ss += x[i] * x[i];
+    float r = hypotf(sqrtf(ss), eps);
+    i = 0;
+#if VEC
+    __m512 rv = _mm512_set1_ps(r);
+    for (; i + 16 <= n; i += 16) {
+        __m512 v = _mm512_div_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(w + i)), rv);
+        _mm512_storeu_ps(out + i, _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(v)));
+    }
+#endif
+    for (; i < n; i++) out[i] = rbf(x[i] * w[i] / r);
+}
+
+static inline float dot_bf16(const uint16_t *a, const float *q, int64_t n) {
+#if VEC
+    if (n % 32 == 0) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t i = 0; i < n; i += 16)
+            acc = _mm512_fmadd_ps(_mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(a + i))),
+                                  _mm512_loadu_ps(q + i), acc);
+        return _mm512_reduce_add_ps(acc);
+    }
+#endif
+    float s = 0.f;
+    for (int64_t i = 0; i < n; i++) s += bf2f(a[i]) * q[i];
+    return s;
+}
+
+static inline void axpy_bf16(float p, const uint16_t *v, float *o, int64_t n) {
+#if VEC
+    if (n % 16 == 0) {
+        __m512 pv = _mm512_set1_ps(p);
+        for (int64_t i = 0; i < n; i += 16)
+            _mm512_storeu_ps(o + i, _mm512_fmadd_ps(pv, _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(v + i))),
+                                                    _mm512_loadu_ps(o + i)));
+        return;
+    }
+#endif
+    for (int64_t i = 0; i < n; i++) o[i] += p * bf2f(v[i]);
+}
+
+static __attribute__((noinline)) void softmax_inplace(float *s, int64_t n) {
+    float mx = -INFINITY, sum = 0.f;
+    for (int64_t i = 0; i < n; i++) mx = s[i] > mx ? s[i] : mx;
+    int64_t i = 0;
+#if VEC
+    __m512 acc = _mm512_setzero_ps(), mv = _mm512_set1_ps(mx);
+    for (; i + 16 <= n; i += 16) {
+        __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + i), mv));
+        _mm512_storeu_ps(s + i, e);
+        acc = _mm512_add_ps(acc, e);
+    }
+    sum = _mm512_reduce_add_ps(acc);
+#endif
+    for (; i < n; i++) {
+        s[i] = expf(s[i] - mx);
+        sum += s[i];
+    }
+    float inv = 1.f / sum;
+    for (i = 0; i < n; i++) s[i] *= inv;
+}
+
+/* rotate the interleaved pairs (2i, 2i+1) of one head by position pos */
+static inline void rope(const float *in, float *out, const float *cs, const float *sn, int64_t hd) {
+    for (int64_t i = 0; i < hd / 2; i++) {
+        float a = in[2 * i], b = in[2 * i + 1];
+        out[2 * i] = a * cs[i] - b * sn[i];
+        out[2 * i + 1] = a * sn[i] + b * cs[i];
+    }
+}
+
+/* one (token, query head): writes bf16 attention output [head_dim] */
+static __attribute__((noinline)) void attend(const model_t *M, const layer_t *L, int b, int64_t h, int64_t slot, int64_t pos,
+                   const float *qkv, float *out, float *scores, float *tmp) {
+    const int64_t hd = M->head_dim, nq = M->n_heads, nkv = M->n_kv, S = M->max_seq;
+    const int64_t g = h / (nq / nkv);
+    const float *cs = M->rope_cos + pos * (hd / 2), *sn = M->rope_sin + pos * (hd / 2);
+    float *q = tmp, *kc = tmp + hd, *o = tmp + 2 * hd;
+    rope(qkv + h * hd, q, cs, sn, hd);
+    rope(qkv + (nq + g) * hd, kc, cs, sn, hd);
+    const float *vc = qkv + (nq + nkv + g) * hd;
+    for (int64_t i = 0; i < hd; i++) { q[i] = rbf(q[i]); kc[i] = rbf(kc[i]); }
+    const uint16_t *K = L->kv + ((slot * 2 + 0) * nkv + g) * S * hd;
+    const uint16_t *V = L->kv + ((slot * 2 + 1) * nkv + g) * S * hd;
+    const float scale = 1.f / sqrtf((float)hd);
+    /* positions before pos come from the cache; pos itself from this step's k, v (another thread
+       may be writing it to the cache right now) */
+    for (int64_t t = 0; t < pos; t++) scores[t] = dot_bf16(K + t * hd, q, hd) * scale;
+    float sc = 0.f;
+    for (int64_t i = 0; i < hd; i++) sc += kc[i] * q[i];
+    scores[pos] = sc * scale;
+    softmax_inplace(scores, pos + 1);
+    memset(o, 0, hd * sizeof(float));
+    for (int64_t t = 0; t < pos; t++) axpy_bf16(scores[t], V + t * hd, o, hd);
+    for (int64_t i = 0; i < hd; i++) out[i] = rbf(o[i] + scores[pos] * vc[i]);
+    if (h % (nq / nkv) == 0) { /* the group's first head stores its k and v */
+        uint16_t *Kw = (uint16_t *)K + pos * hd, *Vw = (uint16_t *)V + pos * hd;
+        for (int64_t i = 0; i < hd; i++) { Kw[i] = f2bf(kc[i]); Vw[i] = f2bf(vc[i]); }
+    }
+}
+
+static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+/* The decode step: B tokens (each its own slot and position) -> float32 logits [B, vocab]. */
+int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_t *tokens, const int64_t *positions,
+                     float *logits, int nthreads) {
+    const int64_t dim = M->dim, F = M->ffn, hd = M->head_dim, nq = M->n_heads, nkv = M->n_kv;
+    const int64_t QKV = (nq + 2 * nkv) * hd, A = nq * hd;
+    for (int b = 0; b < B; b++)
+        if (slots[b] < 0 || slots[b] >= M->max_batch || positions[b] < 0 || positions[b] >= M->max_seq ||
+            tokens[b] < 0 || tokens[b] >= M->vocab)
+            return -1;
+    float *x = aligned_alloc(64, align64(sizeof(float) * B * dim));
+    float *qkv = aligned_alloc(64, align64(sizeof(float) * B * QKV));
+    float *att = aligned_alloc(64, align64(sizeof(float) * B * A));
+    float *gu = aligned_alloc(64, align64(sizeof(float) * B * 2 * F));
+    float *hbuf = aligned_alloc(64, align64(sizeof(float) * B * F));
+    if (!x || !qkv || !att || !gu || !hbuf) {
+        free(x); free(qkv); free(att); free(gu); free(hbuf);
+        return -2;
+    }
+    for (int b = 0; b < B; b++) { /* embedding rows: bf16(q * scale), as Int8Linear.rows */
+        const int8_t *q = M->emb_q + tokens[b] * dim;
+        float s = bf2f(M->emb_scale[tokens[b]]);
+        for (int64_t i = 0; i < dim; i++) x[b * dim + i] = rbf((float)q[i] * s);
+    }
+    const int64_t kmax = F > dim ? (F > A ? F : A) : (dim > A ? dim : A);
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        int tid = 0, nt = 1;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        /* per thread: normed input, its pair layout and group sums, attention scratch */
+        float *xn = aligned_alloc(64, align64(sizeof(float) * B * kmax));
+        uint16_t *xa = aligned_alloc(64, align64(sizeof(uint16_t) * B * kmax));
+        float *gs = aligned_alloc(64, align64(sizeof(float) * B * (kmax / 32)));
+        float *scores = aligned_alloc(64, align64(sizeof(float) * M->max_seq));
+        float *tmp = aligned_alloc(64, align64(sizeof(float) * 3 * hd));
+        int ok = xn && xa && gs && scores && tmp;
+        if (!ok) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+            int64_t a0, a1;
+            for (int64_t l = 0; l < M->n_layers; l++) {
+                const layer_t *L = &M->layers[l];
+                /* attention block */
+                for (int b = 0; b < B; b++) {
+                    rms_norm(x + b * dim, L->attn_norm, M->norm_eps, dim, xn + b * dim);
+                    arrange(xn + b * dim, dim, xa + b * dim, gs + b * (dim / 32));
+                }
+                split(L->qkv.n, tid, nt, &a0, &a1);
+                q4_matmul_rows(B, &L->qkv, a0, a1, xa, dim, gs, dim / 32, qkv, QKV);
+#pragma omp barrier
+                split((int64_t)B * nq, tid, nt, &a0, &a1);
+                for (int64_t it = a0; it < a1; it++) {
+                    int b = (int)(it / nq);
+                    attend(M, L, b, it % nq, slots[b], positions[b], qkv + b * QKV, att + b * A + (it % nq) * hd, scores, tmp);
+                }
+#pragma omp barrier
+                for (int b = 0; b < B; b++) arrange(att + b * A, A, xa + b * A, gs + b * (A / 32));
+                split(dim, tid, nt, &a0, &a1);
+                q4_matmul_rows(B, &L->o, a0, a1, xa, A, gs, A / 32, xn, dim); /* xn: scratch for the rows */
+                for (int b = 0; b < B; b++)
+                    for (int64_t r = a0; r < a1; r++) x[b * dim + r] += xn[b * dim + r];
+#pragma omp barrier
+                /* feed-forward block: rows r of gate and F + r of up go to the same thread */
+                for (int b = 0; b < B; b++) {
+                    rms_norm(x + b * dim, L->ffn_norm, M->norm_eps, dim, xn + b * dim);
+                    arrange(xn + b * dim, dim, xa + b * dim, gs + b * (dim / 32));
+                }
+                split(F, tid, nt, &a0, &a1);
+                q4_matmul_rows(B, &L->gate_up, a0, a1, xa, dim, gs, dim / 32, gu, 2 * F);
+                q4_matmul_rows(B, &L->gate_up, F + a0, F + a1, xa, dim, gs, dim / 32, gu, 2 * F);
+                for (int b = 0; b < B; b++) silu_mul(gu + b * 2 * F + a0, gu + b * 2 * F + F + a0, hbuf + b * F + a0, a1 - a0);
+#pragma omp barrier
+                for (int b = 0; b < B; b++) arrange(hbuf + b * F, F, xa + b * F, gs + b * (F / 32));
+                split(dim, tid, nt, &a0, &a1);
+                q4_matmul_rows(B, &L->down, a0, a1, xa, F, gs, F / 32, xn, dim);
+                for (int b = 0; b < B; b++)
+                    for (int64_t r = a0; r < a1; r++) x[b * dim + r] += xn[b * dim + r];
+#pragma omp barrier
+            }
+            for (int b = 0; b < B; b++) rms_norm(x + b * dim, M->final_norm, M->norm_eps, dim, xn + b * dim);
+            split(M->vocab, tid, nt, &a0, &a1);
+            i8_rows(B, M->head_q, M->head_scale, dim, a0, a1, xn, logits, M->vocab);
+        }
+        free(xn); free(xa); free(gs); free(scores); free(tmp);
+    }
+    free(x); free(qkv); free(att); free(gu); free(hbuf);
+    return failed ? -2 : 0;
+}
+
+/* y [M, n] bf16 = x [M, k] bf16 @ W.T, for prompts too short for a dense matmul */
+int influence_q4_matmul(const q4mat *W, const uint16_t *x, int64_t Mrows, uint16_t *y, int nthreads) {
+    const int64_t k = W->k, n = W->n, G = k / 32;
+    float *xf = malloc(sizeof(float) * k);
+    uint16_t *xa = aligned_alloc(64, align64(sizeof(uint16_t) * Mrows * k));
+    float *gs = malloc(sizeof(float) * Mrows * G);
+    float *yf = malloc(sizeof(float) * Mrows * n);
+    if (!xf || !xa || !gs || !yf) {
+        free(xf); free(xa); free(gs); free(yf);
+        return -2;
+    }
+    for (int64_t i = 0; i < Mrows; i++) {
+        for (int64_t c = 0; c < k; c++) xf[c] = bf2f(x[i * k + c]);
+        arrange(xf, k, xa + i * k, gs + i * G);
+    }
+#pragma omp parallel num_threads(nthreads)
+    {
+        int tid = 0, nt = 1;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        int64_t a0, a1;
+        split(n, tid, nt, &a0, &a1);
+        q4_matmul_rows((int)Mrows, W, a0, a1, xa, k, gs, G, yf, n);
+    }
+    for (int64_t i = 0; i < Mrows * n; i++) y[i] = f2bf(yf[i]);
+    free(xf); free(xa); free(gs); free(yf);
+    return 0;
+}
+
+/* the dense weight [n, k] in bf16, bf16(q * d + m), for prefill's matmuls */
+void influence_q4_dequant(const q4mat *W, uint16_t *out, int nthreads) {
+    const int64_t k = W->k, G = k / 32;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < W->n; r++) {
+        const uint8_t *q = W->qs + r * (k / 2);
+        uint16_t *o = out + r * k;
+        for (int64_t p = 0; p < k / 64; p++) {
+            float da = h2f(W->d[r * G + 2 * p]), db = h2f(W->d[r * G + 2 * p + 1]);
+            float ma = h2f(W->m[r * G + 2 * p]), mb = h2f(W->m[r * G + 2 * p + 1]);
+            for (int w = 0; w < 32; w++) {
+                int j = ((w >> 2) << 1) | (w & 1), grp = (w >> 1) & 1;
+                uint8_t byte = q[p * 32 + w];
+                float d = grp ? db : da, m = grp ? mb : ma;
+                uint16_t *og = o + (2 * p + grp) * 32;
+                og[j] = f2bf((float)(byte & 15) * d + m);
+                og[j + 16] = f2bf((float)(byte >> 4) * d + m);
+            }
+        }
+    }
+}
+
+int influence_vectorized(void) { return VEC; }

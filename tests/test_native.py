@@ -1,0 +1,129 @@
+"""The C decode kernel (engine/kernels/decode.c) against the torch path it replaces.
+
+The torch path (`use_native(False)`) runs the same int4 weights through torch ops step by step;
+the kernel must give the same greedy tokens, logits within bf16 rounding, and exactly the same
+numbers for a sequence whether it decodes alone or batched with others.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from influence_tui.engine import native  # noqa: E402
+from influence_tui.engine import quant as Q  # noqa: E402
+from influence_tui.engine.loader import load_model  # noqa: E402
+from tests.tiny_models import write_tiny_gguf  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not native.vectorized(), reason="the AVX-512 BF16 kernel is not available here")
+
+
+def _rel_err(a: "torch.Tensor", b: "torch.Tensor") -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _greedy(model, slot: int, ids: list[int], steps: int) -> tuple[list[int], "torch.Tensor"]:
+    logits = model.prefill(slot, torch.tensor(ids), 0)
+    out, rows = [], []
+    for i in range(steps):
+        out.append(int(logits.argmax()))
+        logits = model.decode(torch.tensor([slot]), torch.tensor([out[-1]]), torch.tensor([len(ids) + i]))[0]
+        rows.append(logits)
+    return out, torch.stack(rows)
+
+
+@pytest.fixture(scope="module")
+def fast(bundled_gguf: Path):
+    lm = load_model(str(bundled_gguf), device="cpu", max_batch=8, max_seq=512)
+    assert lm.extra["weights"] == "int4" and lm.model.native
+    return lm
+
+
+def test_q4_layout_is_exact_and_kernel_matches_dense() -> None:
+    torch.manual_seed(0)
+    w, bias = torch.randn(192, 256), torch.randn(192)
+    lin = Q.Q4Linear.from_float(w, bias, torch.bfloat16)
+    q, scale, minimum = Q.quantize_int4(w)
+    assert torch.equal(lin.unpacked(), q)  # the pair-interleaved packing loses nothing
+    deq = (q.view(192, 8, 32).float() * scale.half().float()[..., None] + minimum.half().float()[..., None]).view(192, 256)
+    assert torch.equal(lin.dense_weight(), deq.bfloat16())  # the C dequantiser: bf16(q * d + m)
+    for tokens in (1, 3, 9, Q.DENSE_MIN_TOKENS + 1):  # kernel rows (in passes of 8) and the dense path
+        x = torch.randn(tokens, 256).bfloat16()
+        assert _rel_err(lin(x), x.float() @ deq.t() + bias) < 0.01
+
+
+def test_q4_repacks_gguf_blocks_bit_for_bit(tmp_path: Path) -> None:
+    from influence_tui.formats.gguf_tensors import GGUFTensors
+
+    path = write_tiny_gguf(tmp_path / "q41.gguf", arch="llama", qtype="Q4_1")
+    t = GGUFTensors(path)
+    blocks = t.q4_blocks("blk.0.ffn_up.weight")
+    assert blocks is not None
+    lin = Q.Q4Linear.from_parts(blocks.q, blocks.scale, blocks.minimum, None, torch.bfloat16)
+    assert torch.equal(lin.dequantize().float(), blocks.dequantize().bfloat16().float())
+
+
+@pytest.mark.slow
+def test_kernel_decodes_like_the_torch_path(fast) -> None:
+    tok, model = fast.tokenizer, fast.model
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Write a short poem about the sea."}]))
+    got, got_logits = _greedy(model, 0, ids, 32)
+    try:
+        assert not model.use_native(False)
+        ref, ref_logits = _greedy(model, 1, ids, 32)
+    finally:
+        assert model.use_native(True)
+    assert got == ref
+    cos = torch.nn.functional.cosine_similarity(got_logits, ref_logits, dim=-1).min().item()
+    assert cos > 0.999 and (got_logits - ref_logits).abs().max().item() < 1.5
+    assert "sea" in tok.decode(got).lower() or "wave" in tok.decode(got).lower()
+
+
+@pytest.mark.slow
+def test_batched_steps_equal_each_sequence_alone(fast) -> None:
+    tok, model = fast.tokenizer, fast.model
+    prompts = [f"Name {i + 1} colours." for i in range(8)]
+    idss = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}])) for p in prompts]
+    alone = [_greedy(model, i, ids, 12) for i, ids in enumerate(idss)]
+    logits = [model.prefill(i, torch.tensor(ids), 0) for i, ids in enumerate(idss)]
+    toks = [int(x.argmax()) for x in logits]
+    order = torch.tensor([5, 0, 7, 2, 1, 6, 3, 4])  # slots in any order, not a contiguous run
+    for step in range(12):
+        out = model.decode(order, torch.tensor([toks[i] for i in order]),
+                           torch.tensor([len(idss[i]) + step for i in order]))
+        for row, i in enumerate(order.tolist()):
+            assert torch.equal(out[row], alone[i][1][step]), (i, step)  # bit for bit
+            toks[i] = int(out[row].argmax())
+
+
+def test_portable_build_agrees_with_the_vectorized_one(tmp_path: Path) -> None:
+    """The plain-C fallback (what a CPU without AVX-512 BF16 would compile) computes the same."""
+    lib = native.open_library(native.build(["-O2", "-march=x86-64-v2", "-fopenmp", "-shared", "-fPIC"], tmp_path))
+    assert lib.influence_vectorized() == 0
+    torch.manual_seed(1)
+    lin = Q.Q4Linear.from_float(torch.randn(128, 192), torch.randn(128), torch.bfloat16)
+    x = torch.randn(5, 192).bfloat16()
+    y = torch.empty(5, 128, dtype=torch.bfloat16)
+    assert lib.influence_q4_matmul(ctypes.byref(lin.struct()), x.data_ptr(), 5, y.data_ptr(), 1) == 0
+    assert _rel_err(y, lin(x)) < 0.005
+
+
+def test_tiny_model_runs_the_kernel_and_rejects_bad_positions(tmp_path: Path) -> None:
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", arch="qwen2", qtype="Q4_0")  # qwen2: q/k/v biases
+    lm = load_model(str(path), device="cpu", dtype="bfloat16", quant="int4", max_batch=2, max_seq=64)
+    model = lm.model
+    assert model.native
+    ids = [5, 17, 42, 99, 3, 250]
+    got, got_logits = _greedy(model, 0, ids, 8)
+    model.use_native(False)
+    ref, ref_logits = _greedy(model, 1, ids, 8)
+    model.use_native(True)
+    assert got == ref and _rel_err(got_logits, ref_logits) < 0.02
+    with pytest.raises(ValueError, match="outside"):
+        model.decode(torch.tensor([0]), torch.tensor([1]), torch.tensor([64]))
+    with pytest.raises(ValueError, match="outside"):
+        model.decode(torch.tensor([2]), torch.tensor([1]), torch.tensor([3]))
