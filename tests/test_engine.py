@@ -117,9 +117,15 @@ def test_multi_turn_reuses_the_kv_cache(engine):
     assert first.usage.prompt_tokens > 256
     msgs += [ChatMessage("assistant", first.text), ChatMessage("user", "Name another one.")]
     second = engine.submit(GenerationRequest(messages=msgs, params=GREEDY)).wait()
-    # everything but the last partial chunk of the first prompt comes from the cache
-    assert second.usage.cached_tokens >= first.usage.prompt_tokens - 128
     assert second.usage.prompt_tokens > first.usage.prompt_tokens
+    # at least the first prompt's full chunks come from the cache
+    assert second.usage.cached_tokens >= first.usage.prompt_tokens // 128 * 128
+    from influence_tui.engine.native import vectorized  # the C kernel: the tail runs as exact rows
+
+    if vectorized() and second.usage.prompt_tokens // 128 == first.usage.prompt_tokens // 128:
+        # no chunk completed: the first prompt's tail and its answer are reused, only the new turn runs
+        assert second.usage.cached_tokens >= first.usage.prompt_tokens + first.usage.completion_tokens - 2
+        assert second.usage.prompt_tokens - second.usage.cached_tokens < 24
 
 
 def test_cache_hit_gives_the_same_answer_as_a_cold_start(engine):

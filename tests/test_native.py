@@ -100,6 +100,21 @@ def test_batched_steps_equal_each_sequence_alone(fast) -> None:
             toks[i] = int(out[row].argmax())
 
 
+@pytest.mark.slow
+def test_prompt_rows_compute_what_decode_steps_compute(fast) -> None:
+    """A prompt's tail run as kernel rows leaves the cache and logits a token-by-token decode
+    leaves: the reason the scheduler may reuse decoded positions and the tail as they are."""
+    model = fast.model
+    ids = torch.tensor(fast.tokenizer.encode("Rivers run to the sea and the sea gives rain back. " * 20)[:150])
+    model.prefill_chunked(2, ids[:128], 0, 128)
+    model.prefill_chunked(3, ids[:128], 0, 128)
+    rows = model.prefill_rows(2, ids[128:], 128)
+    for pos in range(128, 150):
+        step = model.decode(torch.tensor([3]), ids[pos : pos + 1], torch.tensor([pos]))[0]
+    assert torch.equal(rows, step)
+    assert torch.equal(model.kv_cache[5][2, :, :, :150], model.kv_cache[5][3, :, :, :150])
+
+
 def test_portable_build_agrees_with_the_vectorized_one(tmp_path: Path) -> None:
     """The plain-C fallback (what a CPU without AVX-512 BF16 would compile) computes the same."""
     lib = native.open_library(native.build(["-O2", "-march=x86-64-v2", "-fopenmp", "-shared", "-fPIC"], tmp_path))

@@ -270,14 +270,17 @@ class LlamaModel:
                           self._final_norm.data_ptr(), self._rope_cos.data_ptr(), self._rope_sin.data_ptr())
         return lib, m, layers, keep
 
-    def _native_decode(self, slots: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, threads: int) -> torch.Tensor:
+    def _native_decode(
+        self, slots: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, threads: int, n_logits: int | None = None
+    ) -> torch.Tensor:
         assert self._native is not None
         lib, m = self._native[0], self._native[1]
         b = int(tokens.shape[0])
+        n_logits = b if n_logits is None else n_logits
         args = [t.to(torch.int64).contiguous() for t in (slots, tokens, positions)]
-        logits = torch.empty(b, self.vocab_size, dtype=torch.float32)
+        logits = torch.empty(n_logits, self.vocab_size, dtype=torch.float32)
         rc = lib.influence_decode(ctypes.byref(m), b, args[0].data_ptr(), args[1].data_ptr(), args[2].data_ptr(),
-                                  logits.data_ptr(), threads)
+                                  n_logits, logits.data_ptr(), threads)
         if rc == -1:
             raise ValueError(f"a slot, position or token is outside the cache ({self.max_batch} x {self.max_seq}) or vocabulary")
         if rc != 0:
@@ -355,9 +358,45 @@ class LlamaModel:
         are dequantised once for the whole prompt instead of once per piece."""
         return self.prefill_many([(slot, tokens, start_pos)], chunk)[0]
 
+    @property
+    def rows_exact(self) -> bool:
+        """True when `prefill_many` runs the positions after a prompt's last full chunk as rows of
+        the decode kernel: each such position, like every decoded one, then has the same K/V
+        whatever else ran with it, so a cache holding them is as good as recomputing them."""
+        return self._native is not None
+
     def prefill_many(self, jobs: list[tuple[int, torch.Tensor, int]], chunk: int) -> list[torch.Tensor]:
-        """`prefill_chunked` for several (slot, tokens, start_pos) at once: requests that arrive
-        together share each layer's dequantised weights. Returns each one's last-position logits."""
+        """Several (slot, tokens, start_pos) prefills at once; each one's last-position logits.
+
+        Full `chunk`-aligned pieces run layer by layer as dense matmuls, all prompts together (each
+        layer's low-bit weights dequantised once); the same numbers as prefilling each piece alone.
+        With the decode kernel (`rows_exact`), the positions after the last full chunk run as its
+        rows; otherwise they are one more dense piece."""
+        dense, rows = [], []
+        for slot, tokens, start in jobs:
+            end = start + int(tokens.shape[0])
+            cut = max(start, end // chunk * chunk) if self.rows_exact else end
+            dense.append((slot, tokens[: cut - start], start) if cut > start else None)
+            rows.append((slot, tokens[cut - start :], cut) if cut < end else None)
+        done = self._prefill_dense([d for d in dense if d is not None], chunk)
+        out = []
+        for d, r in zip(dense, rows):
+            last = done.pop(0) if d is not None else None
+            out.append(self.prefill_rows(*r) if r is not None else last)
+        return out
+
+    def prefill_rows(self, slot: int, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """Prefill as decode-kernel rows (the kernel's own batching): last-position logits [vocab]."""
+        t = int(tokens.shape[0])
+        if t < 1 or start_pos < 0 or start_pos + t > self.max_seq or not 0 <= slot < self.max_batch:
+            raise ValueError(f"positions {start_pos}..{start_pos + t - 1} of slot {slot} do not fit the cache")
+        slots = torch.full((t,), slot, dtype=torch.long)
+        positions = torch.arange(start_pos, start_pos + t)
+        return self._native_decode(slots, tokens, positions, torch.get_num_threads(), n_logits=1)[0]
+
+    def _prefill_dense(self, jobs: list[tuple[int, torch.Tensor, int]], chunk: int) -> list[torch.Tensor]:
+        if not jobs:
+            return []
         self._check_cache()
         assert self._rope is not None
         spans = []

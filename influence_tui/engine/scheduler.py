@@ -32,10 +32,13 @@ class Job:
     submitted: float = field(default_factory=time.perf_counter)
 
 
-# Prompts are prefilled in chunks aligned to multiples of CHUNK positions. A chunk's numbers then
+# Prompts are prefilled in chunks aligned to multiples of CHUNK positions. A full chunk's numbers
 # do not depend on whether the tokens before it came from the cache or were just computed, so an
 # answer is the same with or without a cache hit (bf16 matmuls of different shapes round
-# differently, and greedy decoding amplifies that into different text).
+# differently, and greedy decoding amplifies that into different text). With the C decode kernel
+# (model.rows_exact) the rest of a prompt runs as kernel rows, which compute each position the
+# way a decode step does: then the previous answer and the partial last chunk are reused too, and
+# a new turn prefills only its new tokens (unless it completes a chunk).
 CHUNK = 128
 
 
@@ -43,7 +46,7 @@ CHUNK = 128
 class Slot:
     index: int
     tokens: list[int] = field(default_factory=list)  # ids whose K/V are valid in this slot
-    exact: int = 0  # leading positions computed by full aligned prefill chunks: safe to reuse
+    dense: int = 0  # leading positions computed as full aligned chunks (the rest: as rows)
     busy: bool = False
     last_used: float = 0.0
 
@@ -155,11 +158,14 @@ class Scheduler:
             reuse = 0
         return best, reuse
 
-    @staticmethod
-    def reusable(slot: Slot, prompt: list[int]) -> int:
-        """Cached positions this prompt can start from: shared, exactly computed, chunk-aligned."""
-        n = min(common_prefix(slot.tokens, prompt), slot.exact, len(prompt) - 1)
-        return max(n, 0) // CHUNK * CHUNK
+    def reusable(self, slot: Slot, prompt: list[int]) -> int:
+        """Cached positions this prompt can start from: those a cold start would compute the same way.
+        (The last prompt token always runs, for its logits.)"""
+        shared = max(min(common_prefix(slot.tokens, prompt), len(prompt) - 1), 0)
+        boundary = len(prompt) // CHUNK * CHUNK  # a cold start computes [0, boundary) as chunks
+        if getattr(self.model, "rows_exact", False) and slot.dense == boundary and shared >= boundary:
+            return shared  # chunks the same, and every later position computed as a row, as it would be
+        return min(shared, slot.dense, boundary) // CHUNK * CHUNK
 
     def prefill(self, slot: Slot, prompt: list[int], start: int) -> torch.Tensor:
         """Prefill prompt[start:] into the slot chunk by chunk; logits of the last position."""
@@ -168,7 +174,7 @@ class Scheduler:
     def _prefill_all(self, work: list[tuple[Slot, list[int], int]]) -> list[torch.Tensor]:
         for slot, _, start in work:
             slot.tokens = slot.tokens[:start]
-            slot.exact = min(slot.exact, start)
+            slot.dense = min(slot.dense, start)
         with torch.inference_mode():
             many = getattr(self.model, "prefill_many", None)
             if many is not None:  # the fast model: one pass per layer over every chunk of every prompt
@@ -177,7 +183,7 @@ class Scheduler:
                 out = [self._prefill_chunks(slot.index, prompt, start) for slot, prompt, start in work]
         for slot, prompt, _ in work:
             slot.tokens = list(prompt)
-            slot.exact = len(prompt) // CHUNK * CHUNK  # a partial last chunk is recomputed next time
+            slot.dense = len(prompt) // CHUNK * CHUNK
         return out
 
     def _prefill_chunks(self, index: int, prompt: list[int], start: int) -> torch.Tensor:
@@ -313,4 +319,4 @@ class Scheduler:
                     torch.tensor([slot.index]), torch.tensor([nxt]), torch.tensor([len(tokens)])
                 )[0]
                 tokens.append(nxt)
-        slot.tokens, slot.exact = tokens, 0
+        slot.tokens, slot.dense = [], 0  # a dense prefill of a short prompt: not what a request would reuse

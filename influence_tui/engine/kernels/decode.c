@@ -384,47 +384,51 @@ static inline void rope(const float *in, float *out, const float *cs, const floa
     }
 }
 
-/* one (token, query head): writes bf16 attention output [head_dim] */
-static __attribute__((noinline)) void attend(const model_t *M, const layer_t *L, int b, int64_t h, int64_t slot, int64_t pos,
-                   const float *qkv, float *out, float *scores, float *tmp) {
+/* one token's k (roped) and v, written to its slot's cache at its position */
+static void store_kv(const model_t *M, const layer_t *L, int64_t slot, int64_t pos, const float *qkv, float *tmp) {
+    const int64_t hd = M->head_dim, nq = M->n_heads, nkv = M->n_kv, S = M->max_seq;
+    const float *cs = M->rope_cos + pos * (hd / 2), *sn = M->rope_sin + pos * (hd / 2);
+    for (int64_t g = 0; g < nkv; g++) {
+        uint16_t *K = L->kv + (((slot * 2 + 0) * nkv + g) * S + pos) * hd;
+        uint16_t *V = L->kv + (((slot * 2 + 1) * nkv + g) * S + pos) * hd;
+        rope(qkv + (nq + g) * hd, tmp, cs, sn, hd);
+        const float *v = qkv + (nq + nkv + g) * hd;
+        for (int64_t i = 0; i < hd; i++) { K[i] = f2bf(tmp[i]); V[i] = f2bf(v[i]); }
+    }
+}
+
+/* one (token, query head) over cache positions 0..pos: writes bf16 attention output [head_dim] */
+static __attribute__((noinline)) void attend(const model_t *M, const layer_t *L, int64_t h, int64_t slot, int64_t pos,
+                                             const float *qkv, float *out, float *scores, float *tmp) {
     const int64_t hd = M->head_dim, nq = M->n_heads, nkv = M->n_kv, S = M->max_seq;
     const int64_t g = h / (nq / nkv);
-    const float *cs = M->rope_cos + pos * (hd / 2), *sn = M->rope_sin + pos * (hd / 2);
-    float *q = tmp, *kc = tmp + hd, *o = tmp + 2 * hd;
-    rope(qkv + h * hd, q, cs, sn, hd);
-    rope(qkv + (nq + g) * hd, kc, cs, sn, hd);
-    const float *vc = qkv + (nq + nkv + g) * hd;
-    for (int64_t i = 0; i < hd; i++) { q[i] = rbf(q[i]); kc[i] = rbf(kc[i]); }
+    float *q = tmp, *o = tmp + hd;
+    rope(qkv + h * hd, q, M->rope_cos + pos * (hd / 2), M->rope_sin + pos * (hd / 2), hd);
+    for (int64_t i = 0; i < hd; i++) q[i] = rbf(q[i]);
     const uint16_t *K = L->kv + ((slot * 2 + 0) * nkv + g) * S * hd;
     const uint16_t *V = L->kv + ((slot * 2 + 1) * nkv + g) * S * hd;
     const float scale = 1.f / sqrtf((float)hd);
-    /* positions before pos come from the cache; pos itself from this step's k, v (another thread
-       may be writing it to the cache right now) */
-    for (int64_t t = 0; t < pos; t++) scores[t] = dot_bf16(K + t * hd, q, hd) * scale;
-    float sc = 0.f;
-    for (int64_t i = 0; i < hd; i++) sc += kc[i] * q[i];
-    scores[pos] = sc * scale;
+    for (int64_t t = 0; t <= pos; t++) scores[t] = dot_bf16(K + t * hd, q, hd) * scale;
     softmax_inplace(scores, pos + 1);
     memset(o, 0, hd * sizeof(float));
-    for (int64_t t = 0; t < pos; t++) axpy_bf16(scores[t], V + t * hd, o, hd);
-    for (int64_t i = 0; i < hd; i++) out[i] = rbf(o[i] + scores[pos] * vc[i]);
-    if (h % (nq / nkv) == 0) { /* the group's first head stores its k and v */
-        uint16_t *Kw = (uint16_t *)K + pos * hd, *Vw = (uint16_t *)V + pos * hd;
-        for (int64_t i = 0; i < hd; i++) { Kw[i] = f2bf(kc[i]); Vw[i] = f2bf(vc[i]); }
-    }
+    for (int64_t t = 0; t <= pos; t++) axpy_bf16(scores[t], V + t * hd, o, hd);
+    for (int64_t i = 0; i < hd; i++) out[i] = rbf(o[i]);
 }
 
 static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
 
-/* The decode step: B tokens (each its own slot and position) -> float32 logits [B, vocab]. */
+/* The decode step: B tokens, each with its slot and position -> float32 logits [n_logits, vocab] of
+ * the last n_logits tokens. Tokens may share a slot at consecutive positions (a prompt run row by
+ * row: each row computes exactly what it would as a decode step). */
 int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_t *tokens, const int64_t *positions,
-                     float *logits, int nthreads) {
+                     int n_logits, float *logits, int nthreads) {
     const int64_t dim = M->dim, F = M->ffn, hd = M->head_dim, nq = M->n_heads, nkv = M->n_kv;
     const int64_t QKV = (nq + 2 * nkv) * hd, A = nq * hd;
     for (int b = 0; b < B; b++)
         if (slots[b] < 0 || slots[b] >= M->max_batch || positions[b] < 0 || positions[b] >= M->max_seq ||
             tokens[b] < 0 || tokens[b] >= M->vocab)
             return -1;
+    if (n_logits < 1 || n_logits > B) return -1;
     float *x = aligned_alloc(64, align64(sizeof(float) * B * dim));
     float *qkv = aligned_alloc(64, align64(sizeof(float) * B * QKV));
     float *att = aligned_alloc(64, align64(sizeof(float) * B * A));
@@ -453,7 +457,7 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
         uint16_t *xa = aligned_alloc(64, align64(sizeof(uint16_t) * B * kmax));
         float *gs = aligned_alloc(64, align64(sizeof(float) * B * (kmax / 32)));
         float *scores = aligned_alloc(64, align64(sizeof(float) * M->max_seq));
-        float *tmp = aligned_alloc(64, align64(sizeof(float) * 3 * hd));
+        float *tmp = aligned_alloc(64, align64(sizeof(float) * 2 * hd));
         int ok = xn && xa && gs && scores && tmp;
         if (!ok) {
 #pragma omp atomic write
@@ -472,10 +476,14 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
                 split(L->qkv.n, tid, nt, &a0, &a1);
                 q4_matmul_rows(B, &L->qkv, a0, a1, xa, dim, gs, dim / 32, qkv, QKV);
 #pragma omp barrier
+                /* K/V first (rows of one slot may attend to each other: a prompt run as rows), then attention */
+                split(B, tid, nt, &a0, &a1);
+                for (int64_t b = a0; b < a1; b++) store_kv(M, L, slots[b], positions[b], qkv + b * QKV, tmp);
+#pragma omp barrier
                 split((int64_t)B * nq, tid, nt, &a0, &a1);
                 for (int64_t it = a0; it < a1; it++) {
-                    int b = (int)(it / nq);
-                    attend(M, L, b, it % nq, slots[b], positions[b], qkv + b * QKV, att + b * A + (it % nq) * hd, scores, tmp);
+                    int64_t b = it / nq;
+                    attend(M, L, it % nq, slots[b], positions[b], qkv + b * QKV, att + b * A + (it % nq) * hd, scores, tmp);
                 }
 #pragma omp barrier
                 for (int b = 0; b < B; b++) arrange(att + b * A, A, xa + b * A, gs + b * (A / 32));
@@ -501,9 +509,11 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
                     for (int64_t r = a0; r < a1; r++) x[b * dim + r] += xn[b * dim + r];
 #pragma omp barrier
             }
-            for (int b = 0; b < B; b++) rms_norm(x + b * dim, M->final_norm, M->norm_eps, dim, xn + b * dim);
+            /* logits of the last n_logits tokens only (a prompt run as rows needs its last) */
+            const int first = B - n_logits;
+            for (int b = first; b < B; b++) rms_norm(x + b * dim, M->final_norm, M->norm_eps, dim, xn + (b - first) * dim);
             split(M->vocab, tid, nt, &a0, &a1);
-            i8_rows(B, M->head_q, M->head_scale, dim, a0, a1, xn, logits, M->vocab);
+            i8_rows(n_logits, M->head_q, M->head_scale, dim, a0, a1, xn, logits, M->vocab);
         }
         free(xn); free(xa); free(gs); free(scores); free(tmp);
     }
@@ -545,6 +555,35 @@ int influence_q4_matmul(const q4mat *W, const uint16_t *x, int64_t Mrows, uint16
 /* the dense weight [n, k] in bf16, bf16(q * d + m), for prefill's matmuls */
 void influence_q4_dequant(const q4mat *W, uint16_t *out, int nthreads) {
     const int64_t k = W->k, G = k / 32;
+#if VEC
+    /* inverse of arrange()'s word order: pair layout -> [A 0..15 | B 0..15] */
+    static const int16_t inverse[32] = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29,
+                                        2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31};
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < W->n; r++) {
+        const __m512i inv = _mm512_loadu_si512(inverse), low = _mm512_set1_epi16(0x0f);
+        const uint8_t *q = W->qs + r * (k / 2);
+        uint16_t *o = out + r * k;
+        for (int64_t p = 0; p < k / 64; p++) {
+            __m512 dv = _mm512_mask_blend_ps(0xCCCC, _mm512_set1_ps(h2f(W->d[r * G + 2 * p])), _mm512_set1_ps(h2f(W->d[r * G + 2 * p + 1])));
+            __m512 mv = _mm512_mask_blend_ps(0xCCCC, _mm512_set1_ps(h2f(W->m[r * G + 2 * p])), _mm512_set1_ps(h2f(W->m[r * G + 2 * p + 1])));
+            __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(q + p * 32)));
+            __m512i halves[2] = {_mm512_and_si512(w, low), _mm512_srli_epi16(w, 4)};
+            __m512i res[2];
+            for (int h = 0; h < 2; h++) {
+                __m512 f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(halves[h]))), dv, mv);
+                __m512 f1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(halves[h], 1))), dv, mv);
+                res[h] = _mm512_permutexvar_epi16(inv, (__m512i)_mm512_cvtne2ps_pbh(f1, f0));
+            }
+            uint16_t *oa = o + 2 * p * 32, *ob = oa + 32;
+            _mm256_storeu_si256((__m256i *)oa, _mm512_castsi512_si256(res[0]));
+            _mm256_storeu_si256((__m256i *)(oa + 16), _mm512_castsi512_si256(res[1]));
+            _mm256_storeu_si256((__m256i *)ob, _mm512_extracti64x4_epi64(res[0], 1));
+            _mm256_storeu_si256((__m256i *)(ob + 16), _mm512_extracti64x4_epi64(res[1], 1));
+        }
+    }
+    return;
+#endif
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t r = 0; r < W->n; r++) {
         const uint8_t *q = W->qs + r * (k / 2);
