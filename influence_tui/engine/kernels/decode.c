@@ -160,37 +160,80 @@ static inline float q4_offset(const q4mat *W, int64_t r, const float *gs) {
 }
 
 #if VEC
+/* (m - 128 d) of groups g..g+15 of one row (masked past the row's end) */
+static inline __m512 q4_offsets(const q4mat *W, int64_t r, int64_t g, __mmask16 mk) {
+    const int64_t G = W->k / 32;
+    __m512 dv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, W->d + r * G + g));
+    __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, W->m + r * G + g));
+    return _mm512_fmadd_ps(dv, _mm512_set1_ps(-128.f), mv);
+}
+
+/* R (1 or 2) rows at once, each x load serving both; B tokens (a constant after inlining) */
 static inline __attribute__((always_inline)) void q4_rows_n(
-    const int B, const q4mat *W, int64_t r0, int64_t r1, const uint16_t *xa, int64_t xstride,
+    const int B, const int R, const q4mat *W, int64_t r, const uint16_t *xa, int64_t xstride,
     const float *gs, int64_t gstride, float *y, int64_t ystride) {
-    const int64_t P = W->k / 64;
+    const int64_t P = W->k / 64, G = W->k / 32;
     const __m512i low = _mm512_set1_epi16(0x0f), one28 = _mm512_set1_epi16(0x4300);
-    for (int64_t r = r0; r < r1; r++) {
-        const uint8_t *q = W->qs + r * (W->k / 2);
-        const uint16_t *d = W->d + r * (W->k / 32);
-        __m512 acc[MAXB];
+    __m512 acc[2][MAXB];
 #pragma GCC unroll 8
-        for (int b = 0; b < B; b++) acc[b] = _mm512_setzero_ps();
-        for (int64_t p = 0; p < P; p++) {
+    for (int b = 0; b < B; b++) {
+        acc[0][b] = _mm512_setzero_ps();
+        acc[1][b] = _mm512_setzero_ps();
+    }
+    for (int64_t p = 0; p < P; p++) {
+        __m512bh lo[2], hi[2];
+        __m512 dv[2];
+#pragma GCC unroll 2
+        for (int i = 0; i < R; i++) {
+            const uint8_t *q = W->qs + (r + i) * (W->k / 2);
             __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(q + p * 32)));
-            __m512bh lo = (__m512bh)_mm512_or_si512(_mm512_and_si512(w, low), one28);
-            __m512bh hi = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(w, 4), one28);
+            lo[i] = (__m512bh)_mm512_or_si512(_mm512_and_si512(w, low), one28);
+            hi[i] = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(w, 4), one28);
             uint32_t dd;
-            memcpy(&dd, d + 2 * p, 4);
-            __m512 dv = _mm512_cvtph_ps(_mm256_set1_epi32((int)dd));
+            memcpy(&dd, W->d + (r + i) * G + 2 * p, 4);
+            dv[i] = _mm512_cvtph_ps(_mm256_set1_epi32((int)dd));
+        }
 #pragma GCC unroll 8
-            for (int b = 0; b < B; b++) {
-                const uint16_t *xp = xa + b * xstride + p * 64;
-                __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), lo, (__m512bh)_mm512_loadu_si512(xp));
-                t = _mm512_dpbf16_ps(t, hi, (__m512bh)_mm512_loadu_si512(xp + 32));
-                acc[b] = _mm512_fmadd_ps(t, dv, acc[b]);
+        for (int b = 0; b < B; b++) {
+            const uint16_t *xp = xa + b * xstride + p * 64;
+            __m512bh xl = (__m512bh)_mm512_loadu_si512(xp), xh = (__m512bh)_mm512_loadu_si512(xp + 32);
+#pragma GCC unroll 2
+            for (int i = 0; i < R; i++) {
+                __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), lo[i], xl);
+                t = _mm512_dpbf16_ps(t, hi[i], xh);
+                acc[i][b] = _mm512_fmadd_ps(t, dv[i], acc[i][b]);
             }
         }
-        float bias = W->bias ? bf2f(W->bias[r]) : 0.f;
-#pragma GCC unroll 8
-        for (int b = 0; b < B; b++)
-            y[b * ystride + r] = rbf(_mm512_reduce_add_ps(acc[b]) + q4_offset(W, r, gs + b * gstride) + bias);
     }
+    /* + sum_g (m_g - 128 d_g) S_g, folded into the lanes before the one reduction */
+    for (int64_t g = 0; g < G; g += 16) {
+        __mmask16 mk = (G - g) >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (G - g)) - 1);
+        __m512 c[2];
+#pragma GCC unroll 2
+        for (int i = 0; i < R; i++) c[i] = q4_offsets(W, r + i, g, mk);
+#pragma GCC unroll 8
+        for (int b = 0; b < B; b++) {
+            __m512 sv = _mm512_maskz_loadu_ps(mk, gs + b * gstride + g);
+#pragma GCC unroll 2
+            for (int i = 0; i < R; i++) acc[i][b] = _mm512_fmadd_ps(c[i], sv, acc[i][b]);
+        }
+    }
+#pragma GCC unroll 2
+    for (int i = 0; i < R; i++) {
+        float bias = W->bias ? bf2f(W->bias[r + i]) : 0.f;
+#pragma GCC unroll 8
+        for (int b = 0; b < B; b++) y[b * ystride + r + i] = rbf(_mm512_reduce_add_ps(acc[i][b]) + bias);
+    }
+}
+
+static inline __attribute__((always_inline)) void q4_rows_b(
+    const int B, const q4mat *W, int64_t r0, int64_t r1, const uint16_t *xa, int64_t xstride,
+    const float *gs, int64_t gstride, float *y, int64_t ystride) {
+    int64_t r = r0;
+    if (B > 1)
+        for (; r + 2 <= r1; r += 2) q4_rows_n(B, 2, W, r, xa, xstride, gs, gstride, y, ystride);
+    for (; r + 1 <= r1 - 1; r++) q4_rows_n(B, 1, W, r, xa, xstride, gs, gstride, y, ystride);
+    if (r < r1) q4_rows_n(B, 1, W, r, xa, xstride, gs, gstride, y, ystride);
 }
 #endif
 
@@ -198,14 +241,14 @@ static void q4_rows(int B, const q4mat *W, int64_t r0, int64_t r1, const uint16_
                     const float *gs, int64_t gstride, float *y, int64_t ystride) {
 #if VEC
     switch (B) { /* constant B: the token loop unrolls and its accumulators stay in registers */
-    case 1: q4_rows_n(1, W, r0, r1, xa, xstride, gs, gstride, y, ystride); return;
-    case 2: q4_rows_n(2, W, r0, r1, xa, xstride, gs, gstride, y, ystride); return;
-    case 3: q4_rows_n(3, W, r0, r1, xa, xstride, gs, gstride, y, ystride); return;
-    case 4: q4_rows_n(4, W, r0, r1, xa, xstride, gs, gstride, y, ystride); return;
-    case 5: q4_rows_n(5, W, r0, r1, xa, xstride, gs, gstride, y, ystride); return;
-    case 6: q4_rows_n(6, W, r0, r1, xa, xstride, gs, gstride, y, ystride); return;
-    case 7: q4_rows_n(7, W, r0, r1, xa, xstride, gs, gstride, y, ystride); return;
-    default: q4_rows_n(8, W, r0, r1, xa, xstride, gs, gstride, y, ystride); return;
+    case 1: q4_rows_b(1, W, r0, r1, xa, xstride, gs, gstride, y, ystride); return;
+    case 2: q4_rows_b(2, W, r0, r1, xa, xstride, gs, gstride, y, ystride); return;
+    case 3: q4_rows_b(3, W, r0, r1, xa, xstride, gs, gstride, y, ystride); return;
+    case 4: q4_rows_b(4, W, r0, r1, xa, xstride, gs, gstride, y, ystride); return;
+    case 5: q4_rows_b(5, W, r0, r1, xa, xstride, gs, gstride, y, ystride); return;
+    case 6: q4_rows_b(6, W, r0, r1, xa, xstride, gs, gstride, y, ystride); return;
+    case 7: q4_rows_b(7, W, r0, r1, xa, xstride, gs, gstride, y, ystride); return;
+    default: q4_rows_b(8, W, r0, r1, xa, xstride, gs, gstride, y, ystride); return;
     }
 #else
     const int64_t G = W->k / 32;
@@ -241,20 +284,39 @@ static void q4_matmul_rows(int B, const q4mat *W, int64_t r0, int64_t r1, const 
 }
 
 /* -- int8 rows (lm_head): y[b][r] = bf16(scale[r] * (q[r] . x[b])) -------------------------- */
+#if VEC
+static inline __attribute__((always_inline)) void i8_rows_n(const int B, const int8_t *Q, const uint16_t *scale, int64_t k,
+                                                            int64_t r0, int64_t r1, const float *x, float *y, int64_t ystride) {
+    for (int64_t r = r0; r < r1; r++) {
+        const int8_t *q = Q + r * k;
+        __m512 acc[MAXB];
+#pragma GCC unroll 8
+        for (int b = 0; b < B; b++) acc[b] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < k; c += 16) {
+            __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + c))));
+#pragma GCC unroll 8
+            for (int b = 0; b < B; b++) acc[b] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + b * k + c), acc[b]);
+        }
+        float s = bf2f(scale[r]);
+#pragma GCC unroll 8
+        for (int b = 0; b < B; b++) y[b * ystride + r] = rbf(rbf(_mm512_reduce_add_ps(acc[b])) * s);
+    }
+}
+#endif
 static __attribute__((noinline)) void i8_rows(int B, const int8_t *Q, const uint16_t *scale, int64_t k, int64_t r0, int64_t r1,
                     const float *x, float *y, int64_t ystride) {
 #if VEC
-    for (int b0 = 0; b0 < B; b0 += 4) { /* 4 tokens a pass keep the accumulators in registers */
-        int nb = B - b0 < 4 ? B - b0 : 4;
-        for (int64_t r = r0; r < r1; r++) {
-            const int8_t *q = Q + r * k;
-            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-            for (int64_t c = 0; c < k; c += 16) {
-                __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + c))));
-                for (int b = 0; b < nb; b++) acc[b] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + (b0 + b) * k + c), acc[b]);
-            }
-            float s = bf2f(scale[r]);
-            for (int b = 0; b < nb; b++) y[(b0 + b) * ystride + r] = rbf(rbf(_mm512_reduce_add_ps(acc[b])) * s);
+    for (int b0 = 0; b0 < B; b0 += MAXB) {
+        int nb = B - b0 < MAXB ? B - b0 : MAXB;
+        switch (nb) {
+        case 1: i8_rows_n(1, Q, scale, k, r0, r1, x + b0 * k, y + b0 * ystride, ystride); break;
+        case 2: i8_rows_n(2, Q, scale, k, r0, r1, x + b0 * k, y + b0 * ystride, ystride); break;
+        case 3: i8_rows_n(3, Q, scale, k, r0, r1, x + b0 * k, y + b0 * ystride, ystride); break;
+        case 4: i8_rows_n(4, Q, scale, k, r0, r1, x + b0 * k, y + b0 * ystride, ystride); break;
+        case 5: i8_rows_n(5, Q, scale, k, r0, r1, x + b0 * k, y + b0 * ystride, ystride); break;
+        case 6: i8_rows_n(6, Q, scale, k, r0, r1, x + b0 * k, y + b0 * ystride, ystride); break;
+        case 7: i8_rows_n(7, Q, scale, k, r0, r1, x + b0 * k, y + b0 * ystride, ystride); break;
+        default: i8_rows_n(8, Q, scale, k, r0, r1, x + b0 * k, y + b0 * ystride, ystride); break;
         }
     }
 #else
@@ -415,6 +477,44 @@ static __attribute__((noinline)) void attend(const model_t *M, const layer_t *L,
     for (int64_t i = 0; i < hd; i++) out[i] = rbf(o[i]);
 }
 
+#if VEC
+/* all query heads of one kv group (up to 4, head_dim 64) over positions 0..pos: each K and V row
+ * is read once for the group, and the outputs stay in registers */
+static __attribute__((noinline)) void attend_group64(const model_t *M, const layer_t *L, int64_t g, int64_t slot, int64_t pos,
+                                                     const float *qkv, float *out, float *scores, float *tmp) {
+    const int64_t hd = 64, nq = M->n_heads, nkv = M->n_kv, S = M->max_seq, hpg = nq / nkv;
+    const uint16_t *K = L->kv + ((slot * 2 + 0) * nkv + g) * S * hd;
+    const uint16_t *V = L->kv + ((slot * 2 + 1) * nkv + g) * S * hd;
+    __m512bh q[4][2];
+    for (int64_t j = 0; j < hpg; j++) {
+        rope(qkv + (g * hpg + j) * hd, tmp, M->rope_cos + pos * (hd / 2), M->rope_sin + pos * (hd / 2), hd);
+        q[j][0] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(tmp + 16), _mm512_loadu_ps(tmp));
+        q[j][1] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(tmp + 48), _mm512_loadu_ps(tmp + 32));
+    }
+    const float scale = 0.125f; /* 1 / sqrt(64) */
+    for (int64_t t = 0; t <= pos; t++) {
+        __m512bh k0 = (__m512bh)_mm512_loadu_si512(K + t * hd), k1 = (__m512bh)_mm512_loadu_si512(K + t * hd + 32);
+        for (int64_t j = 0; j < hpg; j++)
+            scores[j * S + t] = _mm512_reduce_add_ps(_mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), k0, q[j][0]), k1, q[j][1])) * scale;
+    }
+    for (int64_t j = 0; j < hpg; j++) softmax_inplace(scores + j * S, pos + 1);
+    __m512 o[4][4];
+    for (int j = 0; j < 4; j++)
+        for (int i = 0; i < 4; i++) o[j][i] = _mm512_setzero_ps();
+    for (int64_t t = 0; t <= pos; t++) {
+        __m512 v[4];
+        for (int i = 0; i < 4; i++) v[i] = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(V + t * hd + 16 * i)));
+        for (int64_t j = 0; j < hpg; j++) {
+            __m512 pv = _mm512_set1_ps(scores[j * S + t]);
+            for (int i = 0; i < 4; i++) o[j][i] = _mm512_fmadd_ps(pv, v[i], o[j][i]);
+        }
+    }
+    for (int64_t j = 0; j < hpg; j++)
+        for (int i = 0; i < 4; i++)
+            _mm512_storeu_ps(out + (g * hpg + j) * hd + 16 * i, _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(o[j][i])));
+}
+#endif
+
 static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
 
 /* The decode step: B tokens, each with its slot and position -> float32 logits [n_logits, vocab] of
@@ -444,6 +544,7 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
         for (int64_t i = 0; i < dim; i++) x[b * dim + i] = rbf((float)q[i] * s);
     }
     const int64_t kmax = F > dim ? (F > A ? F : A) : (dim > A ? dim : A);
+    const int grouped = VEC && hd == 64 && nq / nkv <= 4; /* attend_group64 applies */
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
@@ -456,7 +557,7 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
         float *xn = aligned_alloc(64, align64(sizeof(float) * B * kmax));
         uint16_t *xa = aligned_alloc(64, align64(sizeof(uint16_t) * B * kmax));
         float *gs = aligned_alloc(64, align64(sizeof(float) * B * (kmax / 32)));
-        float *scores = aligned_alloc(64, align64(sizeof(float) * M->max_seq));
+        float *scores = aligned_alloc(64, align64(sizeof(float) * 4 * M->max_seq));
         float *tmp = aligned_alloc(64, align64(sizeof(float) * 2 * hd));
         int ok = xn && xa && gs && scores && tmp;
         if (!ok) {
@@ -480,10 +581,20 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
                 split(B, tid, nt, &a0, &a1);
                 for (int64_t b = a0; b < a1; b++) store_kv(M, L, slots[b], positions[b], qkv + b * QKV, tmp);
 #pragma omp barrier
-                split((int64_t)B * nq, tid, nt, &a0, &a1);
-                for (int64_t it = a0; it < a1; it++) {
-                    int64_t b = it / nq;
-                    attend(M, L, it % nq, slots[b], positions[b], qkv + b * QKV, att + b * A + (it % nq) * hd, scores, tmp);
+                if (grouped) {
+                    split((int64_t)B * nkv, tid, nt, &a0, &a1);
+                    for (int64_t it = a0; it < a1; it++) {
+                        int64_t b = it / nkv;
+#if VEC
+                        attend_group64(M, L, it % nkv, slots[b], positions[b], qkv + b * QKV, att + b * A, scores, tmp);
+#endif
+                    }
+                } else {
+                    split((int64_t)B * nq, tid, nt, &a0, &a1);
+                    for (int64_t it = a0; it < a1; it++) {
+                        int64_t b = it / nq;
+                        attend(M, L, it % nq, slots[b], positions[b], qkv + b * QKV, att + b * A + (it % nq) * hd, scores, tmp);
+                    }
                 }
 #pragma omp barrier
                 for (int b = 0; b < B; b++) arrange(att + b * A, A, xa + b * A, gs + b * (A / 32));
