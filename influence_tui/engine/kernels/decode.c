@@ -180,6 +180,13 @@ static inline __attribute__((always_inline)) void q4_rows_n(
         acc[0][b] = _mm512_setzero_ps();
         acc[1][b] = _mm512_setzero_ps();
     }
+    /* weights stream from DRAM: ask for the rows 4 ahead now (the hardware prefetcher starts too late for rows this short) */
+    for (int i = 0; i < R; i++) {
+        const char *next = (const char *)(W->qs + (r + 4 + i) * (W->k / 2));
+        for (int64_t c = 0; c < W->k / 2; c += 64) _mm_prefetch(next + c, _MM_HINT_T0);
+        _mm_prefetch((const char *)(W->d + (r + 4 + i) * G), _MM_HINT_T0);
+        _mm_prefetch((const char *)(W->m + (r + 4 + i) * G), _MM_HINT_T0);
+    }
     for (int64_t p = 0; p < P; p++) {
         __m512bh lo[2], hi[2];
         __m512 dv[2];
@@ -230,6 +237,9 @@ static inline __attribute__((always_inline)) void q4_rows_b(
     const int B, const q4mat *W, int64_t r0, int64_t r1, const uint16_t *xa, int64_t xstride,
     const float *gs, int64_t gstride, float *y, int64_t ystride) {
     int64_t r = r0;
+    const int64_t row_bytes = W->k / 2;
+    for (int64_t i = r0; i < r0 + 4 && i < r1; i++) /* the first rows; the loop below prefetches ahead */
+        for (int64_t c = 0; c < row_bytes; c += 64) _mm_prefetch((const char *)(W->qs + i * row_bytes + c), _MM_HINT_T0);
     if (B > 1)
         for (; r + 2 <= r1; r += 2) q4_rows_n(B, 2, W, r, xa, xstride, gs, gstride, y, ystride);
     for (; r + 1 <= r1 - 1; r++) q4_rows_n(B, 1, W, r, xa, xstride, gs, gstride, y, ystride);
@@ -289,6 +299,7 @@ static inline __attribute__((always_inline)) void i8_rows_n(const int B, const i
                                                             int64_t r0, int64_t r1, const float *x, float *y, int64_t ystride) {
     for (int64_t r = r0; r < r1; r++) {
         const int8_t *q = Q + r * k;
+        for (int64_t c = 0; c < k; c += 64) _mm_prefetch((const char *)(q + 4 * k + c), _MM_HINT_T0);
         __m512 acc[MAXB];
 #pragma GCC unroll 8
         for (int b = 0; b < B; b++) acc[b] = _mm512_setzero_ps();
