@@ -28,6 +28,25 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def cpu_flags() -> str:
+    """The matrix units that decide prefill speed: AMX tiles (Intel) or AVX-512 BF16 only."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "flags unknown"
+    return ", ".join(f for f in ("amx_bf16", "avx512_bf16", "avx512_vnni") if f in flags) or "no AVX-512 BF16"
+
+
 def measure_engines(rounds: int, engines: list[str], prompt_tokens: int, decode_tokens: int) -> dict[str, list[dict]]:
     runs: dict[str, list[dict]] = {e: [] for e in engines}
     for r in range(rounds):
@@ -172,7 +191,10 @@ def main() -> None:
     a = ap.parse_args()
     import torch
 
-    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, threads 2, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    from influence_tui.engine.native import vectorized
+
+    print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs ({cpu_flags()}), torch {torch.__version__}, threads 2, "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, C decode kernel: {'yes' if vectorized() else 'no (torch int4 kernel)'}")
     engines = ["ours"]
     if importlib.util.find_spec("llama_cpp"):
         engines.append("llamacpp")

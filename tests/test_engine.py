@@ -107,7 +107,10 @@ def test_concurrent_submitters_get_their_own_answers(engine):
     # greedy answers must not mix up between requests; tiny float differences between batched and
     # single matmuls may flip a late near-tie, so compare the first words strictly
     assert all(results[i].split()[:4] == alone[i].split()[:4] for i in range(8)), (results, alone)
-    assert agree >= 6
+    from influence_tui.engine.native import vectorized
+
+    # the C kernel computes each sequence the same whatever it is batched with
+    assert agree == 8 if vectorized() else agree >= 6
 
 
 def test_multi_turn_reuses_the_kv_cache(engine):
@@ -122,8 +125,8 @@ def test_multi_turn_reuses_the_kv_cache(engine):
     assert second.usage.cached_tokens >= first.usage.prompt_tokens // 128 * 128
     from influence_tui.engine.native import vectorized  # the C kernel: the tail runs as exact rows
 
-    if vectorized() and second.usage.prompt_tokens // 128 == first.usage.prompt_tokens // 128:
-        # no chunk completed: the first prompt's tail and its answer are reused, only the new turn runs
+    if vectorized():
+        # the first prompt's tail and its answer are reused too: only the new turn runs
         assert second.usage.cached_tokens >= first.usage.prompt_tokens + first.usage.completion_tokens - 2
         assert second.usage.prompt_tokens - second.usage.cached_tokens < 24
 

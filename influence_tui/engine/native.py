@@ -42,6 +42,21 @@ def _compiler() -> str | None:
     return None
 
 
+def _cpu_id() -> str:
+    """What -march=native compiles for: a library built on another CPU (a shared home folder)
+    could use instructions this one lacks."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
 def build(flags: list[str] | None = None, out_dir: Path | None = None) -> Path:
     """Compile the kernel (if not already built) and return the library's path."""
     from influence_tui.engine.tokenizer import cache_dir
@@ -52,7 +67,7 @@ def build(flags: list[str] | None = None, out_dir: Path | None = None) -> Path:
     flags = FLAGS if flags is None else flags
     src = _source()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    key = hashlib.sha256(src + repr((flags, version, os.uname().machine)).encode()).hexdigest()[:24]
+    key = hashlib.sha256(src + repr((flags, version, os.uname().machine, _cpu_id())).encode()).hexdigest()[:24]
     folder = out_dir or cache_dir() / "kernels"
     lib = folder / f"decode-{key}.so"
     if lib.exists():

@@ -32,13 +32,15 @@ class Job:
     submitted: float = field(default_factory=time.perf_counter)
 
 
-# Prompts are prefilled in chunks aligned to multiples of CHUNK positions. A full chunk's numbers
-# do not depend on whether the tokens before it came from the cache or were just computed, so an
-# answer is the same with or without a cache hit (bf16 matmuls of different shapes round
-# differently, and greedy decoding amplifies that into different text). With the C decode kernel
-# (model.rows_exact) the rest of a prompt runs as kernel rows, which compute each position the
-# way a decode step does: then the previous answer and the partial last chunk are reused too, and
-# a new turn prefills only its new tokens (unless it completes a chunk).
+# Prompts are prefilled in chunks aligned to multiples of CHUNK positions, full chunks as dense
+# matmuls (the numbers of a chunk do not depend on what else ran), so a repeated prompt gets the
+# same answer with or without a cache hit. With the C decode kernel (model.rows_exact), the rest
+# of a prompt runs as kernel rows, which compute each position exactly as a decode step would,
+# whatever else is batched with it: then every cached position is reused, the previous answer
+# and the partial last chunk included, and a new turn prefills only its new tokens (as
+# llama-server's cache_prompt does; past a chunk boundary the reused rows stand in for a dense
+# chunk, which a cold start would round slightly differently). Without the kernel, only full
+# chunks are reused, which keeps warm and cold answers identical.
 CHUNK = 128
 
 
@@ -159,13 +161,11 @@ class Scheduler:
         return best, reuse
 
     def reusable(self, slot: Slot, prompt: list[int]) -> int:
-        """Cached positions this prompt can start from: those a cold start would compute the same way.
-        (The last prompt token always runs, for its logits.)"""
+        """Cached positions this prompt can start from (the last prompt token always runs, for its logits)."""
         shared = max(min(common_prefix(slot.tokens, prompt), len(prompt) - 1), 0)
-        boundary = len(prompt) // CHUNK * CHUNK  # a cold start computes [0, boundary) as chunks
-        if getattr(self.model, "rows_exact", False) and slot.dense == boundary and shared >= boundary:
-            return shared  # chunks the same, and every later position computed as a row, as it would be
-        return min(shared, slot.dense, boundary) // CHUNK * CHUNK
+        if getattr(self.model, "rows_exact", False):
+            return shared
+        return min(shared, slot.dense) // CHUNK * CHUNK
 
     def prefill(self, slot: Slot, prompt: list[int], start: int) -> torch.Tensor:
         """Prefill prompt[start:] into the slot chunk by chunk; logits of the last position."""
