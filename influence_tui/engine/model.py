@@ -429,6 +429,14 @@ class LlamaModel:
         def attend(i: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
             c = self.kv_cache[i]
             c[slot, :, :, start_pos:end] = kv.permute(1, 2, 0, 3)
+            if self._native is not None:  # the kernel's causal attention: ~4x faster than SDPA here
+                lib, m = self._native[0], self._native[1]
+                q = q.contiguous()
+                out = torch.empty(t, q.shape[1] * q.shape[2], dtype=torch.bfloat16)
+                rc = lib.influence_prefill_attention(ctypes.byref(m), i, slot, start_pos, t, q.data_ptr(), out.data_ptr(),
+                                                     torch.get_num_threads())
+                if rc == 0:
+                    return out
             o = F.scaled_dot_product_attention(
                 q.transpose(0, 1).unsqueeze(0),
                 c[slot : slot + 1, 0, :, :end],

@@ -96,6 +96,9 @@ def open_library(path: Path) -> ctypes.CDLL:
     lib.influence_q4_matmul.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     lib.influence_q4_dequant.restype = None
     lib.influence_q4_dequant.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    lib.influence_prefill_attention.restype = ctypes.c_int
+    lib.influence_prefill_attention.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                                ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     lib.influence_vectorized.restype = ctypes.c_int
     return lib
 

@@ -61,6 +61,7 @@ typedef struct {
 #define MAXB 8 /* tokens per pass over a weight matrix */
 
 /* -- scalar helpers ------------------------------------------------------------------------ */
+static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
 static inline float bf2f(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
     float f;
@@ -429,8 +430,14 @@ static inline void axpy_bf16(float p, const uint16_t *v, float *o, int64_t n) {
 
 static __attribute__((noinline)) void softmax_inplace(float *s, int64_t n) {
     float mx = -INFINITY, sum = 0.f;
-    for (int64_t i = 0; i < n; i++) mx = s[i] > mx ? s[i] : mx;
     int64_t i = 0;
+#if VEC
+    __m512 mxv = _mm512_set1_ps(-INFINITY);
+    for (; i + 16 <= n; i += 16) mxv = _mm512_max_ps(mxv, _mm512_loadu_ps(s + i));
+    mx = _mm512_reduce_max_ps(mxv);
+#endif
+    for (; i < n; i++) mx = s[i] > mx ? s[i] : mx;
+    i = 0;
 #if VEC
     __m512 acc = _mm512_setzero_ps(), mv = _mm512_set1_ps(mx);
     for (; i + 16 <= n; i += 16) {
@@ -445,7 +452,11 @@ static __attribute__((noinline)) void softmax_inplace(float *s, int64_t n) {
         sum += s[i];
     }
     float inv = 1.f / sum;
-    for (i = 0; i < n; i++) s[i] *= inv;
+    i = 0;
+#if VEC
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(s + i, _mm512_mul_ps(_mm512_loadu_ps(s + i), _mm512_set1_ps(inv)));
+#endif
+    for (; i < n; i++) s[i] *= inv;
 }
 
 /* rotate the interleaved pairs (2i, 2i+1) of one head by position pos */
@@ -489,21 +500,36 @@ static __attribute__((noinline)) void attend(const model_t *M, const layer_t *L,
 }
 
 #if VEC
-/* all query heads of one kv group (up to 4, head_dim 64) over positions 0..pos: each K and V row
- * is read once for the group, and the outputs stay in registers */
-static __attribute__((noinline)) void attend_group64(const model_t *M, const layer_t *L, int64_t g, int64_t slot, int64_t pos,
-                                                     const float *qkv, float *out, float *scores, float *tmp) {
-    const int64_t hd = 64, nq = M->n_heads, nkv = M->n_kv, S = M->max_seq, hpg = nq / nkv;
-    const uint16_t *K = L->kv + ((slot * 2 + 0) * nkv + g) * S * hd;
-    const uint16_t *V = L->kv + ((slot * 2 + 1) * nkv + g) * S * hd;
-    __m512bh q[4][2];
-    for (int64_t j = 0; j < hpg; j++) {
-        rope(qkv + (g * hpg + j) * hd, tmp, M->rope_cos + pos * (hd / 2), M->rope_sin + pos * (hd / 2), hd);
-        q[j][0] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(tmp + 16), _mm512_loadu_ps(tmp));
-        q[j][1] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(tmp + 48), _mm512_loadu_ps(tmp + 32));
-    }
+/* the four horizontal sums of a, b, c, d: [sum a, sum b, sum c, sum d] */
+static inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
+    __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b)); /* per 128 bits: a01 b01 a23 b23 */
+    __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    __m512 abcd = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
+                                _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
+    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+/* hpg (<= 4) query heads of one kv group, head_dim 64, over cache positions 0..pos: each K and V
+ * row is read once for the group, and the outputs stay in registers. out: head j at out + j * 64 */
+static void group64_core(__m512bh q[4][2], int64_t hpg, const uint16_t *K, const uint16_t *V, int64_t pos,
+                         float *scores, int64_t S, float *out) {
+    const int64_t hd = 64;
     const float scale = 0.125f; /* 1 / sqrt(64) */
-    for (int64_t t = 0; t <= pos; t++) {
+    int64_t t = 0;
+    for (; t + 4 <= pos + 1; t += 4) { /* four positions a pass: one reduction tree for their four sums */
+        __m512bh k[4][2];
+        for (int u = 0; u < 4; u++) {
+            k[u][0] = (__m512bh)_mm512_loadu_si512(K + (t + u) * hd);
+            k[u][1] = (__m512bh)_mm512_loadu_si512(K + (t + u) * hd + 32);
+        }
+        for (int64_t j = 0; j < hpg; j++) {
+            __m512 d[4];
+            for (int u = 0; u < 4; u++) d[u] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), k[u][0], q[j][0]), k[u][1], q[j][1]);
+            _mm_storeu_ps(scores + j * S + t, _mm_mul_ps(reduce4(d[0], d[1], d[2], d[3]), _mm_set1_ps(scale)));
+        }
+    }
+    for (; t <= pos; t++) {
         __m512bh k0 = (__m512bh)_mm512_loadu_si512(K + t * hd), k1 = (__m512bh)_mm512_loadu_si512(K + t * hd + 32);
         for (int64_t j = 0; j < hpg; j++)
             scores[j * S + t] = _mm512_reduce_add_ps(_mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), k0, q[j][0]), k1, q[j][1])) * scale;
@@ -521,12 +547,75 @@ static __attribute__((noinline)) void attend_group64(const model_t *M, const lay
         }
     }
     for (int64_t j = 0; j < hpg; j++)
-        for (int i = 0; i < 4; i++)
-            _mm512_storeu_ps(out + (g * hpg + j) * hd + 16 * i, _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(o[j][i])));
+        for (int i = 0; i < 4; i++) _mm512_storeu_ps(out + j * hd + 16 * i, o[j][i]);
+}
+
+/* decode: the group's query heads roped from this step's qkv; bf16-rounded outputs into out */
+static __attribute__((noinline)) void attend_group64(const model_t *M, const layer_t *L, int64_t g, int64_t slot, int64_t pos,
+                                                     const float *qkv, float *out, float *scores, float *tmp) {
+    const int64_t hd = 64, nq = M->n_heads, nkv = M->n_kv, S = M->max_seq, hpg = nq / nkv;
+    __m512bh q[4][2];
+    for (int64_t j = 0; j < hpg; j++) {
+        rope(qkv + (g * hpg + j) * hd, tmp, M->rope_cos + pos * (hd / 2), M->rope_sin + pos * (hd / 2), hd);
+        q[j][0] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(tmp + 16), _mm512_loadu_ps(tmp));
+        q[j][1] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(tmp + 48), _mm512_loadu_ps(tmp + 32));
+    }
+    const uint16_t *K = L->kv + ((slot * 2 + 0) * nkv + g) * S * hd;
+    const uint16_t *V = L->kv + ((slot * 2 + 1) * nkv + g) * S * hd;
+    float *o = out + g * hpg * hd;
+    group64_core(q, hpg, K, V, pos, scores, S, o);
+    for (int64_t i = 0; i < hpg * hd; i++) o[i] = rbf(o[i]);
 }
 #endif
 
-static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
+/* Prefill attention for rows start..start+T-1 of one slot whose K/V are in the cache already:
+ * q bf16 [T, n_heads, 64] (roped), out bf16 [T, n_heads * 64]. Causal: row t sees 0..start+t.
+ * Returns -1 where the shapes do not fit (head_dim 64, up to 4 query heads per kv head). */
+int influence_prefill_attention(const model_t *M, int64_t layer, int64_t slot, int64_t start, int64_t T,
+                                const uint16_t *q, uint16_t *out, int nthreads) {
+#if VEC
+    const int64_t hd = M->head_dim, nq = M->n_heads, nkv = M->n_kv, S = M->max_seq, hpg = nq / nkv;
+    if (hd != 64 || hpg > 4 || nq % nkv || slot < 0 || slot >= M->max_batch || start < 0 || start + T > S || layer < 0 ||
+        layer >= M->n_layers)
+        return -1;
+    const layer_t *L = &M->layers[layer];
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *scores = aligned_alloc(64, align64(sizeof(float) * 4 * S));
+        float *o = aligned_alloc(64, align64(sizeof(float) * 4 * hd));
+        if (!scores || !o) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+            /* dynamic: later rows see more positions */
+#pragma omp for schedule(dynamic, 4)
+            for (int64_t it = 0; it < T * nkv; it++) {
+                int64_t t = it / nkv, g = it % nkv;
+                __m512bh qv[4][2];
+                for (int64_t j = 0; j < hpg; j++) {
+                    const uint16_t *qp = q + (t * nq + g * hpg + j) * hd;
+                    qv[j][0] = (__m512bh)_mm512_loadu_si512(qp);
+                    qv[j][1] = (__m512bh)_mm512_loadu_si512(qp + 32);
+                }
+                const uint16_t *K = L->kv + ((slot * 2 + 0) * nkv + g) * S * hd;
+                const uint16_t *V = L->kv + ((slot * 2 + 1) * nkv + g) * S * hd;
+                group64_core(qv, hpg, K, V, start + t, scores, S, o);
+                uint16_t *dst = out + (t * nq + g * hpg) * hd;
+                for (int64_t i = 0; i < hpg * hd; i += 32)
+                    _mm512_storeu_si512(dst + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(o + i + 16), _mm512_loadu_ps(o + i)));
+            }
+        }
+        free(scores);
+        free(o);
+    }
+    return failed ? -2 : 0;
+#else
+    (void)M; (void)layer; (void)slot; (void)start; (void)T; (void)q; (void)out; (void)nthreads;
+    return -1;
+#endif
+}
+
 
 /* The decode step: B tokens, each with its slot and position -> float32 logits [n_logits, vocab] of
  * the last n_logits tokens. Tokens may share a slot at consecutive positions (a prompt run row by
