@@ -271,16 +271,19 @@ class LlamaModel:
         return lib, m, layers, keep
 
     def _native_decode(
-        self, slots: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, threads: int, n_logits: int | None = None
+        self, slots: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, threads: int,
+        logit_rows: list[int] | None = None,
     ) -> torch.Tensor:
+        """One kernel call; logits [len(logit_rows) or B, vocab] of the rows asked for (default: all)."""
         assert self._native is not None
         lib, m = self._native[0], self._native[1]
         b = int(tokens.shape[0])
-        n_logits = b if n_logits is None else n_logits
         args = [t.to(torch.int64).contiguous() for t in (slots, tokens, positions)]
+        rows = None if logit_rows is None else torch.tensor(logit_rows, dtype=torch.int64)
+        n_logits = b if rows is None else len(logit_rows)  # type: ignore[arg-type]
         logits = torch.empty(n_logits, self.vocab_size, dtype=torch.float32)
         rc = lib.influence_decode(ctypes.byref(m), b, args[0].data_ptr(), args[1].data_ptr(), args[2].data_ptr(),
-                                  n_logits, logits.data_ptr(), threads)
+                                  None if rows is None else rows.data_ptr(), n_logits, logits.data_ptr(), threads)
         if rc == -1:
             raise ValueError(f"a slot, position or token is outside the cache ({self.max_batch} x {self.max_seq}) or vocabulary")
         if rc != 0:
@@ -378,21 +381,30 @@ class LlamaModel:
             cut = max(start, end // chunk * chunk) if self.rows_exact else end
             dense.append((slot, tokens[: cut - start], start) if cut > start else None)
             rows.append((slot, tokens[cut - start :], cut) if cut < end else None)
-        done = self._prefill_dense([d for d in dense if d is not None], chunk)
-        out = []
-        for d, r in zip(dense, rows):
-            last = done.pop(0) if d is not None else None
-            out.append(self.prefill_rows(*r) if r is not None else last)
-        return out
+        done = iter(self._prefill_dense([d for d in dense if d is not None], chunk))
+        tails = iter(self._prefill_rows_many([r for r in rows if r is not None]))
+        return [next(tails) if r is not None else next(done) for d, r in zip(dense, rows)]
 
     def prefill_rows(self, slot: int, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
         """Prefill as decode-kernel rows (the kernel's own batching): last-position logits [vocab]."""
-        t = int(tokens.shape[0])
-        if t < 1 or start_pos < 0 or start_pos + t > self.max_seq or not 0 <= slot < self.max_batch:
-            raise ValueError(f"positions {start_pos}..{start_pos + t - 1} of slot {slot} do not fit the cache")
-        slots = torch.full((t,), slot, dtype=torch.long)
-        positions = torch.arange(start_pos, start_pos + t)
-        return self._native_decode(slots, tokens, positions, torch.get_num_threads(), n_logits=1)[0]
+        return self._prefill_rows_many([(slot, tokens, start_pos)])[0]
+
+    def _prefill_rows_many(self, jobs: list[tuple[int, torch.Tensor, int]]) -> list[torch.Tensor]:
+        """Several prompts' rows in one kernel call (each pass over the weights serves 8 rows,
+        whichever prompts they belong to); each prompt's last-position logits."""
+        if not jobs:
+            return []
+        slots, positions, last = [], [], []
+        for slot, tokens, start in jobs:
+            t = int(tokens.shape[0])
+            if t < 1 or start < 0 or start + t > self.max_seq or not 0 <= slot < self.max_batch:
+                raise ValueError(f"positions {start}..{start + t - 1} of slot {slot} do not fit the cache")
+            slots.append(torch.full((t,), slot, dtype=torch.long))
+            positions.append(torch.arange(start, start + t))
+            last.append(sum(len(p) for p in positions) - 1)
+        tokens = torch.cat([tokens for _, tokens, _ in jobs])
+        logits = self._native_decode(torch.cat(slots), tokens, torch.cat(positions), torch.get_num_threads(), last)
+        return list(logits)
 
     def _prefill_dense(self, jobs: list[tuple[int, torch.Tensor, int]], chunk: int) -> list[torch.Tensor]:
         if not jobs:

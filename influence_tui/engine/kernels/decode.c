@@ -618,17 +618,20 @@ int influence_prefill_attention(const model_t *M, int64_t layer, int64_t slot, i
 
 
 /* The decode step: B tokens, each with its slot and position -> float32 logits [n_logits, vocab] of
- * the last n_logits tokens. Tokens may share a slot at consecutive positions (a prompt run row by
+ * the tokens logit_rows[0..n_logits-1] (NULL: every token, n_logits = B). Tokens may share a slot
+ * at consecutive positions (prompts run row by
  * row: each row computes exactly what it would as a decode step). */
 int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_t *tokens, const int64_t *positions,
-                     int n_logits, float *logits, int nthreads) {
+                     const int64_t *logit_rows, int n_logits, float *logits, int nthreads) {
     const int64_t dim = M->dim, F = M->ffn, hd = M->head_dim, nq = M->n_heads, nkv = M->n_kv;
     const int64_t QKV = (nq + 2 * nkv) * hd, A = nq * hd;
     for (int b = 0; b < B; b++)
         if (slots[b] < 0 || slots[b] >= M->max_batch || positions[b] < 0 || positions[b] >= M->max_seq ||
             tokens[b] < 0 || tokens[b] >= M->vocab)
             return -1;
-    if (n_logits < 1 || n_logits > B) return -1;
+    if (n_logits < 1 || n_logits > B || (!logit_rows && n_logits != B)) return -1;
+    for (int i = 0; logit_rows && i < n_logits; i++)
+        if (logit_rows[i] < 0 || logit_rows[i] >= B) return -1;
     float *x = aligned_alloc(64, align64(sizeof(float) * B * dim));
     float *qkv = aligned_alloc(64, align64(sizeof(float) * B * QKV));
     float *att = aligned_alloc(64, align64(sizeof(float) * B * A));
@@ -720,9 +723,11 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
                     for (int64_t r = a0; r < a1; r++) x[b * dim + r] += xn[b * dim + r];
 #pragma omp barrier
             }
-            /* logits of the last n_logits tokens only (a prompt run as rows needs its last) */
-            const int first = B - n_logits;
-            for (int b = first; b < B; b++) rms_norm(x + b * dim, M->final_norm, M->norm_eps, dim, xn + (b - first) * dim);
+            /* logits of the chosen tokens only (a prompt run as rows needs its last) */
+            for (int i = 0; i < n_logits; i++) {
+                int64_t b = logit_rows ? logit_rows[i] : i;
+                rms_norm(x + b * dim, M->final_norm, M->norm_eps, dim, xn + i * dim);
+            }
             split(M->vocab, tid, nt, &a0, &a1);
             i8_rows(n_logits, M->head_q, M->head_scale, dim, a0, a1, xn, logits, M->vocab);
         }
