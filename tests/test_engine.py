@@ -242,3 +242,28 @@ def test_loading_a_model_leaves_the_process_able_to_reach_the_hub(engine, monkey
     with local_only():
         pass
     assert constants.HF_HUB_OFFLINE is False
+
+
+def test_reuse_plan_shares_only_what_a_cold_start_computes_the_same_way():
+    """Which cached positions a prompt may start from (the rule behind answers that do not depend
+    on what else the cache holds)."""
+    from types import SimpleNamespace
+
+    from influence_tui.engine.scheduler import CHUNK, Scheduler, Slot
+
+    plan = lambda model, slot, prompt: Scheduler.reuse_plan(SimpleNamespace(model=model), slot, prompt)  # noqa: E731
+    kernel, torch_only = SimpleNamespace(rows_exact=True), SimpleNamespace(rows_exact=False)
+    long = list(range(1000, 1000 + 4 * CHUNK + 60))  # 4 dense chunks, then 60 rows
+    slot = Slot(0, tokens=long[:], dense=4 * CHUNK)
+    # a short prompt sharing 20 tokens: a cold start computes them as rows, the cache holds a dense chunk
+    assert plan(kernel, slot, long[:20] + [7, 8, 9]) == (0, False)
+    # the same prompt again: everything but the last token, exactly
+    assert plan(kernel, slot, long) == (len(long) - 1, False)
+    # the conversation goes on within the same chunk: all of it, exactly
+    assert plan(kernel, slot, long + list(range(30))) == (len(long), False)
+    # ... and past the next chunk boundary: all of it, as an approximation (rows for a dense chunk)
+    assert plan(kernel, slot, long + list(range(200))) == (len(long), True)
+    # a prompt that shares 2 chunks and a bit: the 2 chunks
+    assert plan(kernel, slot, long[: 2 * CHUNK + 50] + [1, 2, 3]) == (2 * CHUNK, False)
+    # without the kernel, only full chunks are ever reused
+    assert plan(torch_only, slot, long + list(range(30))) == (4 * CHUNK, False)

@@ -33,15 +33,17 @@ class Job:
 
 
 # Prompts are prefilled in chunks aligned to multiples of CHUNK positions, full chunks as dense
-# matmuls (the numbers of a chunk do not depend on what else ran), so a repeated prompt gets the
-# same answer with or without a cache hit. With the C decode kernel (model.rows_exact), the rest
-# of a prompt runs as kernel rows, which compute each position exactly as a decode step would,
-# whatever else is batched with it: then every cached position is reused, the previous answer
-# and the partial last chunk included, and a new turn prefills only its new tokens (as
-# llama-server's cache_prompt does; past a chunk boundary the reused rows stand in for a dense
-# chunk, which a cold start would round slightly differently). Without the kernel, only full
-# chunks are reused, which keeps warm and cold answers identical.
+# matmuls: a chunk's numbers do not depend on whether the tokens before it came from the cache or
+# were just computed (bf16 matmuls of different shapes round differently, and greedy decoding
+# amplifies that into different text). With the C decode kernel (model.rows_exact) the rest of a
+# prompt runs as kernel rows, which compute each position exactly as a decode step does, whatever
+# is batched with it. A cached position is reused when a cold start of the new prompt would
+# compute it the same way (dense where the cold start has full chunks, rows after), so a request
+# gets the same answer whatever the cache held. One exception, for speed: a conversation that
+# grows past a chunk boundary keeps its rows where a cold start would have a dense chunk (as
+# llama-server's cache_prompt does); such a slot is marked and only its exact part is shared.
 CHUNK = 128
+CONTINUE_MIN = 32  # reused rows beyond the exact part that make a request a conversation's continuation
 
 
 @dataclass
@@ -49,6 +51,8 @@ class Slot:
     index: int
     tokens: list[int] = field(default_factory=list)  # ids whose K/V are valid in this slot
     dense: int = 0  # leading positions computed as full aligned chunks (the rest: as rows)
+    approx: bool = False  # rows stand in for dense chunks past `dense` (a continued conversation)
+    pending_approx: bool = False  # the reuse chosen for the next prefill is of that kind
     busy: bool = False
     last_used: float = 0.0
 
@@ -153,19 +157,30 @@ class Scheduler:
         if not free:
             return None
         best = max(free, key=lambda s: (self.reusable(s, prompt), -s.last_used))
-        reuse = self.reusable(best, prompt)
+        reuse, approx = self.reuse_plan(best, prompt)
         if reuse <= 0:
             # nothing to reuse: take the least recently used slot, keep the others' caches
             best = min(free, key=lambda s: s.last_used)
-            reuse = 0
+            reuse, approx = 0, False
+        best.pending_approx = approx
         return best, reuse
 
     def reusable(self, slot: Slot, prompt: list[int]) -> int:
-        """Cached positions this prompt can start from (the last prompt token always runs, for its logits)."""
+        return self.reuse_plan(slot, prompt)[0]
+
+    def reuse_plan(self, slot: Slot, prompt: list[int]) -> tuple[int, bool]:
+        """(cached positions this prompt can start from, whether they only approximate a cold start).
+        The last prompt token always runs, for its logits."""
         shared = max(min(common_prefix(slot.tokens, prompt), len(prompt) - 1), 0)
-        if getattr(self.model, "rows_exact", False):
-            return shared
-        return min(shared, slot.dense) // CHUNK * CHUNK
+        boundary = len(prompt) // CHUNK * CHUNK  # a cold start computes [0, boundary) as dense chunks
+        exact = min(shared, slot.dense, boundary) // CHUNK * CHUNK
+        if not getattr(self.model, "rows_exact", False):
+            return exact, False  # only full chunks are computed the same way twice
+        if not slot.approx and slot.dense == boundary and shared >= boundary:
+            return shared, False  # the same chunks, and rows after them, as a cold start
+        if shared >= slot.dense + CONTINUE_MIN:
+            return shared, True  # a conversation going on past a chunk boundary
+        return exact, False
 
     def prefill(self, slot: Slot, prompt: list[int], start: int) -> torch.Tensor:
         """Prefill prompt[start:] into the slot chunk by chunk; logits of the last position."""
@@ -183,7 +198,11 @@ class Scheduler:
                 out = [self._prefill_chunks(slot.index, prompt, start) for slot, prompt, start in work]
         for slot, prompt, _ in work:
             slot.tokens = list(prompt)
-            slot.dense = len(prompt) // CHUNK * CHUNK
+            if slot.pending_approx:
+                slot.approx = True  # `dense` still ends the exact part
+            else:
+                slot.dense, slot.approx = len(prompt) // CHUNK * CHUNK, False
+            slot.pending_approx = False
         return out
 
     def _prefill_chunks(self, index: int, prompt: list[int], start: int) -> torch.Tensor:
@@ -319,4 +338,4 @@ class Scheduler:
                     torch.tensor([slot.index]), torch.tensor([nxt]), torch.tensor([len(tokens)])
                 )[0]
                 tokens.append(nxt)
-        slot.tokens, slot.dense = [], 0  # a dense prefill of a short prompt: not what a request would reuse
+        slot.tokens, slot.dense, slot.approx = [], 0, False  # a dense prefill of a short prompt: not what a request would reuse
