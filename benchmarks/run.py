@@ -7,7 +7,8 @@
    transformers, each in a fresh process, alternated A B C A B C so the machine's drift cancels.
    Medians with min/max, and ratios against llama.cpp and transformers.
 2. What weight-only quantization costs: greedy agreement and perplexity, fast path vs float.
-3. Multi-turn chat: time to first token of turn 10 vs turn 1 (the KV cache kept between turns).
+3. Through the engine: a cold 547-token prompt's time to first token; multi-turn chat, time to
+   first token of turn 10 vs turn 1 (the KV cache kept between turns).
 4. Concurrency: 8 streams through continuous batching vs 1 stream; answers identical to alone.
 5. `--batch`-style: 32 prompts submitted together vs one after another.
 """
