@@ -91,6 +91,15 @@ static inline float h2f(uint16_t h) {
     memcpy(&f, &u, 4);
     return f;
 }
+static inline void thread_id(int *tid, int *nt) { /* this thread's index in its parallel region, and the region's size */
+#ifdef _OPENMP
+    *tid = omp_get_thread_num();
+    *nt = omp_get_num_threads();
+#else
+    *tid = 0;
+    *nt = 1;
+#endif
+}
 static inline void split(int64_t n, int tid, int nt, int64_t *a, int64_t *b) {
     *a = n * tid / nt;
     *b = n * (tid + 1) / nt;
@@ -651,11 +660,8 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
-        int tid = 0, nt = 1;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-        nt = omp_get_num_threads();
-#endif
+        int tid, nt;
+        thread_id(&tid, &nt);
         /* per thread: normed input, its pair layout and group sums, attention scratch */
         float *xn = aligned_alloc(64, align64(sizeof(float) * B * kmax));
         uint16_t *xa = aligned_alloc(64, align64(sizeof(uint16_t) * B * kmax));
@@ -754,11 +760,8 @@ int influence_q4_matmul(const q4mat *W, const uint16_t *x, int64_t Mrows, uint16
     }
 #pragma omp parallel num_threads(nthreads)
     {
-        int tid = 0, nt = 1;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-        nt = omp_get_num_threads();
-#endif
+        int tid, nt;
+        thread_id(&tid, &nt);
         int64_t a0, a1;
         split(n, tid, nt, &a0, &a1);
         q4_matmul_rows((int)Mrows, W, a0, a1, xa, k, gs, G, yf, n);
