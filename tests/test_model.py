@@ -222,11 +222,12 @@ def test_prefill_many_equals_each_prompt_alone():
     from influence_tui.engine.loader import load_model
     from influence_tui.library import bundled_gguf_path
 
-    lm = load_model(str(bundled_gguf_path()), max_batch=4)
+    lm = load_model(str(bundled_gguf_path()), max_batch=6)
     m = lm.model
-    a = torch.tensor(lm.tokenizer.encode("The moon rises over the quiet harbour. " * 20)[:200])
+    a = torch.tensor(lm.tokenizer.encode("The moon rises over the quiet harbour. " * 20)[:200])  # a chunk + a tail
     b = torch.tensor(lm.tokenizer.encode("Write a poem about bread.")[:12])  # short: the int4 kernel path
+    c = torch.tensor(lm.tokenizer.encode("Bread is baked at dawn in the old town. " * 30)[:256])  # two whole chunks
     with torch.inference_mode():
-        alone = [m.prefill_chunked(0, a, 0, 128), m.prefill_chunked(1, b, 0, 128)]
-        together = m.prefill_many([(2, a, 0), (3, b, 0)], 128)
+        alone = [m.prefill_chunked(0, a, 0, 128), m.prefill_chunked(1, b, 0, 128), m.prefill_chunked(2, c, 0, 128)]
+        together = m.prefill_many([(3, a, 0), (4, b, 0), (5, c, 0)], 128)
     assert all(torch.equal(x, y) for x, y in zip(alone, together))

@@ -381,9 +381,15 @@ class LlamaModel:
             cut = max(start, end // chunk * chunk) if self.rows_exact else end
             dense.append((slot, tokens[: cut - start], start) if cut > start else None)
             rows.append((slot, tokens[cut - start :], cut) if cut < end else None)
-        done = iter(self._prefill_dense([d for d in dense if d is not None], chunk))
+        # logits from the dense part only where no rows follow it
+        wanted = [r is None for d, r in zip(dense, rows) if d is not None]
+        done = iter(self._prefill_dense([d for d in dense if d is not None], chunk, wanted))
         tails = iter(self._prefill_rows_many([r for r in rows if r is not None]))
-        return [next(tails) if r is not None else next(done) for d, r in zip(dense, rows)]
+        out = []
+        for d, r in zip(dense, rows):
+            last = next(done) if d is not None else None
+            out.append(next(tails) if r is not None else last)
+        return out
 
     def prefill_rows(self, slot: int, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
         """Prefill as decode-kernel rows (the kernel's own batching): last-position logits [vocab]."""
@@ -406,7 +412,9 @@ class LlamaModel:
         logits = self._native_decode(torch.cat(slots), tokens, torch.cat(positions), torch.get_num_threads(), last)
         return list(logits)
 
-    def _prefill_dense(self, jobs: list[tuple[int, torch.Tensor, int]], chunk: int) -> list[torch.Tensor]:
+    def _prefill_dense(
+        self, jobs: list[tuple[int, torch.Tensor, int]], chunk: int, logits: list[bool] | None = None
+    ) -> list[torch.Tensor | None]:
         if not jobs:
             return []
         self._check_cache()
@@ -426,7 +434,8 @@ class LlamaModel:
                     for (slot, _, start), x, pieces in zip(jobs, xs, spans):
                         for a, b in pieces:
                             self._layer(i, x[a - start : b - start], self._rope[a:b].unsqueeze(1), self._prefill_attend(slot, a, b))
-            return [self.lm_head(self._rms_norm(x[-1:], self._final_norm)).float()[0] for x in xs]
+            want = logits or [True] * len(xs)
+            return [self.lm_head(self._rms_norm(x[-1:], self._final_norm)).float()[0] if w else None for x, w in zip(xs, want)]
 
     def _prefill_attend(self, slot: int, start_pos: int, end: int):
         """Attention for prefill rows start_pos..end-1 of one slot (writes their K/V first)."""
