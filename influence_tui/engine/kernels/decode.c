@@ -149,25 +149,16 @@ static void arrange(const float *x, int64_t k, uint16_t *out, float *gsum) {
 }
 
 /* -- q4 rows: y[b][r] = bf16(W[r] . x[b] + bias[r]) for rows r0..r1 --------------------------- */
+#if !VEC
+/* sum_g (m_g - 128 d_g) S_g of one row (the vector path folds it into its lanes) */
 static inline float q4_offset(const q4mat *W, int64_t r, const float *gs) {
     int64_t G = W->k / 32;
     const uint16_t *d = W->d + r * G, *m = W->m + r * G;
-#if VEC
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t g = 0; g < G; g += 16) {
-        __mmask16 mk = (G - g) >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (G - g)) - 1);
-        __m512 dv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, d + g));
-        __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, m + g));
-        __m512 sv = _mm512_maskz_loadu_ps(mk, gs + g);
-        acc = _mm512_fmadd_ps(_mm512_fmadd_ps(dv, _mm512_set1_ps(-128.f), mv), sv, acc);
-    }
-    return _mm512_reduce_add_ps(acc);
-#else
     float acc = 0.f;
     for (int64_t g = 0; g < G; g++) acc += (h2f(m[g]) - 128.f * h2f(d[g])) * gs[g];
     return acc;
-#endif
 }
+#endif
 
 #if VEC
 /* (m - 128 d) of groups g..g+15 of one row (masked past the row's end) */
@@ -656,7 +647,9 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
         for (int64_t i = 0; i < dim; i++) x[b * dim + i] = rbf((float)q[i] * s);
     }
     const int64_t kmax = F > dim ? (F > A ? F : A) : (dim > A ? dim : A);
-    const int grouped = VEC && hd == 64 && nq / nkv <= 4; /* attend_group64 applies */
+#if VEC
+    const int grouped = hd == 64 && nq / nkv <= 4; /* attend_group64 applies */
+#endif
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
@@ -690,15 +683,16 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
                 split(B, tid, nt, &a0, &a1);
                 for (int64_t b = a0; b < a1; b++) store_kv(M, L, slots[b], positions[b], qkv + b * QKV, tmp);
 #pragma omp barrier
+#if VEC
                 if (grouped) {
                     split((int64_t)B * nkv, tid, nt, &a0, &a1);
                     for (int64_t it = a0; it < a1; it++) {
                         int64_t b = it / nkv;
-#if VEC
                         attend_group64(M, L, it % nkv, slots[b], positions[b], qkv + b * QKV, att + b * A, scores, tmp);
-#endif
                     }
-                } else {
+                } else
+#endif
+                {
                     split((int64_t)B * nq, tid, nt, &a0, &a1);
                     for (int64_t it = a0; it < a1; it++) {
                         int64_t b = it / nq;
