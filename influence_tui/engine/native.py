@@ -18,6 +18,12 @@ import subprocess
 import threading
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from influence_tui.engine.model import LlamaModel
 
 SOURCE = "decode.c"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
@@ -148,6 +154,86 @@ class ModelT(ctypes.Structure):
         ("emb_q", ctypes.c_void_p), ("emb_scale", ctypes.c_void_p),
         ("head_q", ctypes.c_void_p), ("head_scale", ctypes.c_void_p),
         ("final_norm", ctypes.c_void_p), ("rope_cos", ctypes.c_void_p), ("rope_sin", ctypes.c_void_p)]
+
+
+class NativeStep:
+    """The C decode step bound to one model's weights and KV cache (rebuilt when the cache is)."""
+
+    def __init__(self, lib: ctypes.CDLL, model: "LlamaModel") -> None:
+        cfg = model.cfg
+        self.lib, self.vocab = lib, cfg.vocab_size
+        self.max_batch, self.max_seq = model.max_batch, model.max_seq
+        norms = model._norm_weights()
+        # the structs point into these tensors: keep them alive as long as the structs
+        self._layers = (LayerT * cfg.n_layers)()
+        for i, (layer, (attn_norm, ffn_norm)) in enumerate(zip(model.layers, norms)):
+            self._layers[i] = LayerT(layer.qkv.struct(), layer.o.struct(), layer.gate_up.struct(), layer.down.struct(),
+                                     attn_norm.data_ptr(), ffn_norm.data_ptr(), model.kv_cache[i].data_ptr())
+        table, head = model.embed.table, model.lm_head
+        self._keep: list[Any] = [table.q.contiguous(), table.scale.contiguous(), head.q.contiguous(), head.scale.contiguous()]
+        self._model = ModelT(
+            cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.vocab_size,
+            model.max_seq, model.max_batch, float(model._norm_eps), ctypes.addressof(self._layers),
+            *(t.data_ptr() for t in self._keep),
+            model._final_norm.data_ptr(), model._rope_cos.data_ptr(), model._rope_sin.data_ptr(),
+        )
+
+    @classmethod
+    def for_model(cls, model: "LlamaModel") -> "NativeStep | None":
+        """The step for this model when every piece fits the kernel: CPU, bf16, Q4Linear layers, an
+        int8 embedding and lm_head. None keeps the torch path."""
+        import torch
+
+        from influence_tui.engine.quant import Int8Linear, Q4Linear
+
+        cfg = model.cfg
+        linears = [getattr(layer, name) for layer in model.layers for name in ("qkv", "o", "gate_up", "down")]
+        table, head = model.embed.table, model.lm_head
+        if (
+            model.device.type != "cpu" or model.dtype != torch.bfloat16
+            or not all(isinstance(lin, Q4Linear) for lin in linears)
+            or not isinstance(table, Int8Linear) or not isinstance(head, Int8Linear) or head.bias is not None
+            or cfg.head_dim % 2 or cfg.n_heads % cfg.n_kv_heads or cfg.dim % 64
+        ):
+            return None
+        try:
+            return cls(library(), model)
+        except NativeUnavailable:
+            return None
+
+    def decode(
+        self, slots: "torch.Tensor", tokens: "torch.Tensor", positions: "torch.Tensor", threads: int,
+        logit_rows: list[int] | None = None,
+    ) -> "torch.Tensor":
+        """One kernel call for B tokens (own slot and position each; a slot may repeat at consecutive
+        positions: a prompt run as rows). Float32 logits of `logit_rows` (default: every token)."""
+        import torch
+
+        b = int(tokens.shape[0])
+        args = [t.to(torch.int64).contiguous() for t in (slots, tokens, positions)]
+        rows = None if logit_rows is None else torch.tensor(logit_rows, dtype=torch.int64)
+        n_logits = b if logit_rows is None else len(logit_rows)
+        logits = torch.empty(n_logits, self.vocab, dtype=torch.float32)
+        rc = self.lib.influence_decode(ctypes.byref(self._model), b, args[0].data_ptr(), args[1].data_ptr(),
+                                       args[2].data_ptr(), None if rows is None else rows.data_ptr(), n_logits,
+                                       logits.data_ptr(), threads)
+        if rc == -1:
+            raise ValueError(f"a slot, position or token is outside the cache ({self.max_batch} x {self.max_seq}) or vocabulary")
+        if rc != 0:
+            raise MemoryError("the decode kernel could not allocate its buffers")
+        return logits
+
+    def prefill_attention(self, layer: int, slot: int, start: int, q: "torch.Tensor") -> "torch.Tensor | None":
+        """Causal attention of prefill rows start.. of a slot whose K/V are cached: q bf16 [T, heads,
+        head_dim] -> bf16 [T, heads * head_dim]; None where the kernel does not fit the shapes."""
+        import torch
+
+        q = q.contiguous()
+        t = int(q.shape[0])
+        out = torch.empty(t, q.shape[1] * q.shape[2], dtype=torch.bfloat16)
+        rc = self.lib.influence_prefill_attention(ctypes.byref(self._model), layer, slot, start, t, q.data_ptr(),
+                                                  out.data_ptr(), torch.get_num_threads())
+        return out if rc == 0 else None
 
 
 if __name__ == "__main__":  # `python -m influence_tui.engine.native`: build now (setup.sh does)
