@@ -153,3 +153,38 @@ def test_tiny_model_runs_the_kernel_and_rejects_bad_positions(tmp_path: Path) ->
         model.decode(torch.tensor([0]), torch.tensor([1]), torch.tensor([64]))
     with pytest.raises(ValueError, match="outside"):
         model.decode(torch.tensor([2]), torch.tensor([1]), torch.tensor([3]))
+
+
+_FALLBACK = """
+import json, sys, torch
+from influence_tui.engine.loader import load_model
+from influence_tui.library import bundled_gguf_path
+ids, seq = json.loads(sys.argv[1])
+lm = load_model(str(bundled_gguf_path()), device="cpu", max_batch=1, max_seq=512)
+assert not lm.model.native and lm.extra["weights"] == "int4"
+rows = [lm.model.prefill(0, torch.tensor(ids), 0)]
+for i, t in enumerate(seq[:-1]):
+    rows.append(lm.model.decode(torch.tensor([0]), torch.tensor([t]), torch.tensor([len(ids) + i]))[0])
+print(json.dumps([int(r.argmax()) for r in rows]))
+"""
+
+
+@pytest.mark.slow
+def test_without_the_kernel_torch_int4_says_the_same(fast, tmp_path: Path) -> None:
+    """INFLUENCE_NATIVE=0 (what a CPU without AVX-512 BF16 gets): torch's int4 kernel, its own
+    weight layout, and the same choices as the C kernel on the same text."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    tok, model = fast.tokenizer, fast.model
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Name three rivers in Europe."}]))
+    seq, _ = _greedy(model, 0, ids, 32)
+    env = {**os.environ, "INFLUENCE_NATIVE": "0", "INFLUENCE_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", _FALLBACK, json.dumps([ids, seq])], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    picks = json.loads(done.stdout.strip().splitlines()[-1])
+    agree = sum(a == b for a, b in zip(picks, seq)) / len(seq)
+    assert agree >= 0.85, (agree, tok.decode(seq))
