@@ -100,7 +100,7 @@ class Layer:
 class Embedding:
     """Token embedding table: float, or int8/int4 rows shared with a tied quantised lm_head."""
 
-    def __init__(self, table: torch.Tensor | Int8Linear | Int4Linear | Q4Linear) -> None:
+    def __init__(self, table: torch.Tensor | Int8Linear | Int4Linear) -> None:
         self.table = table
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:

@@ -276,9 +276,6 @@ class Q4Linear(_LowBitLinear):
         q = self.unpacked().view(n, k // GROUP, GROUP).float()
         return (q * self.d.float()[..., None] + self.m.float()[..., None]).view(n, k).to(self.dtype)
 
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.dequantize()[ids]
-
 
 Linear = FloatLinear | Int8Linear | Int4Linear | Q4Linear
 

@@ -52,9 +52,12 @@ class Slot:
     tokens: list[int] = field(default_factory=list)  # ids whose K/V are valid in this slot
     dense: int = 0  # leading positions computed as full aligned chunks (the rest: as rows)
     approx: bool = False  # rows stand in for dense chunks past `dense` (a continued conversation)
-    pending_approx: bool = False  # the reuse chosen for the next prefill is of that kind
     busy: bool = False
     last_used: float = 0.0
+
+    def forget(self) -> None:
+        """Drop the cached positions (the K/V stay in memory but count for nothing)."""
+        self.tokens, self.dense, self.approx = [], 0, False
 
 
 @dataclass
@@ -156,17 +159,13 @@ class Scheduler:
         free = [s for s in self.slots if not s.busy]
         if not free:
             return None
-        best = max(free, key=lambda s: (self.reusable(s, prompt), -s.last_used))
-        reuse, approx = self.reuse_plan(best, prompt)
+        best = max(free, key=lambda s: (self.reuse_plan(s, prompt)[0], -s.last_used))
+        reuse = self.reuse_plan(best, prompt)[0]
         if reuse <= 0:
             # nothing to reuse: take the least recently used slot, keep the others' caches
             best = min(free, key=lambda s: s.last_used)
-            reuse, approx = 0, False
-        best.pending_approx = approx
+            reuse = 0
         return best, reuse
-
-    def reusable(self, slot: Slot, prompt: list[int]) -> int:
-        return self.reuse_plan(slot, prompt)[0]
 
     def reuse_plan(self, slot: Slot, prompt: list[int]) -> tuple[int, bool]:
         """(cached positions this prompt can start from, whether they only approximate a cold start).
@@ -187,6 +186,10 @@ class Scheduler:
         return self._prefill_all([(slot, prompt, start)])[0]
 
     def _prefill_all(self, work: list[tuple[Slot, list[int], int]]) -> list[torch.Tensor]:
+        # a start past the exact part, unless it is the exact continuation of the same chunks, is
+        # the approximate reuse of reuse_plan: the slot keeps its exact part and is marked
+        approx = [start > slot.dense and (slot.approx or slot.dense != len(prompt) // CHUNK * CHUNK)
+                  for slot, prompt, start in work]
         for slot, _, start in work:
             slot.tokens = slot.tokens[:start]
             slot.dense = min(slot.dense, start)
@@ -196,13 +199,12 @@ class Scheduler:
                 out = many([(slot.index, torch.tensor(prompt[start:], dtype=torch.long), start) for slot, prompt, start in work], CHUNK)
             else:
                 out = [self._prefill_chunks(slot.index, prompt, start) for slot, prompt, start in work]
-        for slot, prompt, _ in work:
+        for (slot, prompt, _), rough in zip(work, approx):
             slot.tokens = list(prompt)
-            if slot.pending_approx:
+            if rough:
                 slot.approx = True  # `dense` still ends the exact part
             else:
                 slot.dense, slot.approx = len(prompt) // CHUNK * CHUNK, False
-            slot.pending_approx = False
         return out
 
     def _prefill_chunks(self, index: int, prompt: list[int], start: int) -> torch.Tensor:
@@ -338,4 +340,4 @@ class Scheduler:
                     torch.tensor([slot.index]), torch.tensor([nxt]), torch.tensor([len(tokens)])
                 )[0]
                 tokens.append(nxt)
-        slot.tokens, slot.dense, slot.approx = [], 0, False  # a dense prefill of a short prompt: not what a request would reuse
+        slot.forget()  # a dense prefill of a short prompt: not what a request would reuse

@@ -279,7 +279,8 @@ class Engine:
                     job.stream._finish(Result("", "error", Usage(), error=f"generation failed: {exc}", error_kind="engine"))
             self._fail_active(f"generation failed: {exc}")
             for slot in self._scheduler.slots:  # their caches may be half written: start clean
-                slot.busy, slot.tokens, slot.dense, slot.approx = False, [], 0, False
+                slot.busy = False
+                slot.forget()
 
     def _load(self, path: str, device: str | None) -> ModelSummary:
         if self._summary and self._summary.path == path and (device is None or device == self.settings.device):
@@ -348,7 +349,7 @@ class Engine:
         sched = self._scheduler
         for seq in list(sched.active):
             seq.slot.busy = False
-            seq.slot.tokens, seq.slot.dense, seq.slot.approx = [], 0, False
+            seq.slot.forget()
             sched.active.remove(seq)
             seq.job.stream._finish(Result("".join(seq.text), "error", seq.usage, error=message))
 

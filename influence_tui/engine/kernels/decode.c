@@ -127,8 +127,7 @@ static void arrange(const float *x, int64_t k, uint16_t *out, float *gsum) {
         gsum[2 * p] = _mm512_reduce_add_ps(sa);
         gsum[2 * p + 1] = _mm512_reduce_add_ps(sb);
     }
-    return;
-#endif
+#else
     for (int64_t p = 0; p < k / 64; p++) {
         const float *xa = x + p * 64, *xb = x + p * 64 + 32;
         uint16_t *o = out + p * 64;
@@ -146,6 +145,7 @@ static void arrange(const float *x, int64_t k, uint16_t *out, float *gsum) {
         gsum[2 * p] = sa;
         gsum[2 * p + 1] = sb;
     }
+#endif
 }
 
 /* -- q4 rows: y[b][r] = bf16(W[r] . x[b] + bias[r]) for rows r0..r1 --------------------------- */
@@ -795,8 +795,7 @@ void influence_q4_dequant(const q4mat *W, uint16_t *out, int nthreads) {
             _mm256_storeu_si256((__m256i *)(ob + 16), _mm512_extracti64x4_epi64(res[1], 1));
         }
     }
-    return;
-#endif
+#else
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t r = 0; r < W->n; r++) {
         const uint8_t *q = W->qs + r * (k / 2);
@@ -814,6 +813,7 @@ void influence_q4_dequant(const q4mat *W, uint16_t *out, int nthreads) {
             }
         }
     }
+#endif
 }
 
 int influence_vectorized(void) { return VEC; }
