@@ -161,6 +161,23 @@ static inline float q4_offset(const q4mat *W, int64_t r, const float *gs) {
 #endif
 
 #if VEC
+/* lane j of the result: the sum of the lanes of v[j'] (j' = 4 (j % 4) + j / 4, a transpose), in
+ * the pairing _mm512_reduce_add_ps uses: (l_i + l_i+8) then + 4, + 2, + 1. For floats that
+ * makes every sum bitwise what reduce_add_ps gives, whichever other vectors share the call. */
+static inline __m512 reduce16_ps(const __m512 v[16]) {
+    __m512 t[8], u[4];
+    for (int i = 0; i < 8; i++)
+        t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44), _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xee));
+    for (int i = 0; i < 4; i++)
+        u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0x88), _mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0xdd));
+    __m512 w01 = _mm512_add_ps(_mm512_unpacklo_ps(u[0], u[1]), _mm512_unpackhi_ps(u[0], u[1]));
+    __m512 w23 = _mm512_add_ps(_mm512_unpacklo_ps(u[2], u[3]), _mm512_unpackhi_ps(u[2], u[3]));
+    __m512d a = _mm512_castps_pd(w01), b = _mm512_castps_pd(w23);
+    return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+}
+/* where v[j] ends up in reduce16_ps's result */
+static inline int reduce16_lane(int j) { return 4 * (j % 4) + j / 4; }
+
 /* (m - 128 d) of groups g..g+15 of one row (masked past the row's end) */
 static inline __m512 q4_offsets(const q4mat *W, int64_t r, int64_t g, __mmask16 mk) {
     const int64_t G = W->k / 32;
@@ -226,11 +243,24 @@ static inline __attribute__((always_inline)) void q4_rows_n(
             for (int i = 0; i < R; i++) acc[i][b] = _mm512_fmadd_ps(c[i], sv, acc[i][b]);
         }
     }
+    float sums[16];
+    if (R * B >= 4) { /* one transposed reduction for all: the same bits as reduce_add_ps, fewer shuffles */
+        __m512 v[16];
+#pragma GCC unroll 16
+        for (int j = 0; j < 16; j++) v[j] = j < R * B ? acc[j / B][j % B] : _mm512_setzero_ps();
+        __m512 red = reduce16_ps(v);
+        float lanes[16];
+        _mm512_storeu_ps(lanes, red);
+#pragma GCC unroll 16
+        for (int j = 0; j < R * B; j++) sums[j] = lanes[reduce16_lane(j)];
+    } else
+#pragma GCC unroll 2
+        for (int j = 0; j < R * B; j++) sums[j] = _mm512_reduce_add_ps(acc[j / B][j % B]);
 #pragma GCC unroll 2
     for (int i = 0; i < R; i++) {
         float bias = W->bias ? bf2f(W->bias[r + i]) : 0.f;
 #pragma GCC unroll 8
-        for (int b = 0; b < B; b++) y[b * ystride + r + i] = rbf(_mm512_reduce_add_ps(acc[i][b]) + bias);
+        for (int b = 0; b < B; b++) y[b * ystride + r + i] = rbf(sums[i * B + b] + bias);
     }
 }
 
@@ -295,50 +325,100 @@ static void q4_matmul_rows(int B, const q4mat *W, int64_t r0, int64_t r1, const 
 }
 
 /* -- int8 rows (lm_head): y[b][r] = bf16(scale[r] * (q[r] . x[b])) -------------------------- */
+/* x[b] is first rounded to integers, x ~ sx * xi with |xi| <= lim, lim small enough that a whole
+ * row's sum fits in int32. The dot products are then exact integers (vpdpwssd: 32 products an
+ * instruction, twice fp32 FMA's), so their order cannot matter: any batch size and any reduction
+ * give the same logits. Relative rounding of x is < 1/(2 lim), lim = 29,000 for dim 576. */
+static void quant16(const float *x, int64_t k, int16_t *xi, float *sx) {
+    float mx = 0.f;
+    for (int64_t i = 0; i < k; i++) mx = fmaxf(mx, fabsf(x[i]));
+    double lim = 2147483647.0 / (128.0 * (double)k);
+    if (lim > 32767.0) lim = 32767.0;
+    lim = floor(lim);
+    float inv = mx > 0.f ? (float)(lim / mx) : 0.f;
+    for (int64_t i = 0; i < k; i++) {
+        float v = rintf(x[i] * inv);
+        xi[i] = (int16_t)fmaxf(fminf(v, (float)lim), (float)-lim);
+    }
+    *sx = mx > 0.f ? (float)(mx / lim) : 0.f;
+}
+
 #if VEC
-static inline __attribute__((always_inline)) void i8_rows_n(const int B, const int8_t *Q, const uint16_t *scale, int64_t k,
-                                                            int64_t r0, int64_t r1, const float *x, float *y, int64_t ystride) {
-    for (int64_t r = r0; r < r1; r++) {
-        const int8_t *q = Q + r * k;
-        for (int64_t c = 0; c < k; c += 64) _mm_prefetch((const char *)(q + 4 * k + c), _MM_HINT_T0);
-        __m512 acc[MAXB];
+/* R rows, B tokens: R * B <= 16 accumulators, reduced together */
+static inline __attribute__((always_inline)) void i8_rows_n(const int B, const int R, const int8_t *Q, const uint16_t *scale,
+                                                            int64_t k, int64_t r, const int16_t *xi, const float *sx,
+                                                            float *y, int64_t ystride) {
+    __m512i acc[16];
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_si512();
+    for (int i = 0; i < R; i++)
+        for (int64_t c = 0; c < k; c += 64) _mm_prefetch((const char *)(Q + (r + 4 + i) * k + c), _MM_HINT_T0);
+    for (int64_t c = 0; c < k; c += 32) {
+        const __mmask32 mk = k - c >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << (k - c)) - 1);
+        __m512i w[2];
+#pragma GCC unroll 2
+        for (int i = 0; i < R; i++) w[i] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mk, Q + (r + i) * k + c));
 #pragma GCC unroll 8
-        for (int b = 0; b < B; b++) acc[b] = _mm512_setzero_ps();
-        for (int64_t c = 0; c < k; c += 16) {
-            __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + c))));
-#pragma GCC unroll 8
-            for (int b = 0; b < B; b++) acc[b] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + b * k + c), acc[b]);
+        for (int b = 0; b < B; b++) {
+            __m512i xv = _mm512_maskz_loadu_epi16(mk, xi + b * k + c);
+#pragma GCC unroll 2
+            for (int i = 0; i < R; i++) acc[i * B + b] = _mm512_dpwssd_epi32(acc[i * B + b], w[i], xv);
         }
-        float s = bf2f(scale[r]);
+    }
+    /* lane sums in integers (exact), then one conversion */
+    int32_t sums[16];
+    {
+        __m512i t[8], u[4];
+        for (int i = 0; i < 8; i++)
+            t[i] = _mm512_add_epi32(_mm512_shuffle_i64x2(acc[2 * i], acc[2 * i + 1], 0x44), _mm512_shuffle_i64x2(acc[2 * i], acc[2 * i + 1], 0xee));
+        for (int i = 0; i < 4; i++)
+            u[i] = _mm512_add_epi32(_mm512_shuffle_i64x2(t[2 * i], t[2 * i + 1], 0x88), _mm512_shuffle_i64x2(t[2 * i], t[2 * i + 1], 0xdd));
+        __m512i w01 = _mm512_add_epi32(_mm512_unpacklo_epi32(u[0], u[1]), _mm512_unpackhi_epi32(u[0], u[1]));
+        __m512i w23 = _mm512_add_epi32(_mm512_unpacklo_epi32(u[2], u[3]), _mm512_unpackhi_epi32(u[2], u[3]));
+        _mm512_storeu_si512(sums, _mm512_add_epi32(_mm512_unpacklo_epi64(w01, w23), _mm512_unpackhi_epi64(w01, w23)));
+    }
+#pragma GCC unroll 2
+    for (int i = 0; i < R; i++) {
+        float s = bf2f(scale[r + i]);
 #pragma GCC unroll 8
-        for (int b = 0; b < B; b++) y[b * ystride + r] = rbf(rbf(_mm512_reduce_add_ps(acc[b])) * s);
+        for (int b = 0; b < B; b++) y[b * ystride + r + i] = rbf(rbf((float)sums[reduce16_lane(i * B + b)] * sx[b]) * s);
     }
 }
+
+static inline __attribute__((always_inline)) void i8_rows_b(const int B, const int8_t *Q, const uint16_t *scale, int64_t k,
+                                                            int64_t r0, int64_t r1, const int16_t *xi, const float *sx,
+                                                            float *y, int64_t ystride) {
+    int64_t r = r0;
+    if (2 * B <= 16)
+        for (; r + 2 <= r1; r += 2) i8_rows_n(B, 2, Q, scale, k, r, xi, sx, y, ystride);
+    for (; r < r1; r++) i8_rows_n(B, 1, Q, scale, k, r, xi, sx, y, ystride);
+}
 #endif
+
+/* B tokens (in passes of MAXB): xi their integer activations [B, k], sx their scales */
 static __attribute__((noinline)) void i8_rows(int B, const int8_t *Q, const uint16_t *scale, int64_t k, int64_t r0, int64_t r1,
-                    const float *x, float *y, int64_t ystride) {
+                                              const int16_t *xi, const float *sx, float *y, int64_t ystride) {
 #if VEC
-    for (int b0 = 0; b0 < B; b0 += MAXB) {
-        int nb = B - b0 < MAXB ? B - b0 : MAXB;
-        switch (nb) {
-        case 1: i8_rows_n(1, Q, scale, k, r0, r1, x + b0 * k, y + b0 * ystride, ystride); break;
-        case 2: i8_rows_n(2, Q, scale, k, r0, r1, x + b0 * k, y + b0 * ystride, ystride); break;
-        case 3: i8_rows_n(3, Q, scale, k, r0, r1, x + b0 * k, y + b0 * ystride, ystride); break;
-        case 4: i8_rows_n(4, Q, scale, k, r0, r1, x + b0 * k, y + b0 * ystride, ystride); break;
-        case 5: i8_rows_n(5, Q, scale, k, r0, r1, x + b0 * k, y + b0 * ystride, ystride); break;
-        case 6: i8_rows_n(6, Q, scale, k, r0, r1, x + b0 * k, y + b0 * ystride, ystride); break;
-        case 7: i8_rows_n(7, Q, scale, k, r0, r1, x + b0 * k, y + b0 * ystride, ystride); break;
-        default: i8_rows_n(8, Q, scale, k, r0, r1, x + b0 * k, y + b0 * ystride, ystride); break;
-        }
+    for (int b0 = 0; b0 < B; b0 += MAXB, xi += MAXB * k, sx += MAXB, y += MAXB * ystride) {
+    switch (B - b0 < MAXB ? B - b0 : MAXB) {
+    case 1: i8_rows_b(1, Q, scale, k, r0, r1, xi, sx, y, ystride); break;
+    case 2: i8_rows_b(2, Q, scale, k, r0, r1, xi, sx, y, ystride); break;
+    case 3: i8_rows_b(3, Q, scale, k, r0, r1, xi, sx, y, ystride); break;
+    case 4: i8_rows_b(4, Q, scale, k, r0, r1, xi, sx, y, ystride); break;
+    case 5: i8_rows_b(5, Q, scale, k, r0, r1, xi, sx, y, ystride); break;
+    case 6: i8_rows_b(6, Q, scale, k, r0, r1, xi, sx, y, ystride); break;
+    case 7: i8_rows_b(7, Q, scale, k, r0, r1, xi, sx, y, ystride); break;
+    default: i8_rows_b(8, Q, scale, k, r0, r1, xi, sx, y, ystride); break;
+    }
     }
 #else
     for (int64_t r = r0; r < r1; r++) {
         const int8_t *q = Q + r * k;
         float s = bf2f(scale[r]);
         for (int b = 0; b < B; b++) {
-            float acc = 0.f;
-            for (int64_t c = 0; c < k; c++) acc += (float)q[c] * x[b * k + c];
-            y[b * ystride + r] = rbf(rbf(acc) * s);
+            int32_t acc = 0;
+            for (int64_t c = 0; c < k; c++) acc += (int32_t)q[c] * (int32_t)xi[b * k + c];
+            y[b * ystride + r] = rbf(rbf((float)acc * sx[b]) * s);
         }
     }
 #endif
@@ -661,7 +741,9 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
         float *gs = aligned_alloc(64, align64(sizeof(float) * B * (kmax / 32)));
         float *scores = aligned_alloc(64, align64(sizeof(float) * 4 * M->max_seq));
         float *tmp = aligned_alloc(64, align64(sizeof(float) * 2 * hd));
-        int ok = xn && xa && gs && scores && tmp;
+        int16_t *xi = aligned_alloc(64, align64(sizeof(int16_t) * n_logits * dim));
+        float *sx = aligned_alloc(64, align64(sizeof(float) * n_logits));
+        int ok = xn && xa && gs && scores && tmp && xi && sx;
         if (!ok) {
 #pragma omp atomic write
             failed = 1;
@@ -726,12 +808,13 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
             /* logits of the chosen tokens only (a prompt run as rows needs its last) */
             for (int i = 0; i < n_logits; i++) {
                 int64_t b = logit_rows ? logit_rows[i] : i;
-                rms_norm(x + b * dim, M->final_norm, M->norm_eps, dim, xn + i * dim);
+                rms_norm(x + b * dim, M->final_norm, M->norm_eps, dim, xn);
+                quant16(xn, dim, xi + i * dim, sx + i);
             }
             split(M->vocab, tid, nt, &a0, &a1);
-            i8_rows(n_logits, M->head_q, M->head_scale, dim, a0, a1, xn, logits, M->vocab);
+            i8_rows(n_logits, M->head_q, M->head_scale, dim, a0, a1, xi, sx, logits, M->vocab);
         }
-        free(xn); free(xa); free(gs); free(scores); free(tmp);
+        free(xn); free(xa); free(gs); free(scores); free(tmp); free(xi); free(sx);
     }
     free(x); free(qkv); free(att); free(gu); free(hbuf);
     return failed ? -2 : 0;
