@@ -96,7 +96,8 @@ def quant_quality(path: str, n_steps: int = 32) -> dict:
     tok = ref.tokenizer
     prompts = ["What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis briefly.",
                "List three prime numbers.", "How do I reverse a list in Python?", "Who wrote Hamlet?"]
-    agree = total = 0
+    agree = total = agree_k = 0
+    kernel = bool(getattr(fast.model, "native", False))
     with torch.inference_mode():
         for p in prompts:
             ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": p}]))
@@ -109,6 +110,11 @@ def quant_quality(path: str, n_steps: int = 32) -> dict:
             b = fast.model.prefill(0, torch.tensor(seq), 0, all_logits=True).argmax(-1)[len(ids) - 1:-1]
             agree += int((a == b).sum())
             total += a.numel()
+            if kernel:  # the same positions as decode steps of the C kernel (int8 activations)
+                fast.model.prefill(0, torch.tensor(ids[:-1]), 0)
+                for j, pos in enumerate(range(len(ids) - 1, len(seq) - 1)):
+                    step = fast.model.decode(torch.tensor([0]), torch.tensor([seq[pos]]), torch.tensor([pos]))[0]
+                    agree_k += int(int(step.argmax()) == int(a[j]))
         text = ("The quick brown fox jumps over the lazy dog. Scientists study the natural world by observation and "
                 "experiment. Rivers flow from the mountains to the sea, carrying water and sediment with them. ") * 3
         ids = torch.tensor(tok.encode(text))
@@ -117,9 +123,15 @@ def quant_quality(path: str, n_steps: int = 32) -> dict:
             logits = lm.model.prefill(0, ids, 0, all_logits=True).float()
             nll = torch.nn.functional.cross_entropy(logits[:-1], ids[1:])
             ppl[name] = math.exp(float(nll))
+        if kernel:
+            steps = [fast.model.decode(torch.tensor([0]), ids[i : i + 1], torch.tensor([i]))[0].float() for i in range(len(ids) - 1)]
+            ppl["kernel"] = math.exp(float(torch.nn.functional.cross_entropy(torch.stack(steps), ids[1:])))
     result = {"greedy_agreement": agree / total, "ppl_float32": ppl["float32"], "ppl_fast": ppl["fast"], "weights": fast.extra.get("weights")}
     print(f"\nquantization ({result['weights']}): greedy agreement with float32 {result['greedy_agreement']:.1%} over {total} tokens; "
           f"perplexity {ppl['fast']:.2f} vs {ppl['float32']:.2f} float32 ({ppl['fast'] / ppl['float32']:.3f}x)")
+    if kernel:
+        result.update(kernel_greedy_agreement=agree_k / total, ppl_kernel=ppl["kernel"])
+        print(f"  decode steps in the C kernel (int8 activations): greedy agreement {agree_k / total:.1%}, perplexity {ppl['kernel']:.2f}")
     return result
 
 

@@ -4,7 +4,7 @@ The shared library is built with the machine's C compiler (`$CC`, else cc/gcc) f
 (-march=native) into the user cache dir, keyed by the source, the flags and the compiler, so a
 change to any of them rebuilds it. It links no torch headers: tensors are passed as pointers.
 
-It is used only where it is fast: the AVX-512 BF16 build (`vectorized()`). Elsewhere, without a
+It is used only where it is fast: the AVX-512 BF16 + VNNI build (`vectorized()`). Elsewhere, without a
 compiler, or with INFLUENCE_NATIVE=0, the engine keeps torch's own int4 kernel.
 """
 
@@ -129,7 +129,7 @@ def library() -> ctypes.CDLL:
 
 
 def vectorized() -> bool:
-    """True when the fast (AVX-512 BF16) kernel is built and loaded on this machine."""
+    """True when the fast (AVX-512 BF16 + VNNI) kernel is built and loaded on this machine."""
     try:
         return bool(library().influence_vectorized())
     except NativeUnavailable:
@@ -239,6 +239,6 @@ class NativeStep:
 if __name__ == "__main__":  # `python -m influence_tui.engine.native`: build now (setup.sh does)
     try:
         lib = library()
-        print(f"native decode kernel ready ({'AVX-512 BF16' if lib.influence_vectorized() else 'portable, unused'})")
+        print(f"native decode kernel ready ({'AVX-512 BF16 + VNNI' if lib.influence_vectorized() else 'portable, unused'})")
     except NativeUnavailable as exc:
         print(f"native decode kernel unavailable: {exc}; torch's kernels are used")

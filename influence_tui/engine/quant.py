@@ -192,9 +192,16 @@ class Int4Linear(_LowBitLinear):
         return (q * scale).add_(zero).view(n, k)
 
 
+def _supers(k: int) -> tuple[int, int]:
+    """How Q4Linear lays out a row of k weights: supers of 16 groups, then pairs of groups."""
+    groups = k // GROUP
+    return groups // 16, (groups % 16) // 2
+
+
 class Q4Linear(_LowBitLinear):
     """Group-wise (32) int4 in the layout of the C decode kernel (kernels/decode.c): per row, the
-    nibbles of each pair of groups interleaved for vdpbf16ps, and the GGUF Q4_1 fp16 scale d and
+    nibbles ordered for vpdpbusd (supers of 16 groups, one group per lane, then pairs of groups),
+    and the GGUF Q4_1 fp16 scale d and
     minimum m per group (w = q * d + m), so a Q4_0/Q4_1 file is repacked exactly, bit for bit.
 
     Prompts of >= DENSE_MIN_TOKENS rows dequantise the weight (in C) and use a dense bf16 matmul;
@@ -218,10 +225,15 @@ class Q4Linear(_LowBitLinear):
                    dtype: torch.dtype) -> "Q4Linear":
         """q: integer [N, K] in 0..15; scale, minimum: [N, K/32] with w = q * scale + minimum."""
         n, k = q.shape
-        # [N, pair, group of the pair, j2, j1] for weight j = 2 j2 + j1 (low nibble) and j + 16 (high)
-        q = q.to(torch.uint8).view(n, k // 64, 2, 2, 8, 2)  # [..., half (j < 16 or not), j2, j1]
-        byte = q[:, :, :, 0] | (q[:, :, :, 1] << 4)  # [N, P, grp, j2, j1]
-        qs = byte.permute(0, 1, 3, 2, 4).reshape(n, k // 2).contiguous()  # byte w = 4 j2 + 2 grp + j1
+        ns, np_ = _supers(k)
+        q = q.to(torch.uint8).view(n, k // GROUP, GROUP)
+        # supers of 16 groups: byte (t, i, j) holds weight 4t + j of group i (low nibble) and 16 + 4t + j (high)
+        sup = q[:, : 16 * ns].reshape(n, ns, 16, 2, 4, 4)  # [N, s, i, half, t, j]
+        bs = (sup[:, :, :, 0] | (sup[:, :, :, 1] << 4)).permute(0, 1, 3, 2, 4).reshape(n, ns * 256)
+        # then pairs of groups: byte b holds weight b of the first group (low) and of the second (high)
+        pr = q[:, 16 * ns :].reshape(n, np_, 2, GROUP)
+        bp = (pr[:, :, 0] | (pr[:, :, 1] << 4)).reshape(n, np_ * 32)
+        qs = torch.cat((bs, bp), 1).contiguous()
         return cls(qs, scale.to(torch.float16).contiguous(), minimum.to(torch.float16).contiguous(), bias, dtype)
 
     @classmethod
@@ -268,8 +280,12 @@ class Q4Linear(_LowBitLinear):
     def unpacked(self) -> torch.Tensor:
         """The 0..15 values as uint8 [N, K], undoing the layout."""
         n, k = self.out_features, self.in_features
-        byte = self.qs.view(n, k // 64, 8, 2, 2).permute(0, 1, 3, 2, 4)  # [N, P, grp, j2, j1]
-        return torch.stack((byte & 0x0F, byte >> 4), dim=3).reshape(n, k)
+        ns, np_ = _supers(k)
+        bs = self.qs[:, : ns * 256].reshape(n, ns, 4, 16, 4).permute(0, 1, 3, 2, 4)  # [N, s, i, t, j]
+        sup = torch.stack((bs & 0x0F, bs >> 4), dim=3).reshape(n, ns * 512)
+        bp = self.qs[:, ns * 256 :].reshape(n, np_, GROUP)
+        pr = torch.stack((bp & 0x0F, bp >> 4), dim=2).reshape(n, np_ * 64)
+        return torch.cat((sup, pr), 1)
 
     def dequantize(self) -> torch.Tensor:
         n, k = self.out_features, self.in_features

@@ -2,21 +2,22 @@
  *
  * Why C: a decode step in torch is ~300 small ops; each costs a dispatch and a parallel region,
  * and torch's int4 kernel wants its own layout. Here one OpenMP region runs the whole step, its
- * threads splitting the rows of each matmul, with 4 barriers per layer.
+ * threads splitting the rows of each matmul, with 5 barriers per layer.
  *
- * Numbers follow the torch path of model.py: bf16 activations into every matmul (fp32 sums),
- * outputs rounded to bf16, a float32 residual stream, a bf16 KV cache. Each row's sum runs in
- * the same order whatever the batch size and thread count, so a sequence decodes to the same
- * tokens alone or batched.
+ * Numbers: a float32 residual stream and a bf16 KV cache, as the torch path of model.py. Into
+ * each int4 matmul the activations go as int8 per group of 32 with a float scale (llama.cpp's
+ * Q8_1), so the dot products are integer vpdpbusd (64 products an instruction); into the int8
+ * lm_head as int16 (vpdpwssd). Outputs are rounded to bf16. Each row's sum runs in the same order
+ * whatever the batch size and thread count, so a sequence decodes to the same tokens alone or
+ * batched.
  *
  * Q4 weights (`q4mat`): per output row, K/2 bytes of nibbles and per group of 32 weights an fp16
- * scale d and minimum m (w = q * d + m, GGUF Q4_1; Q4_0 is m = -8 d). Groups go in pairs (A, B):
- * the 32 bytes of a pair are ordered A0 A1 B0 B1 A2 A3 B2 B3 ... where byte j of a group holds
- * weight j (low nibble) and j + 16 (high nibble). Widened to 16-bit words, pairs of words feed
- * vdpbf16ps lanes: even lanes sum group A, odd lanes group B, so one broadcast of (dA, dB)
- * scales both. A nibble becomes a bf16 number by OR-ing 0x4300 (the bf16 of 128 + q), and the
- * extra 128 * sum(x) is taken off with the minimum: y = sum_g d_g D_g + sum_g (m_g - 128 d_g) S_g,
- * D_g = x . (q + 128), S_g = sum of x over the group.
+ * scale d and minimum m (w = q * d + m, GGUF Q4_1; Q4_0 is m = -8 d). The nibbles of a row come in
+ * supers of 16 groups, one group per 32-bit lane: byte (t, i, j) at t*64 + i*4 + j holds weight
+ * 4t + j of group i (low nibble) and 16 + 4t + j (high), so one 64-byte load feeds two vpdpbusd
+ * and one multiply-add scales 16 groups. The groups after the last super go in pairs (A, B): byte
+ * b holds weight b of A (low nibble) and of B (high). y = sum_g d_g sx_g (q_g . xq_g) + m_g S_g,
+ * S_g = sx_g * sum(xq_g).
  */
 #include <math.h>
 #include <stdint.h>
@@ -25,7 +26,7 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
 #define VEC 1
 #else
@@ -105,61 +106,66 @@ static inline void split(int64_t n, int tid, int nt, int64_t *a, int64_t *b) {
     *b = n * (tid + 1) / nt;
 }
 
-/* -- activations: a bf16 vector in the pair layout of the weights, with group sums ---------- */
-/* out: k bf16 values; word w of pair p's first half holds x[g*32 + j], of its second half x[g*32 + j + 16],
- * g = 2p + ((w >> 1) & 1), j = ((w >> 2) << 1) | (w & 1). */
-static void arrange(const float *x, int64_t k, uint16_t *out, float *gsum) {
+/* -- activations: int8 per group of 32 (as llama.cpp's Q8_1), in the weights' byte order ------ */
+/* Per token, k bytes xq and qf(k) floats: sx[G] (x ~ sx_g * xq), S[G] (sx_g * sum of the group's
+ * xq) and, per pair after the supers, 16 lanes of (sx_A x8, sx_B x8). Byte order, as the weights:
+ * super s (groups 16s..16s+15): block t < 4, lane i, byte j = x[16s+i][4t+j]; block 4 + t:
+ * x[16s+i][16+4t+j]. Pair (A, B) after the supers: 32 bytes of A then 32 of B. */
+static inline int64_t n_supers(int64_t k) { return (k / 32) / 16; }
+static inline int64_t n_pairs(int64_t k) { return ((k / 32) % 16) / 2; }
+static inline int64_t qf(int64_t k) { return 2 * (k / 32) + 16 * n_pairs(k); }
+
+/* one group: 32 floats -> 32 int8 (round to nearest even), its scale and sum */
+static inline void quant_group(const float *x, int8_t *q, float *sx, float *S) {
 #if VEC
-    /* per pair: [A 0..15 | B 0..15] and [A 16..31 | B 16..31] in bf16, then one word permutation each */
-    static const int16_t order[32] = {0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23,
-                                      8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31};
-    const __m512i idx = _mm512_loadu_si512(order);
-    for (int64_t p = 0; p < k / 64; p++) {
-        const float *xa = x + p * 64, *xb = xa + 32;
-        __m512i lo = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(xb), _mm512_loadu_ps(xa));
-        __m512i hi = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(xb + 16), _mm512_loadu_ps(xa + 16));
-        _mm512_storeu_si512(out + p * 64, _mm512_permutexvar_epi16(idx, lo));
-        _mm512_storeu_si512(out + p * 64 + 32, _mm512_permutexvar_epi16(idx, hi));
-        __m512 sa = _mm512_add_ps(_mm512_cvtpbh_ps((__m256bh)_mm512_castsi512_si256(lo)),
-                                  _mm512_cvtpbh_ps((__m256bh)_mm512_castsi512_si256(hi)));
-        __m512 sb = _mm512_add_ps(_mm512_cvtpbh_ps((__m256bh)_mm512_extracti64x4_epi64(lo, 1)),
-                                  _mm512_cvtpbh_ps((__m256bh)_mm512_extracti64x4_epi64(hi, 1)));
-        gsum[2 * p] = _mm512_reduce_add_ps(sa);
-        gsum[2 * p + 1] = _mm512_reduce_add_ps(sb);
-    }
+    __m512 a = _mm512_loadu_ps(x), b = _mm512_loadu_ps(x + 16);
+    float mx = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    float d = mx / 127.f, inv = mx > 0.f ? 1.f / d : 0.f;
+    __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(inv)));
+    __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, _mm512_set1_ps(inv)));
+    _mm_storeu_si128((__m128i *)q, _mm512_cvtsepi32_epi8(qa));
+    _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtsepi32_epi8(qb));
+    *sx = d;
+    *S = d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
 #else
-    for (int64_t p = 0; p < k / 64; p++) {
-        const float *xa = x + p * 64, *xb = x + p * 64 + 32;
-        uint16_t *o = out + p * 64;
-        float sa = 0.f, sb = 0.f;
-        for (int w = 0; w < 32; w++) {
-            int j = ((w >> 2) << 1) | (w & 1);
-            const float *src = ((w >> 1) & 1) ? xb : xa;
-            o[w] = f2bf(src[j]);
-            o[32 + w] = f2bf(src[j + 16]);
-        }
-        for (int j = 0; j < 32; j++) {
-            sa += rbf(xa[j]);
-            sb += rbf(xb[j]);
-        }
-        gsum[2 * p] = sa;
-        gsum[2 * p + 1] = sb;
+    float mx = 0.f;
+    for (int j = 0; j < 32; j++) mx = fmaxf(mx, fabsf(x[j]));
+    float d = mx / 127.f, inv = mx > 0.f ? 1.f / d : 0.f;
+    int32_t sum = 0;
+    for (int j = 0; j < 32; j++) {
+        float v = fmaxf(fminf(rintf(x[j] * inv), 127.f), -128.f);
+        q[j] = (int8_t)v;
+        sum += q[j];
     }
+    *sx = d;
+    *S = d * (float)sum;
 #endif
+}
+
+static void arrange(const float *x, int64_t k, int8_t *out, float *f) {
+    const int64_t G = k / 32, NS = n_supers(k), NP = n_pairs(k);
+    float *sx = f, *S = f + G, *sxp = f + 2 * G;
+    int8_t q[32];
+    for (int64_t g = 0; g < G; g++) {
+        quant_group(x + g * 32, q, sx + g, S + g);
+        if (g < 16 * NS) {
+            int8_t *o = out + (g / 16) * 512 + (g % 16) * 4;
+            for (int t = 0; t < 4; t++) {
+                memcpy(o + t * 64, q + 4 * t, 4);
+                memcpy(o + (4 + t) * 64, q + 16 + 4 * t, 4);
+            }
+        } else
+            memcpy(out + NS * 512 + (g - 16 * NS) * 32, q, 32);
+    }
+    for (int64_t p = 0; p < NP; p++)
+        for (int l = 0; l < 16; l++) sxp[p * 16 + l] = sx[16 * NS + 2 * p + l / 8];
 }
 
 /* -- q4 rows: y[b][r] = bf16(W[r] . x[b] + bias[r]) for rows r0..r1 --------------------------- */
-#if !VEC
-/* sum_g (m_g - 128 d_g) S_g of one row (the vector path folds it into its lanes) */
-static inline float q4_offset(const q4mat *W, int64_t r, const float *gs) {
-    int64_t G = W->k / 32;
-    const uint16_t *d = W->d + r * G, *m = W->m + r * G;
-    float acc = 0.f;
-    for (int64_t g = 0; g < G; g++) acc += (h2f(m[g]) - 128.f * h2f(d[g])) * gs[g];
-    return acc;
-}
-#endif
-
+/* Per row, sum_g d_g sx_g (q_g . xq_g) + m_g S_g: the integer dots by vpdpbusd (u8 nibbles times
+ * s8 activations, 64 products an instruction), each lane of a super holding one group so that a
+ * super's 16 groups are scaled by one multiply and one FMA. Sums run in the same order whatever
+ * the batch, so a sequence gets the same bits alone or batched. */
 #if VEC
 /* lane j of the result: the sum of the lanes of v[j'] (j' = 4 (j % 4) + j / 4, a transpose), in
  * the pairing _mm512_reduce_add_ps uses: (l_i + l_i+8) then + 4, + 2, + 1. For floats that
@@ -178,149 +184,152 @@ static inline __m512 reduce16_ps(const __m512 v[16]) {
 /* where v[j] ends up in reduce16_ps's result */
 static inline int reduce16_lane(int j) { return 4 * (j % 4) + j / 4; }
 
-/* (m - 128 d) of groups g..g+15 of one row (masked past the row's end) */
-static inline __m512 q4_offsets(const q4mat *W, int64_t r, int64_t g, __mmask16 mk) {
-    const int64_t G = W->k / 32;
-    __m512 dv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, W->d + r * G + g));
-    __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, W->m + r * G + g));
-    return _mm512_fmadd_ps(dv, _mm512_set1_ps(-128.f), mv);
-}
-
-/* R (1 or 2) rows at once, each x load serving both; B tokens (a constant after inlining) */
 static inline __attribute__((always_inline)) void q4_rows_n(
-    const int B, const int R, const q4mat *W, int64_t r, const uint16_t *xa, int64_t xstride,
-    const float *gs, int64_t gstride, float *y, int64_t ystride) {
-    const int64_t P = W->k / 64, G = W->k / 32;
-    const __m512i low = _mm512_set1_epi16(0x0f), one28 = _mm512_set1_epi16(0x4300);
-    __m512 acc[2][MAXB];
+    const int B, const q4mat *W, int64_t r, const int8_t *xa, int64_t xstride,
+    const float *fs, int64_t fstride, float *acc_out) {
+    const int64_t k = W->k, G = k / 32, NS = n_supers(k), NP = n_pairs(k);
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    const uint8_t *q = W->qs + r * (k / 2);
+    const uint16_t *dr = W->d + r * G, *mr = W->m + r * G;
+    __m512 acc[MAXB];
 #pragma GCC unroll 8
-    for (int b = 0; b < B; b++) {
-        acc[0][b] = _mm512_setzero_ps();
-        acc[1][b] = _mm512_setzero_ps();
-    }
-    /* weights stream from DRAM: ask for the rows 4 ahead now (the hardware prefetcher starts too late for rows this short) */
-    for (int i = 0; i < R; i++) {
-        const char *next = (const char *)(W->qs + (r + 4 + i) * (W->k / 2));
-        for (int64_t c = 0; c < W->k / 2; c += 64) _mm_prefetch(next + c, _MM_HINT_T0);
-        _mm_prefetch((const char *)(W->d + (r + 4 + i) * G), _MM_HINT_T0);
-        _mm_prefetch((const char *)(W->m + (r + 4 + i) * G), _MM_HINT_T0);
-    }
-    for (int64_t p = 0; p < P; p++) {
-        __m512bh lo[2], hi[2];
-        __m512 dv[2];
-#pragma GCC unroll 2
-        for (int i = 0; i < R; i++) {
-            const uint8_t *q = W->qs + (r + i) * (W->k / 2);
-            __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(q + p * 32)));
-            lo[i] = (__m512bh)_mm512_or_si512(_mm512_and_si512(w, low), one28);
-            hi[i] = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(w, 4), one28);
-            uint32_t dd;
-            memcpy(&dd, W->d + (r + i) * G + 2 * p, 4);
-            dv[i] = _mm512_cvtph_ps(_mm256_set1_epi32((int)dd));
+    for (int b = 0; b < B; b++) acc[b] = _mm512_setzero_ps();
+    /* weights stream from DRAM: ask for the row 4 ahead now (the hardware prefetcher starts too late for rows this short) */
+    const char *next = (const char *)(q + 4 * (k / 2));
+    for (int64_t c = 0; c < k / 2; c += 64) _mm_prefetch(next + c, _MM_HINT_T0);
+    _mm_prefetch((const char *)(dr + 4 * G), _MM_HINT_T0);
+    _mm_prefetch((const char *)(mr + 4 * G), _MM_HINT_T0);
+    for (int64_t s = 0; s < NS; s++) {
+        __m512i w[8];
+#pragma GCC unroll 4
+        for (int t = 0; t < 4; t++) {
+            __m512i v = _mm512_loadu_si512(q + s * 256 + t * 64);
+            w[t] = _mm512_and_si512(v, low);
+            w[4 + t] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
         }
+        const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dr + 16 * s)));
 #pragma GCC unroll 8
         for (int b = 0; b < B; b++) {
-            const uint16_t *xp = xa + b * xstride + p * 64;
-            __m512bh xl = (__m512bh)_mm512_loadu_si512(xp), xh = (__m512bh)_mm512_loadu_si512(xp + 32);
-#pragma GCC unroll 2
-            for (int i = 0; i < R; i++) {
-                __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), lo[i], xl);
-                t = _mm512_dpbf16_ps(t, hi[i], xh);
-                acc[i][b] = _mm512_fmadd_ps(t, dv[i], acc[i][b]);
+            const int8_t *xp = xa + b * xstride + s * 512;
+            __m512i i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_loadu_si512(xp));
+            __m512i i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[4], _mm512_loadu_si512(xp + 256));
+#pragma GCC unroll 3
+            for (int t = 1; t < 4; t++) {
+                i0 = _mm512_dpbusd_epi32(i0, w[t], _mm512_loadu_si512(xp + t * 64));
+                i1 = _mm512_dpbusd_epi32(i1, w[4 + t], _mm512_loadu_si512(xp + 256 + t * 64));
             }
+            __m512 sc = _mm512_mul_ps(dv, _mm512_loadu_ps(fs + b * fstride + 16 * s));
+            acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)), sc, acc[b]);
         }
     }
-    /* + sum_g (m_g - 128 d_g) S_g, folded into the lanes before the one reduction */
+    for (int64_t p = 0; p < NP; p++) {
+        const int64_t g = 16 * NS + 2 * p;
+        __m256i v = _mm256_loadu_si256((const __m256i *)(q + NS * 256 + p * 32));
+        __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, _mm512_castsi512_si256(low))),
+                                       _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm512_castsi512_si256(low)), 1);
+        const __m512 dv = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(h2f(dr[g])), _mm512_set1_ps(h2f(dr[g + 1])));
+#pragma GCC unroll 8
+        for (int b = 0; b < B; b++) {
+            __m512i iv = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(xa + b * xstride + NS * 512 + p * 64));
+            __m512 sc = _mm512_mul_ps(dv, _mm512_loadu_ps(fs + b * fstride + 2 * G + 16 * p));
+            acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iv), sc, acc[b]);
+        }
+    }
+    /* + sum_g m_g S_g */
     for (int64_t g = 0; g < G; g += 16) {
         __mmask16 mk = (G - g) >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (G - g)) - 1);
-        __m512 c[2];
-#pragma GCC unroll 2
-        for (int i = 0; i < R; i++) c[i] = q4_offsets(W, r + i, g, mk);
+        __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, mr + g));
 #pragma GCC unroll 8
-        for (int b = 0; b < B; b++) {
-            __m512 sv = _mm512_maskz_loadu_ps(mk, gs + b * gstride + g);
-#pragma GCC unroll 2
-            for (int i = 0; i < R; i++) acc[i][b] = _mm512_fmadd_ps(c[i], sv, acc[i][b]);
-        }
+        for (int b = 0; b < B; b++) acc[b] = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(mk, fs + b * fstride + G + g), acc[b]);
     }
-    float sums[16];
-    if (R * B >= 4) { /* one transposed reduction for all: the same bits as reduce_add_ps, fewer shuffles */
-        __m512 v[16];
-#pragma GCC unroll 16
-        for (int j = 0; j < 16; j++) v[j] = j < R * B ? acc[j / B][j % B] : _mm512_setzero_ps();
-        __m512 red = reduce16_ps(v);
-        float lanes[16];
-        _mm512_storeu_ps(lanes, red);
-#pragma GCC unroll 16
-        for (int j = 0; j < R * B; j++) sums[j] = lanes[reduce16_lane(j)];
-    } else
-#pragma GCC unroll 2
-        for (int j = 0; j < R * B; j++) sums[j] = _mm512_reduce_add_ps(acc[j / B][j % B]);
-#pragma GCC unroll 2
-    for (int i = 0; i < R; i++) {
-        float bias = W->bias ? bf2f(W->bias[r + i]) : 0.f;
 #pragma GCC unroll 8
-        for (int b = 0; b < B; b++) y[b * ystride + r + i] = rbf(sums[i * B + b] + bias);
-    }
+    for (int b = 0; b < B; b++) _mm512_store_ps(acc_out + 16 * b, acc[b]);
 }
 
+/* rows two at a time: their 2 B accumulators reduced by one transposed network */
 static inline __attribute__((always_inline)) void q4_rows_b(
-    const int B, const q4mat *W, int64_t r0, int64_t r1, const uint16_t *xa, int64_t xstride,
-    const float *gs, int64_t gstride, float *y, int64_t ystride) {
-    int64_t r = r0;
+    const int B, const q4mat *W, int64_t r0, int64_t r1, const int8_t *xa, int64_t xstride,
+    const float *fs, int64_t fstride, float *y, int64_t ystride) {
     const int64_t row_bytes = W->k / 2;
     for (int64_t i = r0; i < r0 + 4 && i < r1; i++) /* the first rows; the loop below prefetches ahead */
         for (int64_t c = 0; c < row_bytes; c += 64) _mm_prefetch((const char *)(W->qs + i * row_bytes + c), _MM_HINT_T0);
-    if (B > 1)
-        for (; r + 2 <= r1; r += 2) q4_rows_n(B, 2, W, r, xa, xstride, gs, gstride, y, ystride);
-    for (; r + 1 <= r1 - 1; r++) q4_rows_n(B, 1, W, r, xa, xstride, gs, gstride, y, ystride);
-    if (r < r1) q4_rows_n(B, 1, W, r, xa, xstride, gs, gstride, y, ystride);
+    __attribute__((aligned(64))) float accs[2 * MAXB * 16];
+    for (int64_t r = r0; r < r1; r += 2) {
+        const int R = r + 1 < r1 ? 2 : 1;
+        for (int i = 0; i < R; i++) q4_rows_n(B, W, r + i, xa, xstride, fs, fstride, accs + i * MAXB * 16);
+        if (R * B >= 4) { /* the same bits as reduce_add_ps, fewer shuffles; + bias and bf16 rounding in one vector */
+            __m512 v[16];
+            float bias[16];
+#pragma GCC unroll 16
+            for (int j = 0; j < 16; j++) {
+                v[j] = j < R * B ? _mm512_load_ps(accs + ((j / B) * MAXB + j % B) * 16) : _mm512_setzero_ps();
+                bias[reduce16_lane(j)] = j < R * B && W->bias ? bf2f(W->bias[r + j / B]) : 0.f;
+            }
+            __m512 sum = _mm512_add_ps(reduce16_ps(v), _mm512_loadu_ps(bias));
+            __m512 rounded = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(sum)), 16));
+            float lanes[16];
+            _mm512_storeu_ps(lanes, rounded);
+#pragma GCC unroll 16
+            for (int j = 0; j < R * B; j++) y[(j % B) * ystride + r + j / B] = lanes[reduce16_lane(j)];
+        } else
+            for (int j = 0; j < R * B; j++) {
+                float bias = W->bias ? bf2f(W->bias[r + j / B]) : 0.f;
+                y[(j % B) * ystride + r + j / B] = rbf(_mm512_reduce_add_ps(_mm512_load_ps(accs + ((j / B) * MAXB + j % B) * 16)) + bias);
+            }
+    }
 }
 #endif
 
-static void q4_rows(int B, const q4mat *W, int64_t r0, int64_t r1, const uint16_t *xa, int64_t xstride,
-                    const float *gs, int64_t gstride, float *y, int64_t ystride) {
+static void q4_rows(int B, const q4mat *W, int64_t r0, int64_t r1, const int8_t *xa, int64_t xstride,
+                    const float *fs, int64_t fstride, float *y, int64_t ystride) {
 #if VEC
     switch (B) { /* constant B: the token loop unrolls and its accumulators stay in registers */
-    case 1: q4_rows_b(1, W, r0, r1, xa, xstride, gs, gstride, y, ystride); return;
-    case 2: q4_rows_b(2, W, r0, r1, xa, xstride, gs, gstride, y, ystride); return;
-    case 3: q4_rows_b(3, W, r0, r1, xa, xstride, gs, gstride, y, ystride); return;
-    case 4: q4_rows_b(4, W, r0, r1, xa, xstride, gs, gstride, y, ystride); return;
-    case 5: q4_rows_b(5, W, r0, r1, xa, xstride, gs, gstride, y, ystride); return;
-    case 6: q4_rows_b(6, W, r0, r1, xa, xstride, gs, gstride, y, ystride); return;
-    case 7: q4_rows_b(7, W, r0, r1, xa, xstride, gs, gstride, y, ystride); return;
-    default: q4_rows_b(8, W, r0, r1, xa, xstride, gs, gstride, y, ystride); return;
+    case 1: q4_rows_b(1, W, r0, r1, xa, xstride, fs, fstride, y, ystride); return;
+    case 2: q4_rows_b(2, W, r0, r1, xa, xstride, fs, fstride, y, ystride); return;
+    case 3: q4_rows_b(3, W, r0, r1, xa, xstride, fs, fstride, y, ystride); return;
+    case 4: q4_rows_b(4, W, r0, r1, xa, xstride, fs, fstride, y, ystride); return;
+    case 5: q4_rows_b(5, W, r0, r1, xa, xstride, fs, fstride, y, ystride); return;
+    case 6: q4_rows_b(6, W, r0, r1, xa, xstride, fs, fstride, y, ystride); return;
+    case 7: q4_rows_b(7, W, r0, r1, xa, xstride, fs, fstride, y, ystride); return;
+    default: q4_rows_b(8, W, r0, r1, xa, xstride, fs, fstride, y, ystride); return;
     }
 #else
-    const int64_t G = W->k / 32;
+    const int64_t k = W->k, G = k / 32, NS = n_supers(k);
     for (int64_t r = r0; r < r1; r++) {
-        const uint8_t *q = W->qs + r * (W->k / 2);
+        const uint8_t *q = W->qs + r * (k / 2);
         for (int b = 0; b < B; b++) {
-            const uint16_t *x = xa + b * xstride;
+            const int8_t *x = xa + b * xstride;
+            const float *sx = fs + b * fstride, *S = sx + G;
             float acc = 0.f;
             for (int64_t g = 0; g < G; g++) {
-                const uint8_t *qp = q + (g / 2) * 32;
-                const uint16_t *xp = x + (g / 2) * 64;
-                float s = 0.f;
-                for (int w = 0; w < 32; w++) {
-                    if (((w >> 1) & 1) != (g & 1)) continue;
-                    s += bf2f(xp[w]) * (float)((qp[w] & 15) + 128) + bf2f(xp[32 + w]) * (float)((qp[w] >> 4) + 128);
+                int32_t dot = 0;
+                if (g < 16 * NS) {
+                    const uint8_t *qg = q + (g / 16) * 256 + (g % 16) * 4;
+                    const int8_t *xg = x + (g / 16) * 512 + (g % 16) * 4;
+                    for (int t = 0; t < 4; t++)
+                        for (int j = 0; j < 4; j++)
+                            dot += (qg[t * 64 + j] & 15) * xg[t * 64 + j] + (qg[t * 64 + j] >> 4) * xg[256 + t * 64 + j];
+                } else {
+                    int64_t p = (g - 16 * NS) / 2, h = (g - 16 * NS) % 2;
+                    const uint8_t *qp = q + NS * 256 + p * 32;
+                    const int8_t *xg = x + NS * 512 + p * 64 + h * 32;
+                    for (int j = 0; j < 32; j++) dot += (h ? qp[j] >> 4 : qp[j] & 15) * xg[j];
                 }
-                acc += h2f(W->d[r * G + g]) * s;
+                acc += (float)dot * (h2f(W->d[r * G + g]) * sx[g]) + h2f(W->m[r * G + g]) * S[g];
             }
             float bias = W->bias ? bf2f(W->bias[r]) : 0.f;
-            y[b * ystride + r] = rbf(acc + q4_offset(W, r, gs + b * gstride) + bias);
+            y[b * ystride + r] = rbf(acc + bias);
         }
     }
 #endif
 }
 
 /* all tokens, in passes of MAXB; rows r0..r1 */
-static void q4_matmul_rows(int B, const q4mat *W, int64_t r0, int64_t r1, const uint16_t *xa, int64_t xstride,
-                           const float *gs, int64_t gstride, float *y, int64_t ystride) {
+static void q4_matmul_rows(int B, const q4mat *W, int64_t r0, int64_t r1, const int8_t *xa, int64_t xstride,
+                           const float *fs, int64_t fstride, float *y, int64_t ystride) {
     for (int b0 = 0; b0 < B; b0 += MAXB) {
         int nb = B - b0 < MAXB ? B - b0 : MAXB;
-        q4_rows(nb, W, r0, r1, xa + b0 * xstride, xstride, gs + b0 * gstride, gstride, y + b0 * ystride, ystride);
+        q4_rows(nb, W, r0, r1, xa + b0 * xstride, xstride, fs + b0 * fstride, fstride, y + b0 * ystride, ystride);
     }
 }
 
@@ -727,6 +736,7 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
         for (int64_t i = 0; i < dim; i++) x[b * dim + i] = rbf((float)q[i] * s);
     }
     const int64_t kmax = F > dim ? (F > A ? F : A) : (dim > A ? dim : A);
+    const int64_t qmax = qf(F) > qf(dim) ? (qf(F) > qf(A) ? qf(F) : qf(A)) : (qf(dim) > qf(A) ? qf(dim) : qf(A));
 #if VEC
     const int grouped = hd == 64 && nq / nkv <= 4; /* attend_group64 applies */
 #endif
@@ -737,8 +747,8 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
         thread_id(&tid, &nt);
         /* per thread: normed input, its pair layout and group sums, attention scratch */
         float *xn = aligned_alloc(64, align64(sizeof(float) * B * kmax));
-        uint16_t *xa = aligned_alloc(64, align64(sizeof(uint16_t) * B * kmax));
-        float *gs = aligned_alloc(64, align64(sizeof(float) * B * (kmax / 32)));
+        int8_t *xa = aligned_alloc(64, align64((size_t)B * kmax));
+        float *gs = aligned_alloc(64, align64(sizeof(float) * B * qmax));
         float *scores = aligned_alloc(64, align64(sizeof(float) * 4 * M->max_seq));
         float *tmp = aligned_alloc(64, align64(sizeof(float) * 2 * hd));
         int16_t *xi = aligned_alloc(64, align64(sizeof(int16_t) * n_logits * dim));
@@ -756,10 +766,10 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
                 /* attention block */
                 for (int b = 0; b < B; b++) {
                     rms_norm(x + b * dim, L->attn_norm, M->norm_eps, dim, xn + b * dim);
-                    arrange(xn + b * dim, dim, xa + b * dim, gs + b * (dim / 32));
+                    arrange(xn + b * dim, dim, xa + b * dim, gs + b * qf(dim));
                 }
                 split(L->qkv.n, tid, nt, &a0, &a1);
-                q4_matmul_rows(B, &L->qkv, a0, a1, xa, dim, gs, dim / 32, qkv, QKV);
+                q4_matmul_rows(B, &L->qkv, a0, a1, xa, dim, gs, qf(dim), qkv, QKV);
 #pragma omp barrier
                 /* K/V first (rows of one slot may attend to each other: a prompt run as rows), then attention */
                 split(B, tid, nt, &a0, &a1);
@@ -782,25 +792,25 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
                     }
                 }
 #pragma omp barrier
-                for (int b = 0; b < B; b++) arrange(att + b * A, A, xa + b * A, gs + b * (A / 32));
+                for (int b = 0; b < B; b++) arrange(att + b * A, A, xa + b * A, gs + b * qf(A));
                 split(dim, tid, nt, &a0, &a1);
-                q4_matmul_rows(B, &L->o, a0, a1, xa, A, gs, A / 32, xn, dim); /* xn: scratch for the rows */
+                q4_matmul_rows(B, &L->o, a0, a1, xa, A, gs, qf(A), xn, dim); /* xn: scratch for the rows */
                 for (int b = 0; b < B; b++)
                     for (int64_t r = a0; r < a1; r++) x[b * dim + r] += xn[b * dim + r];
 #pragma omp barrier
                 /* feed-forward block: rows r of gate and F + r of up go to the same thread */
                 for (int b = 0; b < B; b++) {
                     rms_norm(x + b * dim, L->ffn_norm, M->norm_eps, dim, xn + b * dim);
-                    arrange(xn + b * dim, dim, xa + b * dim, gs + b * (dim / 32));
+                    arrange(xn + b * dim, dim, xa + b * dim, gs + b * qf(dim));
                 }
                 split(F, tid, nt, &a0, &a1);
-                q4_matmul_rows(B, &L->gate_up, a0, a1, xa, dim, gs, dim / 32, gu, 2 * F);
-                q4_matmul_rows(B, &L->gate_up, F + a0, F + a1, xa, dim, gs, dim / 32, gu, 2 * F);
+                q4_matmul_rows(B, &L->gate_up, a0, a1, xa, dim, gs, qf(dim), gu, 2 * F);
+                q4_matmul_rows(B, &L->gate_up, F + a0, F + a1, xa, dim, gs, qf(dim), gu, 2 * F);
                 for (int b = 0; b < B; b++) silu_mul(gu + b * 2 * F + a0, gu + b * 2 * F + F + a0, hbuf + b * F + a0, a1 - a0);
 #pragma omp barrier
-                for (int b = 0; b < B; b++) arrange(hbuf + b * F, F, xa + b * F, gs + b * (F / 32));
+                for (int b = 0; b < B; b++) arrange(hbuf + b * F, F, xa + b * F, gs + b * qf(F));
                 split(dim, tid, nt, &a0, &a1);
-                q4_matmul_rows(B, &L->down, a0, a1, xa, F, gs, F / 32, xn, dim);
+                q4_matmul_rows(B, &L->down, a0, a1, xa, F, gs, qf(F), xn, dim);
                 for (int b = 0; b < B; b++)
                     for (int64_t r = a0; r < a1; r++) x[b * dim + r] += xn[b * dim + r];
 #pragma omp barrier
@@ -822,10 +832,10 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
 
 /* y [M, n] bf16 = x [M, k] bf16 @ W.T, for prompts too short for a dense matmul */
 int influence_q4_matmul(const q4mat *W, const uint16_t *x, int64_t Mrows, uint16_t *y, int nthreads) {
-    const int64_t k = W->k, n = W->n, G = k / 32;
+    const int64_t k = W->k, n = W->n;
     float *xf = malloc(sizeof(float) * k);
-    uint16_t *xa = aligned_alloc(64, align64(sizeof(uint16_t) * Mrows * k));
-    float *gs = malloc(sizeof(float) * Mrows * G);
+    int8_t *xa = aligned_alloc(64, align64((size_t)Mrows * k));
+    float *gs = malloc(sizeof(float) * Mrows * qf(k));
     float *yf = malloc(sizeof(float) * Mrows * n);
     if (!xf || !xa || !gs || !yf) {
         free(xf); free(xa); free(gs); free(yf);
@@ -833,7 +843,7 @@ int influence_q4_matmul(const q4mat *W, const uint16_t *x, int64_t Mrows, uint16
     }
     for (int64_t i = 0; i < Mrows; i++) {
         for (int64_t c = 0; c < k; c++) xf[c] = bf2f(x[i * k + c]);
-        arrange(xf, k, xa + i * k, gs + i * G);
+        arrange(xf, k, xa + i * k, gs + i * qf(k));
     }
 #pragma omp parallel num_threads(nthreads)
     {
@@ -841,7 +851,7 @@ int influence_q4_matmul(const q4mat *W, const uint16_t *x, int64_t Mrows, uint16
         thread_id(&tid, &nt);
         int64_t a0, a1;
         split(n, tid, nt, &a0, &a1);
-        q4_matmul_rows((int)Mrows, W, a0, a1, xa, k, gs, G, yf, n);
+        q4_matmul_rows((int)Mrows, W, a0, a1, xa, k, gs, qf(k), yf, n);
     }
     for (int64_t i = 0; i < Mrows * n; i++) y[i] = f2bf(yf[i]);
     free(xf); free(xa); free(gs); free(yf);
@@ -849,54 +859,78 @@ int influence_q4_matmul(const q4mat *W, const uint16_t *x, int64_t Mrows, uint16
 }
 
 /* the dense weight [n, k] in bf16, bf16(q * d + m), for prefill's matmuls */
-void influence_q4_dequant(const q4mat *W, uint16_t *out, int nthreads) {
-    const int64_t k = W->k, G = k / 32;
 #if VEC
-    /* inverse of arrange()'s word order: pair layout -> [A 0..15 | B 0..15] */
-    static const int16_t inverse[32] = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29,
-                                        2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31};
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t r = 0; r < W->n; r++) {
-        const __m512i inv = _mm512_loadu_si512(inverse), low = _mm512_set1_epi16(0x0f);
-        const uint8_t *q = W->qs + r * (k / 2);
-        uint16_t *o = out + r * k;
-        for (int64_t p = 0; p < k / 64; p++) {
-            __m512 dv = _mm512_mask_blend_ps(0xCCCC, _mm512_set1_ps(h2f(W->d[r * G + 2 * p])), _mm512_set1_ps(h2f(W->d[r * G + 2 * p + 1])));
-            __m512 mv = _mm512_mask_blend_ps(0xCCCC, _mm512_set1_ps(h2f(W->m[r * G + 2 * p])), _mm512_set1_ps(h2f(W->m[r * G + 2 * p + 1])));
-            __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(q + p * 32)));
-            __m512i halves[2] = {_mm512_and_si512(w, low), _mm512_srli_epi16(w, 4)};
-            __m512i res[2];
-            for (int h = 0; h < 2; h++) {
-                __m512 f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(halves[h]))), dv, mv);
-                __m512 f1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(halves[h], 1))), dv, mv);
-                res[h] = _mm512_permutexvar_epi16(inv, (__m512i)_mm512_cvtne2ps_pbh(f1, f0));
-            }
-            uint16_t *oa = o + 2 * p * 32, *ob = oa + 32;
-            _mm256_storeu_si256((__m256i *)oa, _mm512_castsi512_si256(res[0]));
-            _mm256_storeu_si256((__m256i *)(oa + 16), _mm512_castsi512_si256(res[1]));
-            _mm256_storeu_si256((__m256i *)ob, _mm512_extracti64x4_epi64(res[0], 1));
-            _mm256_storeu_si256((__m256i *)(ob + 16), _mm512_extracti64x4_epi64(res[1], 1));
-        }
-    }
-#else
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t r = 0; r < W->n; r++) {
-        const uint8_t *q = W->qs + r * (k / 2);
-        uint16_t *o = out + r * k;
-        for (int64_t p = 0; p < k / 64; p++) {
-            float da = h2f(W->d[r * G + 2 * p]), db = h2f(W->d[r * G + 2 * p + 1]);
-            float ma = h2f(W->m[r * G + 2 * p]), mb = h2f(W->m[r * G + 2 * p + 1]);
-            for (int w = 0; w < 32; w++) {
-                int j = ((w >> 2) << 1) | (w & 1), grp = (w >> 1) & 1;
-                uint8_t byte = q[p * 32 + w];
-                float d = grp ? db : da, m = grp ? mb : ma;
-                uint16_t *og = o + (2 * p + grp) * 32;
-                og[j] = f2bf((float)(byte & 15) * d + m);
-                og[j + 16] = f2bf((float)(byte >> 4) * d + m);
-            }
-        }
-    }
+/* 32 bf16 values of one group from its 16 low and 16 high nibble values (bytes 0..15) */
+static inline void dequant_group(__m128i lo, __m128i hi, float d, float m, uint16_t *o) {
+    const __m512 dv = _mm512_set1_ps(d), mv = _mm512_set1_ps(m);
+    __m512 f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), dv, mv);
+    __m512 f1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), dv, mv);
+    _mm512_storeu_si512(o, (__m512i)_mm512_cvtne2ps_pbh(f1, f0));
+}
 #endif
+
+void influence_q4_dequant(const q4mat *W, uint16_t *out, int nthreads) {
+    const int64_t k = W->k, G = k / 32, NS = n_supers(k);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < W->n; r++) {
+        const uint8_t *q = W->qs + r * (k / 2);
+        const uint16_t *dr = W->d + r * G, *mr = W->m + r * G;
+        uint16_t *o = out + r * k;
+#if VEC
+        const __m512i low = _mm512_set1_epi8(0x0f);
+        for (int64_t s = 0; s < NS; s++) {
+            /* a 4 x 16 transpose of dwords: lane i of load t holds bytes 4t..4t+3 of group i */
+            __m512i L[4], H[4], lc[4], hc[4];
+            for (int t = 0; t < 4; t++) {
+                __m512i v = _mm512_loadu_si512(q + s * 256 + t * 64);
+                L[t] = _mm512_and_si512(v, low);
+                H[t] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+            }
+            __m512i *src[2] = {L, H}, *dst[2] = {lc, hc};
+            for (int h = 0; h < 2; h++) {
+                __m512i *x = src[h], *c = dst[h];
+                __m512i a0 = _mm512_unpacklo_epi32(x[0], x[1]), a1 = _mm512_unpackhi_epi32(x[0], x[1]);
+                __m512i b0 = _mm512_unpacklo_epi32(x[2], x[3]), b1 = _mm512_unpackhi_epi32(x[2], x[3]);
+                c[0] = _mm512_unpacklo_epi64(a0, b0); /* block b: group 4b */
+                c[1] = _mm512_unpackhi_epi64(a0, b0); /* 4b + 1 */
+                c[2] = _mm512_unpacklo_epi64(a1, b1);
+                c[3] = _mm512_unpackhi_epi64(a1, b1);
+            }
+            for (int j = 0; j < 4; j++) {
+                const int64_t g0 = 16 * s + j;
+                dequant_group(_mm512_extracti32x4_epi32(lc[j], 0), _mm512_extracti32x4_epi32(hc[j], 0), h2f(dr[g0]), h2f(mr[g0]), o + g0 * 32);
+                dequant_group(_mm512_extracti32x4_epi32(lc[j], 1), _mm512_extracti32x4_epi32(hc[j], 1), h2f(dr[g0 + 4]), h2f(mr[g0 + 4]), o + (g0 + 4) * 32);
+                dequant_group(_mm512_extracti32x4_epi32(lc[j], 2), _mm512_extracti32x4_epi32(hc[j], 2), h2f(dr[g0 + 8]), h2f(mr[g0 + 8]), o + (g0 + 8) * 32);
+                dequant_group(_mm512_extracti32x4_epi32(lc[j], 3), _mm512_extracti32x4_epi32(hc[j], 3), h2f(dr[g0 + 12]), h2f(mr[g0 + 12]), o + (g0 + 12) * 32);
+            }
+        }
+        for (int64_t g = 16 * NS; g < G; g += 2) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(q + NS * 256 + (g - 16 * NS) * 16));
+            __m256i a = _mm256_and_si256(v, _mm512_castsi512_si256(low));
+            __m256i b = _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm512_castsi512_si256(low));
+            dequant_group(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1), h2f(dr[g]), h2f(mr[g]), o + g * 32);
+            dequant_group(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1), h2f(dr[g + 1]), h2f(mr[g + 1]), o + (g + 1) * 32);
+        }
+#else
+        for (int64_t g = 0; g < G; g++) {
+            uint8_t v[32]; /* the group's 32 values in order */
+            if (g < 16 * NS) {
+                const uint8_t *qg = q + (g / 16) * 256 + (g % 16) * 4;
+                for (int t = 0; t < 4; t++)
+                    for (int j = 0; j < 4; j++) {
+                        v[4 * t + j] = qg[t * 64 + j] & 15;
+                        v[16 + 4 * t + j] = qg[t * 64 + j] >> 4;
+                    }
+            } else {
+                const int64_t p = (g - 16 * NS) / 2, h = (g - 16 * NS) % 2;
+                const uint8_t *qp = q + NS * 256 + p * 32;
+                for (int j = 0; j < 32; j++) v[j] = h ? qp[j] >> 4 : qp[j] & 15;
+            }
+            const float d = h2f(dr[g]), m = h2f(mr[g]);
+            for (int j = 0; j < 32; j++) o[g * 32 + j] = f2bf(fmaf((float)v[j], d, m));
+        }
+#endif
+    }
 }
 
 int influence_vectorized(void) { return VEC; }
