@@ -20,6 +20,8 @@
  * S_g = sx_g * sum(xq_g).
  */
 #include <math.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -101,6 +103,39 @@ static inline void thread_id(int *tid, int *nt) { /* this thread's index in its 
     *nt = 1;
 #endif
 }
+/* A spinning barrier for the step's threads. libgomp's own barrier sleeps in the kernel (a futex
+ * round trip, tens of microseconds) as soon as the process has more OpenMP threads than CPUs,
+ * which it has once two Python threads have run parallel code (torch on the main thread, the
+ * engine on its worker): 150 barriers a step made a decode step twice as slow there. This one
+ * spins, and yields the CPU only after a long wait (a thread descheduled by the OS). */
+typedef struct {
+    _Atomic int arrived;
+    _Atomic int phase;
+} spin_barrier;
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static void barrier_wait(spin_barrier *b, int nt) {
+    if (nt <= 1) return;
+    int phase = atomic_load_explicit(&b->phase, memory_order_acquire);
+    if (atomic_fetch_add_explicit(&b->arrived, 1, memory_order_acq_rel) == nt - 1) {
+        atomic_store_explicit(&b->arrived, 0, memory_order_relaxed);
+        atomic_store_explicit(&b->phase, phase + 1, memory_order_release);
+        return;
+    }
+    for (int spins = 0; atomic_load_explicit(&b->phase, memory_order_acquire) == phase;) {
+        cpu_relax();
+        if (++spins == 1 << 16) {
+            sched_yield();
+            spins = 0;
+        }
+    }
+}
+
 static inline void split(int64_t n, int tid, int nt, int64_t *a, int64_t *b) {
     *a = n * tid / nt;
     *b = n * (tid + 1) / nt;
@@ -741,6 +776,7 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
     const int grouped = hd == 64 && nq / nkv <= 4; /* attend_group64 applies */
 #endif
     int failed = 0;
+    spin_barrier bar = {0, 0};
 #pragma omp parallel num_threads(nthreads)
     {
         int tid, nt;
@@ -770,11 +806,11 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
                 }
                 split(L->qkv.n, tid, nt, &a0, &a1);
                 q4_matmul_rows(B, &L->qkv, a0, a1, xa, dim, gs, qf(dim), qkv, QKV);
-#pragma omp barrier
+                barrier_wait(&bar, nt);
                 /* K/V first (rows of one slot may attend to each other: a prompt run as rows), then attention */
                 split(B, tid, nt, &a0, &a1);
                 for (int64_t b = a0; b < a1; b++) store_kv(M, L, slots[b], positions[b], qkv + b * QKV, tmp);
-#pragma omp barrier
+                barrier_wait(&bar, nt);
 #if VEC
                 if (grouped) {
                     split((int64_t)B * nkv, tid, nt, &a0, &a1);
@@ -791,13 +827,13 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
                         attend(M, L, it % nq, slots[b], positions[b], qkv + b * QKV, att + b * A + (it % nq) * hd, scores, tmp);
                     }
                 }
-#pragma omp barrier
+                barrier_wait(&bar, nt);
                 for (int b = 0; b < B; b++) arrange(att + b * A, A, xa + b * A, gs + b * qf(A));
                 split(dim, tid, nt, &a0, &a1);
                 q4_matmul_rows(B, &L->o, a0, a1, xa, A, gs, qf(A), xn, dim); /* xn: scratch for the rows */
                 for (int b = 0; b < B; b++)
                     for (int64_t r = a0; r < a1; r++) x[b * dim + r] += xn[b * dim + r];
-#pragma omp barrier
+                barrier_wait(&bar, nt);
                 /* feed-forward block: rows r of gate and F + r of up go to the same thread */
                 for (int b = 0; b < B; b++) {
                     rms_norm(x + b * dim, L->ffn_norm, M->norm_eps, dim, xn + b * dim);
@@ -807,13 +843,13 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
                 q4_matmul_rows(B, &L->gate_up, a0, a1, xa, dim, gs, qf(dim), gu, 2 * F);
                 q4_matmul_rows(B, &L->gate_up, F + a0, F + a1, xa, dim, gs, qf(dim), gu, 2 * F);
                 for (int b = 0; b < B; b++) silu_mul(gu + b * 2 * F + a0, gu + b * 2 * F + F + a0, hbuf + b * F + a0, a1 - a0);
-#pragma omp barrier
+                barrier_wait(&bar, nt);
                 for (int b = 0; b < B; b++) arrange(hbuf + b * F, F, xa + b * F, gs + b * qf(F));
                 split(dim, tid, nt, &a0, &a1);
                 q4_matmul_rows(B, &L->down, a0, a1, xa, F, gs, qf(F), xn, dim);
                 for (int b = 0; b < B; b++)
                     for (int64_t r = a0; r < a1; r++) x[b * dim + r] += xn[b * dim + r];
-#pragma omp barrier
+                barrier_wait(&bar, nt);
             }
             /* logits of the chosen tokens only (a prompt run as rows needs its last) */
             for (int i = 0; i < n_logits; i++) {
