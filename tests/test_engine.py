@@ -131,6 +131,48 @@ def test_multi_turn_reuses_the_kv_cache(engine):
         assert second.usage.prompt_tokens - second.usage.cached_tokens < 24
 
 
+def test_interleaved_conversations_sharing_a_system_prompt_keep_their_caches(engine):
+    """Two chats with the same long system prompt, turns interleaved (A, B, A, B): B's first turn
+    starts from A's copy of the system prompt instead of evicting A, and each second turn finds its
+    own conversation still cached."""
+    from influence_tui.engine.native import vectorized
+
+    system = "You are a careful assistant who explains things plainly. " * 25
+    chats = {
+        "a": [ChatMessage("system", system), ChatMessage("user", "Tell me about the history of the city of Rome, briefly.")],
+        "b": [ChatMessage("system", system), ChatMessage("user", "Explain how a refrigerator keeps food cold, briefly.")],
+    }
+    first = {}
+    for name in ("a", "b"):
+        first[name] = engine.submit(GenerationRequest(messages=chats[name], params=GREEDY)).wait()
+        chats[name] += [ChatMessage("assistant", first[name].text), ChatMessage("user", "Say that again in five words.")]
+    # B shares A's system prompt: at least its full chunks come from A's slot
+    assert first["b"].usage.cached_tokens >= 256, first["b"].usage
+    for name in ("a", "b"):
+        second = engine.submit(GenerationRequest(messages=chats[name], params=GREEDY)).wait()
+        done = first[name].usage.prompt_tokens + first[name].usage.completion_tokens
+        if vectorized():
+            assert second.usage.cached_tokens >= done - 2, (name, second.usage, first[name].usage)
+        else:
+            assert second.usage.cached_tokens >= first[name].usage.prompt_tokens // 128 * 128, (name, second.usage)
+
+
+def test_a_prefix_copied_from_another_slot_gives_the_cold_start_answer(engine):
+    """A prompt that starts from positions copied out of another conversation's slot answers as it
+    does with nothing cached."""
+    shared = "Here is a list of animals: cat, dog, horse, cow, sheep, goat, pig, duck. " * 20
+    q1, q2 = shared + "Which of them can fly?", shared + "Which of them gives milk?"
+    params = GREEDY.with_(max_tokens=16)
+    engine.submit(GenerationRequest(prompt=q1, params=GREEDY.with_(max_tokens=48, ignore_eos=True))).wait()
+    copied = engine.submit(GenerationRequest(prompt=q2, params=params)).wait()
+    assert copied.usage.cached_tokens >= 256, copied.usage
+    for n in range(8):  # unrelated chats, each answered at length, take the 8 slots in turn
+        engine.submit(GenerationRequest(prompt=f"Count to {n}.", params=params.with_(max_tokens=40, ignore_eos=True))).wait()
+    cold = engine.submit(GenerationRequest(prompt=q2, params=params)).wait()
+    assert cold.usage.cached_tokens == 0, cold.usage
+    assert copied.text == cold.text
+
+
 def test_cache_hit_gives_the_same_answer_as_a_cold_start(engine):
     prompt = "Describe a sunrise over the mountains. " * 20
     cold = engine.submit(GenerationRequest(prompt=prompt, params=GREEDY.with_(max_tokens=32))).wait()
@@ -267,3 +309,40 @@ def test_reuse_plan_shares_only_what_a_cold_start_computes_the_same_way():
     assert plan(kernel, slot, long[: 2 * CHUNK + 50] + [1, 2, 3]) == (2 * CHUNK, False)
     # without the kernel, only full chunks are ever reused
     assert plan(torch_only, slot, long + list(range(30))) == (4 * CHUNK, False)
+
+
+def test_free_slot_copies_a_shared_prefix_instead_of_evicting_a_conversation():
+    """Admission: a conversation's next turn takes its own slot over; a request that shares only
+    a prefix with a slot (free or busy) gets a copy of it in the least recently used free slot."""
+    from types import SimpleNamespace
+
+    from influence_tui.engine.scheduler import KEEP_LOSS, Scheduler, Slot
+
+    copies = []
+    model = SimpleNamespace(rows_exact=True, copy_positions=lambda s, d, n: copies.append((s, d, n)))
+    sched = SimpleNamespace(model=model, slots=[Slot(i, last_used=float(i)) for i in range(3)])
+    sched.reuse_plan = lambda slot, prompt: Scheduler.reuse_plan(sched, slot, prompt)
+    free_slot = lambda prompt: Scheduler.free_slot(sched, prompt)  # noqa: E731
+    system = list(range(1000, 1060))
+    sched.slots[2].tokens = system + list(range(10, 10 + 3 * KEEP_LOSS))  # a chat with a long answer
+    # its next turn: the same slot, nothing copied
+    slot, reuse = free_slot(sched.slots[2].tokens + [5, 6])
+    assert (slot.index, reuse, copies) == (2, len(sched.slots[2].tokens), [])
+    # another chat with the same system prompt: slot 0 (least recently used) gets the prefix
+    slot, reuse = free_slot(system + [7, 8, 9])
+    assert (slot.index, reuse, copies) == (0, len(system), [(2, 0, len(system))])
+    assert slot.tokens == system and sched.slots[2].tokens[: len(system)] == system
+    # ... and the next such chat finds it there (it loses nothing)
+    copies[:] = []
+    assert free_slot(system + [4])[0].index == 0 and copies == []
+    # a busy slot is a source too
+    sched.slots[0].forget()
+    sched.slots[2].busy = True
+    slot, reuse = free_slot(system + [4])
+    assert (slot.index, reuse, copies) == (0, len(system), [(2, 0, len(system))])
+    # a model that cannot copy takes the best free slot over
+    sched.slots[0].forget()
+    sched.slots[2].busy = False
+    del model.copy_positions
+    slot, reuse = free_slot(system + [3])
+    assert (slot.index, reuse) == (2, len(system))

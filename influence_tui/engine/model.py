@@ -233,6 +233,15 @@ class LlamaModel:
         """Whether decode steps run in the C kernel."""
         return self._native is not None
 
+    def copy_positions(self, src: int, dst: int, n: int) -> None:
+        """Copy the K/V of positions [0, n) from slot `src` to slot `dst` (a shared prefix, as it
+        was computed: the copy is bit for bit what the source slot holds)."""
+        self._check_cache()
+        if not (0 <= src < self.max_batch and 0 <= dst < self.max_batch and 0 <= n <= self.max_seq):
+            raise ValueError(f"cannot copy {n} positions from slot {src} to slot {dst}")
+        for kv in self.kv_cache:
+            kv[dst, :, :, :n] = kv[src, :, :, :n]
+
     def use_native(self, enabled: bool) -> bool:
         """Switch decode steps between the C kernel and the torch path (the reference the tests
         compare it with); returns whether the kernel is now in use."""

@@ -4,7 +4,8 @@ Only the engine's worker thread calls into a `Scheduler`. Each running request h
 slot. A new request is admitted at the next step (prefilled alone, then decoded with everyone
 else); a finished one leaves. A finished conversation's slot keeps its KV entries, so a follow-up
 that starts with the same tokens (the next chat turn, or an API request sharing a system prompt)
-only prefills what is new.
+only prefills what is new. A request that shares only a prefix with another conversation's slot
+gets a copy of those positions in a slot of its own, so conversations do not evict each other.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class Job:
 # llama-server's cache_prompt does); such a slot is marked and only its exact part is shared.
 CHUNK = 128
 CONTINUE_MIN = 32  # reused rows beyond the exact part that make a request a conversation's continuation
+KEEP_LOSS = 32  # cached positions a request may overwrite in a slot it takes over (else it copies)
 
 
 @dataclass
@@ -156,16 +158,32 @@ class Scheduler:
 
     # --- admission -----------------------------------------------------------------------------
     def free_slot(self, prompt: list[int]) -> tuple[Slot, int] | None:
+        """A free slot for `prompt` and how many of its positions are already cached there.
+
+        The slot (free or busy) that shares the most with the prompt is its source. A free source
+        is taken over when little of its own cache would be lost (a conversation's next turn);
+        otherwise, when the model can, the shared positions are copied into the least recently
+        used free slot, so that two conversations with the same system prompt, or concurrent
+        requests sharing a prefix, do not evict each other's caches."""
         free = [s for s in self.slots if not s.busy]
         if not free:
             return None
-        best = max(free, key=lambda s: (self.reuse_plan(s, prompt)[0], -s.last_used))
-        reuse = self.reuse_plan(best, prompt)[0]
+        copy = getattr(self.model, "copy_positions", None)
+        pool = self.slots if copy is not None else free
+        src = max(pool, key=lambda s: (self.reuse_plan(s, prompt)[0], not s.busy, -s.last_used))
+        reuse = self.reuse_plan(src, prompt)[0]
         if reuse <= 0:
             # nothing to reuse: take the least recently used slot, keep the others' caches
-            best = min(free, key=lambda s: s.last_used)
-            reuse = 0
-        return best, reuse
+            return min(free, key=lambda s: s.last_used), 0
+        lost = len(src.tokens) - common_prefix(src.tokens, prompt)
+        if copy is None or (not src.busy and lost <= KEEP_LOSS):
+            return src, reuse
+        target = min(free, key=lambda s: s.last_used)
+        if target is src:
+            return src, reuse
+        copy(src.index, target.index, reuse)
+        target.tokens, target.dense, target.approx = src.tokens[:reuse], min(src.dense, reuse), src.approx
+        return target, self.reuse_plan(target, prompt)[0]
 
     def reuse_plan(self, slot: Slot, prompt: list[int]) -> tuple[int, bool]:
         """(cached positions this prompt can start from, whether they only approximate a cold start).
