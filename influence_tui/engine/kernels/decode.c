@@ -205,16 +205,24 @@ static void arrange(const float *x, int64_t k, int8_t *out, float *f) {
 /* lane j of the result: the sum of the lanes of v[j'] (j' = 4 (j % 4) + j / 4, a transpose), in
  * the pairing _mm512_reduce_add_ps uses: (l_i + l_i+8) then + 4, + 2, + 1. For floats that
  * makes every sum bitwise what reduce_add_ps gives, whichever other vectors share the call. */
-static inline __m512 reduce16_ps(const __m512 v[16]) {
-    __m512 t[8], u[4];
+static inline __attribute__((always_inline)) __m512i add16(__m512i a, __m512i b, int fp) {
+    return fp ? _mm512_castps_si512(_mm512_add_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b))) : _mm512_add_epi32(a, b);
+}
+/* the network on float lanes (fp) or int32 lanes; the shuffles move bits, only the adds differ */
+static inline __attribute__((always_inline)) __m512i reduce16(const __m512i v[16], int fp) {
+    __m512i t[8], u[4];
     for (int i = 0; i < 8; i++)
-        t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44), _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xee));
+        t[i] = add16(_mm512_shuffle_i64x2(v[2 * i], v[2 * i + 1], 0x44), _mm512_shuffle_i64x2(v[2 * i], v[2 * i + 1], 0xee), fp);
     for (int i = 0; i < 4; i++)
-        u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0x88), _mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0xdd));
-    __m512 w01 = _mm512_add_ps(_mm512_unpacklo_ps(u[0], u[1]), _mm512_unpackhi_ps(u[0], u[1]));
-    __m512 w23 = _mm512_add_ps(_mm512_unpacklo_ps(u[2], u[3]), _mm512_unpackhi_ps(u[2], u[3]));
-    __m512d a = _mm512_castps_pd(w01), b = _mm512_castps_pd(w23);
-    return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+        u[i] = add16(_mm512_shuffle_i64x2(t[2 * i], t[2 * i + 1], 0x88), _mm512_shuffle_i64x2(t[2 * i], t[2 * i + 1], 0xdd), fp);
+    __m512i w01 = add16(_mm512_unpacklo_epi32(u[0], u[1]), _mm512_unpackhi_epi32(u[0], u[1]), fp);
+    __m512i w23 = add16(_mm512_unpacklo_epi32(u[2], u[3]), _mm512_unpackhi_epi32(u[2], u[3]), fp);
+    return add16(_mm512_unpacklo_epi64(w01, w23), _mm512_unpackhi_epi64(w01, w23), fp);
+}
+static inline __m512 reduce16_ps(const __m512 v[16]) {
+    __m512i b[16];
+    for (int i = 0; i < 16; i++) b[i] = _mm512_castps_si512(v[i]);
+    return _mm512_castsi512_ps(reduce16(b, 1));
 }
 /* where v[j] ends up in reduce16_ps's result */
 static inline int reduce16_lane(int j) { return 4 * (j % 4) + j / 4; }
@@ -411,16 +419,7 @@ static inline __attribute__((always_inline)) void i8_rows_n(const int B, const i
     }
     /* lane sums in integers (exact), then one conversion */
     int32_t sums[16];
-    {
-        __m512i t[8], u[4];
-        for (int i = 0; i < 8; i++)
-            t[i] = _mm512_add_epi32(_mm512_shuffle_i64x2(acc[2 * i], acc[2 * i + 1], 0x44), _mm512_shuffle_i64x2(acc[2 * i], acc[2 * i + 1], 0xee));
-        for (int i = 0; i < 4; i++)
-            u[i] = _mm512_add_epi32(_mm512_shuffle_i64x2(t[2 * i], t[2 * i + 1], 0x88), _mm512_shuffle_i64x2(t[2 * i], t[2 * i + 1], 0xdd));
-        __m512i w01 = _mm512_add_epi32(_mm512_unpacklo_epi32(u[0], u[1]), _mm512_unpackhi_epi32(u[0], u[1]));
-        __m512i w23 = _mm512_add_epi32(_mm512_unpacklo_epi32(u[2], u[3]), _mm512_unpackhi_epi32(u[2], u[3]));
-        _mm512_storeu_si512(sums, _mm512_add_epi32(_mm512_unpacklo_epi64(w01, w23), _mm512_unpackhi_epi64(w01, w23)));
-    }
+    _mm512_storeu_si512(sums, reduce16(acc, 0));
 #pragma GCC unroll 2
     for (int i = 0; i < R; i++) {
         float s = bf2f(scale[r + i]);
