@@ -227,6 +227,21 @@ static inline __m512 reduce16_ps(const __m512 v[16]) {
 /* where v[j] ends up in reduce16_ps's result */
 static inline int reduce16_lane(int j) { return 4 * (j % 4) + j / 4; }
 
+/* CALL(n) with n the literal 1..MAXB equal to nb (the kernels inline per batch size) */
+#define WITH_CONSTANT_B(nb, CALL)                                                                  \
+    do {                                                                                           \
+        switch (nb) {                                                                              \
+        case 1: CALL(1); break;                                                                    \
+        case 2: CALL(2); break;                                                                    \
+        case 3: CALL(3); break;                                                                    \
+        case 4: CALL(4); break;                                                                    \
+        case 5: CALL(5); break;                                                                    \
+        case 6: CALL(6); break;                                                                    \
+        case 7: CALL(7); break;                                                                    \
+        default: CALL(8); break;                                                                   \
+        }                                                                                          \
+    } while (0)
+
 static inline __attribute__((always_inline)) void q4_rows_n(
     const int B, const q4mat *W, int64_t r, const int8_t *xa, int64_t xstride,
     const float *fs, int64_t fstride, float *acc_out) {
@@ -326,16 +341,10 @@ static inline __attribute__((always_inline)) void q4_rows_b(
 static void q4_rows(int B, const q4mat *W, int64_t r0, int64_t r1, const int8_t *xa, int64_t xstride,
                     const float *fs, int64_t fstride, float *y, int64_t ystride) {
 #if VEC
-    switch (B) { /* constant B: the token loop unrolls and its accumulators stay in registers */
-    case 1: q4_rows_b(1, W, r0, r1, xa, xstride, fs, fstride, y, ystride); return;
-    case 2: q4_rows_b(2, W, r0, r1, xa, xstride, fs, fstride, y, ystride); return;
-    case 3: q4_rows_b(3, W, r0, r1, xa, xstride, fs, fstride, y, ystride); return;
-    case 4: q4_rows_b(4, W, r0, r1, xa, xstride, fs, fstride, y, ystride); return;
-    case 5: q4_rows_b(5, W, r0, r1, xa, xstride, fs, fstride, y, ystride); return;
-    case 6: q4_rows_b(6, W, r0, r1, xa, xstride, fs, fstride, y, ystride); return;
-    case 7: q4_rows_b(7, W, r0, r1, xa, xstride, fs, fstride, y, ystride); return;
-    default: q4_rows_b(8, W, r0, r1, xa, xstride, fs, fstride, y, ystride); return;
-    }
+    /* constant B: the token loop unrolls and its accumulators stay in registers */
+#define Q4_ROWS(n) q4_rows_b(n, W, r0, r1, xa, xstride, fs, fstride, y, ystride)
+    WITH_CONSTANT_B(B, Q4_ROWS);
+#undef Q4_ROWS
 #else
     const int64_t k = W->k, G = k / 32, NS = n_supers(k);
     for (int64_t r = r0; r < r1; r++) {
@@ -443,16 +452,9 @@ static __attribute__((noinline)) void i8_rows(int B, const int8_t *Q, const uint
                                               const int16_t *xi, const float *sx, float *y, int64_t ystride) {
 #if VEC
     for (int b0 = 0; b0 < B; b0 += MAXB, xi += MAXB * k, sx += MAXB, y += MAXB * ystride) {
-    switch (B - b0 < MAXB ? B - b0 : MAXB) {
-    case 1: i8_rows_b(1, Q, scale, k, r0, r1, xi, sx, y, ystride); break;
-    case 2: i8_rows_b(2, Q, scale, k, r0, r1, xi, sx, y, ystride); break;
-    case 3: i8_rows_b(3, Q, scale, k, r0, r1, xi, sx, y, ystride); break;
-    case 4: i8_rows_b(4, Q, scale, k, r0, r1, xi, sx, y, ystride); break;
-    case 5: i8_rows_b(5, Q, scale, k, r0, r1, xi, sx, y, ystride); break;
-    case 6: i8_rows_b(6, Q, scale, k, r0, r1, xi, sx, y, ystride); break;
-    case 7: i8_rows_b(7, Q, scale, k, r0, r1, xi, sx, y, ystride); break;
-    default: i8_rows_b(8, Q, scale, k, r0, r1, xi, sx, y, ystride); break;
-    }
+#define I8_ROWS(n) i8_rows_b(n, Q, scale, k, r0, r1, xi, sx, y, ystride)
+        WITH_CONSTANT_B(B - b0 < MAXB ? B - b0 : MAXB, I8_ROWS);
+#undef I8_ROWS
     }
 #else
     for (int64_t r = r0; r < r1; r++) {
