@@ -208,6 +208,38 @@ def test_embeddings_rank_paraphrase_above_unrelated(engine):
     assert abs(sum(x * x for x in a) - 1.0) < 1e-4
 
 
+def test_embeddings_run_between_decode_steps_on_the_engine_thread(engine, monkeypatch):
+    """An embedding request while an answer streams: both complete, the answer is what it is
+    alone, and the encoder ran on the engine's own thread (a second thread running torch makes
+    libgomp sleep at its barriers, and every later prompt prefill slower)."""
+    from influence_tui.engine.embeddings import Embedder
+
+    threads = []
+    original = Embedder.embed
+
+    def spy(self, texts):
+        threads.append(threading.current_thread().name)
+        return original(self, texts)
+
+    monkeypatch.setattr(Embedder, "embed", spy)
+    params = GREEDY.with_(max_tokens=48, ignore_eos=True)
+    alone = ask(engine, "Write a short poem about the sea.", params=params)
+    stream = engine.submit(GenerationRequest(prompt="Write a short poem about the sea.", params=params))
+    out = engine.embed(["hello", "world"])
+    result = stream.wait(timeout=120)
+    assert len(out.embeddings) == 2 and len(out.embeddings[0]) == 384
+    assert threads == ["influence-engine"]
+    assert result.usage.completion_tokens == 48 and result.text == alone.text
+
+
+def test_a_bad_embedding_model_is_a_clear_error(engine):
+    from influence_tui.library import ModelNotFound
+
+    with pytest.raises(ModelNotFound):
+        engine.embed(["hello"], model="no-such-embedding-model")
+    assert ask(engine, "Say hi.").finish_reason in ("stop", "length")  # the engine keeps serving
+
+
 def _run(args, **kw):
     return subprocess.run([sys.executable, "-m", "influence_tui", *args], capture_output=True, text=True, timeout=300, **kw)
 

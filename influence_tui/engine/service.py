@@ -89,7 +89,6 @@ class Engine:
         self._served = 0
         self._listeners: list[Callable[[EngineStatus], None]] = []
         self._embedder: Any = None
-        self._embed_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._stop = threading.Event()
 
@@ -155,17 +154,27 @@ class Engine:
         return self.submit(request, model).wait()
 
     def embed(self, texts: list[str], model: str | None = None) -> EmbeddingResult:
-        """Embeddings with a BERT-family encoder (default: the bundled all-MiniLM-L6-v2)."""
+        """Embeddings with a BERT-family encoder (default: the bundled all-MiniLM-L6-v2).
+
+        They run on the worker thread, between decode steps, like everything that computes: torch
+        ops from a second thread start a second OpenMP team, and with more OpenMP threads than
+        CPUs libgomp stops spinning at its barriers and sleeps instead, which made every prompt
+        after it prefill ~1.6x slower."""
+        fut: Future = Future()
+        self._ensure_thread()
+        self._commands.put(("embed", list(texts), model, fut))
+        return fut.result()
+
+    def _embed(self, texts: list[str], model: str | None) -> EmbeddingResult:
         from influence_tui.engine.embeddings import Embedder, resolve_embedding_model
 
         path, name = resolve_embedding_model(model, models_dir=self._models_dir())
-        with self._embed_lock:
-            if self._embedder is None or self._embedder.path != path:
-                from influence_tui.engine.offline import local_only
+        if self._embedder is None or self._embedder.path != path:
+            from influence_tui.engine.offline import local_only
 
-                with local_only():
-                    self._embedder = Embedder(path, name=name, device=self.settings.device, device_index=self.settings.device_index)
-            vectors, n_tokens = self._embedder.embed(texts)
+            with local_only():
+                self._embedder = Embedder(path, name=name, device=self.settings.device, device_index=self.settings.device_index)
+        vectors, n_tokens = self._embedder.embed(texts)
         return EmbeddingResult(vectors, n_tokens, self._embedder.name)
 
     def shutdown(self) -> None:
@@ -223,6 +232,13 @@ class Engine:
         if self._scheduler:
             self._scheduler.cancel_all()
         self._fail_pending("the engine was shut down")
+        while True:  # callers still waiting on a load or an embedding get an answer too
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(cmd[-1], Future) and not cmd[-1].done():
+                cmd[-1].set_exception(EngineError("the engine was shut down"))
 
     def _can_admit(self) -> bool:
         return bool(self._pending) and (self._scheduler is None or self._scheduler.has_free_slot)
@@ -233,6 +249,12 @@ class Engine:
             _, path, device, fut = cmd
             try:
                 fut.set_result(self._load(path, device))
+            except BaseException as exc:
+                fut.set_exception(exc)
+        elif kind == "embed":
+            _, texts, model, fut = cmd
+            try:
+                fut.set_result(self._embed(texts, model))
             except BaseException as exc:
                 fut.set_exception(exc)
         elif kind == "unload":
