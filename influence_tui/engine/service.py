@@ -123,17 +123,10 @@ class Engine:
 
     def load(self, model: str | None = None, device: str | None = None) -> ModelSummary:
         """Load (or switch to) a model; blocks until it is ready. Raises ModelNotFound/EngineError."""
-        path = self.resolve(model)
-        fut: Future = Future()
-        self._ensure_thread()
-        self._commands.put(("load", path, device, fut))
-        return fut.result()
+        return self._on_worker(self._load, self.resolve(model), device)
 
     def unload(self) -> None:
-        fut: Future = Future()
-        self._ensure_thread()
-        self._commands.put(("unload", fut))
-        fut.result()
+        self._on_worker(self._unload)
 
     def submit(self, request: GenerationRequest, model: str | None = None) -> GenerationStream:
         """Queue a generation; returns at once. Raises QueueFull, ModelNotFound, EngineError."""
@@ -160,10 +153,7 @@ class Engine:
         ops from a second thread start a second OpenMP team, and with more OpenMP threads than
         CPUs libgomp stops spinning at its barriers and sleeps instead, which made every prompt
         after it prefill ~1.6x slower."""
-        fut: Future = Future()
-        self._ensure_thread()
-        self._commands.put(("embed", list(texts), model, fut))
-        return fut.result()
+        return self._on_worker(self._embed, list(texts), model)
 
     def _embed(self, texts: list[str], model: str | None) -> EmbeddingResult:
         from influence_tui.engine.embeddings import Embedder, resolve_embedding_model
@@ -243,25 +233,25 @@ class Engine:
     def _can_admit(self) -> bool:
         return bool(self._pending) and (self._scheduler is None or self._scheduler.has_free_slot)
 
+    def _on_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run fn(*args) on the worker thread, between decode steps; its result or its exception."""
+        fut: Future = Future()
+        self._ensure_thread()
+        self._commands.put(("call", fn, args, fut))
+        return fut.result()
+
     def _handle(self, cmd: tuple) -> None:
-        kind = cmd[0]
-        if kind == "load":
-            _, path, device, fut = cmd
+        if cmd[0] == "call":
+            _, fn, args, fut = cmd
             try:
-                fut.set_result(self._load(path, device))
+                fut.set_result(fn(*args))
             except BaseException as exc:
                 fut.set_exception(exc)
-        elif kind == "embed":
-            _, texts, model, fut = cmd
-            try:
-                fut.set_result(self._embed(texts, model))
-            except BaseException as exc:
-                fut.set_exception(exc)
-        elif kind == "unload":
-            if self._scheduler:
-                self._scheduler.cancel_all()
-            self._release()
-            cmd[1].set_result(None)
+
+    def _unload(self) -> None:
+        if self._scheduler:
+            self._scheduler.cancel_all()
+        self._release()
 
     def _admit_pending(self) -> None:
         """Move waiting jobs into free slots: everything that can start now starts together."""
