@@ -26,6 +26,7 @@ def _gen_flags(p: argparse.ArgumentParser, chat: bool = False) -> None:
     g.add_argument("-m", "--model-path", help="model folder, .gguf file or a name from `influence list` (default: INFLUENCE_MODEL_PATH, else the bundled SmolLM2-135M-Instruct)")
     g.add_argument("--device", help="auto | cpu | cuda | mps (default: auto)")
     g.add_argument("--device-index", type=str, help="GPU index when there are several")
+    g.add_argument("--threads", type=str, help="CPU threads for inference (default: one per core)")
     g.add_argument("--max-tokens", type=str, help="maximum tokens to generate (default 512)")
     g.add_argument("--temperature", type=str, help="0-2, 0 = greedy (default 0.7)")
     g.add_argument("--top-p", type=str, help="0-1 (default 0.9)")
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-p", "--port", type=str, help="port (default INFLUENCE_PORT, 8080)")
         p.add_argument("--device", help="auto | cpu | cuda | mps")
         p.add_argument("--device-index", type=str, help="GPU index")
+        p.add_argument("--threads", type=str, help="CPU threads for inference (default: one per core)")
         p.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
         p.add_argument("--cors", action="append", metavar="ORIGIN", help="allow this browser origin (repeatable)")
         p.add_argument("--detached", action="store_true", help="run in the background (pid and log files)")
@@ -104,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("texts", nargs="+", help="texts to embed")
     p.add_argument("-m", "--model-path", help="embedding model (default: the bundled all-MiniLM-L6-v2)")
     p.add_argument("--device", help="auto | cpu | cuda | mps")
+    p.add_argument("--threads", type=str, help="CPU threads (default: one per core)")
 
     p = sub.add_parser("config", help="show every setting, its value and where it came from", epilog=EPILOG)
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -112,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _FLAG_SETTINGS = (
-    "model_path", "device", "device_index", "max_tokens", "temperature", "top_p", "top_k", "min_p",
+    "model_path", "device", "device_index", "threads", "max_tokens", "temperature", "top_p", "top_k", "min_p",
     "repeat_penalty", "seed", "host", "port", "api_key",
 )
 

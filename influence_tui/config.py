@@ -52,6 +52,16 @@ def _text(raw: Any) -> str | None:
     return value or None
 
 
+def _threads(raw: Any) -> int | None:
+    value = str(raw).strip().lower()
+    if value in ("", "auto"):
+        return None
+    try:
+        return _int_range(1, 1024)(value)
+    except ParamError:
+        raise ParamError("expected auto (empty) or an integer from 1 to 1024") from None
+
+
 def _url(raw: Any) -> str | None:
     value = str(raw).strip().rstrip("/")
     if not value:
@@ -84,6 +94,7 @@ SPECS: tuple[Spec, ...] = (
     Spec("system_prompt", "INFLUENCE_SYSTEM_PROMPT", None, _text, "system prompt for chat"),
     Spec("device", "INFLUENCE_DEVICE", "auto", _device, "auto | cpu | cuda | mps"),
     Spec("device_index", "INFLUENCE_DEVICE_INDEX", 0, _int_range(0, 64), "GPU index when several"),
+    Spec("threads", "INFLUENCE_THREADS", None, _threads, "CPU threads for inference (empty = one per core)"),
     Spec("port", "INFLUENCE_PORT", 8080, _int_range(1, 65535), "API server port"),
     Spec("host", "INFLUENCE_HOST", "127.0.0.1", lambda raw: _text(raw) or "127.0.0.1", "API server bind address"),
     Spec("api_key", "INFLUENCE_API_KEY", None, _text, "require 'Authorization: Bearer <key>' on the API"),
@@ -162,6 +173,7 @@ class Settings:
     system_prompt: str | None = None
     device: str = "auto"
     device_index: int = 0
+    threads: int | None = None
     port: int = 8080
     host: str = "127.0.0.1"
     api_key: str | None = None

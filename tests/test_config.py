@@ -39,6 +39,8 @@ def test_precedence_flag_env_dotenv_file_default(tmp_path):
         ("INFLUENCE_DEVICE", "tpu", "auto, cpu, cuda, mps"),
         ("INFLUENCE_MAX_TOKENS", "-3", "integer"),
         ("INFLUENCE_MIRROR", "ftp://x", "URL"),
+        ("INFLUENCE_THREADS", "0", "1 to 1024"),
+        ("INFLUENCE_THREADS", "many", "auto"),
     ],
 )
 def test_bad_value_names_variable_value_and_allowed(var, value, needle):
@@ -52,6 +54,22 @@ def test_bad_value_names_variable_value_and_allowed(var, value, needle):
 def test_empty_top_k_means_off():
     assert Settings.load(env={"INFLUENCE_TOP_K": ""}).top_k is None
     assert Settings.load(env={"INFLUENCE_TOP_K": "0"}).top_k is None
+
+
+def test_threads_auto_or_a_count():
+    assert Settings.load(env={}).threads is None
+    assert Settings.load(env={"INFLUENCE_THREADS": "auto"}).threads is None
+    assert Settings.load(env={"INFLUENCE_THREADS": "3"}).threads == 3
+    assert Settings.load(flags={"threads": "1"}, env={"INFLUENCE_THREADS": "3"}).threads == 1
+
+
+def test_env_example_lists_every_setting():
+    from pathlib import Path
+
+    from influence_tui.config import SPECS
+
+    text = (Path(__file__).resolve().parents[1] / ".env.example").read_text()
+    assert [s.env for s in SPECS if f"{s.env}=" not in text] == []
 
 
 def test_save_is_atomic_and_keeps_other_keys():

@@ -240,6 +240,26 @@ def test_a_bad_embedding_model_is_a_clear_error(engine):
     assert ask(engine, "Say hi.").finish_reason in ("stop", "length")  # the engine keeps serving
 
 
+def test_threads_setting_gives_the_same_answer_on_one_thread(engine):
+    """INFLUENCE_THREADS=1: the engine computes on one thread, and a greedy answer (a short prompt:
+    all of it in the C kernel, or torch's int4 path) is the one it gives on all threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    prompt = "Name three colours."
+    everyone = ask(engine, prompt)
+    single = Engine(Settings(threads=1, warmup_tokens=0), max_batch=2)
+    try:
+        single.load()
+        seen = single._on_worker(torch.get_num_threads)
+        answer = single.submit(GenerationRequest(prompt=prompt, params=GREEDY)).wait(timeout=120)
+    finally:
+        single.shutdown()
+        torch.set_num_threads(before)
+    assert seen == 1
+    assert answer.text == everyone.text
+
+
 def _run(args, **kw):
     return subprocess.run([sys.executable, "-m", "influence_tui", *args], capture_output=True, text=True, timeout=300, **kw)
 

@@ -89,6 +89,7 @@ class Engine:
         self._served = 0
         self._listeners: list[Callable[[EngineStatus], None]] = []
         self._embedder: Any = None
+        self._default_threads: int | None = None  # torch's own thread count, before INFLUENCE_THREADS
         self._ids = itertools.count(1)
         self._stop = threading.Event()
 
@@ -162,6 +163,7 @@ class Engine:
         if self._embedder is None or self._embedder.path != path:
             from influence_tui.engine.offline import local_only
 
+            self._apply_threads()
             with local_only():
                 self._embedder = Embedder(path, name=name, device=self.settings.device, device_index=self.settings.device_index)
         vectors, n_tokens = self._embedder.embed(texts)
@@ -304,6 +306,7 @@ class Engine:
         self._notify()
         t0 = time.perf_counter()
         try:
+            self._apply_threads()
             loaded = self._load_model(path, device or self.settings.device)
             # one name everywhere: what `influence list` shows, not the file's internal name
             loaded.name = model_name_for_path(loaded.path, self._models_dir()) or loaded.name
@@ -330,6 +333,15 @@ class Engine:
         self._state, self._loading = "ready", None
         self._notify()
         return self._summary
+
+    def _apply_threads(self) -> None:
+        """INFLUENCE_THREADS: torch's CPU threads, which the C kernel and embeddings use too (the
+        loader caps them at the CPU count); unset, torch's default of one per core."""
+        import torch
+
+        if self._default_threads is None:
+            self._default_threads = torch.get_num_threads()
+        torch.set_num_threads(self.settings.threads or self._default_threads)
 
     def _load_model(self, path: str, device: str) -> Any:
         from influence_tui.engine.base import ModelLoadError
