@@ -10,7 +10,7 @@
 3. Through the engine: a cold 547-token prompt's time to first token; multi-turn chat, time to
    first token of turn 10 vs turn 1 (the KV cache kept between turns).
 4. Concurrency: 8 streams through continuous batching vs 1 stream, alternated over 3 rounds;
-   answers identical to alone.
+   answers identical to alone. The same through the API server and the official ollama client.
 5. `--batch`-style: 32 prompts submitted together vs one after another.
 """
 
@@ -189,6 +189,9 @@ def engine_level(quick: bool) -> dict:
     print(f"concurrency: 8 streams {statistics.median(togethers):.0f} tok/s vs 1 stream {statistics.median(singles):.0f} tok/s, "
           f"ratio {_stat(ratios)}x over {len(ratios)} alternated rounds; {same}/8 answers identical to alone (greedy) in every round")
 
+    # the same through the API server on 127.0.0.1 and the official ollama client, streaming
+    out.update(_through_server(engine, prompts, 1 if quick else 3))
+
     # batch: 32 prompts together vs one by one
     n = 8 if quick else 32
     batch_prompts = [f"Give a one-line tip about topic {i}." for i in range(n)]
@@ -206,6 +209,51 @@ def engine_level(quick: bool) -> dict:
     print(f"batch of {n}: {n * 32 / batch_s:.0f} tok/s together vs {n * 32 / seq_s:.0f} tok/s one by one ({seq_s / batch_s:.2f}x)")
     engine.shutdown()
     return out
+
+
+def _through_server(engine, prompts: list[str], rounds: int) -> dict:
+    """8 streaming /api/generate requests at once vs one after another, as a client sees them
+    (HTTP, JSON lines, the server's event loop sharing the CPU with the engine and the client)."""
+    import asyncio
+
+    import ollama
+
+    from influence_tui.config import Settings
+    from influence_tui.server import ServerRunner
+
+    runner = ServerRunner(engine, Settings.load(env={}, use_file=False), host="127.0.0.1", port=0)
+    url = runner.start()
+    opts = {"temperature": 0, "num_predict": 64, "repeat_penalty": 1.0}
+
+    async def one(client, prompt: str) -> tuple[str, int]:
+        parts, n = [], 0
+        async for part in await client.generate(model="smollm2", prompt=prompt, options=opts, stream=True):
+            parts.append(part.response)
+            n = part.eval_count or n
+        return "".join(parts), n
+
+    async def measure() -> tuple[list[float], list[float], int]:
+        client = ollama.AsyncClient(host=url)
+        singles, togethers, same = [], [], len(prompts)
+        for _ in range(rounds):
+            t = time.perf_counter()
+            alone = [await one(client, q) for q in prompts]
+            singles.append(sum(n for _, n in alone) / (time.perf_counter() - t))
+            t = time.perf_counter()
+            together = await asyncio.gather(*(one(client, q) for q in prompts))
+            togethers.append(sum(n for _, n in together) / (time.perf_counter() - t))
+            same = min(same, sum(a[0] == b[0] for a, b in zip(alone, together)))
+        return singles, togethers, same
+
+    try:
+        singles, togethers, same = asyncio.run(measure())
+    finally:
+        runner.stop()
+    ratios = [b / a for a, b in zip(singles, togethers)]
+    print(f"through the server (ollama client, streaming): 8 streams {statistics.median(togethers):.0f} tok/s vs 1 stream "
+          f"{statistics.median(singles):.0f} tok/s, ratio {_stat(ratios)}x; {same}/8 answers identical")
+    return {"http_single_tok_s": statistics.median(singles), "http_concurrent_tok_s": statistics.median(togethers),
+            "http_concurrency_ratio": statistics.median(ratios), "http_identical": same}
 
 
 def engine_level_fresh(quick: bool) -> dict:
