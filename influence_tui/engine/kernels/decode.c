@@ -145,10 +145,11 @@ static inline void split(int64_t n, int tid, int nt, int64_t *a, int64_t *b) {
  * With a static split alone the threads reached the barriers far apart (the spin waits were 15%
  * of a step of 8 sequences, 6% with this). Which thread computes a row never changes its numbers. */
 typedef struct {
-    int64_t n, tail, chunk;
-    _Atomic int64_t *taken; /* chunks of the tail handed out, zero before the phase */
+    int64_t n, shared_from, chunk; /* rows [0, shared_from) split statically, the rest in chunks */
+    _Atomic int64_t *taken; /* chunks handed out so far, zero before the phase */
     int started;
 } rows_share;
+/* next_rows then yields [a0, a1) ranges for this thread until it returns 0 */
 static inline rows_share share_rows(int64_t n, int64_t chunk, _Atomic int64_t *taken) {
     rows_share r = {n, n - n / 4, chunk, taken, 0};
     return r;
@@ -156,10 +157,10 @@ static inline rows_share share_rows(int64_t n, int64_t chunk, _Atomic int64_t *t
 static inline int next_rows(rows_share *w, int tid, int nt, int64_t *a0, int64_t *a1) {
     if (!w->started) {
         w->started = 1;
-        split(w->tail, tid, nt, a0, a1);
+        split(w->shared_from, tid, nt, a0, a1);
         if (*a1 > *a0) return 1;
     }
-    int64_t c = w->tail + w->chunk * atomic_fetch_add_explicit(w->taken, 1, memory_order_relaxed);
+    int64_t c = w->shared_from + w->chunk * atomic_fetch_add_explicit(w->taken, 1, memory_order_relaxed);
     if (c >= w->n) return 0;
     *a0 = c;
     *a1 = c + w->chunk < w->n ? c + w->chunk : w->n;
@@ -846,7 +847,7 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
                 for (int64_t b = a0; b < a1; b++) store_kv(M, L, slots[b], positions[b], qkv + b * QKV, tmp);
                 barrier_wait(&bar, nt);
 #if VEC
-                if (grouped) { /* sequences of different lengths: a shared tail evens them out */
+                if (grouped) { /* sequences of different lengths: the shared chunks even them out */
                     for (w = share_rows((int64_t)B * nkv, 1, tk + 1); next_rows(&w, tid, nt, &a0, &a1);)
                         for (int64_t it = a0; it < a1; it++) {
                             int64_t b = it / nkv;
