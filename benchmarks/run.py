@@ -49,17 +49,26 @@ def cpu_flags() -> str:
     return ", ".join(f for f in ("amx_bf16", "avx512_bf16", "avx512_vnni") if f in flags) or "no AVX-512 BF16"
 
 
+def run_json(cmd: list[str], what: str) -> tuple[dict | None, list[str]]:
+    """Run cmd in a fresh process: (the JSON object on its last stdout line, the lines before it),
+    or (None, []) with a one-line failure on stderr."""
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    lines = out.stdout.strip().splitlines()
+    if out.returncode != 0 or not lines:
+        print(f"  {what} failed: {out.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None, []
+    return json.loads(lines[-1]), lines[:-1]
+
+
 def measure_engines(rounds: int, engines: list[str], prompt_tokens: int, decode_tokens: int) -> dict[str, list[dict]]:
     runs: dict[str, list[dict]] = {e: [] for e in engines}
     for r in range(rounds):
         for engine in engines:
             cmd = [sys.executable, str(HERE / "engines.py"), engine, "--prompt-tokens", str(prompt_tokens), "--decode-tokens", str(decode_tokens)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode != 0:
-                print(f"  {engine} round {r + 1} failed: {out.stderr.strip().splitlines()[-1:] }", file=sys.stderr)
+            d, _ = run_json(cmd, f"{engine} round {r + 1}")
+            if d is None:
                 continue
-            runs[engine].append(json.loads(out.stdout.strip().splitlines()[-1]))
-            d = runs[engine][-1]
+            runs[engine].append(d)
             print(f"  round {r + 1} {engine:12s} load {d['load_s']:.2f}s prefill {d['prefill_tok_s']:.0f} tok/s decode {d['decode_tok_s']:.1f} tok/s rss {d['peak_rss_mb']:.0f} MB", flush=True)
     return runs
 
@@ -171,23 +180,12 @@ def engine_level(quick: bool) -> dict:
     # concurrency: 8 streams vs 1, alternated round by round (the machine's drift hits both)
     prompts = [f"Write two sentences about animal number {i}." for i in range(8)]
     p = greedy.with_(max_tokens=64, ignore_eos=True)
-    singles, togethers, ratios, same = [], [], [], 8
-    for _ in range(1 if quick else 3):
-        t = time.perf_counter()
-        alone = [engine.generate(GenerationRequest(prompt=q, params=p)) for q in prompts]
-        single_rate = sum(r.usage.completion_tokens for r in alone) / (time.perf_counter() - t)
-        streams = [engine.submit(GenerationRequest(prompt=q, params=p)) for q in prompts]
-        t = time.perf_counter()
-        together = [s.wait() for s in streams]
-        rate = sum(r.usage.completion_tokens for r in together) / (time.perf_counter() - t)
-        singles.append(single_rate)
-        togethers.append(rate)
-        ratios.append(rate / single_rate)
-        same = min(same, sum(a.text == b.text for a, b in zip(alone, together)))
-    out.update(single_tok_s=statistics.median(singles), concurrent_tok_s=statistics.median(togethers),
-               concurrency_ratio=statistics.median(ratios), identical=same)
-    print(f"concurrency: 8 streams {statistics.median(togethers):.0f} tok/s vs 1 stream {statistics.median(singles):.0f} tok/s, "
-          f"ratio {_stat(ratios)}x over {len(ratios)} alternated rounds; {same}/8 answers identical to alone (greedy) in every round")
+    answer = lambda r: (r.text, r.usage.completion_tokens)  # noqa: E731
+    out.update(alternate(
+        "concurrency", 1 if quick else 3,
+        lambda: [answer(engine.generate(GenerationRequest(prompt=q, params=p))) for q in prompts],
+        lambda: [answer(s.wait()) for s in [engine.submit(GenerationRequest(prompt=q, params=p)) for q in prompts]],
+    ))
 
     # the same through the API server on 127.0.0.1 and the official ollama client, streaming
     out.update(_through_server(engine, prompts, 1 if quick else 3))
@@ -211,6 +209,29 @@ def engine_level(quick: bool) -> dict:
     return out
 
 
+def alternate(label: str, rounds: int, alone, together) -> dict:
+    """Tokens/s of the prompts one after another (`alone`) and all at once (`together`), each a
+    callable giving [(text, completion tokens)], alternated round by round so that the machine's
+    drift hits both; medians, the ratio's min-max, and how many answers were the same each round."""
+    singles, togethers, same = [], [], None
+    for _ in range(rounds):
+        rates, texts = [], []
+        for run in (alone, together):
+            t = time.perf_counter()
+            answers = run()
+            rates.append(sum(n for _, n in answers) / (time.perf_counter() - t))
+            texts.append([text for text, _ in answers])
+        singles.append(rates[0])
+        togethers.append(rates[1])
+        agree = sum(a == b for a, b in zip(*texts))
+        same = agree if same is None else min(same, agree)
+    ratios = [b / a for a, b in zip(singles, togethers)]
+    print(f"{label}: 8 streams {statistics.median(togethers):.0f} tok/s vs 1 stream {statistics.median(singles):.0f} tok/s, "
+          f"ratio {_stat(ratios)}x over {rounds} alternated rounds; {same}/8 answers identical to alone (greedy) in every round")
+    return {"single_tok_s": statistics.median(singles), "concurrent_tok_s": statistics.median(togethers),
+            "concurrency_ratio": statistics.median(ratios), "identical": same}
+
+
 def _through_server(engine, prompts: list[str], rounds: int) -> dict:
     """8 streaming /api/generate requests at once vs one after another, as a client sees them
     (HTTP, JSON lines, the server's event loop sharing the CPU with the engine and the client)."""
@@ -232,28 +253,20 @@ def _through_server(engine, prompts: list[str], rounds: int) -> dict:
             n = part.eval_count or n
         return "".join(parts), n
 
-    async def measure() -> tuple[list[float], list[float], int]:
+    async def alone() -> list[tuple[str, int]]:
         client = ollama.AsyncClient(host=url)
-        singles, togethers, same = [], [], len(prompts)
-        for _ in range(rounds):
-            t = time.perf_counter()
-            alone = [await one(client, q) for q in prompts]
-            singles.append(sum(n for _, n in alone) / (time.perf_counter() - t))
-            t = time.perf_counter()
-            together = await asyncio.gather(*(one(client, q) for q in prompts))
-            togethers.append(sum(n for _, n in together) / (time.perf_counter() - t))
-            same = min(same, sum(a[0] == b[0] for a, b in zip(alone, together)))
-        return singles, togethers, same
+        return [await one(client, q) for q in prompts]
+
+    async def together() -> list[tuple[str, int]]:
+        client = ollama.AsyncClient(host=url)
+        return list(await asyncio.gather(*(one(client, q) for q in prompts)))
 
     try:
-        singles, togethers, same = asyncio.run(measure())
+        figures = alternate("through the server (ollama client, streaming)", rounds,
+                            lambda: asyncio.run(alone()), lambda: asyncio.run(together()))
     finally:
         runner.stop()
-    ratios = [b / a for a, b in zip(singles, togethers)]
-    print(f"through the server (ollama client, streaming): 8 streams {statistics.median(togethers):.0f} tok/s vs 1 stream "
-          f"{statistics.median(singles):.0f} tok/s, ratio {_stat(ratios)}x; {same}/8 answers identical")
-    return {"http_single_tok_s": statistics.median(singles), "http_concurrent_tok_s": statistics.median(togethers),
-            "http_concurrency_ratio": statistics.median(ratios), "http_identical": same}
+    return {f"http_{key}": value for key, value in figures.items()}
 
 
 def engine_level_fresh(quick: bool) -> dict:
@@ -262,13 +275,9 @@ def engine_level_fresh(quick: bool) -> dict:
     sleeps at its barriers when there are more OpenMP threads than CPUs (the app never does that:
     only the worker runs torch)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--engine-level"] + (["--quick"] if quick else [])
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    lines = out.stdout.strip().splitlines()
-    if out.returncode != 0 or not lines:
-        print(f"engine-level run failed: {out.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
-        return {}
-    print("\n".join(lines[:-1]), flush=True)
-    return json.loads(lines[-1])
+    result, printed = run_json(cmd, "engine-level run")
+    print("\n".join(printed), flush=True)
+    return result or {}
 
 
 def main() -> None:
