@@ -847,7 +847,8 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
                 for (int64_t b = a0; b < a1; b++) store_kv(M, L, slots[b], positions[b], qkv + b * QKV, tmp);
                 barrier_wait(&bar, nt);
 #if VEC
-                if (grouped) { /* sequences of different lengths: the shared chunks even them out */
+                /* sequences of different lengths: the shared chunks even them out */
+                if (grouped) {
                     for (w = share_rows((int64_t)B * nkv, 1, tk + 1); next_rows(&w, tid, nt, &a0, &a1);)
                         for (int64_t it = a0; it < a1; it++) {
                             int64_t b = it / nkv;
@@ -856,11 +857,11 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
                 } else
 #endif
                 {
-                    split((int64_t)B * nq, tid, nt, &a0, &a1);
-                    for (int64_t it = a0; it < a1; it++) {
-                        int64_t b = it / nq;
-                        attend(M, L, it % nq, slots[b], positions[b], qkv + b * QKV, att + b * A + (it % nq) * hd, scores, tmp);
-                    }
+                    for (w = share_rows((int64_t)B * nq, 1, tk + 1); next_rows(&w, tid, nt, &a0, &a1);)
+                        for (int64_t it = a0; it < a1; it++) {
+                            int64_t b = it / nq;
+                            attend(M, L, it % nq, slots[b], positions[b], qkv + b * QKV, att + b * A + (it % nq) * hd, scores, tmp);
+                        }
                 }
                 barrier_wait(&bar, nt);
                 for (int b = 0; b < B; b++) arrange(att + b * A, A, xa + b * A, gs + b * qf(A));
