@@ -67,15 +67,30 @@ class Guard:
             if int(length) > self.max_body:
                 await self._too_large(path, scope, receive, send)
                 return
-        counted = path not in OPEN_PATHS and path != "/openapi.json"
-        if counted:
-            self.ctx.active += 1
-        try:
+        if path in OPEN_PATHS or path == "/openapi.json":
             await self.app(scope, self._limited(receive), send)
-        finally:
-            if counted:
+            return
+        self.ctx.active += 1
+        answered = False
+
+        def finish() -> None:
+            nonlocal answered
+            if not answered:
+                answered = True
                 self.ctx.active -= 1
                 self.ctx.served += 1
+
+        async def counting_send(message: Message) -> None:
+            # Counted before the last bytes leave: a client that has read its whole answer
+            # must already see it in the runner's status (the app's return comes later).
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                finish()
+            await send(message)
+
+        try:
+            await self.app(scope, self._limited(receive), counting_send)
+        finally:
+            finish()  # a disconnect or an error before the last body message
 
     def _authorized(self, scope: Scope) -> bool:
         value = _header(scope, b"authorization") or ""
