@@ -7,8 +7,9 @@
    transformers, each in a fresh process, alternated A B C A B C so the machine's drift cancels.
    Medians with min/max, and ratios against llama.cpp and transformers.
 2. What weight-only quantization costs: greedy agreement and perplexity, fast path vs float.
-3. Through the engine: a cold 547-token prompt's time to first token; multi-turn chat, time to
-   first token of turn 10 vs turn 1 (the KV cache kept between turns).
+3. Through the engine: a cold 547-token prompt's time to first token; 8 requests sharing a long
+   system prompt on a cold cache, its prefix computed once vs each prompt in full; multi-turn
+   chat, time to first token of turn 10 vs turn 1 (the KV cache kept between turns).
 4. Concurrency: 8 streams through continuous batching vs 1 stream, alternated over 3 rounds;
    answers identical to alone. The same through the API server and the official ollama client.
 5. `--batch`-style: 32 prompts submitted together vs one after another.
@@ -164,6 +165,8 @@ def engine_level(quick: bool) -> dict:
     print(f"\ncold prompt through the engine: {r.usage.prompt_tokens} tokens, first token after {r.usage.ttft_s * 1000:.0f} ms "
           f"({r.usage.prompt_tokens / r.usage.ttft_s:.0f} tok/s)")
 
+    out.update(shared_prefix_burst(engine, 1 if quick else 3))
+
     # multi-turn: TTFT per turn with the conversation growing
     msgs = [ChatMessage("system", "You are a helpful assistant.")]
     ttft, cached = [], []
@@ -207,6 +210,41 @@ def engine_level(quick: bool) -> dict:
     print(f"batch of {n}: {n * 32 / batch_s:.0f} tok/s together vs {n * 32 / seq_s:.0f} tok/s one by one ({seq_s / batch_s:.2f}x)")
     engine.shutdown()
     return out
+
+
+def shared_prefix_burst(engine, rounds: int) -> dict:
+    """8 requests with one long system prompt arriving together on a cold cache (a --batch file,
+    a burst of API calls): time until every one has its first token, with the shared prefix
+    computed once, against each prompt computed in full (the same run, alternated)."""
+    from engines import TEXT
+
+    from influence_tui.engine import ChatMessage, GenerationRequest
+    from influence_tui.engine import scheduler
+    from influence_tui.params import GenerationParams
+
+    one = GenerationParams(temperature=0, max_tokens=1, repeat_penalty=1.0)
+    shared_min = scheduler.SHARE_MIN
+    times: dict[bool, list[float]] = {True: [], False: []}
+    cached, prompt_tokens = 0, 0
+    for r in range(rounds):
+        for share in (True, False):
+            system = f"Session {r}-{share}. " + TEXT * 11  # new each time: nothing cached
+            reqs = [GenerationRequest(messages=[ChatMessage("system", system), ChatMessage("user", f"Question {i}: what happened next?")],
+                                      params=one) for i in range(8)]
+            scheduler.SHARE_MIN = shared_min if share else 1 << 30
+            try:
+                t = time.perf_counter()
+                results = [s.wait() for s in engine.submit_many(reqs)]
+                times[share].append(time.perf_counter() - t)
+            finally:
+                scheduler.SHARE_MIN = shared_min
+            if share:
+                cached, prompt_tokens = sum(x.usage.cached_tokens for x in results), sum(x.usage.prompt_tokens for x in results)
+    a, b = statistics.median(times[True]), statistics.median(times[False])
+    print(f"8 requests with a shared {prompt_tokens // 8}-token prompt, cold cache: all first tokens after {a * 1000:.0f} ms "
+          f"with the prefix computed once ({cached} of {prompt_tokens} prompt tokens copied) vs {b * 1000:.0f} ms each in full "
+          f"({b / a:.2f}x)")
+    return {"shared_burst_s": a, "unshared_burst_s": b, "shared_burst_cached": cached, "shared_burst_prompt_tokens": prompt_tokens}
 
 
 def alternate(label: str, rounds: int, alone, together) -> dict:

@@ -149,14 +149,15 @@ def _run_batch_items(items: list[BatchItem], settings: Settings, out: TextIO) ->
 
     engine = Engine(settings, max_batch=8, max_queue=max(64, len(items) + 1))
     engine.load(settings.model_path, device=settings.device)
-    streams = {}
-    # Submit everything: the engine decodes up to 8 at a time, refilling slots as answers finish.
-    for item in items:
-        if item.request is not None:
-            try:
-                streams[item.index] = engine.submit(item.request)
-            except QueueFull as exc:
-                item.error = str(exc)
+    # Submit everything at once: the engine starts up to 8 together (a shared system prompt is
+    # prefilled once) and refills slots as answers finish.
+    valid = [item for item in items if item.request is not None]
+    try:
+        streams = dict(zip((i.index for i in valid), engine.submit_many([i.request for i in valid])))
+    except QueueFull as exc:
+        streams = {}
+        for item in valid:
+            item.error = str(exc)
     failed = 0
     with _Progress(len(items)) as progress:
         for item in items:  # results in input order, each written as soon as its turn comes

@@ -173,6 +173,27 @@ def test_a_prefix_copied_from_another_slot_gives_the_cold_start_answer(engine):
     assert copied.text == cold.text
 
 
+def test_requests_admitted_together_prefill_their_shared_system_prompt_once(engine):
+    """A burst of requests with one system prompt (--batch, parallel API calls): the prompt is
+    computed once and copied to the others' slots (reported as cached), and every answer is the
+    one its request gets alone."""
+    from influence_tui.engine.native import vectorized
+
+    system = "You are a museum guide in a small harbour town; answer in one short sentence. " * 9
+    questions = ["What is in the first room?", "When does the museum open?", "Is there a cafe?", "Can I take photos?"]
+    reqs = [GenerationRequest(messages=[ChatMessage("system", system), ChatMessage("user", q)], params=GREEDY.with_(max_tokens=16))
+            for q in questions]
+    together = [s.wait(timeout=120) for s in engine.submit_many(reqs)]
+    assert all(r.finish_reason == "length" for r in together), together
+    assert together[0].usage.cached_tokens < 16, together[0].usage  # the first one computes the shared part
+    for r in together[1:]:
+        # the followers start from it: only their own question (and the chat template's tail) runs
+        shared_floor = r.usage.prompt_tokens - 24 if vectorized() else r.usage.prompt_tokens // 128 * 128
+        assert r.usage.cached_tokens >= shared_floor > 0, r.usage
+    alone = [engine.submit(r).wait(timeout=120) for r in reqs]
+    assert [r.text for r in together] == [r.text for r in alone]
+
+
 def test_cache_hit_gives_the_same_answer_as_a_cold_start(engine):
     prompt = "Describe a sunrise over the mountains. " * 20
     cold = engine.submit(GenerationRequest(prompt=prompt, params=GREEDY.with_(max_tokens=32))).wait()
@@ -398,3 +419,26 @@ def test_free_slot_copies_a_shared_prefix_instead_of_evicting_a_conversation():
     del model.copy_positions
     slot, reuse = free_slot(system + [3])
     assert (slot.index, reuse) == (2, len(system))
+
+
+def test_shareable_prefix_is_what_each_cold_start_computes_the_same_way():
+    """How much of two prompts admitted together one prefill may compute for both."""
+    from types import SimpleNamespace
+
+    from influence_tui.engine.scheduler import CHUNK, Scheduler
+
+    share = lambda model, a, b: Scheduler.shareable(SimpleNamespace(model=model), a, b)  # noqa: E731
+    kernel, torch_only = SimpleNamespace(rows_exact=True), SimpleNamespace(rows_exact=False)
+    base = list(range(1000, 1000 + 2 * CHUNK))
+    a, b = base[:CHUNK + 100] + [1, 2, 3], base[:CHUNK + 100] + [4, 5]
+    # both end in the chunk where they part: the full chunk and the rows after it, with the kernel
+    assert share(kernel, a, b) == CHUNK + 100
+    assert share(torch_only, a, b) == CHUNK  # rows are only exact in the kernel
+    # one of them goes on past the next boundary: its cold start has a dense chunk there
+    assert share(kernel, a, base[:CHUNK + 100] + list(range(200))) == CHUNK
+    # short prompts: rows only
+    assert share(kernel, base[:40] + [1], base[:40] + [2]) == 40
+    assert share(torch_only, base[:40] + [1], base[:40] + [2]) == 0
+    # the same prompt twice: all but the last token, which runs for each one's logits
+    assert share(kernel, a, a) == len(a) - 1
+    assert share(kernel, [5, 6], [7, 8]) == 0

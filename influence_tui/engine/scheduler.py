@@ -6,6 +6,7 @@ else); a finished one leaves. A finished conversation's slot keeps its KV entrie
 that starts with the same tokens (the next chat turn, or an API request sharing a system prompt)
 only prefills what is new. A request that shares only a prefix with another conversation's slot
 gets a copy of those positions in a slot of its own, so conversations do not evict each other.
+Requests admitted together that begin alike have their common prefix prefilled once.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class Job:
 CHUNK = 128
 CONTINUE_MIN = 32  # reused rows beyond the exact part that make a request a conversation's continuation
 KEEP_LOSS = 32  # cached positions a request may overwrite in a slot it takes over (else it copies)
+SHARE_MIN = 16  # positions prompts admitted together must have in common (beyond their caches) to prefill them once
 
 
 @dataclass
@@ -244,6 +246,7 @@ class Scheduler:
         if not ready:
             return
         tp = time.perf_counter()
+        ready = self._share_prefixes(ready)
         logits = self._prefill_all([(seq.slot, seq.prompt, reuse) for seq, reuse in ready])
         elapsed = time.perf_counter() - tp
         for (seq, _), row in zip(ready, logits):
@@ -252,6 +255,51 @@ class Scheduler:
             self._accept(seq, seq.sampler(row.float().cpu(), seq.history))
             if seq.usage.ttft_s == 0.0:
                 seq.usage.ttft_s = time.perf_counter() - seq.job.submitted
+
+    def shareable(self, a: list[int], b: list[int]) -> int:
+        """Leading positions of prompts a and b that one prefill can compute for both, exactly as
+        each one's cold start would (the last token of each always runs, for its logits)."""
+        n = min(common_prefix(a, b), len(a) - 1, len(b) - 1)
+        if n <= 0:
+            return 0
+        chunks = n // CHUNK * CHUNK
+        # a lone prefix runs its partial chunk as rows; so does a cold start of a and of b only when
+        # that chunk is their last (partial) one, and only the kernel computes rows exactly
+        same_tail = len(a) // CHUNK * CHUNK == chunks == len(b) // CHUNK * CHUNK
+        return n if same_tail and getattr(self.model, "rows_exact", False) else chunks
+
+    def _share_prefixes(self, ready: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
+        """Prompts admitted together that begin alike (one system prompt, a shared preamble) have
+        their common prefix computed once: a leader prefills it in its slot, the others copy those
+        positions into theirs. Each answer stays the one its prompt gets alone."""
+        copy = getattr(self.model, "copy_positions", None)
+        if copy is None or len(ready) < 2:
+            return ready
+        follows: dict[int, tuple[int, int]] = {}  # follower -> (leader, shared positions)
+        for j, (seq, reuse) in enumerate(ready):
+            best = max(((self.shareable(ready[i][0].prompt, seq.prompt), i) for i in range(j) if i not in follows),
+                       default=(0, -1))
+            if best[0] - reuse >= SHARE_MIN:
+                follows[j] = (best[1], best[0])
+        if not follows:
+            return ready
+        upto: dict[int, int] = {}  # leader -> how far its prompt runs in the first pass
+        for i, n in follows.values():
+            upto[i] = max(upto.get(i, 0), n)
+        first = [(ready[i][0].slot, ready[i][0].prompt[:n], ready[i][1]) for i, n in upto.items() if n > ready[i][1]]
+        self._prefill_all(first)
+        out = list(ready)
+        for i in upto:
+            seq = ready[i][0]
+            out[i] = (seq, self.reuse_plan(seq.slot, seq.prompt)[0])
+        for j, (i, n) in follows.items():
+            src, seq = ready[i][0].slot, ready[j][0]
+            copy(src.index, seq.slot.index, n)
+            seq.slot.tokens, seq.slot.dense, seq.slot.approx = src.tokens[:n], min(src.dense, n), src.approx
+            reuse = self.reuse_plan(seq.slot, seq.prompt)[0]
+            seq.usage.cached_tokens = reuse  # computed once for all of them, not for this request
+            out[j] = (seq, reuse)
+        return out
 
     def _prepare(self, job: Job) -> tuple[Sequence, int] | None:
         """Prompt, slot and per-request state; None when the job already ended (bad request, no room)."""

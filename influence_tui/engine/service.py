@@ -131,18 +131,25 @@ class Engine:
 
     def submit(self, request: GenerationRequest, model: str | None = None) -> GenerationStream:
         """Queue a generation; returns at once. Raises QueueFull, ModelNotFound, EngineError."""
-        path = self.resolve(model) if model else None
-        stream = GenerationStream()
-        stream.request_id = f"req-{next(self._ids)}"
-        with self._lock:
-            if len(self._pending) >= self.max_queue:
-                raise QueueFull(f"{len(self._pending)} requests are waiting; try again shortly")
-            from influence_tui.engine.scheduler import Job  # no torch: Job is a plain dataclass
+        return self.submit_many([request], model)[0]
 
-            self._pending.append(Job(request, stream, path))
+    def submit_many(self, requests: list[GenerationRequest], model: str | None = None) -> list[GenerationStream]:
+        """Queue several generations at once: they are admitted together as far as slots allow
+        (one prefill for all of them, a common prefix such as a system prompt computed once).
+        Queues all of them or, raising QueueFull, none."""
+        from influence_tui.engine.scheduler import Job  # no torch: Job is a plain dataclass
+
+        path = self.resolve(model) if model else None
+        streams = [GenerationStream() for _ in requests]
+        for stream in streams:
+            stream.request_id = f"req-{next(self._ids)}"
+        with self._lock:
+            if len(self._pending) + len(requests) > self.max_queue:
+                raise QueueFull(f"{len(self._pending)} requests are waiting; try again shortly")
+            self._pending.extend(Job(r, s, path) for r, s in zip(requests, streams))
         self._ensure_thread()
         self._commands.put(("wake",))
-        return stream
+        return streams
 
     def generate(self, request: GenerationRequest, model: str | None = None) -> Result:
         return self.submit(request, model).wait()
