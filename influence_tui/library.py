@@ -13,7 +13,7 @@ import json
 import os
 import re
 import struct
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -107,7 +107,27 @@ def default_model_path() -> str | None:
 # --- inspecting one model -----------------------------------------------------------------------
 
 
+# (path, size, mtime) -> what the header said: every API request resolves its model name through
+# the library, and a GGUF header (its tokenizer arrays) takes tens of ms to walk
+_GGUF_SEEN: dict[tuple[str, int, int], ModelInfo] = {}
+
+
 def inspect_gguf(path: Path, name: str, source: str) -> ModelInfo:
+    try:
+        st = path.stat()
+    except OSError:
+        st = None
+    key = (str(path), st.st_size, st.st_mtime_ns) if st else None
+    seen = _GGUF_SEEN.get(key) if key else None
+    if seen is not None:
+        return replace(seen, name=name, source=source, aliases=[])
+    info = _inspect_gguf(path, name, source)
+    if key and info.status != "unusable":  # a broken or still-growing file is read again next time
+        _GGUF_SEEN[key] = replace(info, aliases=[])
+    return info
+
+
+def _inspect_gguf(path: Path, name: str, source: str) -> ModelInfo:
     info = ModelInfo(name=name, path=str(path), format="gguf", source=source, file_count=1)
     try:
         info.size_bytes = path.stat().st_size

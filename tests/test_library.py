@@ -86,6 +86,43 @@ def test_quant_is_read_from_tensors_not_the_name(tmp_path):
     assert m.quantization == "Q8_0"
 
 
+def test_a_gguf_replaced_on_disk_is_read_again(tmp_path):
+    """Headers are remembered per (path, size, mtime): a file swapped for another is seen as it is now."""
+    import os
+
+    p = write_gguf(tmp_path / "m.gguf", "Q8_0")
+    (m,) = list_models(tmp_path, include_hf_cache=False, include_bundled=False)
+    assert m.quantization == "Q8_0"
+    write_gguf(tmp_path / "m.gguf", "F16")
+    os.utime(p, ns=(p.stat().st_atime_ns, p.stat().st_mtime_ns + 1_000_000))  # even within one clock tick
+    (m,) = list_models(tmp_path, include_hf_cache=False, include_bundled=False)
+    assert m.quantization == "F16"
+    p.write_bytes(p.read_bytes()[:-100])
+    (m,) = list_models(tmp_path, include_hf_cache=False, include_bundled=False)
+    assert m.status == "unusable" and "truncated" in m.reason
+
+
+def test_a_tokenizer_vocabulary_of_long_strings_is_skipped_exactly(tmp_path):
+    """Listing skips a header's big string arrays without parsing them; what follows them must
+    still be read right (strings longer than the read-ahead block included)."""
+    import gguf
+
+    from influence_tui.formats.gguf import read_gguf_header
+
+    path = tmp_path / "v.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_token_list([f"tok{i}" * (i % 7) for i in range(5000)] + ["x" * (3 << 20), "y"])
+    writer.add_context_length(321)
+    writer.add_tensor("output_norm.weight", np.ones(64, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    fast, full = read_gguf_header(path, skip_arrays=True), read_gguf_header(path)
+    assert fast.context_length == full.context_length == 321
+    assert fast.data_offset == full.data_offset and fast.tensors == full.tensors
+
+
 @pytest.mark.parametrize(
     "breakage,reason",
     [
