@@ -167,7 +167,8 @@ def _run_batch_items(items: list[BatchItem], settings: Settings, out: TextIO) ->
                     item.error = result.error
                 else:
                     row = {"id": item.id, "text": result.text, "prompt_tokens": result.usage.prompt_tokens,
-                           "completion_tokens": result.usage.completion_tokens, "finish_reason": result.finish_reason}
+                           "completion_tokens": result.usage.completion_tokens, "cached_tokens": result.usage.cached_tokens,
+                           "finish_reason": result.finish_reason}
             if item.error:
                 failed += 1
                 row = {"id": item.id, "error": item.error}

@@ -301,6 +301,8 @@ def test_batch_keeps_order_and_reports_bad_lines(tmp_path):
     assert rows[0]["text"] and rows[0]["completion_tokens"] <= 8
     assert "invalid JSON" in rows[2]["error"] and "temperature" in rows[4]["error"]
     assert rows[3]["finish_reason"] in ("stop", "length")
+    # the three good prompts start together: the chat template's system prompt is computed once
+    assert rows[0]["cached_tokens"] == 0 and rows[1]["cached_tokens"] >= 16 and rows[3]["cached_tokens"] >= 16, rows
 
 
 def test_generate_json_fields():
