@@ -287,7 +287,8 @@ class Scheduler:
         for i, n in follows.values():
             upto[i] = max(upto.get(i, 0), n)
         first = [(ready[i][0].slot, ready[i][0].prompt[:n], ready[i][1]) for i, n in upto.items() if n > ready[i][1]]
-        self._prefill_all(first)
+        if first:  # else the leaders' caches hold the shared part already
+            self._prefill_all(first)
         out = list(ready)
         for i in upto:
             seq = ready[i][0]
