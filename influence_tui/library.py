@@ -352,6 +352,83 @@ def _latest_snapshot(repo: Path) -> Path | None:
     return snaps[-1] if snaps else None
 
 
+# --- other apps' stores (read only) ---------------------------------------------------------------
+# Models already pulled with Ollama or downloaded with LM Studio are GGUF files: listed (and run)
+# where they lie, never copied, never deleted from here.
+
+OLLAMA_WEIGHTS = "application/vnd.ollama.image.model"
+OLLAMA_REGISTRY = "registry.ollama.ai"
+
+
+def ollama_models_dir() -> Path:
+    """Ollama's store: OLLAMA_MODELS (Ollama's own variable), else ~/.ollama/models, else the
+    Linux service's /usr/share/ollama/.ollama/models."""
+    if os.environ.get("OLLAMA_MODELS"):
+        return Path(os.environ["OLLAMA_MODELS"]).expanduser()
+    home = Path.home() / ".ollama" / "models"
+    service = Path("/usr/share/ollama/.ollama/models")
+    return service if not home.is_dir() and service.is_dir() else home
+
+
+def _ollama_name(host: str, namespace: str, model: str, tag: str) -> str:
+    """The name `ollama list` shows: `llama3.2:latest`, `user/model:tag`, `hf.co/org/repo:tag`."""
+    if host == OLLAMA_REGISTRY:
+        return f"{model}:{tag}" if namespace == "library" else f"{namespace}/{model}:{tag}"
+    return f"{host}/{namespace}/{model}:{tag}"
+
+
+def scan_ollama(root: Path | None = None) -> list[ModelInfo]:
+    """Models pulled with Ollama: each manifest (manifests/<host>/<namespace>/<model>/<tag>, JSON)
+    names its weights layer, a GGUF blob under blobs/ (`sha256-<hex>`)."""
+    root = root or ollama_models_dir()
+    manifests = root / "manifests"
+    if not manifests.is_dir():
+        return []
+    out: list[ModelInfo] = []
+    for f in sorted(p for p in manifests.glob("*/*/*/*") if p.is_file()):
+        host, namespace, model, tag = f.relative_to(manifests).parts
+        name = _ollama_name(host, namespace, model, tag)
+        try:
+            layers = json.loads(f.read_text(encoding="utf-8")).get("layers") or []
+            digest = next(layer["digest"] for layer in layers if layer.get("mediaType") == OLLAMA_WEIGHTS)
+        except (OSError, ValueError, StopIteration, KeyError, TypeError, AttributeError):
+            out.append(ModelInfo(name, str(f), "unknown", "ollama", status="unusable", reason="its Ollama manifest names no weights"))
+            continue
+        blob = next((b for b in (root / "blobs" / digest.replace(":", "-"), root / "blobs" / digest) if b.is_file()), None)
+        if blob is None:
+            out.append(ModelInfo(name, str(f), "gguf", "ollama", status="unusable", reason=f"its weights blob {digest[:19]}… is missing"))
+            continue
+        info = inspect_gguf(blob, name, "ollama")
+        if tag == "latest":
+            info.aliases = [name.removesuffix(":latest")]
+        out.append(info)
+    return out
+
+
+def lmstudio_models_dir() -> Path:
+    """LM Studio's models folder: INFLUENCE_LMSTUDIO_DIR, else ~/.lmstudio/models (LM Studio 0.3),
+    else ~/.cache/lm-studio/models (earlier versions)."""
+    if os.environ.get("INFLUENCE_LMSTUDIO_DIR"):
+        return Path(os.environ["INFLUENCE_LMSTUDIO_DIR"]).expanduser()
+    current, older = Path.home() / ".lmstudio" / "models", Path.home() / ".cache" / "lm-studio" / "models"
+    return older if not current.is_dir() and older.is_dir() else current
+
+
+def scan_lmstudio(root: Path | None = None) -> list[ModelInfo]:
+    """Models downloaded with LM Studio: <publisher>/<repo>/*.gguf."""
+    root = root or lmstudio_models_dir()
+    if not root.is_dir():
+        return []
+    out: list[ModelInfo] = []
+    for folder in sorted(p for p in root.glob("*/*") if p.is_dir() and not p.name.startswith(".")):
+        name = f"{folder.parent.name}/{folder.name}"
+        try:
+            out.extend(_scan_model_dir(folder, name, "lmstudio"))
+        except OSError as exc:
+            out.append(ModelInfo(name, str(folder), "unknown", "lmstudio", status="unusable", reason=str(exc)))
+    return out
+
+
 def bundled_models() -> list[ModelInfo]:
     out = []
     gguf = bundled_gguf_path()
@@ -368,11 +445,16 @@ def bundled_models() -> list[ModelInfo]:
     return out
 
 
-def list_models(models_dir: str | Path | None = None, include_hf_cache: bool = True, include_bundled: bool = True) -> list[ModelInfo]:
-    """Every model this machine has, output folder first. Never raises for a broken model."""
+def list_models(models_dir: str | Path | None = None, include_hf_cache: bool = True, include_bundled: bool = True,
+                include_other_apps: bool = True) -> list[ModelInfo]:
+    """Every model this machine has, output folder first, then the Hugging Face cache, Ollama's
+    and LM Studio's stores, the bundled ones. Never raises for a broken model."""
     out = scan_models_dir(Path(models_dir or os.environ.get("INFLUENCE_OUTPUT_DIR") or "./models").expanduser())
     if include_hf_cache:
         out.extend(scan_hf_cache())
+    if include_other_apps:
+        out.extend(scan_ollama())
+        out.extend(scan_lmstudio())
     if include_bundled:
         out.extend(bundled_models())
     return out

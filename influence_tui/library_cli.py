@@ -22,13 +22,14 @@ def run_list(args: argparse.Namespace, settings: Settings) -> int:
     if not models:
         console.print(f"No models found in {settings.output_dir}. Try `influence search` and `influence download`.")
         return 0
-    table = Table(title=f"models ({settings.output_dir}, Hugging Face cache, bundled)")
-    for col in ("name", "format", "quant", "arch", "params", "context", "size", "files", "status"):
+    table = Table(title=f"models ({settings.output_dir}, Hugging Face cache, Ollama, LM Studio, bundled)")
+    for col in ("name", "source", "format", "quant", "arch", "params", "context", "size", "files", "status"):
         table.add_column(col, no_wrap=col != "status")
     for m in models:
         status = "[green]ok[/]" if m.usable else f"[red]unusable[/]: {m.reason}"
         table.add_row(
             m.name,
+            m.source,
             m.format,
             m.quantization,
             m.architecture,

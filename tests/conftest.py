@@ -20,6 +20,9 @@ for name in list(os.environ):
 os.environ["INFLUENCE_OUTPUT_DIR"] = str(_SESSION_TMP / "models")
 # converted-weights cache: per test session, never the developer's own cache folder
 os.environ["INFLUENCE_CACHE_DIR"] = str(_SESSION_TMP / "cache")
+# other apps' model stores: empty unless a test fills them (never the developer's own)
+os.environ["OLLAMA_MODELS"] = str(_SESSION_TMP / "ollama")
+os.environ["INFLUENCE_LMSTUDIO_DIR"] = str(_SESSION_TMP / "lmstudio")
 for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.pop(_name, None)
 

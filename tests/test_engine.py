@@ -1,6 +1,7 @@
 """The engine with the real bundled model: streaming, sampling, stops, cancel, batching, context."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -303,6 +304,24 @@ def test_batch_keeps_order_and_reports_bad_lines(tmp_path):
     assert rows[3]["finish_reason"] in ("stop", "length")
     # the three good prompts start together: the chat template's system prompt is computed once
     assert rows[0]["cached_tokens"] == 0 and rows[1]["cached_tokens"] >= 16 and rows[3]["cached_tokens"] >= 16, rows
+
+
+def test_a_model_pulled_with_ollama_runs_under_its_ollama_name(tmp_path, bundled_gguf):
+    """Switching from Ollama: what `ollama pull` stored (an extension-less GGUF blob) is chatted with
+    by its Ollama name, read in place."""
+    from tests.test_library import write_ollama_model
+
+    root = tmp_path / "ollama"
+    write_ollama_model(root, ("registry.ollama.ai", "library", "smol", "latest"), bundled_gguf)
+    env = {**os.environ, "OLLAMA_MODELS": str(root)}
+    listed = _run(["list", "--json"], env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert any(m["name"] == "smol:latest" and m["source"] == "ollama" for m in json.loads(listed.stdout))
+    out = _run(["generate", "What is the capital of France? Answer in one word.", "--model-path", "smol", "--max-tokens", "16",
+                "--temperature", "0", "--repeat-penalty", "1.0", "--json"], env=env)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["model"] == "smol:latest" and "Paris" in data["text"], data
 
 
 def test_generate_json_fields():

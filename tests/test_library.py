@@ -86,6 +86,48 @@ def test_quant_is_read_from_tensors_not_the_name(tmp_path):
     assert m.quantization == "Q8_0"
 
 
+def write_ollama_model(root: Path, name: tuple[str, str, str, str], blob_source: Path | None) -> Path:
+    """An Ollama store entry as `ollama pull` leaves it: a manifest naming a GGUF blob by digest."""
+    import hashlib
+
+    digest = "sha256:" + hashlib.sha256(str(name).encode()).hexdigest()
+    manifest = root / "manifests" / Path(*name)
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    layers = [{"mediaType": "application/vnd.ollama.image.model", "digest": digest, "size": 1},
+              {"mediaType": "application/vnd.ollama.image.template", "digest": "sha256:" + "0" * 64, "size": 1}]
+    manifest.write_text(json.dumps({"schemaVersion": 2, "layers": layers}))
+    if blob_source is not None:
+        blob = root / "blobs" / digest.replace(":", "-")
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.symlink_to(blob_source)
+    return manifest
+
+
+def test_models_pulled_with_ollama_are_listed_by_their_ollama_names(tmp_path, monkeypatch):
+    root = tmp_path / "ollama"
+    gguf = write_gguf(tmp_path / "w.gguf", "Q8_0")
+    write_ollama_model(root, ("registry.ollama.ai", "library", "tiny", "latest"), gguf)
+    write_ollama_model(root, ("hf.co", "org", "repo-GGUF", "Q8_0"), gguf)
+    write_ollama_model(root, ("registry.ollama.ai", "library", "gone", "7b"), None)
+    monkeypatch.setenv("OLLAMA_MODELS", str(root))
+    models = by_name(list_models(tmp_path / "none", include_hf_cache=False, include_bundled=False))
+    assert set(models) == {"tiny:latest", "hf.co/org/repo-GGUF:Q8_0", "gone:7b"}
+    tiny = models["tiny:latest"]
+    assert (tiny.source, tiny.format, tiny.quantization, tiny.usable) == ("ollama", "gguf", "Q8_0", True)
+    assert find_model("tiny", list(models.values())).name == "tiny:latest"  # as `ollama run tiny` would
+    assert models["gone:7b"].status == "unusable" and "missing" in models["gone:7b"].reason
+
+
+def test_models_downloaded_with_lm_studio_are_listed(tmp_path, monkeypatch):
+    root = tmp_path / "lmstudio"
+    (root / "lmstudio-community" / "Tiny-GGUF").mkdir(parents=True)
+    write_gguf(root / "lmstudio-community" / "Tiny-GGUF" / "Tiny-Q8_0.gguf", "Q8_0")
+    monkeypatch.setenv("INFLUENCE_LMSTUDIO_DIR", str(root))
+    (m,) = list_models(tmp_path / "none", include_hf_cache=False, include_bundled=False)
+    assert (m.name, m.source, m.quantization) == ("lmstudio-community/Tiny-GGUF", "lmstudio", "Q8_0")
+    assert list_models(tmp_path / "none", include_hf_cache=False, include_bundled=False, include_other_apps=False) == []
+
+
 def test_a_gguf_replaced_on_disk_is_read_again(tmp_path):
     """Headers are remembered per (path, size, mtime): a file swapped for another is seen as it is now."""
     import os

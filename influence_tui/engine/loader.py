@@ -411,12 +411,20 @@ class _Located:
     folder: Path | None  # the safetensors folder
 
 
+def _has_gguf_magic(p: Path) -> bool:
+    try:
+        with p.open("rb") as fh:
+            return fh.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
 def locate(path: str) -> _Located:
     p = Path(path).expanduser()
     if not p.exists():
         raise ModelLoadError(f"{path}: no such file or folder")
     if p.is_file():
-        if p.suffix.lower() == ".gguf":
+        if p.suffix.lower() == ".gguf" or _has_gguf_magic(p):  # Ollama's blobs have no suffix
             return _Located("gguf", p, None)
         if p.suffix.lower() in PICKLE_SUFFIXES:
             raise ModelLoadError(f"{p.name}: pickle weights are never loaded (unsafe); convert to safetensors")

@@ -141,7 +141,8 @@ class LibraryScreen(Screen[None]):
         if m is None:
             return
         if m.source != "models":
-            where = "bundled with the app" if m.source == "bundled" else "in the Hugging Face cache (use `hf cache` to remove it)"
+            where = {"bundled": "bundled with the app", "ollama": "Ollama's (use `ollama rm` to remove it)",
+                     "lmstudio": "LM Studio's (remove it there)"}.get(m.source, "in the Hugging Face cache (use `hf cache` to remove it)")
             self.app.notify(f"{m.name} is {where}; only models in {self.influence.settings.output_dir} are deleted here",
                             severity="warning")
             return
