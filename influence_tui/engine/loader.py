@@ -342,7 +342,7 @@ class _Builder:
 # Repacking a GGUF into the int4 kernel's layout takes ~1 s; the packed tensors are written once
 # (safetensors format) and memory-mapped on later loads, keyed by the source files' path, size and
 # mtime, the weight format and dtype. Bump the version when the stored layout changes.
-WEIGHTS_CACHE_VERSION = 5
+WEIGHTS_CACHE_VERSION = 6
 _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I8": torch.int8,
               "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64}
 

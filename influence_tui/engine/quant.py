@@ -192,25 +192,22 @@ class Int4Linear(_LowBitLinear):
         return (q * scale).add_(zero).view(n, k)
 
 
-def _supers(k: int) -> tuple[int, int]:
-    """How Q4Linear lays out a row of k weights: supers of 16 groups, then pairs of groups."""
-    groups = k // GROUP
-    return groups // 16, (groups % 16) // 2
+ROW_BLOCK = 16  # Q4Linear rows stored together, one per 32-bit lane of the kernel's vectors
 
 
 class Q4Linear(_LowBitLinear):
-    """Group-wise (32) int4 in the layout of the C decode kernel (kernels/decode.c): per row, the
-    nibbles ordered for vpdpbusd (supers of 16 groups, one group per lane, then pairs of groups),
-    and the GGUF Q4_1 fp16 scale d and
-    minimum m per group (w = q * d + m), so a Q4_0/Q4_1 file is repacked exactly, bit for bit.
+    """Group-wise (32) int4 in the layout of the C decode kernel (kernels/decode.c): blocks of 16
+    rows, one row per 32-bit lane, group by group (256 bytes: byte (u, lane, j) holds weight 4u + j
+    low and 16 + 4u + j high), and the GGUF Q4_1 fp16 scale d and minimum m per group (w = q * d + m)
+    as [block][group][lane], so a Q4_0/Q4_1 file is repacked exactly, bit for bit.
 
     Prompts of >= DENSE_MIN_TOKENS rows dequantise the weight (in C) and use a dense bf16 matmul;
     shorter ones, and every decode step, run the kernel."""
 
     def __init__(self, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
-        self.qs = qs  # uint8 [N, K/2]
-        self.d = d  # float16 [N, K/32]
-        self.m = m  # float16 [N, K/32]
+        self.qs = qs  # uint8 [N, K/2], in the kernel's byte order
+        self.d = d  # float16 [N, K/32], in [block][group][lane] order
+        self.m = m  # float16 [N, K/32], likewise
         self.bias = None if bias is None else bias.to(torch.bfloat16).contiguous()
         self.dtype = dtype
         self.out_features, self.in_features = qs.shape[0], qs.shape[1] * 2
@@ -218,23 +215,29 @@ class Q4Linear(_LowBitLinear):
 
     @staticmethod
     def supports(n: int, k: int) -> bool:
-        return k % (2 * GROUP) == 0
+        return k % GROUP == 0 and n % ROW_BLOCK == 0
+
+    @staticmethod
+    def _blocked(t: torch.Tensor) -> torch.Tensor:
+        """[N, G] -> the same values in [block][group][lane] order (shape kept)."""
+        n, g = t.shape
+        return t.reshape(n // ROW_BLOCK, ROW_BLOCK, g).permute(0, 2, 1).reshape(n, g).contiguous()
+
+    @staticmethod
+    def _unblocked(t: torch.Tensor) -> torch.Tensor:
+        n, g = t.shape
+        return t.reshape(n // ROW_BLOCK, g, ROW_BLOCK).permute(0, 2, 1).reshape(n, g)
 
     @classmethod
     def from_parts(cls, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bias: torch.Tensor | None,
                    dtype: torch.dtype) -> "Q4Linear":
         """q: integer [N, K] in 0..15; scale, minimum: [N, K/32] with w = q * scale + minimum."""
         n, k = q.shape
-        ns, np_ = _supers(k)
-        q = q.to(torch.uint8).view(n, k // GROUP, GROUP)
-        # supers of 16 groups: byte (t, i, j) holds weight 4t + j of group i (low nibble) and 16 + 4t + j (high)
-        sup = q[:, : 16 * ns].reshape(n, ns, 16, 2, 4, 4)  # [N, s, i, half, t, j]
-        bs = (sup[:, :, :, 0] | (sup[:, :, :, 1] << 4)).permute(0, 1, 3, 2, 4).reshape(n, ns * 256)
-        # then pairs of groups: byte b holds weight b of the first group (low) and of the second (high)
-        pr = q[:, 16 * ns :].reshape(n, np_, 2, GROUP)
-        bp = (pr[:, :, 0] | (pr[:, :, 1] << 4)).reshape(n, np_ * 32)
-        qs = torch.cat((bs, bp), 1).contiguous()
-        return cls(qs, scale.to(torch.float16).contiguous(), minimum.to(torch.float16).contiguous(), bias, dtype)
+        # [block, lane, group, half, u, j]: weight half*16 + 4u + j of a group; halves share a byte
+        q = q.to(torch.uint8).reshape(n // ROW_BLOCK, ROW_BLOCK, k // GROUP, 2, 4, 4)
+        packed = q[:, :, :, 0] | (q[:, :, :, 1] << 4)  # [block, lane, group, u, j]
+        qs = packed.permute(0, 2, 3, 1, 4).reshape(n, k // 2).contiguous()  # [block, group, u, lane, j]
+        return cls(qs, cls._blocked(scale.to(torch.float16)), cls._blocked(minimum.to(torch.float16)), bias, dtype)
 
     @classmethod
     def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> "Q4Linear":
@@ -280,17 +283,14 @@ class Q4Linear(_LowBitLinear):
     def unpacked(self) -> torch.Tensor:
         """The 0..15 values as uint8 [N, K], undoing the layout."""
         n, k = self.out_features, self.in_features
-        ns, np_ = _supers(k)
-        bs = self.qs[:, : ns * 256].reshape(n, ns, 4, 16, 4).permute(0, 1, 3, 2, 4)  # [N, s, i, t, j]
-        sup = torch.stack((bs & 0x0F, bs >> 4), dim=3).reshape(n, ns * 512)
-        bp = self.qs[:, ns * 256 :].reshape(n, np_, GROUP)
-        pr = torch.stack((bp & 0x0F, bp >> 4), dim=2).reshape(n, np_ * 64)
-        return torch.cat((sup, pr), 1)
+        packed = self.qs.reshape(n // ROW_BLOCK, k // GROUP, 4, ROW_BLOCK, 4).permute(0, 3, 1, 2, 4)  # [block, lane, group, u, j]
+        return torch.stack((packed & 0x0F, packed >> 4), dim=3).reshape(n, k)
 
     def dequantize(self) -> torch.Tensor:
         n, k = self.out_features, self.in_features
         q = self.unpacked().view(n, k // GROUP, GROUP).float()
-        return (q * self.d.float()[..., None] + self.m.float()[..., None]).view(n, k).to(self.dtype)
+        d, m = self._unblocked(self.d).float(), self._unblocked(self.m).float()
+        return (q * d[..., None] + m[..., None]).view(n, k).to(self.dtype)
 
 
 Linear = FloatLinear | Int8Linear | Int4Linear | Q4Linear

@@ -11,13 +11,13 @@
  * whatever the batch size and thread count, so a sequence decodes to the same tokens alone or
  * batched.
  *
- * Q4 weights (`q4mat`): per output row, K/2 bytes of nibbles and per group of 32 weights an fp16
- * scale d and minimum m (w = q * d + m, GGUF Q4_1; Q4_0 is m = -8 d). The nibbles of a row come in
- * supers of 16 groups, one group per 32-bit lane: byte (t, i, j) at t*64 + i*4 + j holds weight
- * 4t + j of group i (low nibble) and 16 + 4t + j (high), so one 64-byte load feeds two vpdpbusd
- * and one multiply-add scales 16 groups. The groups after the last super go in pairs (A, B): byte
- * b holds weight b of A (low nibble) and of B (high). y = sum_g d_g sx_g (q_g . xq_g) + m_g S_g,
- * S_g = sx_g * sum(xq_g).
+ * Q4 weights (`q4mat`): per group of 32 weights of a row, 32 nibbles and an fp16 scale d and
+ * minimum m (w = q * d + m, GGUF Q4_1; Q4_0 is m = -8 d), stored sixteen rows at a time, one row
+ * per 32-bit lane: for row block rb and group g, 256 bytes where byte (u, l, j) at u*64 + l*4 + j
+ * holds weight 4u + j of row 16 rb + l (low nibble) and weight 16 + 4u + j (high), then d and m
+ * as [rb][g][16]. One 64-byte load feeds two vpdpbusd that each take 4 weights of 16 rows times 4
+ * activations broadcast; one multiply-add scales the 16 rows by d_g sx_g, one adds m_g S_g, with
+ * no horizontal sums. y = sum_g d_g sx_g (q_g . xq_g) + m_g S_g, S_g = sx_g * sum(xq_g).
  */
 #include <math.h>
 #include <sched.h>
@@ -151,13 +151,15 @@ typedef struct {
 } rows_share;
 /* next_rows then yields [a0, a1) ranges for this thread until it returns 0 */
 static inline rows_share share_rows(int64_t n, int64_t chunk, _Atomic int64_t *taken) {
-    rows_share r = {n, n - n / 4, chunk, taken, 0};
+    rows_share r = {n, (n - n / 4) / chunk * chunk, chunk, taken, 0};
     return r;
 }
 static inline int next_rows(rows_share *w, int tid, int nt, int64_t *a0, int64_t *a1) {
-    if (!w->started) {
+    if (!w->started) { /* whole chunks each (a q4 matrix computes 16 rows at a time) */
         w->started = 1;
-        split(w->shared_from, tid, nt, a0, a1);
+        split(w->shared_from / w->chunk, tid, nt, a0, a1);
+        *a0 *= w->chunk;
+        *a1 *= w->chunk;
         if (*a1 > *a0) return 1;
     }
     int64_t c = w->shared_from + w->chunk * atomic_fetch_add_explicit(w->taken, 1, memory_order_relaxed);
@@ -167,14 +169,10 @@ static inline int next_rows(rows_share *w, int tid, int nt, int64_t *a0, int64_t
     return 1;
 }
 
-/* -- activations: int8 per group of 32 (as llama.cpp's Q8_1), in the weights' byte order ------ */
-/* Per token, k bytes xq and qf(k) floats: sx[G] (x ~ sx_g * xq), S[G] (sx_g * sum of the group's
- * xq) and, per pair after the supers, 16 lanes of (sx_A x8, sx_B x8). Byte order, as the weights:
- * super s (groups 16s..16s+15): block t < 4, lane i, byte j = x[16s+i][4t+j]; block 4 + t:
- * x[16s+i][16+4t+j]. Pair (A, B) after the supers: 32 bytes of A then 32 of B. */
-static inline int64_t n_supers(int64_t k) { return (k / 32) / 16; }
-static inline int64_t n_pairs(int64_t k) { return ((k / 32) % 16) / 2; }
-static inline int64_t qf(int64_t k) { return 2 * (k / 32) + 16 * n_pairs(k); }
+/* -- activations: int8 per group of 32 (as llama.cpp's Q8_1) ------------------------------------ */
+/* Per token, k bytes xq in order and qf(k) floats: sx[G] (x ~ sx_g * xq) and S[G] (sx_g * the sum of
+ * the group's xq). */
+static inline int64_t qf(int64_t k) { return 2 * (k / 32); }
 
 /* one group: 32 floats -> 32 int8 (round to nearest even), its scale and sum */
 static inline void quant_group(const float *x, int8_t *q, float *sx, float *S) {
@@ -204,53 +202,33 @@ static inline void quant_group(const float *x, int8_t *q, float *sx, float *S) {
 }
 
 static void arrange(const float *x, int64_t k, int8_t *out, float *f) {
-    const int64_t G = k / 32, NS = n_supers(k), NP = n_pairs(k);
-    float *sx = f, *S = f + G, *sxp = f + 2 * G;
-    int8_t q[32];
-    for (int64_t g = 0; g < G; g++) {
-        quant_group(x + g * 32, q, sx + g, S + g);
-        if (g < 16 * NS) {
-            int8_t *o = out + (g / 16) * 512 + (g % 16) * 4;
-            for (int t = 0; t < 4; t++) {
-                memcpy(o + t * 64, q + 4 * t, 4);
-                memcpy(o + (4 + t) * 64, q + 16 + 4 * t, 4);
-            }
-        } else
-            memcpy(out + NS * 512 + (g - 16 * NS) * 32, q, 32);
-    }
-    for (int64_t p = 0; p < NP; p++)
-        for (int l = 0; l < 16; l++) sxp[p * 16 + l] = sx[16 * NS + 2 * p + l / 8];
+    const int64_t G = k / 32;
+    for (int64_t g = 0; g < G; g++) quant_group(x + g * 32, out + g * 32, f + g, f + G + g);
 }
 
 /* -- q4 rows: y[b][r] = bf16(W[r] . x[b] + bias[r]) for rows r0..r1 --------------------------- */
-/* Per row, sum_g d_g sx_g (q_g . xq_g) + m_g S_g: the integer dots by vpdpbusd (u8 nibbles times
- * s8 activations, 64 products an instruction), each lane of a super holding one group so that a
- * super's 16 groups are scaled by one multiply and one FMA. Sums run in the same order whatever
- * the batch, so a sequence gets the same bits alone or batched. */
-#if VEC
-/* lane j of the result: the sum of the lanes of v[j'] (j' = 4 (j % 4) + j / 4, a transpose), in
- * the pairing _mm512_reduce_add_ps uses: (l_i + l_i+8) then + 4, + 2, + 1. For floats that
- * makes every sum bitwise what reduce_add_ps gives, whichever other vectors share the call. */
-static inline __attribute__((always_inline)) __m512i add16(__m512i a, __m512i b, int fp) {
-    return fp ? _mm512_castps_si512(_mm512_add_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b))) : _mm512_add_epi32(a, b);
+/* Sixteen rows at a time, one per lane (see the layout above): per group, 8 vpdpbusd give the 16
+ * rows' integer dots with one token's 32 activations, then one multiply-add and one add of the
+ * minimum term. A row's sum runs over its groups in order, the same whatever the batch, so a
+ * sequence gets the same bits alone or batched. */
+static inline int32_t ld32(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
 }
-/* the network on float lanes (fp) or int32 lanes; the shuffles move bits, only the adds differ */
-static inline __attribute__((always_inline)) __m512i reduce16(const __m512i v[16], int fp) {
+#if VEC
+/* lane j of the result: the sum of the int32 lanes of v[j'] (j' = 4 (j % 4) + j / 4, a transpose) */
+static inline __attribute__((always_inline)) __m512i reduce16(const __m512i v[16]) {
     __m512i t[8], u[4];
     for (int i = 0; i < 8; i++)
-        t[i] = add16(_mm512_shuffle_i64x2(v[2 * i], v[2 * i + 1], 0x44), _mm512_shuffle_i64x2(v[2 * i], v[2 * i + 1], 0xee), fp);
+        t[i] = _mm512_add_epi32(_mm512_shuffle_i64x2(v[2 * i], v[2 * i + 1], 0x44), _mm512_shuffle_i64x2(v[2 * i], v[2 * i + 1], 0xee));
     for (int i = 0; i < 4; i++)
-        u[i] = add16(_mm512_shuffle_i64x2(t[2 * i], t[2 * i + 1], 0x88), _mm512_shuffle_i64x2(t[2 * i], t[2 * i + 1], 0xdd), fp);
-    __m512i w01 = add16(_mm512_unpacklo_epi32(u[0], u[1]), _mm512_unpackhi_epi32(u[0], u[1]), fp);
-    __m512i w23 = add16(_mm512_unpacklo_epi32(u[2], u[3]), _mm512_unpackhi_epi32(u[2], u[3]), fp);
-    return add16(_mm512_unpacklo_epi64(w01, w23), _mm512_unpackhi_epi64(w01, w23), fp);
+        u[i] = _mm512_add_epi32(_mm512_shuffle_i64x2(t[2 * i], t[2 * i + 1], 0x88), _mm512_shuffle_i64x2(t[2 * i], t[2 * i + 1], 0xdd));
+    __m512i w01 = _mm512_add_epi32(_mm512_unpacklo_epi32(u[0], u[1]), _mm512_unpackhi_epi32(u[0], u[1]));
+    __m512i w23 = _mm512_add_epi32(_mm512_unpacklo_epi32(u[2], u[3]), _mm512_unpackhi_epi32(u[2], u[3]));
+    return _mm512_add_epi32(_mm512_unpacklo_epi64(w01, w23), _mm512_unpackhi_epi64(w01, w23));
 }
-static inline __m512 reduce16_ps(const __m512 v[16]) {
-    __m512i b[16];
-    for (int i = 0; i < 16; i++) b[i] = _mm512_castps_si512(v[i]);
-    return _mm512_castsi512_ps(reduce16(b, 1));
-}
-/* where v[j] ends up in reduce16_ps's result */
+/* where v[j] ends up in reduce16's result */
 static inline int reduce16_lane(int j) { return 4 * (j % 4) + j / 4; }
 
 /* CALL(n) with n the literal 1..MAXB equal to nb (the kernels inline per batch size) */
@@ -268,98 +246,62 @@ static inline int reduce16_lane(int j) { return 4 * (j % 4) + j / 4; }
         }                                                                                          \
     } while (0)
 
-static inline __attribute__((always_inline)) void q4_rows_n(
-    const int B, const q4mat *W, int64_t r, const int8_t *xa, int64_t xstride,
-    const float *fs, int64_t fstride, float *acc_out) {
-    const int64_t k = W->k, G = k / 32, NS = n_supers(k), NP = n_pairs(k);
+/* the 16 rows of block rb for B tokens: acc[b] lane l = row 16 rb + l */
+static inline __attribute__((always_inline)) void q4_block(
+    const int B, const q4mat *W, int64_t rb, const int8_t *xa, int64_t xstride,
+    const float *fs, int64_t fstride, __m512 acc[MAXB]) {
+    const int64_t k = W->k, G = k / 32;
     const __m512i low = _mm512_set1_epi8(0x0f);
-    const uint8_t *q = W->qs + r * (k / 2);
-    const uint16_t *dr = W->d + r * G, *mr = W->m + r * G;
-    __m512 acc[MAXB];
+    const uint8_t *q = W->qs + rb * 16 * (k / 2);
+    const uint16_t *d = W->d + rb * 16 * G, *m = W->m + rb * 16 * G;
 #pragma GCC unroll 8
     for (int b = 0; b < B; b++) acc[b] = _mm512_setzero_ps();
-    /* weights stream from DRAM: ask for the row 4 ahead now (the hardware prefetcher starts too late for rows this short) */
-    const char *next = (const char *)(q + 4 * (k / 2));
-    for (int64_t c = 0; c < k / 2; c += 64) _mm_prefetch(next + c, _MM_HINT_T0);
-    _mm_prefetch((const char *)(dr + 4 * G), _MM_HINT_T0);
-    _mm_prefetch((const char *)(mr + 4 * G), _MM_HINT_T0);
-    for (int64_t s = 0; s < NS; s++) {
+    for (int64_t g = 0; g < G; g++) {
+        const uint8_t *qg = q + g * 256;
+        /* blocks lie one after another: stream 4 groups ahead (the hardware prefetcher starts late) */
+        for (int u = 0; u < 4; u++) _mm_prefetch((const char *)qg + 1024 + u * 64, _MM_HINT_T0);
+        _mm_prefetch((const char *)(d + g * 16) + 256, _MM_HINT_T0);
+        _mm_prefetch((const char *)(m + g * 16) + 256, _MM_HINT_T0);
         __m512i w[8];
 #pragma GCC unroll 4
-        for (int t = 0; t < 4; t++) {
-            __m512i v = _mm512_loadu_si512(q + s * 256 + t * 64);
-            w[t] = _mm512_and_si512(v, low);
-            w[4 + t] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        for (int u = 0; u < 4; u++) {
+            const __m512i v = _mm512_loadu_si512(qg + u * 64);
+            w[u] = _mm512_and_si512(v, low);
+            w[u + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
         }
-        const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dr + 16 * s)));
+        const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d + g * 16)));
+        const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m + g * 16)));
 #pragma GCC unroll 8
         for (int b = 0; b < B; b++) {
-            const int8_t *xp = xa + b * xstride + s * 512;
-            __m512i i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_loadu_si512(xp));
-            __m512i i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[4], _mm512_loadu_si512(xp + 256));
-#pragma GCC unroll 3
-            for (int t = 1; t < 4; t++) {
-                i0 = _mm512_dpbusd_epi32(i0, w[t], _mm512_loadu_si512(xp + t * 64));
-                i1 = _mm512_dpbusd_epi32(i1, w[4 + t], _mm512_loadu_si512(xp + 256 + t * 64));
-            }
-            __m512 sc = _mm512_mul_ps(dv, _mm512_loadu_ps(fs + b * fstride + 16 * s));
-            acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)), sc, acc[b]);
+            const int8_t *xg = xa + b * xstride + g * 32;
+            __m512i i = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_set1_epi32(ld32(xg)));
+#pragma GCC unroll 7
+            for (int t = 1; t < 8; t++) i = _mm512_dpbusd_epi32(i, w[t], _mm512_set1_epi32(ld32(xg + 4 * t)));
+            const float *f = fs + b * fstride;
+            acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(dv, _mm512_set1_ps(f[g])), acc[b]);
+            acc[b] = _mm512_fmadd_ps(mv, _mm512_set1_ps(f[G + g]), acc[b]);
         }
     }
-    for (int64_t p = 0; p < NP; p++) {
-        const int64_t g = 16 * NS + 2 * p;
-        __m256i v = _mm256_loadu_si256((const __m256i *)(q + NS * 256 + p * 32));
-        __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, _mm512_castsi512_si256(low))),
-                                       _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm512_castsi512_si256(low)), 1);
-        const __m512 dv = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(h2f(dr[g])), _mm512_set1_ps(h2f(dr[g + 1])));
-#pragma GCC unroll 8
-        for (int b = 0; b < B; b++) {
-            __m512i iv = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(xa + b * xstride + NS * 512 + p * 64));
-            __m512 sc = _mm512_mul_ps(dv, _mm512_loadu_ps(fs + b * fstride + 2 * G + 16 * p));
-            acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iv), sc, acc[b]);
-        }
-    }
-    /* + sum_g m_g S_g */
-    for (int64_t g = 0; g < G; g += 16) {
-        __mmask16 mk = (G - g) >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (G - g)) - 1);
-        __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, mr + g));
-#pragma GCC unroll 8
-        for (int b = 0; b < B; b++) acc[b] = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(mk, fs + b * fstride + G + g), acc[b]);
-    }
-#pragma GCC unroll 8
-    for (int b = 0; b < B; b++) _mm512_store_ps(acc_out + 16 * b, acc[b]);
 }
 
-/* rows two at a time: their 2 B accumulators reduced by one transposed network */
+/* rows r0..r1 (a block cut by r0 or r1 is computed whole, its other rows left alone) */
 static inline __attribute__((always_inline)) void q4_rows_b(
     const int B, const q4mat *W, int64_t r0, int64_t r1, const int8_t *xa, int64_t xstride,
     const float *fs, int64_t fstride, float *y, int64_t ystride) {
-    const int64_t row_bytes = W->k / 2;
-    for (int64_t i = r0; i < r0 + 4 && i < r1; i++) /* the first rows; the loop below prefetches ahead */
-        for (int64_t c = 0; c < row_bytes; c += 64) _mm_prefetch((const char *)(W->qs + i * row_bytes + c), _MM_HINT_T0);
-    __attribute__((aligned(64))) float accs[2 * MAXB * 16];
-    for (int64_t r = r0; r < r1; r += 2) {
-        const int R = r + 1 < r1 ? 2 : 1;
-        for (int i = 0; i < R; i++) q4_rows_n(B, W, r + i, xa, xstride, fs, fstride, accs + i * MAXB * 16);
-        if (R * B >= 4) { /* the same bits as reduce_add_ps, fewer shuffles; + bias and bf16 rounding in one vector */
-            __m512 v[16];
-            float bias[16];
-#pragma GCC unroll 16
-            for (int j = 0; j < 16; j++) {
-                v[j] = j < R * B ? _mm512_load_ps(accs + ((j / B) * MAXB + j % B) * 16) : _mm512_setzero_ps();
-                bias[reduce16_lane(j)] = j < R * B && W->bias ? bf2f(W->bias[r + j / B]) : 0.f;
-            }
-            __m512 sum = _mm512_add_ps(reduce16_ps(v), _mm512_loadu_ps(bias));
-            __m512 rounded = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(sum)), 16));
-            float lanes[16];
-            _mm512_storeu_ps(lanes, rounded);
-#pragma GCC unroll 16
-            for (int j = 0; j < R * B; j++) y[(j % B) * ystride + r + j / B] = lanes[reduce16_lane(j)];
-        } else
-            for (int j = 0; j < R * B; j++) {
-                float bias = W->bias ? bf2f(W->bias[r + j / B]) : 0.f;
-                y[(j % B) * ystride + r + j / B] = rbf(_mm512_reduce_add_ps(_mm512_load_ps(accs + ((j / B) * MAXB + j % B) * 16)) + bias);
-            }
+    for (int64_t rb = r0 / 16; rb * 16 < r1; rb++) {
+        __m512 acc[MAXB];
+        q4_block(B, W, rb, xa, xstride, fs, fstride, acc);
+        const int64_t lo = r0 > rb * 16 ? r0 - rb * 16 : 0, hi = r1 < rb * 16 + 16 ? r1 - rb * 16 : 16;
+        const __mmask16 mk = (__mmask16)(((1u << hi) - 1) & ~((1u << lo) - 1));
+        const __m512 bias = W->bias ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                          _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(W->bias + rb * 16))), 16))
+                                    : _mm512_setzero_ps();
+#pragma GCC unroll 8
+        for (int b = 0; b < B; b++) { /* + bias, rounded to bf16 as torch does */
+            const __m512 sum = _mm512_add_ps(acc[b], bias);
+            const __m512 rounded = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(sum)), 16));
+            _mm512_mask_storeu_ps(y + b * ystride + rb * 16, mk, rounded);
+        }
     }
 }
 #endif
@@ -372,28 +314,22 @@ static void q4_rows(int B, const q4mat *W, int64_t r0, int64_t r1, const int8_t 
     WITH_CONSTANT_B(B, Q4_ROWS);
 #undef Q4_ROWS
 #else
-    const int64_t k = W->k, G = k / 32, NS = n_supers(k);
+    const int64_t k = W->k, G = k / 32;
     for (int64_t r = r0; r < r1; r++) {
-        const uint8_t *q = W->qs + r * (k / 2);
+        const int64_t rb = r / 16, l = r % 16;
         for (int b = 0; b < B; b++) {
             const int8_t *x = xa + b * xstride;
             const float *sx = fs + b * fstride, *S = sx + G;
             float acc = 0.f;
             for (int64_t g = 0; g < G; g++) {
+                const uint8_t *qg = W->qs + (rb * G + g) * 256 + l * 4;
                 int32_t dot = 0;
-                if (g < 16 * NS) {
-                    const uint8_t *qg = q + (g / 16) * 256 + (g % 16) * 4;
-                    const int8_t *xg = x + (g / 16) * 512 + (g % 16) * 4;
-                    for (int t = 0; t < 4; t++)
-                        for (int j = 0; j < 4; j++)
-                            dot += (qg[t * 64 + j] & 15) * xg[t * 64 + j] + (qg[t * 64 + j] >> 4) * xg[256 + t * 64 + j];
-                } else {
-                    int64_t p = (g - 16 * NS) / 2, h = (g - 16 * NS) % 2;
-                    const uint8_t *qp = q + NS * 256 + p * 32;
-                    const int8_t *xg = x + NS * 512 + p * 64 + h * 32;
-                    for (int j = 0; j < 32; j++) dot += (h ? qp[j] >> 4 : qp[j] & 15) * xg[j];
-                }
-                acc += (float)dot * (h2f(W->d[r * G + g]) * sx[g]) + h2f(W->m[r * G + g]) * S[g];
+                for (int u = 0; u < 4; u++)
+                    for (int j = 0; j < 4; j++)
+                        dot += (qg[u * 64 + j] & 15) * x[g * 32 + 4 * u + j] + (qg[u * 64 + j] >> 4) * x[g * 32 + 16 + 4 * u + j];
+                const int64_t s = (rb * G + g) * 16 + l;
+                acc = fmaf((float)dot, h2f(W->d[s]) * sx[g], acc);
+                acc = fmaf(h2f(W->m[s]), S[g], acc);
             }
             float bias = W->bias ? bf2f(W->bias[r]) : 0.f;
             y[b * ystride + r] = rbf(acc + bias);
@@ -454,7 +390,7 @@ static inline __attribute__((always_inline)) void i8_rows_n(const int B, const i
     }
     /* lane sums in integers (exact), then one conversion */
     int32_t sums[16];
-    _mm512_storeu_si512(sums, reduce16(acc, 0));
+    _mm512_storeu_si512(sums, reduce16(acc));
 #pragma GCC unroll 2
     for (int i = 0; i < R; i++) {
         float s = bf2f(scale[r + i]);
@@ -814,7 +750,7 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
     {
         int tid, nt;
         thread_id(&tid, &nt);
-        /* per thread: normed input, its pair layout and group sums, attention scratch */
+        /* per thread: normed input, its int8 groups and their scales and sums, attention scratch */
         float *xn = aligned_alloc(64, align64(sizeof(float) * B * kmax));
         int8_t *xa = aligned_alloc(64, align64((size_t)B * kmax));
         float *gs = aligned_alloc(64, align64(sizeof(float) * B * qmax));
@@ -945,67 +881,31 @@ static inline void dequant_group(__m128i lo, __m128i hi, float d, float m, uint1
 #endif
 
 void influence_q4_dequant(const q4mat *W, uint16_t *out, int nthreads) {
-    const int64_t k = W->k, G = k / 32, NS = n_supers(k);
+    const int64_t k = W->k, G = k / 32;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t r = 0; r < W->n; r++) {
-        const uint8_t *q = W->qs + r * (k / 2);
-        const uint16_t *dr = W->d + r * G, *mr = W->m + r * G;
-        uint16_t *o = out + r * k;
-#if VEC
-        const __m512i low = _mm512_set1_epi8(0x0f);
-        for (int64_t s = 0; s < NS; s++) {
-            /* a 4 x 16 transpose of dwords: lane i of load t holds bytes 4t..4t+3 of group i */
-            __m512i L[4], H[4], lc[4], hc[4];
-            for (int t = 0; t < 4; t++) {
-                __m512i v = _mm512_loadu_si512(q + s * 256 + t * 64);
-                L[t] = _mm512_and_si512(v, low);
-                H[t] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-            }
-            __m512i *src[2] = {L, H}, *dst[2] = {lc, hc};
-            for (int h = 0; h < 2; h++) {
-                __m512i *x = src[h], *c = dst[h];
-                __m512i a0 = _mm512_unpacklo_epi32(x[0], x[1]), a1 = _mm512_unpackhi_epi32(x[0], x[1]);
-                __m512i b0 = _mm512_unpacklo_epi32(x[2], x[3]), b1 = _mm512_unpackhi_epi32(x[2], x[3]);
-                c[0] = _mm512_unpacklo_epi64(a0, b0); /* block b: group 4b */
-                c[1] = _mm512_unpackhi_epi64(a0, b0); /* 4b + 1 */
-                c[2] = _mm512_unpacklo_epi64(a1, b1);
-                c[3] = _mm512_unpackhi_epi64(a1, b1);
-            }
-            for (int j = 0; j < 4; j++) {
-                const int64_t g0 = 16 * s + j;
-                dequant_group(_mm512_extracti32x4_epi32(lc[j], 0), _mm512_extracti32x4_epi32(hc[j], 0), h2f(dr[g0]), h2f(mr[g0]), o + g0 * 32);
-                dequant_group(_mm512_extracti32x4_epi32(lc[j], 1), _mm512_extracti32x4_epi32(hc[j], 1), h2f(dr[g0 + 4]), h2f(mr[g0 + 4]), o + (g0 + 4) * 32);
-                dequant_group(_mm512_extracti32x4_epi32(lc[j], 2), _mm512_extracti32x4_epi32(hc[j], 2), h2f(dr[g0 + 8]), h2f(mr[g0 + 8]), o + (g0 + 8) * 32);
-                dequant_group(_mm512_extracti32x4_epi32(lc[j], 3), _mm512_extracti32x4_epi32(hc[j], 3), h2f(dr[g0 + 12]), h2f(mr[g0 + 12]), o + (g0 + 12) * 32);
-            }
-        }
-        for (int64_t g = 16 * NS; g < G; g += 2) {
-            __m256i v = _mm256_loadu_si256((const __m256i *)(q + NS * 256 + (g - 16 * NS) * 16));
-            __m256i a = _mm256_and_si256(v, _mm512_castsi512_si256(low));
-            __m256i b = _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm512_castsi512_si256(low));
-            dequant_group(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1), h2f(dr[g]), h2f(mr[g]), o + g * 32);
-            dequant_group(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1), h2f(dr[g + 1]), h2f(mr[g + 1]), o + (g + 1) * 32);
-        }
-#else
+    for (int64_t rb = 0; rb < W->n / 16; rb++)
         for (int64_t g = 0; g < G; g++) {
-            uint8_t v[32]; /* the group's 32 values in order */
-            if (g < 16 * NS) {
-                const uint8_t *qg = q + (g / 16) * 256 + (g % 16) * 4;
-                for (int t = 0; t < 4; t++)
+            const uint8_t *qg = W->qs + (rb * G + g) * 256;
+            const uint16_t *dg = W->d + (rb * G + g) * 16, *mg = W->m + (rb * G + g) * 16;
+            for (int l = 0; l < 16; l++) {
+                uint16_t *o = out + (rb * 16 + l) * k + g * 32;
+#if VEC
+                /* row l's 16 bytes: 4 at u*64 + 4l for u = 0..3, weights 0..15 low and 16..31 high */
+                int32_t b4[4];
+                for (int u = 0; u < 4; u++) memcpy(b4 + u, qg + u * 64 + l * 4, 4);
+                const __m128i v = _mm_loadu_si128((const __m128i *)b4), low = _mm_set1_epi8(0x0f);
+                dequant_group(_mm_and_si128(v, low), _mm_and_si128(_mm_srli_epi16(v, 4), low), h2f(dg[l]), h2f(mg[l]), o);
+#else
+                const float d = h2f(dg[l]), m = h2f(mg[l]);
+                for (int u = 0; u < 4; u++)
                     for (int j = 0; j < 4; j++) {
-                        v[4 * t + j] = qg[t * 64 + j] & 15;
-                        v[16 + 4 * t + j] = qg[t * 64 + j] >> 4;
+                        const uint8_t byte = qg[u * 64 + l * 4 + j];
+                        o[4 * u + j] = f2bf(fmaf((float)(byte & 15), d, m));
+                        o[16 + 4 * u + j] = f2bf(fmaf((float)(byte >> 4), d, m));
                     }
-            } else {
-                const int64_t p = (g - 16 * NS) / 2, h = (g - 16 * NS) % 2;
-                const uint8_t *qp = q + NS * 256 + p * 32;
-                for (int j = 0; j < 32; j++) v[j] = h ? qp[j] >> 4 : qp[j] & 15;
-            }
-            const float d = h2f(dr[g]), m = h2f(mr[g]);
-            for (int j = 0; j < 32; j++) o[g * 32 + j] = f2bf(fmaf((float)v[j], d, m));
-        }
 #endif
-    }
+            }
+        }
 }
 
 int influence_vectorized(void) { return VEC; }
