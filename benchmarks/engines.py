@@ -47,10 +47,13 @@ def run_ours(path: str, n_prompt: int, n_decode: int, threads: int) -> dict:
     load_s = time.perf_counter() - t0
     m = lm.model
     ids = prompt_ids(lambda t: lm.tokenizer.encode(t), n_prompt)
+    from influence_tui.engine.scheduler import CHUNK
+
     with torch.inference_mode():
-        m.prefill(0, torch.tensor(ids[:16]), 0)  # warm-up, as every engine gets one
+        # the engine's own prompt path: kernel rows, or dense chunks where they are faster
+        m.prefill_chunked(0, torch.tensor(ids[:16]), 0, CHUNK)  # warm-up, as every engine gets one
         t = time.perf_counter()
-        logits = m.prefill(0, torch.tensor(ids), 0)
+        logits = m.prefill_chunked(0, torch.tensor(ids), 0, CHUNK)
         prefill_s = time.perf_counter() - t
         out = []
         tok = int(logits.argmax())

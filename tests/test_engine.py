@@ -170,7 +170,7 @@ def test_a_prefix_copied_from_another_slot_gives_the_cold_start_answer(engine):
     for n in range(8):  # unrelated chats, each answered at length, take the 8 slots in turn
         engine.submit(GenerationRequest(prompt=f"Count to {n}.", params=params.with_(max_tokens=40, ignore_eos=True))).wait()
     cold = engine.submit(GenerationRequest(prompt=q2, params=params)).wait()
-    assert cold.usage.cached_tokens == 0, cold.usage
+    assert cold.usage.cached_tokens < 64, cold.usage  # at most the chat template's opening, which the chats share
     assert copied.text == cold.text
 
 

@@ -206,6 +206,7 @@ def test_chunked_prefill_equals_prefilling_each_chunk(tmp_path):
 
     lm = load_model(str(bundled_gguf_path()), max_batch=2)
     m = lm.model
+    m.prefer_dense_prefill(True)  # the path of CPUs with matrix units and of the torch fallback
     ids = torch.tensor(lm.tokenizer.encode("Rivers run to the sea and the sea gives rain back. " * 30)[:300])
     with torch.inference_mode():
         for begin in (0, 128):
@@ -215,6 +216,25 @@ def test_chunked_prefill_equals_prefilling_each_chunk(tmp_path):
         assert torch.equal(m.prefill_chunked(1, ids, 0, 128), ref)
         assert torch.equal(m.prefill_chunked(1, ids[128:], 128, 128), ref)
         assert torch.equal(m.kv_cache[3][0, :, :, :300], m.kv_cache[3][1, :, :, :300])
+
+
+def test_prompts_run_as_rows_reuse_any_cached_prefix_exactly():
+    """Where whole prompts run as kernel rows, a prompt continued from any cached position (not
+    only a chunk boundary) leaves the numbers a cold start leaves."""
+    from influence_tui.engine.loader import load_model
+    from influence_tui.library import bundled_gguf_path
+
+    lm = load_model(str(bundled_gguf_path()), max_batch=2)
+    m = lm.model
+    if not m.rows_only:
+        pytest.skip("prompts run as dense chunks here (no C kernel, or a CPU with matrix units)")
+    ids = torch.tensor(lm.tokenizer.encode("Rivers run to the sea and the sea gives rain back. " * 30)[:300])
+    with torch.inference_mode():
+        cold = m.prefill_chunked(0, ids, 0, 128)
+        m.prefill_chunked(1, ids[:77], 0, 128)
+        warm = m.prefill_chunked(1, ids[77:], 77, 128)
+    assert torch.equal(cold, warm)
+    assert torch.equal(m.kv_cache[3][0, :, :, :300], m.kv_cache[3][1, :, :, :300])
 
 
 def test_prefill_many_equals_each_prompt_alone():

@@ -74,3 +74,17 @@ def test_top_p_with_a_flat_distribution_uses_the_full_sort():
     # 5000 equal tokens: the first 1024 candidates hold too little mass, so all tokens are sorted
     probs = filtered_probs(torch.zeros(5000), GenerationParams(temperature=1.0, top_p=0.5))
     assert int((probs > 0).sum()) in (2500, 2501)  # float rounding of the running sum
+
+
+def test_any_integer_is_a_seed():
+    """Clients send negative and huge seeds: each is a seed, the same one gives the same draws."""
+    import torch
+
+    from influence_tui.engine.sampling import Sampler
+    from influence_tui.params import GenerationParams
+
+    logits = torch.randn(50)
+    for seed in (-1, -11545843315441931395268608, 2**70 + 3):
+        p = GenerationParams(temperature=1.0, seed=seed)
+        a, b = Sampler(p, torch.device("cpu")), Sampler(p, torch.device("cpu"))
+        assert [a(logits, []) for _ in range(5)] == [b(logits, []) for _ in range(5)], seed

@@ -128,6 +128,11 @@ def library() -> ctypes.CDLL:
         return _lib
 
 
+def has_matrix_units() -> bool:
+    """Intel AMX tiles: there torch's dense bf16 matmuls (oneDNN) outrun the kernel's rows on prompts."""
+    return "amx_bf16" in _cpu_id().split()
+
+
 def vectorized() -> bool:
     """True when the fast (AVX-512 BF16 + VNNI) kernel is built and loaded on this machine."""
     try:

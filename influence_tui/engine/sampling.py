@@ -19,7 +19,8 @@ class Sampler:
     def __init__(self, params: GenerationParams, device: torch.device) -> None:
         self.p = params
         self.seed = params.seed if params.seed is not None else random.randrange(2**63)
-        self.generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        # any integer is a seed (clients send negative or 128-bit ones): folded into the 64 bits torch takes
+        self.generator = torch.Generator(device="cpu").manual_seed(self.seed % 2**64)
         self.device = device
         self.generated: Counter[int] = Counter()
 

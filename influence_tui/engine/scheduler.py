@@ -44,6 +44,8 @@ class Job:
 # gets the same answer whatever the cache held. One exception, for speed: a conversation that
 # grows past a chunk boundary keeps its rows where a cold start would have a dense chunk (as
 # llama-server's cache_prompt does); such a slot is marked and only its exact part is shared.
+# Where whole prompts run as kernel rows (model.rows_only: the kernel without matrix units to beat
+# it) every cached position is exact and all of a shared prefix is reused.
 CHUNK = 128
 CONTINUE_MIN = 32  # reused rows beyond the exact part that make a request a conversation's continuation
 KEEP_LOSS = 32  # cached positions a request may overwrite in a slot it takes over (else it copies)
@@ -191,6 +193,8 @@ class Scheduler:
         """(cached positions this prompt can start from, whether they only approximate a cold start).
         The last prompt token always runs, for its logits."""
         shared = max(min(common_prefix(slot.tokens, prompt), len(prompt) - 1), 0)
+        if getattr(self.model, "rows_only", False):
+            return shared, False  # every position computed as a decode step computes it
         boundary = len(prompt) // CHUNK * CHUNK  # a cold start computes [0, boundary) as dense chunks
         exact = min(shared, slot.dense, boundary) // CHUNK * CHUNK
         if not getattr(self.model, "rows_exact", False):
@@ -208,7 +212,8 @@ class Scheduler:
     def _prefill_all(self, work: list[tuple[Slot, list[int], int]]) -> list[torch.Tensor]:
         # a start past the exact part, unless it is the exact continuation of the same chunks, is
         # the approximate reuse of reuse_plan: the slot keeps its exact part and is marked
-        approx = [start > slot.dense and (slot.approx or slot.dense != len(prompt) // CHUNK * CHUNK)
+        rows_only = getattr(self.model, "rows_only", False)
+        approx = [not rows_only and start > slot.dense and (slot.approx or slot.dense != len(prompt) // CHUNK * CHUNK)
                   for slot, prompt, start in work]
         for slot, _, start in work:
             slot.tokens = slot.tokens[:start]
@@ -260,8 +265,8 @@ class Scheduler:
         """Leading positions of prompts a and b that one prefill can compute for both, exactly as
         each one's cold start would (the last token of each always runs, for its logits)."""
         n = min(common_prefix(a, b), len(a) - 1, len(b) - 1)
-        if n <= 0:
-            return 0
+        if n <= 0 or getattr(self.model, "rows_only", False):
+            return max(n, 0)
         chunks = n // CHUNK * CHUNK
         # a lone prefix runs its partial chunk as rows; so does a cold start of a and of b only when
         # that chunk is their last (partial) one, and only the kernel computes rows exactly
