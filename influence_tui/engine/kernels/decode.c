@@ -338,12 +338,18 @@ static void q4_rows(int B, const q4mat *W, int64_t r0, int64_t r1, const int8_t 
 #endif
 }
 
-/* all tokens, in passes of MAXB; rows r0..r1 */
+/* all tokens, MAXB at a time; rows r0..r1. Block by block: a block's weights (16 rows) stay in L1
+ * while every token passes, instead of the whole matrix streaming from memory once per MAXB
+ * tokens (a prompt's rows: 512 tokens read the weights once, not 64 times). */
 static void q4_matmul_rows(int B, const q4mat *W, int64_t r0, int64_t r1, const int8_t *xa, int64_t xstride,
                            const float *fs, int64_t fstride, float *y, int64_t ystride) {
-    for (int b0 = 0; b0 < B; b0 += MAXB) {
-        int nb = B - b0 < MAXB ? B - b0 : MAXB;
-        q4_rows(nb, W, r0, r1, xa + b0 * xstride, xstride, fs + b0 * fstride, fstride, y + b0 * ystride, ystride);
+    for (int64_t a = r0; a < r1;) {
+        const int64_t e = B > MAXB && (a / 16 + 1) * 16 < r1 ? (a / 16 + 1) * 16 : r1;
+        for (int b0 = 0; b0 < B; b0 += MAXB) {
+            int nb = B - b0 < MAXB ? B - b0 : MAXB;
+            q4_rows(nb, W, a, e, xa + b0 * xstride, xstride, fs + b0 * fstride, fstride, y + b0 * ystride, ystride);
+        }
+        a = e;
     }
 }
 
