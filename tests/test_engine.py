@@ -403,6 +403,10 @@ def test_reuse_plan_shares_only_what_a_cold_start_computes_the_same_way():
     assert plan(kernel, slot, long[: 2 * CHUNK + 50] + [1, 2, 3]) == (2 * CHUNK, False)
     # without the kernel, only full chunks are ever reused
     assert plan(torch_only, slot, long + list(range(30))) == (4 * CHUNK, False)
+    # prompts run wholly as kernel rows: every cached position is exact, so any shared prefix counts
+    rows_only = SimpleNamespace(rows_exact=True, rows_only=True)
+    assert plan(rows_only, slot, long[:20] + [7, 8, 9]) == (20, False)
+    assert plan(rows_only, slot, long[: 2 * CHUNK + 50] + [1, 2, 3]) == (2 * CHUNK + 50, False)
 
 
 def test_free_slot_copies_a_shared_prefix_instead_of_evicting_a_conversation():

@@ -21,8 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from influence_tui.engine.native import NativeStep
-from influence_tui.engine.native import has_matrix_units as native_has_matrix_units
+from influence_tui.engine.native import NativeStep, has_matrix_units
 from influence_tui.engine.quant import (
     FloatLinear,
     Int4Linear,
@@ -204,7 +203,9 @@ class LlamaModel:
         self._norm_eps = torch.tensor(0.0)
         self._governors: dict[int, ThreadGovernor] = {}
         self._native: NativeStep | None = None  # the C decode step, when every piece fits it
-        self._dense_prefill = native_has_matrix_units()  # AMX: oneDNN's bf16 chunks beat the kernel's rows
+        # with AMX, oneDNN's bf16 chunks should outrun the kernel's rows (~9x llama.cpp's prefill on
+        # the speed issue's machine; not measured here, where no CPU has AMX)
+        self._dense_prefill = has_matrix_units()
 
     # -- cache ------------------------------------------------------------------------------
     def allocate(self, max_batch: int, max_seq: int) -> None:
