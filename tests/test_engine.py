@@ -427,6 +427,7 @@ def test_free_slot_copies_a_shared_prefix_instead_of_evicting_a_conversation():
     model = SimpleNamespace(rows_exact=True, copy_positions=lambda s, d, n: copies.append((s, d, n)))
     sched = SimpleNamespace(model=model, slots=[Slot(i, last_used=float(i)) for i in range(3)])
     sched.reuse_plan = lambda slot, prompt: Scheduler.reuse_plan(sched, slot, prompt)
+    sched._copy_prefix = lambda src, dst, n: Scheduler._copy_prefix(sched, src, dst, n)
     free_slot = lambda prompt: Scheduler.free_slot(sched, prompt)  # noqa: E731
     system = list(range(1000, 1060))
     sched.slots[2].tokens = system + list(range(10, 10 + 3 * KEEP_LOSS))  # a chat with a long answer

@@ -185,9 +185,13 @@ class Scheduler:
         target = min(free, key=lambda s: s.last_used)
         if target is src:
             return src, reuse
-        copy(src.index, target.index, reuse)
-        target.tokens, target.dense, target.approx = src.tokens[:reuse], min(src.dense, reuse), src.approx
+        self._copy_prefix(src, target, reuse)
         return target, self.reuse_plan(target, prompt)[0]
+
+    def _copy_prefix(self, src: Slot, dst: Slot, n: int) -> None:
+        """dst's cache becomes src's first n positions, with what is known of how they were computed."""
+        self.model.copy_positions(src.index, dst.index, n)
+        dst.tokens, dst.dense, dst.approx = src.tokens[:n], min(src.dense, n), src.approx
 
     def reuse_plan(self, slot: Slot, prompt: list[int]) -> tuple[int, bool]:
         """(cached positions this prompt can start from, whether they only approximate a cold start).
@@ -277,8 +281,7 @@ class Scheduler:
         """Prompts admitted together that begin alike (one system prompt, a shared preamble) have
         their common prefix computed once: a leader prefills it in its slot, the others copy those
         positions into theirs. Each answer stays the one its prompt gets alone."""
-        copy = getattr(self.model, "copy_positions", None)
-        if copy is None or len(ready) < 2:
+        if not hasattr(self.model, "copy_positions") or len(ready) < 2:
             return ready
         follows: dict[int, tuple[int, int]] = {}  # follower -> (leader, shared positions)
         for j, (seq, reuse) in enumerate(ready):
@@ -299,9 +302,8 @@ class Scheduler:
             seq = ready[i][0]
             out[i] = (seq, self.reuse_plan(seq.slot, seq.prompt)[0])
         for j, (i, n) in follows.items():
-            src, seq = ready[i][0].slot, ready[j][0]
-            copy(src.index, seq.slot.index, n)
-            seq.slot.tokens, seq.slot.dense, seq.slot.approx = src.tokens[:n], min(src.dense, n), src.approx
+            seq = ready[j][0]
+            self._copy_prefix(ready[i][0].slot, seq.slot, n)
             reuse = self.reuse_plan(seq.slot, seq.prompt)[0]
             seq.usage.cached_tokens = reuse  # computed once for all of them, not for this request
             out[j] = (seq, reuse)

@@ -190,7 +190,6 @@ class _Reader:
             for _ in range(n):
                 self.value(item_type, "", True, {})
 
-
     def _skip_strings(self, n: int) -> None:
         """n strings (a u64 length, then the bytes), walked in memory a block at a time: a
         tokenizer's vocabulary and merges are ~100k of them, and a read and a seek per string
