@@ -62,6 +62,8 @@ typedef struct {
 } model_t;
 
 #define MAXB 8 /* tokens per pass over a weight matrix */
+#define SPREAD_ROWS 16 /* rows from which the threads share the activations' preparation */
+#define GU_ROWS 64 /* gate/up rows a thread computes before their silu: a small buffer */
 
 /* -- scalar helpers ------------------------------------------------------------------------ */
 static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
@@ -592,71 +594,224 @@ static __attribute__((noinline)) void attend(const model_t *M, const layer_t *L,
     for (int64_t i = 0; i < hd; i++) out[i] = rbf(o[i]);
 }
 
+/* -- attention for head_dim 64, positions along the lanes ----------------------------------------
+ * vdpbf16ps multiplies bf16 pairs lane by lane. With the cache as it lies (a position's 64 dims in
+ * a row) each score needs a horizontal sum; here K is first transposed, 16 positions a block, to
+ * 32 vectors (one per pair of dims) of the positions' (k[2p], k[2p+1]), so one instruction adds a
+ * pair of dims to 16 scores; and V is interleaved two positions at a time, 4 vectors of
+ * (v_t[d], v_t+1[d]), so one instruction adds two positions to 16 outputs with the weights as a
+ * bf16 pair (as torch's flash attention rounds them). Positions past n read as zero.
+ * The rows of a prompt share one transform of their slot's cache per layer; a decode step
+ * transforms as it goes. The instructions and their order are the same either way, so a prompt
+ * run as rows leaves exactly what token-by-token decoding leaves. */
+/* Per thread: the scores (then their bf16 pairs) of 4 heads, a stride of max_seq rounded up to 32 */
+static inline int64_t scores_stride(int64_t S) { return (S + 31) / 32 * 32; }
+
 #if VEC
-/* the four horizontal sums of a, b, c, d: [sum a, sum b, sum c, sum d] */
-static inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
-    __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b)); /* per 128 bits: a01 b01 a23 b23 */
-    __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-    __m512 abcd = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
-                                _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
-    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
-    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+static inline void transpose16(__m512i r[16]) { /* 16 x 16 dwords: r[i] lane j <- r[j] lane i */
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int i = 0; i < 16; i += 8)
+        for (int c = 0; c < 4; c++) {
+            t[i + c] = _mm512_shuffle_i32x4(r[i + c], r[i + 4 + c], 0x88);
+            t[i + 4 + c] = _mm512_shuffle_i32x4(r[i + c], r[i + 4 + c], 0xdd);
+        }
+    for (int c = 0; c < 4; c++) {
+        r[c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0x88);
+        r[4 + c] = _mm512_shuffle_i32x4(t[4 + c], t[12 + c], 0x88);
+        r[8 + c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0xdd);
+        r[12 + c] = _mm512_shuffle_i32x4(t[4 + c], t[12 + c], 0xdd);
+    }
 }
 
-/* hpg (<= 4) query heads of one kv group, head_dim 64, over cache positions 0..pos: each K and V
- * row is read once for the group, and the outputs stay in registers. out: head j at out + j * 64 */
-static void group64_core(__m512bh q[4][2], int64_t hpg, const uint16_t *K, const uint16_t *V, int64_t pos,
-                         float *scores, int64_t S, float *out) {
-    const int64_t hd = 64;
-    const float scale = 0.125f; /* 1 / sqrt(64) */
-    int64_t t = 0;
-    for (; t + 4 <= pos + 1; t += 4) { /* four positions a pass: one reduction tree for their four sums */
-        __m512bh k[4][2];
-        for (int u = 0; u < 4; u++) {
-            k[u][0] = (__m512bh)_mm512_loadu_si512(K + (t + u) * hd);
-            k[u][1] = (__m512bh)_mm512_loadu_si512(K + (t + u) * hd + 32);
+/* positions t0..t0+15 of K [n, 64] as out[p] lane j = (k[t0+j][2p], k[t0+j][2p+1]) */
+static inline void kt_block(const uint16_t *K, int64_t t0, int64_t n, __m512i out[32]) {
+    __m512i *lo = out, *hi = out + 16;
+    for (int j = 0; j < 16; j++) {
+        const int ok = t0 + j < n;
+        lo[j] = ok ? _mm512_loadu_si512(K + (t0 + j) * 64) : _mm512_setzero_si512();
+        hi[j] = ok ? _mm512_loadu_si512(K + (t0 + j) * 64 + 32) : _mm512_setzero_si512();
+    }
+    transpose16(lo);
+    transpose16(hi);
+}
+
+/* positions t, t+1 of V [n, 64] as out[i] lane l = (v[t][16i+l], v[t+1][16i+l]) */
+static inline void vp_pair(const uint16_t *V, int64_t t, int64_t n, __m512i out[4]) {
+    const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                        39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+    const __m512i a0 = _mm512_loadu_si512(V + t * 64), a1 = _mm512_loadu_si512(V + t * 64 + 32);
+    const int ok = t + 1 < n;
+    const __m512i b0 = ok ? _mm512_loadu_si512(V + (t + 1) * 64) : _mm512_setzero_si512();
+    const __m512i b1 = ok ? _mm512_loadu_si512(V + (t + 1) * 64 + 32) : _mm512_setzero_si512();
+    out[0] = _mm512_permutex2var_epi16(a0, lo, b0);
+    out[1] = _mm512_permutex2var_epi16(a0, hi, b0);
+    out[2] = _mm512_permutex2var_epi16(a1, lo, b1);
+    out[3] = _mm512_permutex2var_epi16(a1, hi, b1);
+}
+
+/* One kv group's cache over positions 0..n-1: as it lies (K, V [S, 64]) and, for a prompt's rows,
+ * transformed once (kt: 32 vectors per 16 positions, vp: 4 per 2 positions; NULL: none). */
+typedef struct {
+    const uint16_t *K, *V;
+    const __m512i *kt, *vp;
+} kv_view;
+
+static void transform_group(const uint16_t *K, const uint16_t *V, int64_t n, int64_t b0, int64_t b1, __m512i *kt, __m512i *vp) {
+    for (int64_t b = b0; b < b1; b++) { /* blocks of 16 positions */
+        kt_block(K, b * 16, n, kt + b * 32);
+        for (int64_t t = b * 16; t < b * 16 + 16 && t < n; t += 2) vp_pair(V, t, n, vp + t * 2);
+    }
+}
+
+/* hpg query heads of one group (q: bf16 pairs [hpg][32]) over positions 0..n-1 -> out [hpg][64] */
+static inline __attribute__((always_inline)) void attend64_h(const int hpg, const uint32_t *q, kv_view c, int64_t n,
+                                                              float *scores, int64_t SS, float *out) {
+    __m512i tmp[32];
+    for (int64_t b = 0; b * 16 < n; b++) { /* scores, 16 positions at a time */
+        const __m512i *kt = c.kt ? c.kt + b * 32 : (kt_block(c.K, b * 16, n, tmp), tmp);
+        __m512 acc[4][4];
+        for (int j = 0; j < hpg; j++)
+            for (int u = 0; u < 4; u++) acc[j][u] = _mm512_setzero_ps();
+#pragma GCC unroll 32
+        for (int p = 0; p < 32; p++) { /* four accumulators a head: the adds do not wait on each other */
+            const __m512bh k = (__m512bh)_mm512_load_si512(kt + p);
+            for (int j = 0; j < hpg; j++)
+                acc[j][p & 3] = _mm512_dpbf16_ps(acc[j][p & 3], k, (__m512bh)_mm512_set1_epi32((int)q[j * 32 + p]));
         }
-        for (int64_t j = 0; j < hpg; j++) {
-            __m512 d[4];
-            for (int u = 0; u < 4; u++) d[u] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), k[u][0], q[j][0]), k[u][1], q[j][1]);
-            _mm_storeu_ps(scores + j * S + t, _mm_mul_ps(reduce4(d[0], d[1], d[2], d[3]), _mm_set1_ps(scale)));
+        for (int j = 0; j < hpg; j++) {
+            const __m512 s = _mm512_add_ps(_mm512_add_ps(acc[j][0], acc[j][1]), _mm512_add_ps(acc[j][2], acc[j][3]));
+            _mm512_storeu_ps(scores + j * SS + b * 16, _mm512_mul_ps(s, _mm512_set1_ps(0.125f))); /* 1 / sqrt(64) */
         }
     }
-    for (; t <= pos; t++) {
-        __m512bh k0 = (__m512bh)_mm512_loadu_si512(K + t * hd), k1 = (__m512bh)_mm512_loadu_si512(K + t * hd + 32);
-        for (int64_t j = 0; j < hpg; j++)
-            scores[j * S + t] = _mm512_reduce_add_ps(_mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), k0, q[j][0]), k1, q[j][1])) * scale;
+    const int64_t n32 = (n + 31) / 32 * 32;
+    for (int j = 0; j < hpg; j++) { /* weights, then as bf16 pairs in place: (p[2i], p[2i+1]) */
+        float *s = scores + j * SS;
+        softmax_inplace(s, n);
+        for (int64_t t = n; t < n32; t++) s[t] = 0.f;
+        for (int64_t t = 0; t < n32; t += 32)
+            _mm512_storeu_si512(s + t / 2, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + t + 16), _mm512_loadu_ps(s + t)));
     }
-    for (int64_t j = 0; j < hpg; j++) softmax_inplace(scores + j * S, pos + 1);
     __m512 o[4][4];
-    for (int j = 0; j < 4; j++)
+    for (int j = 0; j < hpg; j++)
         for (int i = 0; i < 4; i++) o[j][i] = _mm512_setzero_ps();
-    for (int64_t t = 0; t <= pos; t++) {
-        __m512 v[4];
-        for (int i = 0; i < 4; i++) v[i] = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(V + t * hd + 16 * i)));
-        for (int64_t j = 0; j < hpg; j++) {
-            __m512 pv = _mm512_set1_ps(scores[j * S + t]);
-            for (int i = 0; i < 4; i++) o[j][i] = _mm512_fmadd_ps(pv, v[i], o[j][i]);
+    for (int64_t t = 0; t < n; t += 2) {
+        const __m512i *vp = c.vp ? c.vp + t * 2 : (vp_pair(c.V, t, n, tmp), tmp);
+        __m512bh v[4];
+        for (int i = 0; i < 4; i++) v[i] = (__m512bh)_mm512_load_si512(vp + i);
+        for (int j = 0; j < hpg; j++) {
+            const __m512bh w = (__m512bh)_mm512_set1_epi32(((const int32_t *)(scores + j * SS))[t / 2]);
+            for (int i = 0; i < 4; i++) o[j][i] = _mm512_dpbf16_ps(o[j][i], v[i], w);
         }
     }
-    for (int64_t j = 0; j < hpg; j++)
-        for (int i = 0; i < 4; i++) _mm512_storeu_ps(out + j * hd + 16 * i, o[j][i]);
+    for (int j = 0; j < hpg; j++)
+        for (int i = 0; i < 4; i++) _mm512_storeu_ps(out + j * 64 + 16 * i, o[j][i]);
+}
+
+static void attend64(int hpg, const uint32_t *q, kv_view c, int64_t n, float *scores, int64_t SS, float *out) {
+    switch (hpg) { /* a constant count: the accumulators stay in registers */
+    case 1: attend64_h(1, q, c, n, scores, SS, out); break;
+    case 2: attend64_h(2, q, c, n, scores, SS, out); break;
+    case 3: attend64_h(3, q, c, n, scores, SS, out); break;
+    default: attend64_h(4, q, c, n, scores, SS, out); break;
+    }
+}
+
+/* The transformed caches of the slots that have a prompt's rows in this call (several rows of one
+ * slot): per such slot and group, kt then vp, for positions up to the slot's last row. */
+typedef struct {
+    int64_t *off;   /* [max_batch]: offset in vectors into buf, -1 where the slot transforms as it goes */
+    int64_t *n;     /* [max_batch]: positions transformed */
+    int64_t units;  /* (slot, group, block of 16) work items */
+    __m512i *buf;
+} kv_shared;
+
+enum { SHARE_ROWS = 4 }; /* rows of one slot from which a shared transform pays */
+
+static inline int64_t group_vectors(int64_t n) { return (n + 15) / 16 * 32 + (n + 1) / 2 * 4; }
+
+static int kv_shared_init(kv_shared *s, int64_t max_batch, int64_t nkv, int B, const int64_t *slots, const int64_t *positions) {
+    s->off = malloc(sizeof(int64_t) * max_batch);
+    s->n = calloc(max_batch, sizeof(int64_t));
+    s->buf = NULL;
+    s->units = 0;
+    if (!s->off || !s->n) return -1;
+    int64_t *count = calloc(max_batch, sizeof(int64_t));
+    if (!count) return -1;
+    for (int b = 0; b < B; b++) {
+        count[slots[b]]++;
+        if (positions[b] + 1 > s->n[slots[b]]) s->n[slots[b]] = positions[b] + 1;
+    }
+    int64_t total = 0;
+    for (int64_t sl = 0; sl < max_batch; sl++) {
+        s->off[sl] = count[sl] >= SHARE_ROWS ? total : -1;
+        if (s->off[sl] >= 0) {
+            total += nkv * group_vectors(s->n[sl]);
+            s->units += nkv * ((s->n[sl] + 15) / 16);
+        }
+    }
+    free(count);
+    if (total && !(s->buf = aligned_alloc(64, (size_t)total * 64))) return -1;
+    return 0;
+}
+
+static void kv_shared_free(kv_shared *s) {
+    free(s->off);
+    free(s->n);
+    free(s->buf);
+}
+
+/* this thread's share of the transforms of one layer */
+static void kv_shared_fill(const kv_shared *s, const model_t *M, const layer_t *L, int tid, int nt) {
+    const int64_t nkv = M->n_kv, S = M->max_seq;
+    int64_t a0, a1, u = 0;
+    split(s->units, tid, nt, &a0, &a1);
+    for (int64_t sl = 0; sl < M->max_batch && u < a1; sl++) {
+        if (s->off[sl] < 0) continue;
+        const int64_t n = s->n[sl], nb = (n + 15) / 16;
+        for (int64_t g = 0; g < nkv; g++, u += nb) {
+            const int64_t b0 = a0 > u ? a0 - u : 0, b1 = a1 - u < nb ? a1 - u : nb;
+            if (b1 <= b0) continue;
+            __m512i *kt = s->buf + s->off[sl] + g * group_vectors(n);
+            transform_group(L->kv + ((sl * 2 + 0) * nkv + g) * S * 64, L->kv + ((sl * 2 + 1) * nkv + g) * S * 64, n, b0, b1,
+                            kt, kt + (n + 15) / 16 * 32);
+        }
+    }
+}
+
+static inline kv_view kv_view_of(const kv_shared *s, const model_t *M, const layer_t *L, int64_t slot, int64_t g) {
+    const int64_t nkv = M->n_kv, S = M->max_seq;
+    kv_view c = {L->kv + ((slot * 2 + 0) * nkv + g) * S * 64, L->kv + ((slot * 2 + 1) * nkv + g) * S * 64, NULL, NULL};
+    if (s && s->off[slot] >= 0) {
+        const int64_t n = s->n[slot];
+        c.kt = s->buf + s->off[slot] + g * group_vectors(n);
+        c.vp = c.kt + (n + 15) / 16 * 32;
+    }
+    return c;
 }
 
 /* decode: the group's query heads roped from this step's qkv; bf16-rounded outputs into out */
-static __attribute__((noinline)) void attend_group64(const model_t *M, const layer_t *L, int64_t g, int64_t slot, int64_t pos,
+static __attribute__((noinline)) void attend_group64(const model_t *M, kv_view c, int64_t g, int64_t pos,
                                                      const float *qkv, float *out, float *scores, float *tmp) {
-    const int64_t hd = 64, nq = M->n_heads, nkv = M->n_kv, S = M->max_seq, hpg = nq / nkv;
-    __m512bh q[4][2];
+    const int64_t hd = 64, hpg = M->n_heads / M->n_kv;
+    uint32_t q[4 * 32] = {0};
     for (int64_t j = 0; j < hpg; j++) {
         rope(qkv + (g * hpg + j) * hd, tmp, M->rope_cos + pos * (hd / 2), M->rope_sin + pos * (hd / 2), hd);
-        q[j][0] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(tmp + 16), _mm512_loadu_ps(tmp));
-        q[j][1] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(tmp + 48), _mm512_loadu_ps(tmp + 32));
+        _mm512_storeu_si512(q + j * 32, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(tmp + 16), _mm512_loadu_ps(tmp)));
+        _mm512_storeu_si512(q + j * 32 + 16, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(tmp + 48), _mm512_loadu_ps(tmp + 32)));
     }
-    const uint16_t *K = L->kv + ((slot * 2 + 0) * nkv + g) * S * hd;
-    const uint16_t *V = L->kv + ((slot * 2 + 1) * nkv + g) * S * hd;
     float *o = out + g * hpg * hd;
-    group64_core(q, hpg, K, V, pos, scores, S, o);
+    attend64((int)hpg, q, c, pos + 1, scores, scores_stride(M->max_seq), o);
     for (int64_t i = 0; i < hpg * hd; i++) o[i] = rbf(o[i]);
 }
 #endif
@@ -667,33 +822,39 @@ static __attribute__((noinline)) void attend_group64(const model_t *M, const lay
 int influence_prefill_attention(const model_t *M, int64_t layer, int64_t slot, int64_t start, int64_t T,
                                 const uint16_t *q, uint16_t *out, int nthreads) {
 #if VEC
-    const int64_t hd = M->head_dim, nq = M->n_heads, nkv = M->n_kv, S = M->max_seq, hpg = nq / nkv;
-    if (hd != 64 || hpg > 4 || nq % nkv || slot < 0 || slot >= M->max_batch || start < 0 || start + T > S || layer < 0 ||
-        layer >= M->n_layers)
+    const int64_t hd = M->head_dim, nq = M->n_heads, nkv = M->n_kv, S = M->max_seq, hpg = nq / nkv, SS = scores_stride(S);
+    if (hd != 64 || hpg > 4 || nq % nkv || slot < 0 || slot >= M->max_batch || start < 0 || T < 1 || start + T > S ||
+        layer < 0 || layer >= M->n_layers)
         return -1;
     const layer_t *L = &M->layers[layer];
-    int failed = 0;
+    int64_t *slots = malloc(sizeof(int64_t) * T), *positions = malloc(sizeof(int64_t) * T);
+    kv_shared sh;
+    int failed = !slots || !positions;
+    for (int64_t t = 0; !failed && t < T; t++) {
+        slots[t] = slot;
+        positions[t] = start + t;
+    }
+    failed = failed || kv_shared_init(&sh, M->max_batch, nkv, (int)T, slots, positions) != 0;
+    spin_barrier bar = {0, 0};
 #pragma omp parallel num_threads(nthreads)
-    {
-        float *scores = aligned_alloc(64, align64(sizeof(float) * 4 * S));
+    if (!failed) {
+        int tid, nt;
+        thread_id(&tid, &nt);
+        kv_shared_fill(&sh, M, L, tid, nt);
+        barrier_wait(&bar, nt);
+        float *scores = aligned_alloc(64, align64(sizeof(float) * 4 * SS));
         float *o = aligned_alloc(64, align64(sizeof(float) * 4 * hd));
         if (!scores || !o) {
 #pragma omp atomic write
             failed = 1;
-        } else {
-            /* dynamic: later rows see more positions */
+        }
+        /* dynamic: later rows see more positions */
 #pragma omp for schedule(dynamic, 4)
-            for (int64_t it = 0; it < T * nkv; it++) {
+        for (int64_t it = 0; it < T * nkv; it++) {
+            if (scores && o) {
                 int64_t t = it / nkv, g = it % nkv;
-                __m512bh qv[4][2];
-                for (int64_t j = 0; j < hpg; j++) {
-                    const uint16_t *qp = q + (t * nq + g * hpg + j) * hd;
-                    qv[j][0] = (__m512bh)_mm512_loadu_si512(qp);
-                    qv[j][1] = (__m512bh)_mm512_loadu_si512(qp + 32);
-                }
-                const uint16_t *K = L->kv + ((slot * 2 + 0) * nkv + g) * S * hd;
-                const uint16_t *V = L->kv + ((slot * 2 + 1) * nkv + g) * S * hd;
-                group64_core(qv, hpg, K, V, start + t, scores, S, o);
+                attend64((int)hpg, (const uint32_t *)(q + (t * nq + g * hpg) * hd), kv_view_of(&sh, M, L, slot, g), start + t + 1,
+                         scores, SS, o);
                 uint16_t *dst = out + (t * nq + g * hpg) * hd;
                 for (int64_t i = 0; i < hpg * hd; i += 32)
                     _mm512_storeu_si512(dst + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(o + i + 16), _mm512_loadu_ps(o + i)));
@@ -702,6 +863,9 @@ int influence_prefill_attention(const model_t *M, int64_t layer, int64_t slot, i
         free(scores);
         free(o);
     }
+    if (slots && positions) kv_shared_free(&sh);
+    free(slots);
+    free(positions);
     return failed ? -2 : 0;
 #else
     (void)M; (void)layer; (void)slot; (void)start; (void)T; (void)q; (void)out; (void)nthreads;
@@ -728,10 +892,9 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
     float *x = aligned_alloc(64, align64(sizeof(float) * B * dim));
     float *qkv = aligned_alloc(64, align64(sizeof(float) * B * QKV));
     float *att = aligned_alloc(64, align64(sizeof(float) * B * A));
-    float *gu = aligned_alloc(64, align64(sizeof(float) * B * 2 * F));
     float *hbuf = aligned_alloc(64, align64(sizeof(float) * B * F));
-    if (!x || !qkv || !att || !gu || !hbuf) {
-        free(x); free(qkv); free(att); free(gu); free(hbuf);
+    if (!x || !qkv || !att || !hbuf) {
+        free(x); free(qkv); free(att); free(hbuf);
         return -2;
     }
     for (int b = 0; b < B; b++) { /* embedding rows: bf16(q * scale), as Int8Linear.rows */
@@ -741,46 +904,55 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
     }
     const int64_t kmax = F > dim ? (F > A ? F : A) : (dim > A ? dim : A);
     const int64_t qmax = qf(F) > qf(dim) ? (qf(F) > qf(A) ? qf(F) : qf(A)) : (qf(dim) > qf(A) ? qf(dim) : qf(A));
-#if VEC
-    const int grouped = hd == 64 && nq / nkv <= 4; /* attend_group64 applies */
-#endif
     int failed = 0;
+    /* many rows (a prompt): each thread normalises and quantises its share of them once, for all
+     * threads, with a barrier after; few (decode steps): every thread all of them, no barrier */
+    const int spread = B >= SPREAD_ROWS && nthreads > 1;
+    int8_t *xa_all = spread ? aligned_alloc(64, align64((size_t)B * kmax)) : NULL;
+    float *gs_all = spread ? aligned_alloc(64, align64(sizeof(float) * B * qmax)) : NULL;
+    if (spread && (!xa_all || !gs_all)) failed = 1;
+#if VEC
+    const int grouped = hd == 64 && nq / nkv <= 4 && nq % nkv == 0; /* attend_group64 applies */
+    kv_shared sh = {0};
+    if (grouped && kv_shared_init(&sh, M->max_batch, nkv, B, slots, positions) != 0) failed = 1;
+#endif
     spin_barrier bar = {0, 0};
     enum { PHASES = 5 }; /* row counters per layer: qkv, attention, o, gate_up, down; then the head's */
     _Atomic int64_t *taken = calloc((size_t)(M->n_layers * PHASES + 1), sizeof(_Atomic int64_t));
-    if (!taken) {
-        free(x); free(qkv); free(att); free(gu); free(hbuf);
-        return -2;
-    }
+    if (!taken) failed = 1;
 #pragma omp parallel num_threads(nthreads)
-    {
+    if (!failed) {
         int tid, nt;
         thread_id(&tid, &nt);
-        /* per thread: normed input, its int8 groups and their scales and sums, attention scratch */
-        float *xn = aligned_alloc(64, align64(sizeof(float) * B * kmax));
-        int8_t *xa = aligned_alloc(64, align64((size_t)B * kmax));
-        float *gs = aligned_alloc(64, align64(sizeof(float) * B * qmax));
-        float *scores = aligned_alloc(64, align64(sizeof(float) * 4 * M->max_seq));
+        /* per thread: normed rows and matmul outputs [B, dim], gate/up outputs of GU_ROWS rows,
+         * attention scratch, the head's inputs; the int8 groups too when each thread makes its own */
+        float *xn = aligned_alloc(64, align64(sizeof(float) * B * dim));
+        float *gu = aligned_alloc(64, align64(sizeof(float) * B * 2 * GU_ROWS));
+        int8_t *xa = spread ? xa_all : aligned_alloc(64, align64((size_t)B * kmax));
+        float *gs = spread ? gs_all : aligned_alloc(64, align64(sizeof(float) * B * qmax));
+        float *scores = aligned_alloc(64, align64(sizeof(float) * 4 * scores_stride(M->max_seq)));
         float *tmp = aligned_alloc(64, align64(sizeof(float) * 2 * hd));
         int16_t *xi = aligned_alloc(64, align64(sizeof(int16_t) * n_logits * dim));
         float *sx = aligned_alloc(64, align64(sizeof(float) * n_logits));
-        int ok = xn && xa && gs && scores && tmp && xi && sx;
+        int ok = xn && gu && xa && gs && scores && tmp && xi && sx;
         if (!ok) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp barrier
         if (!failed) {
-            int64_t a0, a1;
+            int64_t a0, a1, p0 = 0, p1 = B; /* rows p0..p1: the ones this thread prepares */
+            if (spread) split(B, tid, nt, &p0, &p1);
             rows_share w;
             for (int64_t l = 0; l < M->n_layers; l++) {
                 const layer_t *L = &M->layers[l];
                 _Atomic int64_t *tk = taken + l * PHASES;
                 /* attention block */
-                for (int b = 0; b < B; b++) {
+                for (int64_t b = p0; b < p1; b++) {
                     rms_norm(x + b * dim, L->attn_norm, M->norm_eps, dim, xn + b * dim);
                     arrange(xn + b * dim, dim, xa + b * dim, gs + b * qf(dim));
                 }
+                if (spread) barrier_wait(&bar, nt);
                 for (w = share_rows(L->qkv.n, 16, tk); next_rows(&w, tid, nt, &a0, &a1);)
                     q4_matmul_rows(B, &L->qkv, a0, a1, xa, dim, gs, qf(dim), qkv, QKV);
                 barrier_wait(&bar, nt);
@@ -789,12 +961,17 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
                 for (int64_t b = a0; b < a1; b++) store_kv(M, L, slots[b], positions[b], qkv + b * QKV, tmp);
                 barrier_wait(&bar, nt);
 #if VEC
+                if (grouped && sh.units) { /* a prompt's rows: their slot's cache transformed once */
+                    kv_shared_fill(&sh, M, L, tid, nt);
+                    barrier_wait(&bar, nt);
+                }
                 /* sequences of different lengths: the shared chunks even them out */
                 if (grouped) {
                     for (w = share_rows((int64_t)B * nkv, 1, tk + 1); next_rows(&w, tid, nt, &a0, &a1);)
                         for (int64_t it = a0; it < a1; it++) {
-                            int64_t b = it / nkv;
-                            attend_group64(M, L, it % nkv, slots[b], positions[b], qkv + b * QKV, att + b * A, scores, tmp);
+                            int64_t b = it / nkv, g = it % nkv;
+                            attend_group64(M, kv_view_of(&sh, M, L, slots[b], g), g, positions[b], qkv + b * QKV, att + b * A,
+                                           scores, tmp);
                         }
                 } else
 #endif
@@ -806,25 +983,32 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
                         }
                 }
                 barrier_wait(&bar, nt);
-                for (int b = 0; b < B; b++) arrange(att + b * A, A, xa + b * A, gs + b * qf(A));
+                for (int64_t b = p0; b < p1; b++) arrange(att + b * A, A, xa + b * A, gs + b * qf(A));
+                if (spread) barrier_wait(&bar, nt);
                 for (w = share_rows(dim, 16, tk + 2); next_rows(&w, tid, nt, &a0, &a1);) {
                     q4_matmul_rows(B, &L->o, a0, a1, xa, A, gs, qf(A), xn, dim);
                     for (int b = 0; b < B; b++)
                         for (int64_t r = a0; r < a1; r++) x[b * dim + r] += xn[b * dim + r];
                 }
                 barrier_wait(&bar, nt);
-                /* feed-forward block: rows r of gate and F + r of up go to the same thread */
-                for (int b = 0; b < B; b++) {
+                /* feed-forward block */
+                for (int64_t b = p0; b < p1; b++) {
                     rms_norm(x + b * dim, L->ffn_norm, M->norm_eps, dim, xn + b * dim);
                     arrange(xn + b * dim, dim, xa + b * dim, gs + b * qf(dim));
                 }
-                for (w = share_rows(F, 16, tk + 3); next_rows(&w, tid, nt, &a0, &a1);) {
-                    q4_matmul_rows(B, &L->gate_up, a0, a1, xa, dim, gs, qf(dim), gu, 2 * F);
-                    q4_matmul_rows(B, &L->gate_up, F + a0, F + a1, xa, dim, gs, qf(dim), gu, 2 * F);
-                    for (int b = 0; b < B; b++) silu_mul(gu + b * 2 * F + a0, gu + b * 2 * F + F + a0, hbuf + b * F + a0, a1 - a0);
-                }
+                if (spread) barrier_wait(&bar, nt);
+                for (w = share_rows(F, 16, tk + 3); next_rows(&w, tid, nt, &a0, &a1);)
+                    for (int64_t c0 = a0; c0 < a1; c0 += GU_ROWS) {
+                        /* gate rows c0..c1 and up rows F + c0..F + c1 into gu [B][2c] (y[b][r] lands at
+                         * y + b * stride + r, r a multiple of 16: no masked lane falls before gu) */
+                        const int64_t c1 = c0 + GU_ROWS < a1 ? c0 + GU_ROWS : a1, c = c1 - c0;
+                        q4_matmul_rows(B, &L->gate_up, c0, c1, xa, dim, gs, qf(dim), gu - c0, 2 * c);
+                        q4_matmul_rows(B, &L->gate_up, F + c0, F + c1, xa, dim, gs, qf(dim), gu + c - (F + c0), 2 * c);
+                        for (int b = 0; b < B; b++) silu_mul(gu + b * 2 * c, gu + b * 2 * c + c, hbuf + b * F + c0, c);
+                    }
                 barrier_wait(&bar, nt);
-                for (int b = 0; b < B; b++) arrange(hbuf + b * F, F, xa + b * F, gs + b * qf(F));
+                for (int64_t b = p0; b < p1; b++) arrange(hbuf + b * F, F, xa + b * F, gs + b * qf(F));
+                if (spread) barrier_wait(&bar, nt);
                 for (w = share_rows(dim, 16, tk + 4); next_rows(&w, tid, nt, &a0, &a1);) {
                     q4_matmul_rows(B, &L->down, a0, a1, xa, F, gs, qf(F), xn, dim);
                     for (int b = 0; b < B; b++)
@@ -841,9 +1025,16 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
             for (w = share_rows(M->vocab, 512, taken + M->n_layers * PHASES); next_rows(&w, tid, nt, &a0, &a1);)
                 i8_rows(n_logits, M->head_q, M->head_scale, dim, a0, a1, xi, sx, logits, M->vocab);
         }
-        free(xn); free(xa); free(gs); free(scores); free(tmp); free(xi); free(sx);
+        free(xn); free(gu); free(scores); free(tmp); free(xi); free(sx);
+        if (!spread) {
+            free(xa);
+            free(gs);
+        }
     }
-    free(x); free(qkv); free(att); free(gu); free(hbuf); free(taken);
+    free(x); free(qkv); free(att); free(hbuf); free(taken); free(xa_all); free(gs_all);
+#if VEC
+    if (grouped) kv_shared_free(&sh);
+#endif
     return failed ? -2 : 0;
 }
 
