@@ -63,7 +63,7 @@ typedef struct {
 
 #define MAXB 8 /* tokens per pass over a weight matrix */
 #define SPREAD_ROWS 16 /* rows from which the threads share the activations' preparation */
-#define GU_ROWS 64 /* gate/up rows a thread computes before their silu: a small buffer */
+#define GU_ROWS 64 /* gate/up rows a thread computes before their silu (many tokens): a small buffer */
 
 /* -- scalar helpers ------------------------------------------------------------------------ */
 static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
@@ -203,10 +203,6 @@ static inline void quant_group(const float *x, int8_t *q, float *sx, float *S) {
 #endif
 }
 
-static void arrange(const float *x, int64_t k, int8_t *out, float *f) {
-    const int64_t G = k / 32;
-    for (int64_t g = 0; g < G; g++) quant_group(x + g * 32, out + g * 32, f + g, f + G + g);
-}
 
 /* -- q4 rows: y[b][r] = bf16(W[r] . x[b] + bias[r]) for rows r0..r1 --------------------------- */
 /* Sixteen rows at a time, one per lane (see the layout above): per group, 8 vpdpbusd give the 16
@@ -232,6 +228,57 @@ static inline __attribute__((always_inline)) __m512i reduce16(const __m512i v[16
 }
 /* where v[j] ends up in reduce16's result */
 static inline int reduce16_lane(int j) { return 4 * (j % 4) + j / 4; }
+
+/* reduce16 for maxima of floats: the same transpose, max for add */
+static inline __attribute__((always_inline)) __m512 reduce16_max(const __m512 v[16]) {
+    __m512 t[8], u[4];
+    for (int i = 0; i < 8; i++)
+        t[i] = _mm512_max_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44), _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xee));
+    for (int i = 0; i < 4; i++)
+        u[i] = _mm512_max_ps(_mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0x88), _mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0xdd));
+    __m512 w01 = _mm512_max_ps(_mm512_unpacklo_ps(u[0], u[1]), _mm512_unpackhi_ps(u[0], u[1]));
+    __m512 w23 = _mm512_max_ps(_mm512_unpacklo_ps(u[2], u[3]), _mm512_unpackhi_ps(u[2], u[3]));
+    return _mm512_max_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(w01), _mm512_castps_pd(w23))),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(w01), _mm512_castps_pd(w23))));
+}
+
+/* quant_group for 16 groups at once: their maxima and sums come out of one transpose each instead
+ * of 32 horizontal reductions, the scales out of one division. The same numbers as quant_group. */
+static inline void quant_16_groups(const float *x, int8_t *q, float *sx, float *S) {
+    const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0); /* reduce16_lane(j) */
+    __m512 m[16];
+    for (int j = 0; j < 16; j++)
+        m[j] = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + 32 * j)), _mm512_abs_ps(_mm512_loadu_ps(x + 32 * j + 16)));
+    const __m512 mx = _mm512_permutexvar_ps(order, reduce16_max(m)); /* lane j: group j */
+    const __m512 d = _mm512_div_ps(mx, _mm512_set1_ps(127.f));
+    const __m512 inv = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(mx, _mm512_setzero_ps(), _CMP_GT_OQ), _mm512_set1_ps(1.f), d);
+    float invs[16];
+    _mm512_storeu_ps(invs, inv);
+    __m512i sums[16];
+    for (int j = 0; j < 16; j++) {
+        const __m512 iv = _mm512_set1_ps(invs[j]);
+        const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + 32 * j), iv));
+        const __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + 32 * j + 16), iv));
+        _mm_storeu_si128((__m128i *)(q + 32 * j), _mm512_cvtsepi32_epi8(qa));
+        _mm_storeu_si128((__m128i *)(q + 32 * j + 16), _mm512_cvtsepi32_epi8(qb));
+        sums[j] = _mm512_add_epi32(qa, qb);
+    }
+    const __m512i sum = _mm512_permutexvar_epi32(order, reduce16(sums));
+    _mm512_storeu_ps(sx, d);
+    _mm512_storeu_ps(S, _mm512_mul_ps(d, _mm512_cvtepi32_ps(sum)));
+}
+#endif
+
+/* a token's k activations -> k int8 in groups of 32, then sx[G] and S[G] (see qf) */
+static void arrange(const float *x, int64_t k, int8_t *out, float *f) {
+    const int64_t G = k / 32;
+    int64_t g = 0;
+#if VEC
+    for (; g + 16 <= G; g += 16) quant_16_groups(x + g * 32, out + g * 32, f + g, f + G + g);
+#endif
+    for (; g < G; g++) quant_group(x + g * 32, out + g * 32, f + g, f + G + g);
+}
+#if VEC
 
 /* CALL(n) with n the literal 1..MAXB equal to nb (the kernels inline per batch size) */
 #define WITH_CONSTANT_B(nb, CALL)                                                                  \
@@ -678,6 +725,8 @@ static void transform_group(const uint16_t *K, const uint16_t *V, int64_t n, int
 static inline __attribute__((always_inline)) void attend64_h(const int hpg, const uint32_t *q, kv_view c, int64_t n,
                                                               float *scores, int64_t SS, float *out) {
     __m512i tmp[32];
+    __m512 mx[4]; /* running maxima of the scores: the softmax needs no pass of its own for them */
+    for (int j = 0; j < hpg; j++) mx[j] = _mm512_set1_ps(-INFINITY);
     for (int64_t b = 0; b * 16 < n; b++) { /* scores, 16 positions at a time */
         const __m512i *kt = c.kt ? c.kt + b * 32 : (kt_block(c.K, b * 16, n, tmp), tmp);
         __m512 acc[4][4];
@@ -689,18 +738,29 @@ static inline __attribute__((always_inline)) void attend64_h(const int hpg, cons
             for (int j = 0; j < hpg; j++)
                 acc[j][p & 3] = _mm512_dpbf16_ps(acc[j][p & 3], k, (__m512bh)_mm512_set1_epi32((int)q[j * 32 + p]));
         }
+        const __mmask16 live = n - b * 16 >= 16 ? 0xffff : (__mmask16)((1u << (n - b * 16)) - 1);
         for (int j = 0; j < hpg; j++) {
-            const __m512 s = _mm512_add_ps(_mm512_add_ps(acc[j][0], acc[j][1]), _mm512_add_ps(acc[j][2], acc[j][3]));
-            _mm512_storeu_ps(scores + j * SS + b * 16, _mm512_mul_ps(s, _mm512_set1_ps(0.125f))); /* 1 / sqrt(64) */
+            __m512 s = _mm512_add_ps(_mm512_add_ps(acc[j][0], acc[j][1]), _mm512_add_ps(acc[j][2], acc[j][3]));
+            s = _mm512_mul_ps(s, _mm512_set1_ps(0.125f)); /* 1 / sqrt(64) */
+            mx[j] = _mm512_mask_max_ps(mx[j], live, mx[j], s);
+            _mm512_storeu_ps(scores + j * SS + b * 16, s);
         }
     }
     const int64_t n32 = (n + 31) / 32 * 32;
-    for (int j = 0; j < hpg; j++) { /* weights, then as bf16 pairs in place: (p[2i], p[2i+1]) */
+    for (int j = 0; j < hpg; j++) { /* softmax, its weights as bf16 pairs in place: (p[2i], p[2i+1]) */
         float *s = scores + j * SS;
-        softmax_inplace(s, n);
-        for (int64_t t = n; t < n32; t++) s[t] = 0.f;
+        const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx[j]));
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t t = 0; t < n32; t += 16) { /* positions from n on: zero (whatever lies there) */
+            const __mmask16 live = n - t >= 16 ? 0xffff : n > t ? (__mmask16)((1u << (n - t)) - 1) : 0;
+            const __m512 e = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(_mm512_loadu_ps(s + t), m)));
+            _mm512_storeu_ps(s + t, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
         for (int64_t t = 0; t < n32; t += 32)
-            _mm512_storeu_si512(s + t / 2, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + t + 16), _mm512_loadu_ps(s + t)));
+            _mm512_storeu_si512(s + t / 2, (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(_mm512_loadu_ps(s + t + 16), inv),
+                                                                        _mm512_mul_ps(_mm512_loadu_ps(s + t), inv)));
     }
     __m512 o[4][4];
     for (int j = 0; j < hpg; j++)
@@ -908,6 +968,7 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
     /* many rows (a prompt): each thread normalises and quantises its share of them once, for all
      * threads, with a barrier after; few (decode steps): every thread all of them, no barrier */
     const int spread = B >= SPREAD_ROWS && nthreads > 1;
+    const int64_t gu_rows = B <= MAXB ? F : GU_ROWS; /* a decode step streams a thread's rows in one run */
     int8_t *xa_all = spread ? aligned_alloc(64, align64((size_t)B * kmax)) : NULL;
     float *gs_all = spread ? aligned_alloc(64, align64(sizeof(float) * B * qmax)) : NULL;
     if (spread && (!xa_all || !gs_all)) failed = 1;
@@ -927,7 +988,7 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
         /* per thread: normed rows and matmul outputs [B, dim], gate/up outputs of GU_ROWS rows,
          * attention scratch, the head's inputs; the int8 groups too when each thread makes its own */
         float *xn = aligned_alloc(64, align64(sizeof(float) * B * dim));
-        float *gu = aligned_alloc(64, align64(sizeof(float) * B * 2 * GU_ROWS));
+        float *gu = aligned_alloc(64, align64(sizeof(float) * B * 2 * gu_rows));
         int8_t *xa = spread ? xa_all : aligned_alloc(64, align64((size_t)B * kmax));
         float *gs = spread ? gs_all : aligned_alloc(64, align64(sizeof(float) * B * qmax));
         float *scores = aligned_alloc(64, align64(sizeof(float) * 4 * scores_stride(M->max_seq)));
@@ -998,10 +1059,10 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
                 }
                 if (spread) barrier_wait(&bar, nt);
                 for (w = share_rows(F, 16, tk + 3); next_rows(&w, tid, nt, &a0, &a1);)
-                    for (int64_t c0 = a0; c0 < a1; c0 += GU_ROWS) {
+                    for (int64_t c0 = a0; c0 < a1; c0 += gu_rows) {
                         /* gate rows c0..c1 and up rows F + c0..F + c1 into gu [B][2c] (y[b][r] lands at
                          * y + b * stride + r, r a multiple of 16: no masked lane falls before gu) */
-                        const int64_t c1 = c0 + GU_ROWS < a1 ? c0 + GU_ROWS : a1, c = c1 - c0;
+                        const int64_t c1 = c0 + gu_rows < a1 ? c0 + gu_rows : a1, c = c1 - c0;
                         q4_matmul_rows(B, &L->gate_up, c0, c1, xa, dim, gs, qf(dim), gu - c0, 2 * c);
                         q4_matmul_rows(B, &L->gate_up, F + c0, F + c1, xa, dim, gs, qf(dim), gu + c - (F + c0), 2 * c);
                         for (int b = 0; b < B; b++) silu_mul(gu + b * 2 * c, gu + b * 2 * c + c, hbuf + b * F + c0, c);
