@@ -193,3 +193,30 @@ def test_without_the_kernel_torch_int4_says_the_same(fast, tmp_path: Path) -> No
     picks = json.loads(done.stdout.strip().splitlines()[-1])
     agree = sum(a == b for a, b in zip(picks, seq)) / len(seq)
     assert agree >= 0.85, (agree, tok.decode(seq))
+
+
+def test_attention_at_block_edges_and_the_end_of_the_cache(bundled_gguf: Path) -> None:
+    """The kernel's attention takes positions 16 at a time (K transposed) and 2 at a time (V
+    interleaved): prompts of 1, 16, 17, 33 and 45 tokens and decode steps up to the last position
+    of a 50-position cache (not a multiple of 16 or 32) agree bit for bit between a prompt's rows
+    and token-by-token steps, and with the torch path within bf16 rounding."""
+    lm = load_model(str(bundled_gguf), device="cpu", max_batch=3, max_seq=50)
+    model = lm.model
+    ids = lm.tokenizer.encode("Rivers run to the sea and the sea gives rain back to the hills. " * 6)[:50]
+    steps = [model.decode(torch.tensor([1]), torch.tensor([t]), torch.tensor([i]))[0] for i, t in enumerate(ids[:45])]
+    for n in (1, 16, 17, 33, 45):
+        assert torch.equal(model.prefill_rows(0, torch.tensor(ids[:n]), 0), steps[n - 1]), n
+    assert torch.equal(model.kv_cache[7][0, :, :, :45], model.kv_cache[7][1, :, :, :45])
+    for i in range(45, 50):  # both slots together to the cache's last position
+        both = model.decode(torch.tensor([0, 1]), torch.tensor([ids[i]] * 2), torch.tensor([i, i]))
+        assert torch.equal(both[0], both[1])
+    try:
+        assert not model.use_native(False)
+        model.prefill(2, torch.tensor(ids[:45]), 0)
+        for i in range(45, 50):
+            ref = model.decode(torch.tensor([2]), torch.tensor([ids[i]]), torch.tensor([i]))[0]
+    finally:
+        assert model.use_native(True)
+    assert torch.nn.functional.cosine_similarity(both[0], ref, dim=0).item() > 0.99
+    with pytest.raises(ValueError, match="outside"):
+        model.decode(torch.tensor([0]), torch.tensor([ids[0]]), torch.tensor([50]))
