@@ -333,10 +333,11 @@ static inline __attribute__((always_inline)) void q4_block(
     }
 }
 
-/* rows r0..r1 (a block cut by r0 or r1 is computed whole, its other rows left alone) */
+/* rows r0..r1 (a block cut by r0 or r1 is computed whole, its other rows left alone); add: y +=
+ * instead of y = (the residual stream takes the output where it is made, not in a pass of its own) */
 static inline __attribute__((always_inline)) void q4_rows_b(
     const int B, const q4mat *W, int64_t r0, int64_t r1, const int8_t *xa, int64_t xstride,
-    const float *fs, int64_t fstride, float *y, int64_t ystride) {
+    const float *fs, int64_t fstride, float *y, int64_t ystride, int add) {
     for (int64_t rb = r0 / 16; rb * 16 < r1; rb++) {
         __m512 acc[MAXB];
         q4_block(B, W, rb, xa, xstride, fs, fstride, acc);
@@ -348,18 +349,19 @@ static inline __attribute__((always_inline)) void q4_rows_b(
 #pragma GCC unroll 8
         for (int b = 0; b < B; b++) { /* + bias, rounded to bf16 as torch does */
             const __m512 sum = _mm512_add_ps(acc[b], bias);
-            const __m512 rounded = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(sum)), 16));
-            _mm512_mask_storeu_ps(y + b * ystride + rb * 16, mk, rounded);
+            __m512 out = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(sum)), 16));
+            if (add) out = _mm512_add_ps(_mm512_maskz_loadu_ps(mk, y + b * ystride + rb * 16), out);
+            _mm512_mask_storeu_ps(y + b * ystride + rb * 16, mk, out);
         }
     }
 }
 #endif
 
 static void q4_rows(int B, const q4mat *W, int64_t r0, int64_t r1, const int8_t *xa, int64_t xstride,
-                    const float *fs, int64_t fstride, float *y, int64_t ystride) {
+                    const float *fs, int64_t fstride, float *y, int64_t ystride, int add) {
 #if VEC
     /* constant B: the token loop unrolls and its accumulators stay in registers */
-#define Q4_ROWS(n) q4_rows_b(n, W, r0, r1, xa, xstride, fs, fstride, y, ystride)
+#define Q4_ROWS(n) q4_rows_b(n, W, r0, r1, xa, xstride, fs, fstride, y, ystride, add)
     WITH_CONSTANT_B(B, Q4_ROWS);
 #undef Q4_ROWS
 #else
@@ -381,7 +383,7 @@ static void q4_rows(int B, const q4mat *W, int64_t r0, int64_t r1, const int8_t 
                 acc = fmaf(h2f(W->m[s]), S[g], acc);
             }
             float bias = W->bias ? bf2f(W->bias[r]) : 0.f;
-            y[b * ystride + r] = rbf(acc + bias);
+            y[b * ystride + r] = add ? y[b * ystride + r] + rbf(acc + bias) : rbf(acc + bias);
         }
     }
 #endif
@@ -391,12 +393,12 @@ static void q4_rows(int B, const q4mat *W, int64_t r0, int64_t r1, const int8_t 
  * while every token passes, instead of the whole matrix streaming from memory once per MAXB
  * tokens (a prompt's rows: 512 tokens read the weights once, not 64 times). */
 static void q4_matmul_rows(int B, const q4mat *W, int64_t r0, int64_t r1, const int8_t *xa, int64_t xstride,
-                           const float *fs, int64_t fstride, float *y, int64_t ystride) {
+                           const float *fs, int64_t fstride, float *y, int64_t ystride, int add) {
     for (int64_t a = r0; a < r1;) {
         const int64_t e = B > MAXB && (a / 16 + 1) * 16 < r1 ? (a / 16 + 1) * 16 : r1;
         for (int b0 = 0; b0 < B; b0 += MAXB) {
             int nb = B - b0 < MAXB ? B - b0 : MAXB;
-            q4_rows(nb, W, a, e, xa + b0 * xstride, xstride, fs + b0 * fstride, fstride, y + b0 * ystride, ystride);
+            q4_rows(nb, W, a, e, xa + b0 * xstride, xstride, fs + b0 * fstride, fstride, y + b0 * ystride, ystride, add);
         }
         a = e;
     }
@@ -603,7 +605,19 @@ static __attribute__((noinline)) void softmax_inplace(float *s, int64_t n) {
 
 /* rotate the interleaved pairs (2i, 2i+1) of one head by position pos */
 static inline void rope(const float *in, float *out, const float *cs, const float *sn, int64_t hd) {
-    for (int64_t i = 0; i < hd / 2; i++) {
+    int64_t i = 0;
+#if VEC
+    /* 8 pairs at a time: x * (c, c) + swapped x * (-s, s) */
+    const __m512i dup = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    const __m512 flip = _mm512_castsi512_ps(_mm512_set1_epi64((int64_t)0x80000000u)); /* - on even lanes */
+    for (; 2 * i + 16 <= hd; i += 8) {
+        const __m512 x = _mm512_loadu_ps(in + 2 * i);
+        const __m512 c = _mm512_permutexvar_ps(dup, _mm512_castps256_ps512(_mm256_loadu_ps(cs + i)));
+        const __m512 sv = _mm512_xor_ps(_mm512_permutexvar_ps(dup, _mm512_castps256_ps512(_mm256_loadu_ps(sn + i))), flip);
+        _mm512_storeu_ps(out + 2 * i, _mm512_fmadd_ps(_mm512_permute_ps(x, 0xb1), sv, _mm512_mul_ps(x, c)));
+    }
+#endif
+    for (; i < hd / 2; i++) {
         float a = in[2 * i], b = in[2 * i + 1];
         out[2 * i] = a * cs[i] - b * sn[i];
         out[2 * i + 1] = a * sn[i] + b * cs[i];
@@ -619,7 +633,14 @@ static void store_kv(const model_t *M, const layer_t *L, int64_t slot, int64_t p
         uint16_t *V = L->kv + (((slot * 2 + 1) * nkv + g) * S + pos) * hd;
         rope(qkv + (nq + g) * hd, tmp, cs, sn, hd);
         const float *v = qkv + (nq + nkv + g) * hd;
-        for (int64_t i = 0; i < hd; i++) { K[i] = f2bf(tmp[i]); V[i] = f2bf(v[i]); }
+        int64_t i = 0;
+#if VEC
+        for (; i + 16 <= hd; i += 16) {
+            _mm256_storeu_si256((__m256i *)(K + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(tmp + i)));
+            _mm256_storeu_si256((__m256i *)(V + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(v + i)));
+        }
+#endif
+        for (; i < hd; i++) { K[i] = f2bf(tmp[i]); V[i] = f2bf(v[i]); }
     }
 }
 
@@ -985,9 +1006,9 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
     if (!failed) {
         int tid, nt;
         thread_id(&tid, &nt);
-        /* per thread: normed rows and matmul outputs [B, dim], gate/up outputs of GU_ROWS rows,
-         * attention scratch, the head's inputs; the int8 groups too when each thread makes its own */
-        float *xn = aligned_alloc(64, align64(sizeof(float) * B * dim));
+        /* per thread: a normed row, gate/up outputs of GU_ROWS rows, attention scratch, the head's
+         * inputs; the int8 groups too when each thread makes its own */
+        float *xn = aligned_alloc(64, align64(sizeof(float) * dim));
         float *gu = aligned_alloc(64, align64(sizeof(float) * B * 2 * gu_rows));
         int8_t *xa = spread ? xa_all : aligned_alloc(64, align64((size_t)B * kmax));
         float *gs = spread ? gs_all : aligned_alloc(64, align64(sizeof(float) * B * qmax));
@@ -1010,12 +1031,12 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
                 _Atomic int64_t *tk = taken + l * PHASES;
                 /* attention block */
                 for (int64_t b = p0; b < p1; b++) {
-                    rms_norm(x + b * dim, L->attn_norm, M->norm_eps, dim, xn + b * dim);
-                    arrange(xn + b * dim, dim, xa + b * dim, gs + b * qf(dim));
+                    rms_norm(x + b * dim, L->attn_norm, M->norm_eps, dim, xn);
+                    arrange(xn, dim, xa + b * dim, gs + b * qf(dim));
                 }
                 if (spread) barrier_wait(&bar, nt);
                 for (w = share_rows(L->qkv.n, 16, tk); next_rows(&w, tid, nt, &a0, &a1);)
-                    q4_matmul_rows(B, &L->qkv, a0, a1, xa, dim, gs, qf(dim), qkv, QKV);
+                    q4_matmul_rows(B, &L->qkv, a0, a1, xa, dim, gs, qf(dim), qkv, QKV, 0);
                 barrier_wait(&bar, nt);
                 /* K/V first (rows of one slot may attend to each other: a prompt run as rows), then attention */
                 split(B, tid, nt, &a0, &a1);
@@ -1046,16 +1067,13 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
                 barrier_wait(&bar, nt);
                 for (int64_t b = p0; b < p1; b++) arrange(att + b * A, A, xa + b * A, gs + b * qf(A));
                 if (spread) barrier_wait(&bar, nt);
-                for (w = share_rows(dim, 16, tk + 2); next_rows(&w, tid, nt, &a0, &a1);) {
-                    q4_matmul_rows(B, &L->o, a0, a1, xa, A, gs, qf(A), xn, dim);
-                    for (int b = 0; b < B; b++)
-                        for (int64_t r = a0; r < a1; r++) x[b * dim + r] += xn[b * dim + r];
-                }
+                for (w = share_rows(dim, 16, tk + 2); next_rows(&w, tid, nt, &a0, &a1);)
+                    q4_matmul_rows(B, &L->o, a0, a1, xa, A, gs, qf(A), x, dim, 1);
                 barrier_wait(&bar, nt);
                 /* feed-forward block */
                 for (int64_t b = p0; b < p1; b++) {
-                    rms_norm(x + b * dim, L->ffn_norm, M->norm_eps, dim, xn + b * dim);
-                    arrange(xn + b * dim, dim, xa + b * dim, gs + b * qf(dim));
+                    rms_norm(x + b * dim, L->ffn_norm, M->norm_eps, dim, xn);
+                    arrange(xn, dim, xa + b * dim, gs + b * qf(dim));
                 }
                 if (spread) barrier_wait(&bar, nt);
                 for (w = share_rows(F, 16, tk + 3); next_rows(&w, tid, nt, &a0, &a1);)
@@ -1063,18 +1081,15 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
                         /* gate rows c0..c1 and up rows F + c0..F + c1 into gu [B][2c] (y[b][r] lands at
                          * y + b * stride + r, r a multiple of 16: no masked lane falls before gu) */
                         const int64_t c1 = c0 + gu_rows < a1 ? c0 + gu_rows : a1, c = c1 - c0;
-                        q4_matmul_rows(B, &L->gate_up, c0, c1, xa, dim, gs, qf(dim), gu - c0, 2 * c);
-                        q4_matmul_rows(B, &L->gate_up, F + c0, F + c1, xa, dim, gs, qf(dim), gu + c - (F + c0), 2 * c);
+                        q4_matmul_rows(B, &L->gate_up, c0, c1, xa, dim, gs, qf(dim), gu - c0, 2 * c, 0);
+                        q4_matmul_rows(B, &L->gate_up, F + c0, F + c1, xa, dim, gs, qf(dim), gu + c - (F + c0), 2 * c, 0);
                         for (int b = 0; b < B; b++) silu_mul(gu + b * 2 * c, gu + b * 2 * c + c, hbuf + b * F + c0, c);
                     }
                 barrier_wait(&bar, nt);
                 for (int64_t b = p0; b < p1; b++) arrange(hbuf + b * F, F, xa + b * F, gs + b * qf(F));
                 if (spread) barrier_wait(&bar, nt);
-                for (w = share_rows(dim, 16, tk + 4); next_rows(&w, tid, nt, &a0, &a1);) {
-                    q4_matmul_rows(B, &L->down, a0, a1, xa, F, gs, qf(F), xn, dim);
-                    for (int b = 0; b < B; b++)
-                        for (int64_t r = a0; r < a1; r++) x[b * dim + r] += xn[b * dim + r];
-                }
+                for (w = share_rows(dim, 16, tk + 4); next_rows(&w, tid, nt, &a0, &a1);)
+                    q4_matmul_rows(B, &L->down, a0, a1, xa, F, gs, qf(F), x, dim, 1);
                 barrier_wait(&bar, nt);
             }
             /* logits of the chosen tokens only (a prompt run as rows needs its last) */
@@ -1120,7 +1135,7 @@ int influence_q4_matmul(const q4mat *W, const uint16_t *x, int64_t Mrows, uint16
         thread_id(&tid, &nt);
         int64_t a0, a1;
         split(n, tid, nt, &a0, &a1);
-        q4_matmul_rows((int)Mrows, W, a0, a1, xa, k, gs, qf(k), yf, n);
+        q4_matmul_rows((int)Mrows, W, a0, a1, xa, k, gs, qf(k), yf, n, 0);
     }
     for (int64_t i = 0; i < Mrows * n; i++) y[i] = f2bf(yf[i]);
     free(xf); free(xa); free(gs); free(yf);
