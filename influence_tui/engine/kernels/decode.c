@@ -2,7 +2,8 @@
  *
  * Why C: a decode step in torch is ~300 small ops; each costs a dispatch and a parallel region,
  * and torch's int4 kernel wants its own layout. Here one OpenMP region runs the whole step, its
- * threads splitting the rows of each matmul, with 5 barriers per layer.
+ * threads splitting the rows of each matmul, with 5 barriers per layer (a prompt's rows: up to 10,
+ * as its threads also share the preparation of the activations and the transform of the cache).
  *
  * Numbers: a float32 residual stream and a bf16 KV cache, as the torch path of model.py. Into
  * each int4 matmul the activations go as int8 per group of 32 with a float scale (llama.cpp's
