@@ -1,9 +1,10 @@
 """One measurement of one engine, in a fresh process (so peak RSS is that engine's own).
 
-    python benchmarks/engines.py ours|llamacpp|transformers --prompt-tokens 509 --decode-tokens 128
+    python benchmarks/engines.py ours|llamacpp|transformers --prompt-tokens 509 --decode-tokens 128 [--device cuda]
 
-Prints one JSON line: load_s, prefill_tok_s, decode_tok_s, peak_rss_mb, prompt_tokens, first_ids.
-Greedy, EOS ignored, 2 threads. run.py calls this A B A B so that the machine's drift cancels.
+Prints one JSON line: load_s, prefill_tok_s, decode_tok_s, peak_rss_mb, prompt_tokens, first_ids
+(and peak_gpu_mb on CUDA). Greedy, EOS ignored, 2 threads. run.py calls this A B A B so that the
+machine's drift cancels.
 """
 
 from __future__ import annotations
@@ -36,14 +37,22 @@ def prompt_ids(encode, n: int) -> list[int]:
     return encode(TEXT * 64)[:n]
 
 
-def run_ours(path: str, n_prompt: int, n_decode: int, threads: int) -> dict:
+def _sync(device: str) -> None:
+    """Wait for the GPU: its kernels run asynchronously, so a timer must stop after them."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def run_ours(path: str, n_prompt: int, n_decode: int, threads: int, device: str = "cpu") -> dict:
     import torch
 
     torch.set_num_threads(threads)
     from influence_tui.engine.loader import load_model
 
     t0 = time.perf_counter()
-    lm = load_model(path, device="cpu", max_batch=1, max_seq=1024)
+    lm = load_model(path, device=device, max_batch=1, max_seq=1024)
     load_s = time.perf_counter() - t0
     m = lm.model
     ids = prompt_ids(lambda t: lm.tokenizer.encode(t), n_prompt)
@@ -52,8 +61,10 @@ def run_ours(path: str, n_prompt: int, n_decode: int, threads: int) -> dict:
     with torch.inference_mode():
         # the engine's own prompt path: kernel rows, or dense chunks where they are faster
         m.prefill_chunked(0, torch.tensor(ids[:16]), 0, CHUNK)  # warm-up, as every engine gets one
+        _sync(device)
         t = time.perf_counter()
         logits = m.prefill_chunked(0, torch.tensor(ids), 0, CHUNK)
+        _sync(device)
         prefill_s = time.perf_counter() - t
         out = []
         tok = int(logits.argmax())
@@ -68,7 +79,7 @@ def run_ours(path: str, n_prompt: int, n_decode: int, threads: int) -> dict:
                 prompt_tokens=len(ids), first_ids=out[:16], weights=lm.extra.get("weights"))
 
 
-def run_llamacpp(path: str, n_prompt: int, n_decode: int, threads: int) -> dict:
+def run_llamacpp(path: str, n_prompt: int, n_decode: int, threads: int, device: str = "cpu") -> dict:
     import llama_cpp.llama_cpp as lib
     import numpy as np
     from llama_cpp import Llama
@@ -109,7 +120,7 @@ def run_llamacpp(path: str, n_prompt: int, n_decode: int, threads: int) -> dict:
                 prompt_tokens=len(ids), first_ids=out[:16])
 
 
-def run_transformers(path: str, n_prompt: int, n_decode: int, threads: int) -> dict:
+def run_transformers(path: str, n_prompt: int, n_decode: int, threads: int, device: str = "cpu") -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -117,17 +128,21 @@ def run_transformers(path: str, n_prompt: int, n_decode: int, threads: int) -> d
     folder, name = os.path.split(path)
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.bfloat16).eval().to(device)
+    _sync(device)
     load_s = time.perf_counter() - t0
     ids = prompt_ids(lambda t: tok.encode(t, add_special_tokens=False), n_prompt)
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=device)
     with torch.inference_mode():
         model(x[:, :16])
+        _sync(device)
         t = time.perf_counter()
         model(x)
+        _sync(device)
         prefill_s = time.perf_counter() - t
         t = time.perf_counter()
         out = model.generate(x, max_new_tokens=n_decode, min_new_tokens=n_decode, do_sample=False)
+        _sync(device)
         total = time.perf_counter() - t
     decode_s = max(total - prefill_s, 1e-9)
     return dict(load_s=load_s, prefill_tok_s=len(ids) / prefill_s, decode_tok_s=(n_decode - 1) / decode_s,
@@ -141,11 +156,24 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=509)
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: ours and transformers on the GPU")
     a = ap.parse_args()
+    if a.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit("error: --device cuda: torch sees no CUDA GPU here")
+        if a.engine == "llamacpp":
+            sys.exit("error: the llama.cpp reference is a CPU build; compare on CUDA against transformers")
     path = a.path or bundled()
     fn = {"ours": run_ours, "llamacpp": run_llamacpp, "transformers": run_transformers}[a.engine]
-    result = fn(path, a.prompt_tokens, a.decode_tokens, a.threads)
+    result = fn(path, a.prompt_tokens, a.decode_tokens, a.threads, a.device)
     result["peak_rss_mb"] = peak_rss_mb()
+    if a.device == "cuda":
+        import torch
+
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 1e6
+        result["gpu"] = torch.cuda.get_device_name()
     print(json.dumps(result))
 
 

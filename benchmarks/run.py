@@ -1,6 +1,6 @@
 """Influence's speed and memory against reference engines, measured in one run.
 
-    .venv/bin/python benchmarks/run.py [--rounds 3] [--skip-transformers] [--quick]
+    .venv/bin/python benchmarks/run.py [--rounds 3] [--skip-transformers] [--quick] [--device cuda]
 
 1. Load, prefill (509-token prompt) and decode (128 tokens, EOS ignored) tok/s and peak RSS for
    this engine, llama.cpp (llama-cpp-python, optional: `pip install llama-cpp-python`) and
@@ -13,6 +13,10 @@
 4. Concurrency: 8 streams through continuous batching vs 1 stream, alternated over 3 rounds;
    answers identical to alone. The same through the API server and the official ollama client.
 5. `--batch`-style: 32 prompts submitted together vs one after another.
+
+With --device cuda, part 1 runs this engine and transformers on the GPU (bf16; llama.cpp's
+reference is a CPU build and is left out) and writes results/latest-cuda.json; parts 3-5 run where
+the engine puts itself (CUDA when torch sees a GPU).
 """
 
 from __future__ import annotations
@@ -61,11 +65,13 @@ def run_json(cmd: list[str], what: str) -> tuple[dict | None, list[str]]:
     return json.loads(lines[-1]), lines[:-1]
 
 
-def measure_engines(rounds: int, engines: list[str], prompt_tokens: int, decode_tokens: int) -> dict[str, list[dict]]:
+def measure_engines(rounds: int, engines: list[str], prompt_tokens: int, decode_tokens: int,
+                    device: str = "cpu") -> dict[str, list[dict]]:
     runs: dict[str, list[dict]] = {e: [] for e in engines}
     for r in range(rounds):
         for engine in engines:
-            cmd = [sys.executable, str(HERE / "engines.py"), engine, "--prompt-tokens", str(prompt_tokens), "--decode-tokens", str(decode_tokens)]
+            cmd = [sys.executable, str(HERE / "engines.py"), engine, "--prompt-tokens", str(prompt_tokens),
+                   "--decode-tokens", str(decode_tokens), "--device", device]
             d, _ = run_json(cmd, f"{engine} round {r + 1}")
             if d is None:
                 continue
@@ -86,6 +92,9 @@ def engine_table(runs: dict[str, list[dict]]) -> dict:
     for engine, rs in runs.items():
         if rs:
             print(f"| {engine} | " + " | ".join(_stat([r[m] for r in rs]) for m in metrics) + " |")
+    for engine, rs in runs.items():
+        if rs and "peak_gpu_mb" in rs[0]:
+            print(f"{engine}: peak GPU memory {_stat([r['peak_gpu_mb'] for r in rs])} MB on {rs[0].get('gpu', 'the GPU')}")
     for ref in ("llamacpp", "transformers"):
         if "ours" in med and ref in med:
             o, x = med["ours"], med[ref]
@@ -325,6 +334,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer rounds and prompts")
     ap.add_argument("--prompt-tokens", type=int, default=509)
     ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where part 1 runs this engine and transformers")
     ap.add_argument("--engine-level", action="store_true", help=argparse.SUPPRESS)  # part 3-5 alone, JSON last
     a = ap.parse_args()
     if a.engine_level:
@@ -336,15 +346,21 @@ def main() -> None:
 
     print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs ({cpu_flags()}), torch {torch.__version__}, threads 2, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}, C decode kernel: {'yes' if vectorized() else 'no (torch int4 kernel)'}")
+    if a.device == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit("error: --device cuda: torch sees no CUDA GPU here")
+        print(f"GPU: {torch.cuda.get_device_name()} (bf16; the llama.cpp reference is a CPU build and is left out)")
     engines = ["ours"]
-    if importlib.util.find_spec("llama_cpp"):
+    if a.device == "cuda":
+        pass
+    elif importlib.util.find_spec("llama_cpp"):
         engines.append("llamacpp")
     else:
         print("llama-cpp-python is not installed: the llama.cpp reference is skipped (pip install llama-cpp-python)")
     if not a.skip_transformers:
         engines.append("transformers")
     rounds = 1 if a.quick else a.rounds
-    runs = measure_engines(rounds, engines, a.prompt_tokens, a.decode_tokens)
+    runs = measure_engines(rounds, engines, a.prompt_tokens, a.decode_tokens, a.device)
     report = {"engines": engine_table(runs), "runs": runs}
     from influence_tui.library import bundled_gguf_path
 
@@ -352,8 +368,9 @@ def main() -> None:
     report["engine"] = engine_level_fresh(a.quick)
     out = HERE / "results"
     out.mkdir(exist_ok=True)
-    (out / "latest.json").write_text(json.dumps(report, indent=2))
-    print(f"\nwritten: {out / 'latest.json'}")
+    name = "latest-cuda.json" if a.device == "cuda" else "latest.json"
+    (out / name).write_text(json.dumps(report, indent=2))
+    print(f"\nwritten: {out / name}")
 
 
 if __name__ == "__main__":
