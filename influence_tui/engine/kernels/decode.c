@@ -216,41 +216,33 @@ static inline int32_t ld32(const int8_t *p) {
     return v;
 }
 #if VEC
-/* lane j of the result: the sum of the int32 lanes of v[j'] (j' = 4 (j % 4) + j / 4, a transpose) */
-static inline __attribute__((always_inline)) __m512i reduce16(const __m512i v[16]) {
+/* a + b, or their maximum (of floats >= 0 too: their bits order as the numbers do) */
+static inline __attribute__((always_inline)) __m512i add_or_max(__m512i a, __m512i b, const int max) {
+    return max ? _mm512_max_epi32(a, b) : _mm512_add_epi32(a, b);
+}
+/* lane j of the result: the sum (or maximum) of the int32 lanes of v[j'] (j' = 4 (j % 4) + j / 4,
+ * a transpose) */
+static inline __attribute__((always_inline)) __m512i reduce16(const __m512i v[16], const int max) {
     __m512i t[8], u[4];
     for (int i = 0; i < 8; i++)
-        t[i] = _mm512_add_epi32(_mm512_shuffle_i64x2(v[2 * i], v[2 * i + 1], 0x44), _mm512_shuffle_i64x2(v[2 * i], v[2 * i + 1], 0xee));
+        t[i] = add_or_max(_mm512_shuffle_i64x2(v[2 * i], v[2 * i + 1], 0x44), _mm512_shuffle_i64x2(v[2 * i], v[2 * i + 1], 0xee), max);
     for (int i = 0; i < 4; i++)
-        u[i] = _mm512_add_epi32(_mm512_shuffle_i64x2(t[2 * i], t[2 * i + 1], 0x88), _mm512_shuffle_i64x2(t[2 * i], t[2 * i + 1], 0xdd));
-    __m512i w01 = _mm512_add_epi32(_mm512_unpacklo_epi32(u[0], u[1]), _mm512_unpackhi_epi32(u[0], u[1]));
-    __m512i w23 = _mm512_add_epi32(_mm512_unpacklo_epi32(u[2], u[3]), _mm512_unpackhi_epi32(u[2], u[3]));
-    return _mm512_add_epi32(_mm512_unpacklo_epi64(w01, w23), _mm512_unpackhi_epi64(w01, w23));
+        u[i] = add_or_max(_mm512_shuffle_i64x2(t[2 * i], t[2 * i + 1], 0x88), _mm512_shuffle_i64x2(t[2 * i], t[2 * i + 1], 0xdd), max);
+    __m512i w01 = add_or_max(_mm512_unpacklo_epi32(u[0], u[1]), _mm512_unpackhi_epi32(u[0], u[1]), max);
+    __m512i w23 = add_or_max(_mm512_unpacklo_epi32(u[2], u[3]), _mm512_unpackhi_epi32(u[2], u[3]), max);
+    return add_or_max(_mm512_unpacklo_epi64(w01, w23), _mm512_unpackhi_epi64(w01, w23), max);
 }
 /* where v[j] ends up in reduce16's result */
 static inline int reduce16_lane(int j) { return 4 * (j % 4) + j / 4; }
-
-/* reduce16 for maxima of floats: the same transpose, max for add */
-static inline __attribute__((always_inline)) __m512 reduce16_max(const __m512 v[16]) {
-    __m512 t[8], u[4];
-    for (int i = 0; i < 8; i++)
-        t[i] = _mm512_max_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44), _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xee));
-    for (int i = 0; i < 4; i++)
-        u[i] = _mm512_max_ps(_mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0x88), _mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0xdd));
-    __m512 w01 = _mm512_max_ps(_mm512_unpacklo_ps(u[0], u[1]), _mm512_unpackhi_ps(u[0], u[1]));
-    __m512 w23 = _mm512_max_ps(_mm512_unpacklo_ps(u[2], u[3]), _mm512_unpackhi_ps(u[2], u[3]));
-    return _mm512_max_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(w01), _mm512_castps_pd(w23))),
-                         _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(w01), _mm512_castps_pd(w23))));
-}
 
 /* quant_group for 16 groups at once: their maxima and sums come out of one transpose each instead
  * of 32 horizontal reductions, the scales out of one division. The same numbers as quant_group. */
 static inline void quant_16_groups(const float *x, int8_t *q, float *sx, float *S) {
     const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0); /* reduce16_lane(j) */
-    __m512 m[16];
+    __m512i m[16];
     for (int j = 0; j < 16; j++)
-        m[j] = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + 32 * j)), _mm512_abs_ps(_mm512_loadu_ps(x + 32 * j + 16)));
-    const __m512 mx = _mm512_permutexvar_ps(order, reduce16_max(m)); /* lane j: group j */
+        m[j] = _mm512_castps_si512(_mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + 32 * j)), _mm512_abs_ps(_mm512_loadu_ps(x + 32 * j + 16))));
+    const __m512 mx = _mm512_castsi512_ps(_mm512_permutexvar_epi32(order, reduce16(m, 1))); /* lane j: group j */
     const __m512 d = _mm512_div_ps(mx, _mm512_set1_ps(127.f));
     const __m512 inv = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(mx, _mm512_setzero_ps(), _CMP_GT_OQ), _mm512_set1_ps(1.f), d);
     float invs[16];
@@ -264,7 +256,7 @@ static inline void quant_16_groups(const float *x, int8_t *q, float *sx, float *
         _mm_storeu_si128((__m128i *)(q + 32 * j + 16), _mm512_cvtsepi32_epi8(qb));
         sums[j] = _mm512_add_epi32(qa, qb);
     }
-    const __m512i sum = _mm512_permutexvar_epi32(order, reduce16(sums));
+    const __m512i sum = _mm512_permutexvar_epi32(order, reduce16(sums, 0));
     _mm512_storeu_ps(sx, d);
     _mm512_storeu_ps(S, _mm512_mul_ps(d, _mm512_cvtepi32_ps(sum)));
 }
@@ -448,7 +440,7 @@ static inline __attribute__((always_inline)) void i8_rows_n(const int B, const i
     }
     /* lane sums in integers (exact), then one conversion */
     int32_t sums[16];
-    _mm512_storeu_si512(sums, reduce16(acc));
+    _mm512_storeu_si512(sums, reduce16(acc, 0));
 #pragma GCC unroll 2
     for (int i = 0; i < R; i++) {
         float s = bf2f(scale[r + i]);
