@@ -114,6 +114,50 @@ def test_concurrent_submitters_get_their_own_answers(engine):
     assert agree == 8 if vectorized() else agree >= 6
 
 
+def test_a_long_prompt_arriving_mid_stream_does_not_stop_the_stream(engine):
+    """While one answer streams, a long prompt from another client is prefilled in pieces inside the
+    stream's decode steps (where prompts run as kernel rows): the stream keeps producing tokens
+    before the newcomer's first token, and both answers are the ones each gets alone."""
+    import time
+
+    from influence_tui.engine.native import vectorized
+
+    if not vectorized():
+        pytest.skip("prompts run as dense chunks here: they are prefilled at once")
+    story = GenerationRequest(prompt="Tell a long story about a lighthouse keeper and his cat.",
+                              params=GREEDY.with_(max_tokens=60, ignore_eos=True))
+    summary = GenerationRequest(
+        prompt="Summarise in one sentence: " + "The harbour town grew around its fish market, its rope makers and its old stone bridge. " * 30,
+        params=GREEDY.with_(max_tokens=8))
+    arrivals: list[float] = []
+    stream = engine.submit(story)
+
+    def read() -> None:
+        for _ in stream:
+            arrivals.append(time.perf_counter())
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    while len(arrivals) < 5:
+        time.sleep(0.005)
+    sent = time.perf_counter()
+    late = engine.submit(summary)
+    first = None
+    for _ in late:
+        first = first or time.perf_counter()
+    reader.join()
+    together = (stream.result, late.result)
+    assert together[1].usage.prompt_tokens > 4 * 128 and together[1].usage.cached_tokens < 64  # the template's preamble at most
+    assert sum(sent < t < first for t in arrivals) >= 3  # the story went on while the summary prefilled
+    fresh = Engine(Settings.load(env={}, use_file=False), max_batch=8)  # cold caches, one request at a time
+    try:
+        fresh.load()
+        alone = [fresh.submit(r).wait(timeout=120) for r in (story, summary)]
+    finally:
+        fresh.shutdown()
+    assert [r.text for r in together] == [r.text for r in alone]
+
+
 def test_multi_turn_reuses_the_kv_cache(engine):
     system = "You are a terse assistant. " + "Answer with one word whenever you can. " * 30
     msgs = [ChatMessage("system", system), ChatMessage("user", "Name a fruit.")]

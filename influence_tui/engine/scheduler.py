@@ -1,8 +1,9 @@
 """The worker thread's half of the engine: slots, admission, batched decode, the prefix cache.
 
 Only the engine's worker thread calls into a `Scheduler`. Each running request holds one KV-cache
-slot. A new request is admitted at the next step (prefilled alone, then decoded with everyone
-else); a finished one leaves. A finished conversation's slot keeps its KV entries, so a follow-up
+slot. A new request is admitted at the next step (prefilled, then decoded with everyone else; a
+long prompt that arrives while others stream is prefilled in pieces inside their decode steps, where
+prompts run as kernel rows); a finished one leaves. A finished conversation's slot keeps its KV entries, so a follow-up
 that starts with the same tokens (the next chat turn, or an API request sharing a system prompt)
 only prefills what is new. A request that shares only a prefix with another conversation's slot
 gets a copy of those positions in a slot of its own, so conversations do not evict each other.
@@ -50,6 +51,10 @@ CHUNK = 128
 CONTINUE_MIN = 32  # reused rows beyond the exact part that make a request a conversation's continuation
 KEEP_LOSS = 32  # cached positions a request may overwrite in a slot it takes over (else it copies)
 SHARE_MIN = 16  # positions prompts admitted together must have in common (beyond their caches) to prefill them once
+# Where prompts run as kernel rows, a long prompt that arrives while others stream is prefilled
+# PIECE rows at a time inside their decode steps (one kernel call for both, as llama-server's
+# continuous batching does): the streams slow down for a while instead of stopping.
+PIECE = 128
 
 
 @dataclass
@@ -80,6 +85,8 @@ class Sequence:
     generated: int = 0
     text: list[str] = field(default_factory=list)
     limit: int = 0  # max new tokens after context fitting
+    filling: bool = False  # its prompt is still being prefilled, PIECE rows per step
+    admitted: float = 0.0
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -256,6 +263,16 @@ class Scheduler:
             return
         tp = time.perf_counter()
         ready = self._share_prefixes(ready)
+        if self.active and getattr(self.model, "rows_only", False) and hasattr(self.model, "step_rows"):
+            # others are streaming: long prompts go in pieces with their steps (see PIECE)
+            for seq, reuse in [(seq, reuse) for seq, reuse in ready if len(seq.prompt) - reuse > PIECE]:
+                seq.slot.tokens = seq.slot.tokens[:reuse]
+                seq.slot.dense = min(seq.slot.dense, reuse)
+                seq.filling, seq.admitted = True, tp
+                self.active.append(seq)
+            ready = [(seq, reuse) for seq, reuse in ready if not seq.filling]
+            if not ready:
+                return
         logits = self._prefill_all([(seq.slot, seq.prompt, reuse) for seq, reuse in ready])
         elapsed = time.perf_counter() - tp
         for (seq, _), row in zip(ready, logits):
@@ -343,6 +360,9 @@ class Scheduler:
             self._finish(seq, "cancelled")
         if not self.active:
             return
+        if any(s.filling for s in self.active):
+            self._step_with_pieces()
+            return
         batch = list(self.active)
         t0 = time.perf_counter()
         slots = torch.tensor([s.slot.index for s in batch], dtype=torch.long)
@@ -360,6 +380,46 @@ class Scheduler:
         for seq, token in zip(batch, picks):
             seq.usage.decode_s += elapsed
             self._accept(seq, int(token))
+
+    def _step_with_pieces(self) -> None:
+        """One kernel call: a decode row for each streaming sequence and the next PIECE prompt rows
+        of those still prefilling; a prompt that ends here gives its first token."""
+        decoding = [s for s in self.active if not s.filling]
+        slots = [s.slot.index for s in decoding]
+        tokens = [s.last_token for s in decoding]
+        positions = [len(s.slot.tokens) for s in decoding]
+        logit_rows = list(range(len(decoding)))
+        pieces, budget = [], PIECE
+        for seq in [s for s in self.active if s.filling]:
+            start = len(seq.slot.tokens)
+            n = min(budget, len(seq.prompt) - start)
+            if n <= 0:
+                break
+            slots += [seq.slot.index] * n
+            tokens += seq.prompt[start : start + n]
+            positions += list(range(start, start + n))
+            done = start + n == len(seq.prompt)
+            if done:
+                logit_rows.append(len(slots) - 1)
+            pieces.append((seq, start + n, done))
+            budget -= n
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            logits = self.model.step_rows(slots, tokens, positions, logit_rows).float()
+        elapsed = time.perf_counter() - t0
+        for i, seq in enumerate(decoding):
+            seq.slot.tokens.append(seq.last_token)
+            seq.usage.decode_s += elapsed
+            self._accept(seq, seq.sampler(logits[i], seq.history))
+        row = len(decoding)
+        for seq, end, done in pieces:
+            seq.slot.tokens = seq.prompt[:end]
+            if done:  # as _prefill_all leaves a slot, then as admit() goes on
+                seq.filling = False
+                seq.slot.dense, seq.slot.approx = len(seq.prompt) // CHUNK * CHUNK, False
+                seq.usage.prefill_s = time.perf_counter() - seq.admitted
+                self._accept(seq, seq.sampler(logits[row], seq.history))
+                row += 1
 
     def _accept(self, seq: Sequence, token: int) -> None:
         seq.generated += 1
