@@ -3,9 +3,9 @@
 Only the engine's worker thread calls into a `Scheduler`. Each running request holds one KV-cache
 slot. A new request is admitted at the next step (prefilled, then decoded with everyone else; a
 long prompt that arrives while others stream is prefilled in pieces inside their decode steps, where
-prompts run as kernel rows); a finished one leaves. A finished conversation's slot keeps its KV entries, so a follow-up
-that starts with the same tokens (the next chat turn, or an API request sharing a system prompt)
-only prefills what is new. A request that shares only a prefix with another conversation's slot
+prompts run as kernel rows); a finished one leaves. A finished conversation's slot keeps its KV
+entries, so a follow-up that starts with the same tokens (the next chat turn, or an API request
+sharing a system prompt) only prefills what is new. A request that shares only a prefix with another conversation's slot
 gets a copy of those positions in a slot of its own, so conversations do not evict each other.
 Requests admitted together that begin alike have their common prefix prefilled once.
 """
