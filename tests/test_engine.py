@@ -158,6 +158,39 @@ def test_a_long_prompt_arriving_mid_stream_does_not_stop_the_stream(engine):
     assert [r.text for r in together] == [r.text for r in alone]
 
 
+def test_a_prompt_cancelled_while_prefilled_in_pieces_leaves_the_others_running(engine):
+    """Cancelling a request whose long prompt is still going in, piece by piece, with another
+    stream's steps: the stream finishes, and the same prompt sent again (continuing from the
+    positions already computed) gets the answer a cold start gets."""
+    import time
+
+    from influence_tui.engine.native import vectorized
+
+    if not vectorized():
+        pytest.skip("prompts run as dense chunks here: they are prefilled at once")
+    story = GenerationRequest(prompt="Tell a long story about a baker and a fox.", params=GREEDY.with_(max_tokens=40, ignore_eos=True))
+    report = GenerationRequest(
+        prompt="List the trades of this street: " + "The street had bakers, weavers, smiths, coopers and a tiny bookshop. " * 40,
+        params=GREEDY.with_(max_tokens=8))
+    stream = engine.submit(story)
+    events = iter(stream)
+    for _ in range(3):
+        next(events)  # streaming: the long prompt will go in pieces
+    late = engine.submit(report)
+    time.sleep(0.05)
+    late.cancel()
+    assert late.wait(timeout=60).finish_reason == "cancelled"
+    assert stream.wait(timeout=60).finish_reason == "length" and stream.result.usage.completion_tokens == 40
+    again = engine.submit(report).wait(timeout=120)
+    fresh = Engine(Settings.load(env={}, use_file=False), max_batch=8)
+    try:
+        fresh.load()
+        cold = fresh.submit(report).wait(timeout=120)
+    finally:
+        fresh.shutdown()
+    assert again.text == cold.text and again.finish_reason == "length"
+
+
 def test_multi_turn_reuses_the_kv_cache(engine):
     system = "You are a terse assistant. " + "Answer with one word whenever you can. " * 30
     msgs = [ChatMessage("system", system), ChatMessage("user", "Name a fruit.")]
