@@ -370,10 +370,8 @@ class LlamaModel:
 
     def step_rows(self, slots: list[int], tokens: list[int], positions: list[int], logit_rows: list[int]) -> torch.Tensor:
         """One kernel call for rows of any slots at any positions (decode steps and pieces of prompts
-        together; rows of one slot at consecutive positions): float32 logits [len(logit_rows), vocab]."""
-        for slot, pos in zip(slots, positions):
-            if not (0 <= slot < self.max_batch and 0 <= pos < self.max_seq):
-                raise ValueError(f"position {pos} of slot {slot} is outside the cache")
+        together; rows of one slot at consecutive positions): float32 logits [len(logit_rows), vocab].
+        The kernel checks every slot, position and token (ValueError)."""
         assert self._native is not None
         t = [torch.tensor(v, dtype=torch.long) for v in (slots, tokens, positions)]
         return self._native.decode(t[0], t[1], t[2], torch.get_num_threads(), logit_rows)

@@ -5,8 +5,9 @@ slot. A new request is admitted at the next step (prefilled, then decoded with e
 long prompt that arrives while others stream is prefilled in pieces inside their decode steps, where
 prompts run as kernel rows); a finished one leaves. A finished conversation's slot keeps its KV
 entries, so a follow-up that starts with the same tokens (the next chat turn, or an API request
-sharing a system prompt) only prefills what is new. A request that shares only a prefix with another conversation's slot
-gets a copy of those positions in a slot of its own, so conversations do not evict each other.
+sharing a system prompt) only prefills what is new. A request that shares only a prefix with
+another conversation's slot gets a copy of those positions in a slot of its own, so conversations
+do not evict each other.
 Requests admitted together that begin alike have their common prefix prefilled once.
 """
 
@@ -370,6 +371,11 @@ class Scheduler:
         positions = torch.tensor([len(s.slot.tokens) for s in batch], dtype=torch.long)
         with torch.inference_mode():
             logits = self.model.decode(slots, tokens, positions).float().cpu()
+        self._advance(batch, logits, t0)
+
+    def _advance(self, batch: list[Sequence], logits: torch.Tensor, t0: float) -> None:
+        """The decode rows of a step are done: each sequence's last token joins its slot and the
+        next one is picked from its row of logits."""
         for seq in batch:
             seq.slot.tokens.append(seq.last_token)
         if all(s.sampler.p.greedy and not s.sampler.needs_penalties for s in batch):
@@ -406,11 +412,8 @@ class Scheduler:
         t0 = time.perf_counter()
         with torch.inference_mode():
             logits = self.model.step_rows(slots, tokens, positions, logit_rows).float()
-        elapsed = time.perf_counter() - t0
-        for i, seq in enumerate(decoding):
-            seq.slot.tokens.append(seq.last_token)
-            seq.usage.decode_s += elapsed
-            self._accept(seq, seq.sampler(logits[i], seq.history))
+        if decoding:
+            self._advance(decoding, logits[: len(decoding)], t0)
         row = len(decoding)
         for seq, end, done in pieces:
             seq.slot.tokens = seq.prompt[:end]
