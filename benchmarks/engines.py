@@ -56,6 +56,7 @@ def run_ours(path: str, n_prompt: int, n_decode: int, threads: int, device: str 
     load_s = time.perf_counter() - t0
     m = lm.model
     ids = prompt_ids(lambda t: lm.tokenizer.encode(t), n_prompt)
+    from influence_tui.engine.sampling import greedy
     from influence_tui.engine.scheduler import CHUNK
 
     with torch.inference_mode():
@@ -67,13 +68,13 @@ def run_ours(path: str, n_prompt: int, n_decode: int, threads: int, device: str 
         _sync(device)
         prefill_s = time.perf_counter() - t
         out = []
-        tok = int(logits.argmax())
+        tok = greedy(logits)[0]  # the scheduler's greedy pick
         slot = torch.tensor([0])
         t = time.perf_counter()
         for i in range(n_decode):
             out.append(tok)
             logits = m.decode(slot, torch.tensor([tok]), torch.tensor([len(ids) + i]))
-            tok = int(logits[0].argmax())
+            tok = greedy(logits)[0]
         decode_s = time.perf_counter() - t
     return dict(load_s=load_s, prefill_tok_s=len(ids) / prefill_s, decode_tok_s=n_decode / decode_s,
                 prompt_tokens=len(ids), first_ids=out[:16], weights=lm.extra.get("weights"))

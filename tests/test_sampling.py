@@ -88,3 +88,19 @@ def test_any_integer_is_a_seed():
         p = GenerationParams(temperature=1.0, seed=seed)
         a, b = Sampler(p, torch.device("cpu")), Sampler(p, torch.device("cpu"))
         assert [a(logits, []) for _ in range(5)] == [b(logits, []) for _ in range(5)], seed
+
+
+def test_greedy_picks_like_torch_argmax_on_rows_ties_and_nan():
+    """The scheduler's batched greedy pick: each row's first largest logit, NaN counting as largest
+    (as torch.argmax), for a batch, a single row and a non-contiguous row of a batch."""
+    from influence_tui.engine.sampling import greedy
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 49152, generator=g)
+    x[2, 7] = x[2, 900] = x[2].max() + 1  # a tie: the first one wins
+    x[5, 33] = float("nan")
+    assert greedy(x) == x.argmax(dim=-1).tolist()
+    assert greedy(x)[2] == 7 and greedy(x)[5] == 33
+    assert greedy(x[3]) == [int(x[3].argmax())]
+    assert greedy(x[:, ::2]) == x[:, ::2].argmax(dim=-1).tolist()
+    assert greedy(x.to(torch.bfloat16)) == x.to(torch.bfloat16).argmax(dim=-1).tolist()

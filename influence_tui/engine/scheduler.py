@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from influence_tui.engine.base import LoadedModel
-from influence_tui.engine.sampling import Sampler, StopMatcher
+from influence_tui.engine.sampling import Sampler, StopMatcher, greedy
 from influence_tui.engine.tokenizer import IncrementalDecoder
 from influence_tui.engine.types import GenerationRequest, GenerationStream, Result, TokenEvent, Usage
 
@@ -379,7 +379,7 @@ class Scheduler:
         for seq in batch:
             seq.slot.tokens.append(seq.last_token)
         if all(s.sampler.p.greedy and not s.sampler.needs_penalties for s in batch):
-            picks = logits.argmax(dim=-1).tolist()  # one op for the whole batch
+            picks = greedy(logits)  # one op for the whole batch
         else:
             picks = [s.sampler(logits[i], s.history) for i, s in enumerate(batch)]
         elapsed = time.perf_counter() - t0
@@ -472,7 +472,7 @@ class Scheduler:
             logits = self.model.prefill(slot.index, torch.tensor(ids, dtype=torch.long), 0)
             tokens = list(ids)
             for _ in range(n_tokens):
-                nxt = int(logits.argmax())
+                nxt = greedy(logits)[0]
                 logits = self.model.decode(
                     torch.tensor([slot.index]), torch.tensor([nxt]), torch.tensor([len(tokens)])
                 )[0]
