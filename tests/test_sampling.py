@@ -1,3 +1,5 @@
+from collections import Counter
+
 import torch
 
 from influence_tui.engine.sampling import Sampler, StopMatcher, filtered_probs
@@ -70,8 +72,8 @@ def test_degenerate_distribution_falls_back_to_greedy():
     assert s(torch.tensor([0.0, 2.0, 1.0]), []) == 1  # top_p 0 keeps only the best token
 
 
-def test_top_p_with_a_flat_distribution_uses_the_full_sort():
-    # 5000 equal tokens: the first 1024 candidates hold too little mass, so all tokens are sorted
+def test_top_p_with_a_flat_distribution_keeps_half():
+    # 5000 equal tokens: every one is a candidate, and top_p keeps the first half of them
     probs = filtered_probs(torch.zeros(5000), GenerationParams(temperature=1.0, top_p=0.5))
     assert int((probs > 0).sum()) in (2500, 2501)  # float rounding of the running sum
 
@@ -104,3 +106,62 @@ def test_greedy_picks_like_torch_argmax_on_rows_ties_and_nan():
     assert greedy(x[3]) == [int(x[3].argmax())]
     assert greedy(x[:, ::2]) == x[:, ::2].argmax(dim=-1).tolist()
     assert greedy(x.to(torch.bfloat16)) == x.to(torch.bfloat16).argmax(dim=-1).tolist()
+
+
+def _reference_candidates(logits: torch.Tensor, p: GenerationParams) -> dict[int, float]:
+    """Top-k, min-p, top-p the plain way (full sorts, in torch): the kept ids and probabilities."""
+    logits = logits.double() / p.temperature
+    if p.top_k:
+        kth = torch.sort(logits, descending=True).values[min(p.top_k, logits.numel()) - 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if p.min_p > 0.0:
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+    best, ids = torch.sort(probs, descending=True, stable=True)
+    if 0.0 < p.top_p < 1.0:
+        keep = torch.cumsum(best, dim=-1) - best < p.top_p
+        best, ids = best[keep], ids[keep]
+    best, ids = best[best > 0], ids[best > 0]
+    return dict(zip(ids.tolist(), (best / best.sum()).tolist()))
+
+
+def test_candidates_keep_what_full_sorts_keep():
+    """The sampler looks only at the tokens above a threshold when they suffice; on peaked and flat
+    vocabularies of 50k it keeps the same tokens with the same probabilities as full sorts do."""
+    from influence_tui.engine.sampling import candidates
+
+    g = torch.Generator().manual_seed(3)
+    settings = [dict(top_p=0.9), dict(top_p=0.95, top_k=40), dict(top_p=1.0, top_k=5), dict(top_p=0.5, min_p=0.05),
+                dict(top_p=1.0, min_p=0.1), dict(top_p=0.99, temperature=1.5), dict(top_p=0.9, top_k=100_000)]
+    for spread in (0.5, 3.0, 8.0):  # flat to peaked
+        logits = torch.randn(49152, generator=g) * spread
+        for kw in settings:
+            p = GenerationParams(**({"temperature": 0.7} | kw))
+            probs, ids = candidates(logits, p)
+            want = _reference_candidates(logits, p)
+            assert set(ids.tolist()) == set(want), (spread, kw)
+            got = dict(zip(ids.tolist(), probs.tolist()))
+            assert max(abs(got[i] - want[i]) for i in want) < 1e-5, (spread, kw)
+
+
+def test_draws_follow_the_kept_distribution():
+    """Inverse-CDF draws by blocks: the same index as a plain running sum, and frequencies that
+    match the probabilities, zero-probability tokens never drawn."""
+    import numpy as np
+
+    from influence_tui.engine.sampling import draw
+
+    rng = np.random.default_rng(0)
+    for n in (3, 1000, 49152):
+        probs = rng.random(n).astype(np.float32) ** 4
+        probs[rng.random(n) < 0.3] = 0.0
+        cdf = np.cumsum(probs, dtype=np.float64)
+        for u in rng.random(200):
+            assert draw(probs, u) == int(np.searchsorted(cdf, u * cdf[-1], side="right")), (n, u)
+        assert probs[draw(probs, 1.0 - 1e-17)] > 0 and probs[draw(probs, 0.0)] > 0
+    s = Sampler(GenerationParams(temperature=1.0, top_p=1.0, repeat_penalty=1.0, seed=5), torch.device("cpu"))
+    target = torch.tensor([0.1, 0.0, 0.2, 0.3, 0.4])
+    counts = Counter(s(target.log(), []) for _ in range(20000))
+    assert counts[1] == 0
+    for i in (0, 2, 3, 4):
+        assert abs(counts[i] / 20000 - float(target[i])) < 0.015, counts

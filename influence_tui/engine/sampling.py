@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import numpy as np
 import torch
 
 from influence_tui.params import GenerationParams
@@ -19,7 +20,7 @@ def greedy(logits: torch.Tensor) -> list[int]:
     """The index of each row's largest logit (the first one on ties; NaN counts as largest), for
     float32 logits [vocab] or [rows, vocab] on the CPU. numpy's argmax is vectorised where torch's
     CPU argmax is not: ~6 us a row instead of ~80 (a step of 8 streams spent 0.35 ms in it)."""
-    x = logits if logits.dim() == 2 else logits.view(1, -1)
+    x = (logits if logits.dim() == 2 else logits.reshape(1, -1)).detach()
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return x.argmax(dim=-1).tolist()
     return x.numpy().argmax(axis=1).tolist()
@@ -35,73 +36,137 @@ class Sampler:
         self.generated: Counter[int] = Counter()
 
     @property
+    def picks_best(self) -> bool:
+        """Greedy: no temperature, or settings that leave only the best token."""
+        p = self.p
+        return p.greedy or p.temperature < 1e-4 or p.top_p <= 0.0 or p.top_k == 1
+
+    @property
     def needs_penalties(self) -> bool:
         p = self.p
         return p.repeat_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
     def apply_penalties(self, logits: torch.Tensor, history: list[int]) -> torch.Tensor:
         """llama.cpp's repeat penalty over the last `repeat_last_n` tokens (prompt included);
-        OpenAI's presence/frequency penalties over the generated tokens."""
-        p = self.p
-        if p.repeat_penalty != 1.0 and p.repeat_last_n > 0 and history:
-            ids = torch.tensor(sorted(set(history[-p.repeat_last_n:])), dtype=torch.long)
-            picked = logits[ids]
-            logits[ids] = torch.where(picked > 0, picked / p.repeat_penalty, picked * p.repeat_penalty)
-        if (p.presence_penalty or p.frequency_penalty) and self.generated:
-            ids = torch.tensor(list(self.generated.keys()), dtype=torch.long)
-            counts = torch.tensor(list(self.generated.values()), dtype=logits.dtype)
-            logits[ids] -= p.presence_penalty + p.frequency_penalty * counts
+        OpenAI's presence/frequency penalties over the generated tokens. In place."""
+        _penalise(logits.numpy(), self.p, history, self.generated)
         return logits
 
     def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
         """Pick the next token from float32 logits [vocab] (on CPU). `history` = prompt + generated ids."""
-        logits = logits.float()
-        if self.needs_penalties:
-            logits = self.apply_penalties(logits.clone(), history)
-        token = self._pick(logits)
+        p = self.p
+        if self.picks_best and not self.needs_penalties:
+            token = greedy(logits)[0]
+        else:
+            # numpy, not torch: on one row of ~50k logits torch's CPU ops cost ~10x more (its topk
+            # alone took 0.5 ms, a sampled token ~1 ms in all; a decode step is ~4 ms)
+            x = logits.detach().float().cpu().numpy().copy()
+            if self.needs_penalties:
+                _penalise(x, p, history, self.generated)
+            token = self._pick(x)
         self.generated[token] += 1
         return token
 
-    def _pick(self, logits: torch.Tensor) -> int:
-        p = self.p
-        if p.greedy or p.temperature < 1e-4 or p.top_p <= 0.0 or p.top_k == 1:
-            return greedy(logits)[0]
-        picked = candidates(logits, p)
+    def _pick(self, x: np.ndarray) -> int:
+        if self.picks_best:
+            return int(x.argmax())
+        picked = _candidates(x, self.p)
         if picked is None:
-            return greedy(logits)[0]  # penalties pushed everything to -inf: fall back to greedy
+            return int(x.argmax())  # penalties pushed everything to -inf: fall back to greedy
         probs, ids = picked
-        # drawing from the few kept tokens, not the whole vocabulary, saves ~1 ms a token
-        return int(ids[torch.multinomial(probs, 1, generator=self.generator)])
+        u = float(torch.rand((), generator=self.generator, dtype=torch.float64))
+        return int(ids[draw(probs, u)])
 
 
-# top-p looks at the best CANDIDATES tokens first: a full sort of a 50k vocabulary costs more than
-# the rest of sampling; the full sort is only needed when those hold less than top_p of the mass.
-CANDIDATES = 1024
+def _penalise(x: np.ndarray, p: GenerationParams, history: list[int], generated: Counter[int]) -> None:
+    if p.repeat_penalty != 1.0 and p.repeat_last_n > 0 and history:
+        ids = np.fromiter(set(history[-p.repeat_last_n:]), dtype=np.int64)
+        picked = x[ids]
+        x[ids] = np.where(picked > 0, picked / p.repeat_penalty, picked * p.repeat_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and generated:
+        ids = np.fromiter(generated.keys(), dtype=np.int64, count=len(generated))
+        counts = np.fromiter(generated.values(), dtype=np.float32, count=len(generated))
+        x[ids] -= p.presence_penalty + p.frequency_penalty * counts
+
+
+# Thresholds below the best token (as fractions of its probability) tried before a full sort: the
+# tokens above one are a prefix of the sorted order, so when they hold top_p of the mass (or k
+# tokens) only they need sorting: usually a few hundred of ~50k.
+HEAD_THRESHOLDS = (2.0**-10, 2.0**-20, 2.0**-40)
+
+
+def _head(v: np.ndarray, enough) -> tuple[np.ndarray, np.ndarray]:
+    """A prefix of the probabilities v in descending order (ties in index order) and their
+    indices, long enough that enough(values) holds; every non-zero one when none is."""
+    top = float(v.max())
+    for f in HEAD_THRESHOLDS:
+        ids = np.flatnonzero(v >= top * f)
+        if enough(v[ids]):
+            break
+    else:
+        ids = np.flatnonzero(v > 0)
+    order = np.argsort(-v[ids], kind="stable")
+    return v[ids][order], ids[order]
+
+
+def _candidates(x: np.ndarray, p: GenerationParams) -> tuple[np.ndarray, np.ndarray] | None:
+    """Temperature, then top-k, min-p and top-p on float32 logits (overwritten): the kept tokens'
+    probabilities (normalised) and ids. None when nothing is left to draw from."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        x /= np.float32(p.temperature)
+        x -= x.max()
+        probs = np.exp(x, out=x)  # softmax; -inf logits give 0, a NaN or all -inf give NaNs
+        probs /= probs.sum()
+    if not np.isfinite(probs).all():
+        return None
+    if p.top_k and p.top_k < probs.size:
+        k = p.top_k
+        best, _ = _head(probs, lambda v: v.size >= k)
+        if best.size >= k:  # (fewer non-zero ones: nothing to drop)
+            probs[probs < best[k - 1]] = 0.0  # ties with the k-th stay
+            probs /= probs.sum()
+    if p.min_p > 0.0:
+        probs[probs < p.min_p * probs.max()] = 0.0
+    if 0.0 < p.top_p < 1.0:
+        best, ids = _head(probs, lambda v: float(v.sum(dtype=np.float64)) >= p.top_p)
+        keep = np.cumsum(best, dtype=np.float64) - best < p.top_p  # the token that crosses top_p stays
+        probs, ids = best[keep], ids[keep]
+    else:
+        ids = np.flatnonzero(probs > 0)
+        probs = probs[ids]
+    total = float(probs.sum(dtype=np.float64))
+    if not total > 0.0 or total == float("inf"):
+        return None
+    return probs / np.float32(total), ids
+
+
+def draw(probs: np.ndarray, u: float) -> int:
+    """The index i where the running sum of probs (>= 0, not all 0) first exceeds u * their total
+    (inverse CDF, u in [0, 1)). By blocks of 256: numpy's cumsum is a scalar loop (~0.2 ms over a
+    whole vocabulary), block sums are vectorised."""
+    n, B = probs.size, 256
+    if n <= 4 * B:
+        blocks, cb = probs.reshape(1, -1), np.array([probs.sum(dtype=np.float64)])
+    else:
+        blocks = np.pad(probs, (0, -n % B)).reshape(-1, B)
+        cb = np.cumsum(blocks.sum(axis=1, dtype=np.float64))
+    target = u * cb[-1]
+    j = min(int(np.searchsorted(cb, target, side="right")), len(cb) - 1)
+    while cb[j] == (cb[j - 1] if j else 0.0):  # rounding landed on an empty block: the last full one
+        j -= 1
+    inner = np.cumsum(blocks[j], dtype=np.float64)
+    i = int(np.searchsorted(inner, target - (cb[j - 1] if j else 0.0), side="right"))
+    i = min(i, int(np.flatnonzero(blocks[j])[-1]))  # past the end by rounding: its last kept token
+    return j * blocks.shape[1] + i
 
 
 def candidates(logits: torch.Tensor, p: GenerationParams) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Temperature, then top-k, min-p and top-p: the kept tokens' probabilities (normalised) and
-    ids. None when nothing is left to draw from."""
-    logits = logits.float() / p.temperature
-    if p.top_k:
-        kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if p.min_p > 0.0:
-        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-    if 0.0 < p.top_p < 1.0:
-        k = min(CANDIDATES, probs.numel())
-        best, ids = torch.topk(probs, k)  # sorted, descending
-        if float(best.sum()) < p.top_p and k < probs.numel():
-            best, ids = torch.sort(probs, descending=True)
-        keep = torch.cumsum(best, dim=-1) - best < p.top_p  # the token that crosses top_p stays
-        probs, ids = best[keep], ids[keep]
-    else:
-        ids = torch.arange(probs.numel())
-    total = float(probs.sum())
-    if not total > 0.0 or total == float("inf"):  # also catches NaN
+    """`_candidates` on a torch row of logits: (probabilities, ids) as tensors, or None."""
+    picked = _candidates(logits.detach().float().cpu().numpy().copy(), p)
+    if picked is None:
         return None
-    return probs / total, ids
+    probs, ids = picked
+    return torch.from_numpy(probs), torch.from_numpy(ids)
 
 
 def filtered_probs(logits: torch.Tensor, p: GenerationParams) -> torch.Tensor | None:

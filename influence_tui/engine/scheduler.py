@@ -378,7 +378,7 @@ class Scheduler:
         next one is picked from its row of logits."""
         for seq in batch:
             seq.slot.tokens.append(seq.last_token)
-        if all(s.sampler.p.greedy and not s.sampler.needs_penalties for s in batch):
+        if all(s.sampler.picks_best and not s.sampler.needs_penalties for s in batch):
             picks = greedy(logits)  # one op for the whole batch
         else:
             picks = [s.sampler(logits[i], s.history) for i, s in enumerate(batch)]
