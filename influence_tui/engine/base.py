@@ -39,8 +39,10 @@ class CausalLM(Protocol):
         the last position, shape [vocab], or of every position, shape [T, vocab], if `all_logits`.
         """
 
-    def decode(self, slots: "torch.Tensor", tokens: "torch.Tensor", positions: "torch.Tensor") -> "torch.Tensor":
-        """One step for B sequences at once: slots, tokens, positions are 1-D LongTensors of length B.
+    def decode(self, slots: "list[int] | torch.Tensor", tokens: "list[int] | torch.Tensor",
+               positions: "list[int] | torch.Tensor") -> "torch.Tensor":
+        """One step for B sequences at once: slots, tokens, positions are lists of B ints (or 1-D
+        integer tensors).
 
         Each sequence attends to its own slot's positions 0..positions[i]. Returns float32 [B, vocab].
         """

@@ -52,8 +52,10 @@ class HFCausalLM:
         logits = out.logits[0].float()
         return logits if all_logits else logits[-1]
 
-    def decode(self, slots: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        rows = [self.prefill(int(s), tokens[i : i + 1], int(positions[i])) for i, s in enumerate(slots.tolist())]
+    def decode(self, slots: list[int] | torch.Tensor, tokens: list[int] | torch.Tensor,
+               positions: list[int] | torch.Tensor) -> torch.Tensor:
+        tokens = torch.as_tensor(tokens, dtype=torch.long)
+        rows = [self.prefill(int(s), tokens[i : i + 1], int(positions[i])) for i, s in enumerate(list(slots))]
         return torch.stack(rows)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from influence_tui.engine.native import NativeStep, has_matrix_units
+from influence_tui.engine.native import IntRows, NativeStep, has_matrix_units
 from influence_tui.engine.quant import (
     FloatLinear,
     Int4Linear,
@@ -373,8 +373,7 @@ class LlamaModel:
         together; rows of one slot at consecutive positions): float32 logits [len(logit_rows), vocab].
         The kernel checks every slot, position and token (ValueError)."""
         assert self._native is not None
-        t = [torch.tensor(v, dtype=torch.long) for v in (slots, tokens, positions)]
-        return self._native.decode(t[0], t[1], t[2], torch.get_num_threads(), logit_rows)
+        return self._native.decode(slots, tokens, positions, torch.get_num_threads(), logit_rows)
 
     def _prefill_rows_many(self, jobs: list[tuple[int, torch.Tensor, int]]) -> list[torch.Tensor]:
         """Several prompts' rows in one kernel call (each pass over the weights serves 8 rows,
@@ -467,17 +466,22 @@ class LlamaModel:
             logits = self.lm_head(h).float()
         return logits if all_logits else logits[0]
 
-    def decode(self, slots: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def decode(self, slots: IntRows, tokens: IntRows, positions: IntRows) -> torch.Tensor:
+        """One decode step: token b at position b of slot b, for each b (1-D integer tensors or
+        lists of ints); float32 logits [B, vocab]."""
+        if self._native is not None:  # (CPU only) the kernel takes the lists as they are
+            gov = self._governors.setdefault(len(tokens), ThreadGovernor())
+            n, t0 = gov.threads(), time.perf_counter()
+            try:
+                return self._native.decode(slots, tokens, positions, n)
+            finally:
+                gov.record(time.perf_counter() - t0)
+        slots, tokens, positions = (torch.as_tensor(v, dtype=torch.long) for v in (slots, tokens, positions))
         if self.device.type != "cpu":
             return self._decode(slots, tokens, positions)
         gov = self._governors.setdefault(int(tokens.shape[0]), ThreadGovernor())
         n = gov.threads()
         t0 = time.perf_counter()
-        if self._native is not None:
-            try:
-                return self._native.decode(slots, tokens, positions, n)
-            finally:
-                gov.record(time.perf_counter() - t0)
         if n != gov.full:
             torch.set_num_threads(n)
         try:

@@ -161,6 +161,20 @@ class ModelT(ctypes.Structure):
         ("final_norm", ctypes.c_void_p), ("rope_cos", ctypes.c_void_p), ("rope_sin", ctypes.c_void_p)]
 
 
+IntRows = Any  # a list of ints or a 1-D integer tensor
+
+
+def _int64s(v: IntRows) -> tuple[int, Any]:
+    """(the address of v as contiguous int64s, the object that holds them: keep it until the call returns)"""
+    if isinstance(v, (list, tuple)):
+        arr = (ctypes.c_int64 * len(v))(*v)
+        return ctypes.addressof(arr), arr
+    import torch
+
+    t = v.to(dtype=torch.int64).contiguous()
+    return t.data_ptr(), t
+
+
 class NativeStep:
     """The C decode step bound to one model's weights and KV cache (rebuilt when the cache is)."""
 
@@ -207,21 +221,21 @@ class NativeStep:
             return None
 
     def decode(
-        self, slots: "torch.Tensor", tokens: "torch.Tensor", positions: "torch.Tensor", threads: int,
+        self, slots: "IntRows", tokens: "IntRows", positions: "IntRows", threads: int,
         logit_rows: list[int] | None = None,
     ) -> "torch.Tensor":
         """One kernel call for B tokens (own slot and position each; a slot may repeat at consecutive
-        positions: a prompt run as rows). Float32 logits of `logit_rows` (default: every token)."""
+        positions: a prompt run as rows). Float32 logits of `logit_rows` (default: every token).
+        Lists of ints are passed as they are: three small tensors cost a decode step ~70 us."""
         import torch
 
-        b = int(tokens.shape[0])
-        args = [t.to(torch.int64).contiguous() for t in (slots, tokens, positions)]
-        rows = None if logit_rows is None else torch.tensor(logit_rows, dtype=torch.int64)
+        b = len(tokens)
+        args = [_int64s(v) for v in (slots, tokens, positions)]
+        rows = None if logit_rows is None else _int64s(logit_rows)
         n_logits = b if logit_rows is None else len(logit_rows)
         logits = torch.empty(n_logits, self.vocab, dtype=torch.float32)
-        rc = self.lib.influence_decode(ctypes.byref(self._model), b, args[0].data_ptr(), args[1].data_ptr(),
-                                       args[2].data_ptr(), None if rows is None else rows.data_ptr(), n_logits,
-                                       logits.data_ptr(), threads)
+        rc = self.lib.influence_decode(ctypes.byref(self._model), b, args[0][0], args[1][0], args[2][0],
+                                       None if rows is None else rows[0], n_logits, logits.data_ptr(), threads)
         if rc == -1:
             raise ValueError(f"a slot, position or token is outside the cache ({self.max_batch} x {self.max_seq}) or vocabulary")
         if rc != 0:

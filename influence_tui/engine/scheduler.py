@@ -366,9 +366,9 @@ class Scheduler:
             return
         batch = list(self.active)
         t0 = time.perf_counter()
-        slots = torch.tensor([s.slot.index for s in batch], dtype=torch.long)
-        tokens = torch.tensor([s.last_token for s in batch], dtype=torch.long)
-        positions = torch.tensor([len(s.slot.tokens) for s in batch], dtype=torch.long)
+        slots = [s.slot.index for s in batch]
+        tokens = [s.last_token for s in batch]
+        positions = [len(s.slot.tokens) for s in batch]
         with torch.inference_mode():
             logits = self.model.decode(slots, tokens, positions).float().cpu()
         self._advance(batch, logits, t0)
