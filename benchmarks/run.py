@@ -9,7 +9,8 @@
 2. What weight-only quantization costs: greedy agreement and perplexity, fast path vs float.
 3. Through the engine: a cold 547-token prompt's time to first token; 8 requests sharing a long
    system prompt on a cold cache, its prefix computed once vs each prompt in full; multi-turn
-   chat, time to first token of turn 10 vs turn 1 (the KV cache kept between turns).
+   chat, time to first token of turn 10 vs turn 1 (the KV cache kept between turns); one stream
+   with the default sampling settings vs greedy.
 4. Concurrency: 8 streams through continuous batching vs 1 stream, alternated over 3 rounds;
    answers identical to alone. The same through the API server and the official ollama client.
 5. `--batch`-style: 32 prompts submitted together vs one after another.
@@ -189,6 +190,8 @@ def engine_level(quick: bool) -> dict:
     print(f"multi-turn: TTFT turn 1 {ttft[0] * 1000:.0f} ms, turn 10 {ttft[-1] * 1000:.0f} ms "
           f"({ttft[-1] / ttft[0]:.2f}x); turn 10 reused {cached[-1][0]} of {cached[-1][1]} prompt tokens")
 
+    out.update(sampled_vs_greedy(engine, 1 if quick else 3))
+
     # concurrency: 8 streams vs 1, alternated round by round (the machine's drift hits both)
     prompts = [f"Write two sentences about animal number {i}." for i in range(8)]
     p = greedy.with_(max_tokens=64, ignore_eos=True)
@@ -219,6 +222,24 @@ def engine_level(quick: bool) -> dict:
     print(f"batch of {n}: {n * 32 / batch_s:.0f} tok/s together vs {n * 32 / seq_s:.0f} tok/s one by one ({seq_s / batch_s:.2f}x)")
     engine.shutdown()
     return out
+
+
+def sampled_vs_greedy(engine, rounds: int) -> dict:
+    """One stream of 128 tokens with the default sampling settings (temperature 0.7, top-p 0.9,
+    repeat penalty 1.1, seeded) against greedy, alternated: what picking a token costs a user."""
+    from influence_tui.engine import GenerationRequest
+    from influence_tui.params import GenerationParams
+
+    settings = {"greedy": GenerationParams(temperature=0, repeat_penalty=1.0), "sampled": GenerationParams(seed=1)}
+    rates: dict[str, list[float]] = {k: [] for k in settings}
+    for _ in range(rounds):
+        for name, p in settings.items():
+            r = engine.generate(GenerationRequest(prompt="Tell me a story about a lighthouse keeper.",
+                                                  params=p.with_(max_tokens=128, ignore_eos=True)))
+            rates[name].append(r.usage.completion_tokens / r.usage.decode_s)
+    g, s = statistics.median(rates["greedy"]), statistics.median(rates["sampled"])
+    print(f"one stream, 128 tokens: {s:.0f} tok/s with the default sampling settings vs {g:.0f} greedy ({s / g:.2f}x)")
+    return {"sampled_tok_s": s, "greedy_tok_s": g}
 
 
 def shared_prefix_burst(engine, rounds: int) -> dict:
