@@ -552,3 +552,52 @@ def test_shareable_prefix_is_what_each_cold_start_computes_the_same_way():
     # the same prompt twice: all but the last token, which runs for each one's logits
     assert share(kernel, a, a) == len(a) - 1
     assert share(kernel, [5, 6], [7, 8]) == 0
+
+
+def test_asyncio_consumers_are_woken_once_per_step_and_get_every_token():
+    """Inside batched_wakes (the worker wraps each step in it) tokens put into several streams
+    wake their event loop once, at the end, and each consumer still gets all its tokens in order."""
+    import asyncio
+
+    from influence_tui.engine.types import GenerationStream, Result, TokenEvent, Usage, batched_wakes
+
+    streams = [GenerationStream() for _ in range(3)]
+    got: dict[int, list[str]] = {i: [] for i in range(3)}
+    loop = asyncio.new_event_loop()
+    wakes = []
+    original = loop.call_soon_threadsafe
+
+    def counting(*args):
+        wakes.append(args)
+        return original(*args)
+
+    loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+
+    async def consume(i: int) -> None:
+        async for event in streams[i]:
+            got[i].append(event.text)
+
+    async def main() -> None:
+        await asyncio.gather(*(consume(i) for i in range(3)))
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),))
+    thread.start()
+    try:
+        for _ in range(200):
+            if all(s._waiters for s in streams):
+                break
+            threading.Event().wait(0.01)
+        for step in range(4):
+            with batched_wakes():
+                for i, s in enumerate(streams):
+                    s._put(TokenEvent(f"{i}.{step} ", step))
+                assert len(wakes) == step  # nothing yet inside the block
+            assert len(wakes) == step + 1  # one wake for the three streams
+        with batched_wakes():
+            for s in streams:
+                s._finish(Result("", "stop", Usage()))
+    finally:
+        thread.join(timeout=10)
+        loop.close()
+    assert not thread.is_alive()
+    assert got == {i: [f"{i}.{step} " for step in range(4)] for i in range(3)}

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from influence_tui.config import Settings
-from influence_tui.engine.types import GenerationRequest, GenerationStream, Result, Usage
+from influence_tui.engine.types import GenerationRequest, GenerationStream, Result, Usage, batched_wakes
 from influence_tui.library import ModelNotFound, default_model_path, find_model, model_name_for_path
 
 
@@ -222,12 +222,15 @@ class Engine:
                         self._stop.set()
                         break
                     self._handle(nxt)
-            self._admit_pending()
+            # asyncio consumers are woken once after the admissions (first tokens) and once a step
+            with batched_wakes():
+                self._admit_pending()
             if self._scheduler and self._scheduler.active:
-                try:
-                    self._scheduler.step()
-                except Exception as exc:  # a model bug: fail the running requests, keep serving
-                    self._fail_active(f"generation failed: {exc}")
+                with batched_wakes():
+                    try:
+                        self._scheduler.step()
+                    except Exception as exc:  # a model bug: fail the running requests, keep serving
+                        self._fail_active(f"generation failed: {exc}")
         if self._scheduler:
             self._scheduler.cancel_all()
         self._fail_pending("the engine was shut down")
