@@ -220,3 +220,45 @@ def test_attention_at_block_edges_and_the_end_of_the_cache(bundled_gguf: Path) -
     assert torch.nn.functional.cosine_similarity(both[0], ref, dim=0).item() > 0.99
     with pytest.raises(ValueError, match="outside"):
         model.decode(torch.tensor([0]), torch.tensor([ids[0]]), torch.tensor([50]))
+
+
+def test_the_kernel_samples_what_numpy_samples(tmp_path: Path) -> None:
+    """The C sampler (one call a token) against the numpy one, vectorized and plain-C builds: on
+    flat to peaked vocabularies of 49k, with top-k, top-p, min-p and penalties, every C pick is one
+    of the tokens numpy keeps, and at the same random number it is the same token (but for float
+    rounding at the edge of a token's share); a NaN or an all -inf row leaves the pick to the caller."""
+    import numpy as np
+
+    from influence_tui.engine import sampling as S
+    from influence_tui.params import GenerationParams
+
+    portable = native.open_library(native.build(["-O2", "-march=x86-64-v2", "-fopenmp", "-shared", "-fPIC"], tmp_path))
+    rng = np.random.default_rng(7)
+    settings = [dict(temperature=0.7, top_p=0.9), dict(temperature=1.0, top_p=1.0), dict(temperature=0.8, top_k=40, top_p=0.95),
+                dict(temperature=1.2, top_p=0.5, min_p=0.05), dict(temperature=0.7, top_k=3, top_p=1.0)]
+    history = list(range(50, 120))
+    for lib in (native.library(), portable):
+        for spread in (0.5, 3.0, 8.0):
+            x = (rng.standard_normal(49152) * spread).astype(np.float32)
+            for kw in settings:
+                p = GenerationParams(repeat_penalty=1.3, presence_penalty=0.2, **kw)
+                penalised = x.copy()
+                S._penalise(penalised, p, history, {})
+                kept = S._candidates(penalised, p)
+                assert kept is not None
+                probs, ids = kept
+                overrides = S._penalties(x, p, history, {})
+                same, us = 0, rng.random(100)
+                for u in us:
+                    token = native.sample(x, overrides, p.temperature, p.top_k or 0, p.top_p, p.min_p, float(u), lib)
+                    assert token in set(ids.tolist()), (spread, kw)
+                    same += token == int(ids[S.draw(probs, float(u))])
+                assert same >= 97, (spread, kw, same)
+        nan = np.zeros(100, dtype=np.float32)
+        nan[5] = np.nan
+        assert native.sample(nan, {}, 0.7, 0, 0.9, 0.0, 0.5, lib) is None
+        assert native.sample(np.full(100, -np.inf, dtype=np.float32), {}, 0.7, 0, 0.9, 0.0, 0.5, lib) is None
+        half = np.zeros(1000, dtype=np.float32)
+        half[::2] = -np.inf
+        picks = {native.sample(half, {}, 1.0, 0, 1.0, 0.0, float(u), lib) for u in rng.random(300)}
+        assert picks and all(i % 2 == 1 for i in picks)

@@ -105,6 +105,10 @@ def open_library(path: Path) -> ctypes.CDLL:
     lib.influence_prefill_attention.restype = ctypes.c_int
     lib.influence_prefill_attention.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                                 ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    lib.influence_sample.restype = ctypes.c_int64
+    lib.influence_sample.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                     ctypes.c_float, ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_double,
+                                     ctypes.c_void_p, ctypes.c_void_p]
     lib.influence_vectorized.restype = ctypes.c_int
     return lib
 
@@ -159,6 +163,36 @@ class ModelT(ctypes.Structure):
         ("emb_q", ctypes.c_void_p), ("emb_scale", ctypes.c_void_p),
         ("head_q", ctypes.c_void_p), ("head_scale", ctypes.c_void_p),
         ("final_norm", ctypes.c_void_p), ("rope_cos", ctypes.c_void_p), ("rope_sin", ctypes.c_void_p)]
+
+
+class _Scratch(threading.local):
+    buf: Any = None
+
+
+_scratch = _Scratch()
+
+
+def sample(logits: Any, overrides: dict[int, float], temperature: float, top_k: int, top_p: float, min_p: float,
+           u: float, lib: ctypes.CDLL | None = None) -> int | None:
+    """The kernel library's sampler on one row of float32 logits (a contiguous numpy array; not
+    modified): `overrides` replace some logits (penalties). The token; None when nothing can be
+    drawn (the caller picks greedily) or the library is unavailable."""
+    if lib is None:
+        try:
+            lib = library()
+        except NativeUnavailable:
+            return None
+    import numpy as np
+
+    n = int(logits.shape[0])
+    if _scratch.buf is None or _scratch.buf.size < 5 * n:  # n floats, then 16n bytes for the kernel
+        _scratch.buf = np.empty(5 * n, dtype=np.float32)
+    ids = (ctypes.c_int64 * len(overrides))(*overrides.keys())
+    vals = (ctypes.c_float * len(overrides))(*overrides.values())
+    scratch = _scratch.buf.ctypes.data
+    token = lib.influence_sample(logits.ctypes.data, n, ids, vals, len(overrides), temperature, top_k or 0,
+                                 top_p, min_p, u, scratch, scratch + 4 * n)
+    return None if token < 0 else int(token)
 
 
 IntRows = Any  # a list of ints or a 1-D integer tensor

@@ -7,6 +7,7 @@ across token boundaries and holds back text that might be the start of one.
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 
@@ -30,8 +31,8 @@ class Sampler:
     def __init__(self, params: GenerationParams, device: torch.device) -> None:
         self.p = params
         self.seed = params.seed if params.seed is not None else random.randrange(2**63)
-        # any integer is a seed (clients send negative or 128-bit ones): folded into the 64 bits torch takes
-        self.generator = torch.Generator(device="cpu").manual_seed(self.seed % 2**64)
+        # any integer is a seed (clients send negative or 128-bit ones): folded into 64 bits
+        self.rng = np.random.Generator(np.random.PCG64(self.seed % 2**64))
         self.device = device
         self.generated: Counter[int] = Counter()
 
@@ -52,30 +53,69 @@ class Sampler:
         _penalise(logits.numpy(), self.p, history, self.generated)
         return logits
 
-    def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
+    def __call__(self, logits: torch.Tensor | np.ndarray, history: list[int]) -> int:
         """Pick the next token from float32 logits [vocab] (on CPU). `history` = prompt + generated ids."""
-        p = self.p
-        if self.picks_best and not self.needs_penalties:
-            token = greedy(logits)[0]
-        else:
-            # numpy, not torch: on one row of ~50k logits torch's CPU ops cost ~10x more (its topk
-            # alone took 0.5 ms, a sampled token ~1 ms in all; a decode step is ~4 ms)
-            x = logits.detach().float().cpu().numpy().copy()
+        x = _as_numpy(logits)
+        if self.picks_best:
             if self.needs_penalties:
-                _penalise(x, p, history, self.generated)
-            token = self._pick(x)
+                x = x.copy()
+                _penalise(x, self.p, history, self.generated)
+            token = int(x.argmax())
+        else:
+            u = self.rng.random()  # one draw a token, whichever path picks it: a seed's draws stay the same
+            token = self._native_pick(x, history, u)
+            if token is None:
+                # numpy, not torch: on one row of ~50k logits torch's CPU ops cost ~10x more (its
+                # topk alone took 0.5 ms, a sampled token ~1 ms in all; a decode step is ~4 ms)
+                if self.needs_penalties:
+                    x = x.copy()
+                    _penalise(x, self.p, history, self.generated)
+                token = self._pick(x, u)
         self.generated[token] += 1
         return token
 
-    def _pick(self, x: np.ndarray) -> int:
-        if self.picks_best:
-            return int(x.argmax())
+    def _native_pick(self, x: np.ndarray, history: list[int], u: float) -> int | None:
+        """The kernel library's sampler: one C call, where ~25 numpy calls cost ~0.6 ms a token
+        right after a decode step (the caches hold weights then, not numpy). None where it is
+        unavailable or has nothing to draw from."""
+        from influence_tui.engine import native
+
+        if x.dtype != np.float32 or not x.flags.c_contiguous:
+            return None
+        p = self.p
+        overrides = _penalties(x, p, history, self.generated) if self.needs_penalties else {}
+        return native.sample(x, overrides, p.temperature, p.top_k or 0, p.top_p, p.min_p, u)
+
+    def _pick(self, x: np.ndarray, u: float) -> int:
+        """numpy's sampler: top-k/min-p/top-p candidates, then the draw at u."""
         picked = _candidates(x, self.p)
         if picked is None:
             return int(x.argmax())  # penalties pushed everything to -inf: fall back to greedy
         probs, ids = picked
-        u = float(torch.rand((), generator=self.generator, dtype=torch.float64))
         return int(ids[draw(probs, u)])
+
+
+def _as_numpy(logits: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A row of logits as float32 numpy, without copying a CPU float32 tensor (each torch call
+    costs ~20 us right after a decode step)."""
+    if isinstance(logits, np.ndarray):
+        return logits
+    if logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.requires_grad:
+        logits = logits.detach().float().cpu()
+    return logits.numpy()
+
+
+def _penalties(x: np.ndarray, p: GenerationParams, history: list[int], generated: Counter[int]) -> dict[int, float]:
+    """The penalised logits of the tokens that have any, as _penalise would leave them."""
+    out: dict[int, float] = {}
+    if p.repeat_penalty != 1.0 and p.repeat_last_n > 0 and history:
+        for i in set(history[-p.repeat_last_n:]):
+            v = float(x[i])
+            out[i] = v / p.repeat_penalty if v > 0 else v * p.repeat_penalty
+    if p.presence_penalty or p.frequency_penalty:
+        for i, n in generated.items():
+            out[i] = out.get(i, float(x[i])) - (p.presence_penalty + p.frequency_penalty * n)
+    return out
 
 
 def _penalise(x: np.ndarray, p: GenerationParams, history: list[int], generated: Counter[int]) -> None:
@@ -109,16 +149,23 @@ def _head(v: np.ndarray, enough) -> tuple[np.ndarray, np.ndarray]:
     return v[ids][order], ids[order]
 
 
+# Tokens whose logit (after temperature) is more than CUT below the best one are left out before
+# the softmax: each has under e^-30 of the best one's probability, all ~50k of them together under
+# 5e-9 of the mass, below float32's resolution of the rest. Their exp() also made the softmax slow
+# (denormal results), and the candidates are usually a few hundred.
+CUT = 30.0
+
+
 def _candidates(x: np.ndarray, p: GenerationParams) -> tuple[np.ndarray, np.ndarray] | None:
-    """Temperature, then top-k, min-p and top-p on float32 logits (overwritten): the kept tokens'
+    """Temperature, then top-k, min-p and top-p on float32 logits (not modified): the kept tokens'
     probabilities (normalised) and ids. None when nothing is left to draw from."""
-    with np.errstate(invalid="ignore", over="ignore"):
-        x /= np.float32(p.temperature)
-        x -= x.max()
-        probs = np.exp(x, out=x)  # softmax; -inf logits give 0, a NaN or all -inf give NaNs
-        probs /= probs.sum()
-    if not np.isfinite(probs).all():
+    top = float(x.max())
+    if not math.isfinite(top):  # a NaN, or every token at -inf (penalties, masks)
         return None
+    t = float(p.temperature)
+    ids = np.flatnonzero(x >= top - CUT * t)
+    probs = np.exp((x[ids] - np.float32(top)) / np.float32(t))
+    probs /= probs.sum()
     if p.top_k and p.top_k < probs.size:
         k = p.top_k
         best, _ = _head(probs, lambda v: v.size >= k)
@@ -128,12 +175,12 @@ def _candidates(x: np.ndarray, p: GenerationParams) -> tuple[np.ndarray, np.ndar
     if p.min_p > 0.0:
         probs[probs < p.min_p * probs.max()] = 0.0
     if 0.0 < p.top_p < 1.0:
-        best, ids = _head(probs, lambda v: float(v.sum(dtype=np.float64)) >= p.top_p)
+        best, order = _head(probs, lambda v: float(v.sum(dtype=np.float64)) >= p.top_p)
         keep = np.cumsum(best, dtype=np.float64) - best < p.top_p  # the token that crosses top_p stays
-        probs, ids = best[keep], ids[keep]
+        probs, ids = best[keep], ids[order[keep]]
     else:
-        ids = np.flatnonzero(probs > 0)
-        probs = probs[ids]
+        nonzero = probs > 0
+        probs, ids = probs[nonzero], ids[nonzero]
     total = float(probs.sum(dtype=np.float64))
     if not total > 0.0 or total == float("inf"):
         return None
@@ -162,7 +209,7 @@ def draw(probs: np.ndarray, u: float) -> int:
 
 def candidates(logits: torch.Tensor, p: GenerationParams) -> tuple[torch.Tensor, torch.Tensor] | None:
     """`_candidates` on a torch row of logits: (probabilities, ids) as tensors, or None."""
-    picked = _candidates(logits.detach().float().cpu().numpy().copy(), p)
+    picked = _candidates(logits.detach().float().cpu().numpy(), p)
     if picked is None:
         return None
     probs, ids = picked

@@ -1175,4 +1175,173 @@ void influence_q4_dequant(const q4mat *W, uint16_t *out, int nthreads) {
         }
 }
 
+
+/* -- sampling one row of logits (the engine's non-greedy picks) ------------------------------- */
+/* One call instead of ~25 numpy operations: right after a decode step the caches hold the weights,
+ * and each of those cost 20-30 us cold (~0.6 ms a token in all). Penalised logits come as
+ * overrides. Temperature, then top-k (ties with the k-th stay), min-p, top-p (the token that
+ * crosses it stays), then the token where the kept mass, in order, first exceeds u times its
+ * total (top-p: largest first, ties by index; otherwise by index). -1: nothing to draw from (a NaN,
+ * every logit -inf): the caller picks greedily. buf: n floats, scratch: 16n bytes. */
+typedef struct {
+    float p;
+    int32_t i;
+} cand_t;
+
+static int cand_desc(const void *a, const void *b) {
+    const cand_t *x = a, *y = b;
+    if (x->p != y->p) return x->p > y->p ? -1 : 1;
+    return (x->i > y->i) - (x->i < y->i);
+}
+
+/* the entries of e >= f (f > 0) or > 0 (f == 0), largest first, into c; their count and mass */
+static int64_t head_of(const float *e, int64_t n, float f, cand_t *c, float *vals, int32_t *ids, double *mass) {
+    int64_t m = 0, i = 0;
+    double s = 0.0;
+#if VEC
+    const __m512 thr = _mm512_set1_ps(f);
+    const int cmp = f > 0.f ? _CMP_GE_OQ : _CMP_GT_OQ;
+    __m512i at = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (; i + 16 <= n; i += 16, at = _mm512_add_epi32(at, _mm512_set1_epi32(16))) {
+        const __m512 v = _mm512_loadu_ps(e + i);
+        const __mmask16 k = cmp == _CMP_GE_OQ ? _mm512_cmp_ps_mask(v, thr, _CMP_GE_OQ) : _mm512_cmp_ps_mask(v, thr, _CMP_GT_OQ);
+        if (!k) continue;
+        _mm512_mask_compressstoreu_ps(vals + m, k, v);
+        _mm512_mask_compressstoreu_epi32(ids + m, k, at);
+        m += __builtin_popcount(k);
+    }
+#endif
+    for (; i < n; i++)
+        if (f > 0.f ? e[i] >= f : e[i] > 0.f) {
+            vals[m] = e[i];
+            ids[m++] = (int32_t)i;
+        }
+    for (int64_t j = 0; j < m; j++) {
+        c[j].p = vals[j];
+        c[j].i = ids[j];
+        s += vals[j];
+    }
+    qsort(c, (size_t)m, sizeof(cand_t), cand_desc);
+    *mass = s;
+    return m;
+}
+
+/* e[i] = 0 where e[i] < f; the sum of what is left */
+static double drop_below(float *e, int64_t n, float f) {
+    int64_t i = 0;
+    double s = 0.0;
+#if VEC
+    __m512 acc = _mm512_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        const __m512 v = _mm512_loadu_ps(e + i);
+        const __m512 w = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, _mm512_set1_ps(f), _CMP_GE_OQ), v);
+        _mm512_storeu_ps(e + i, w);
+        acc = _mm512_add_ps(acc, w);
+    }
+    s = _mm512_reduce_add_ps(acc);
+#endif
+    for (; i < n; i++) {
+        if (e[i] < f) e[i] = 0.f;
+        s += e[i];
+    }
+    return s;
+}
+
+int64_t influence_sample(const float *logits, int64_t n, const int64_t *ov_ids, const float *ov_vals, int64_t n_ov,
+                         float temperature, int64_t top_k, float top_p, float min_p, double u, float *buf, void *scratch) {
+    static const float levels[] = {0x1p-10f, 0x1p-20f, 0x1p-40f, 0.f};
+    /* scratch, 16n bytes: n candidates (value, id) for the sort, then their values and ids as the
+     * vector compare leaves them */
+    cand_t *c = scratch;
+    float *vals = (float *)scratch + 2 * n;
+    int32_t *ids = (int32_t *)scratch + 3 * n;
+    if (n < 1 || !(temperature > 0.f)) return -1;
+    memcpy(buf, logits, sizeof(float) * (size_t)n);
+    for (int64_t j = 0; j < n_ov; j++)
+        if (ov_ids[j] >= 0 && ov_ids[j] < n) buf[ov_ids[j]] = ov_vals[j];
+    float mx = -INFINITY;
+    int bad = 0;
+    int64_t i = 0;
+#if VEC
+    __m512 vm = _mm512_set1_ps(-INFINITY);
+    for (; i + 16 <= n; i += 16) {
+        const __m512 x = _mm512_loadu_ps(buf + i);
+        bad |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q) != 0;
+        vm = _mm512_max_ps(vm, x);
+    }
+    mx = _mm512_reduce_max_ps(vm);
+#endif
+    for (; i < n; i++) {
+        bad |= buf[i] != buf[i];
+        mx = buf[i] > mx ? buf[i] : mx;
+    }
+    if (bad || !isfinite(mx)) return -1;
+    const float inv = 1.f / temperature;
+    double total = 0.0;
+    i = 0;
+#if VEC
+    __m512 acc = _mm512_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        const __m512 x = _mm512_loadu_ps(buf + i);
+        const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+        const __m512 e = _mm512_maskz_mov_ps(live, exp512(_mm512_mul_ps(_mm512_sub_ps(x, _mm512_set1_ps(mx)), _mm512_set1_ps(inv))));
+        _mm512_storeu_ps(buf + i, e);
+        acc = _mm512_add_ps(acc, e);
+    }
+    total = _mm512_reduce_add_ps(acc);
+#endif
+    for (; i < n; i++) {
+        buf[i] = buf[i] == -INFINITY ? 0.f : expf((buf[i] - mx) * inv);
+        total += buf[i];
+    }
+    /* the best token has e = 1 and every filter keeps it */
+    if (top_k > 0 && top_k < n) {
+        double mass;
+        int64_t m = 0;
+        for (int l = 0; l < 4; l++)
+            if ((m = head_of(buf, n, levels[l], c, vals, ids, &mass)) >= top_k || levels[l] == 0.f) break;
+        if (m >= top_k) total = drop_below(buf, n, c[top_k - 1].p);
+    }
+    const double mass_k = total; /* top-p is a share of what top-k left, before min-p */
+    if (min_p > 0.f) total = drop_below(buf, n, min_p);
+    if (top_p > 0.f && top_p < 1.f) {
+        const double target = (double)top_p * mass_k;
+        double mass = 0.0;
+        int64_t m = 0;
+        for (int l = 0; l < 4; l++)
+            if ((m = head_of(buf, n, levels[l], c, vals, ids, &mass)) > 0 && mass >= target) break;
+        double cum = 0.0;
+        int64_t kept = 0;
+        while (kept < m && cum < target) cum += c[kept++].p;
+        double r = u * cum, run = 0.0;
+        for (int64_t j = 0; j < kept; j++) {
+            run += c[j].p;
+            if (run > r) return c[j].i;
+        }
+        return kept > 0 ? c[kept - 1].i : -1;
+    }
+    if (!(total > 0.0)) return -1;
+    /* by index: whole blocks of 16 first, then the block where the running sum passes r */
+    const double r = u * total;
+    double run = 0.0;
+    int64_t last = -1;
+    for (i = 0; i < n; i += 16) {
+        const int64_t e = i + 16 < n ? i + 16 : n;
+        double block = 0.0;
+        for (int64_t j = i; j < e; j++) block += buf[j];
+        if (run + block <= r && e < n) {
+            run += block;
+            continue;
+        }
+        for (int64_t j = i; j < e; j++) {
+            if (buf[j] > 0.f) last = j;
+            run += buf[j];
+            if (run > r) return j;
+        }
+    }
+    for (i = n - 1; i >= 0 && last < 0; i--)
+        if (buf[i] > 0.f) last = i;
+    return last;
+}
+
 int influence_vectorized(void) { return VEC; }
