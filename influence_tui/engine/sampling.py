@@ -1,7 +1,8 @@
 """Turning logits into the next token: penalties, temperature, top-k, top-p, min-p, seeded draws.
 
 One `Sampler` per request (it owns the request's random generator, so the same seed and input
-give the same text whatever else is in the batch). Also `StopMatcher`, which finds stop strings
+give the same text whatever else is in the batch). A sampled pick is one call into the kernel
+library (`native.sample`) where it is built; the numpy functions here do the same elsewhere. Also `StopMatcher`, which finds stop strings
 across token boundaries and holds back text that might be the start of one.
 """
 
