@@ -2,8 +2,9 @@
 
 One `Sampler` per request (it owns the request's random generator, so the same seed and input
 give the same text whatever else is in the batch). A sampled pick is one call into the kernel
-library (`native.sample`) where it is built; the numpy functions here do the same elsewhere. Also `StopMatcher`, which finds stop strings
-across token boundaries and holds back text that might be the start of one.
+library (`native.sample`) where it is built; the numpy functions here do the same elsewhere.
+Also `StopMatcher`, which finds stop strings across token boundaries and holds back text that
+might be the start of one.
 """
 
 from __future__ import annotations
@@ -152,8 +153,7 @@ def _head(v: np.ndarray, enough) -> tuple[np.ndarray, np.ndarray]:
 
 # Tokens whose logit (after temperature) is more than CUT below the best one are left out before
 # the softmax: each has under e^-30 of the best one's probability, all ~50k of them together under
-# 5e-9 of the mass, below float32's resolution of the rest. Their exp() also made the softmax slow
-# (denormal results), and the candidates are usually a few hundred.
+# 5e-9 of the mass, below float32's resolution of the rest (and no exp() gives a denormal).
 CUT = 30.0
 
 
