@@ -4,8 +4,8 @@ The answer streams through `Markdown.get_stream()`: the first text is written as
 then tokens are coalesced and written `FLUSH_HZ` times a second, and the finished text is rendered
 once more with `update()` so that code fences closed late render right (oterm #308). Each write
 re-lays out and redraws the conversation (~10 ms of the app's thread, more as it grows), CPU the
-model's threads want too: at 20 writes a second the answer came 30-40% slower than without the
-app, at 10 about 15-25% (measured on 2 cores, 256 tokens).
+model's threads want too: at 20 writes a second answers came 30-50% slower than from the engine
+alone, at 10 about 10-40%, more with a longer conversation on screen (2 cores, 256 tokens).
 """
 
 from __future__ import annotations
