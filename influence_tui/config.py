@@ -87,7 +87,7 @@ SPECS: tuple[Spec, ...] = (
     Spec("temperature", "INFLUENCE_TEMPERATURE", _D.temperature, _param("temperature"), "sampling temperature, 0-2 (0 = greedy)"),
     Spec("top_p", "INFLUENCE_TOP_P", _D.top_p, _param("top_p"), "nucleus sampling, 0-1"),
     Spec("top_k", "INFLUENCE_TOP_K", _D.top_k, _param("top_k"), "top-k sampling (empty = off)"),
-    Spec("repeat_penalty", "INFLUENCE_REPEAT_PENALTY", _D.repeat_penalty, _param("repeat_penalty"), "repetition penalty (1 = off)"),
+    Spec("repeat_penalty", "INFLUENCE_REPEAT_PENALTY", _D.repeat_penalty, _param("repeat_penalty"), "repetition penalty (1 or 0 = off)"),
     Spec("max_tokens", "INFLUENCE_MAX_TOKENS", _D.max_tokens, _param("max_tokens"), "maximum tokens to generate"),
     Spec("min_p", "INFLUENCE_MIN_P", _D.min_p, _param("min_p"), "min-p sampling, 0-1 (0 = off)"),
     Spec("seed", "INFLUENCE_SEED", None, _param("seed"), "random seed (empty = random)"),

@@ -165,3 +165,14 @@ def test_draws_follow_the_kept_distribution():
     assert counts[1] == 0
     for i in (0, 2, 3, 4):
         assert abs(counts[i] / 20000 - float(target[i])) < 0.015, counts
+
+
+def test_a_repeat_penalty_of_zero_is_off():
+    """Clients send repeat_penalty 0 to turn it off: no division by zero, the same picks as 1."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(5000, generator=g).abs()  # positive logits: the penalty would divide them
+    history = list(range(0, 5000, 7))
+    for temperature in (0.0, 0.8):
+        off = Sampler(GenerationParams(temperature=temperature, repeat_penalty=1.0, seed=3), torch.device("cpu"))
+        zero = Sampler(GenerationParams(temperature=temperature, repeat_penalty=0.0, seed=3), torch.device("cpu"))
+        assert [zero(logits, history) for _ in range(20)] == [off(logits, history) for _ in range(20)]

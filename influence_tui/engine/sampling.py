@@ -47,7 +47,7 @@ class Sampler:
     @property
     def needs_penalties(self) -> bool:
         p = self.p
-        return p.repeat_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+        return _repeat_penalised(p) or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
     def apply_penalties(self, logits: torch.Tensor, history: list[int]) -> torch.Tensor:
         """llama.cpp's repeat penalty over the last `repeat_last_n` tokens (prompt included);
@@ -107,10 +107,16 @@ def _as_numpy(logits: torch.Tensor | np.ndarray) -> np.ndarray:
     return logits.numpy()
 
 
+def _repeat_penalised(p: GenerationParams) -> bool:
+    """A repeat penalty applies: 1 is off, and so is 0 (clients send it to mean off; dividing by
+    it would make every recent token certain)."""
+    return p.repeat_penalty > 0.0 and p.repeat_penalty != 1.0 and p.repeat_last_n > 0
+
+
 def _penalties(x: np.ndarray, p: GenerationParams, history: list[int], generated: Counter[int]) -> dict[int, float]:
     """The penalised logits of the tokens that have any, as _penalise would leave them."""
     out: dict[int, float] = {}
-    if p.repeat_penalty != 1.0 and p.repeat_last_n > 0 and history:
+    if _repeat_penalised(p) and history:
         for i in set(history[-p.repeat_last_n:]):
             v = float(x[i])
             out[i] = v / p.repeat_penalty if v > 0 else v * p.repeat_penalty
@@ -121,7 +127,7 @@ def _penalties(x: np.ndarray, p: GenerationParams, history: list[int], generated
 
 
 def _penalise(x: np.ndarray, p: GenerationParams, history: list[int], generated: Counter[int]) -> None:
-    if p.repeat_penalty != 1.0 and p.repeat_last_n > 0 and history:
+    if _repeat_penalised(p) and history:
         ids = np.fromiter(set(history[-p.repeat_last_n:]), dtype=np.int64)
         picked = x[ids]
         x[ids] = np.where(picked > 0, picked / p.repeat_penalty, picked * p.repeat_penalty)
