@@ -16,6 +16,7 @@ class StatusBar(Horizontal):
     def __init__(self, screen_title: str) -> None:
         super().__init__(classes="status-bar")
         self.screen_title = screen_title
+        self._shown: dict[str, str] = {}  # selector -> the text it shows
 
     def compose(self) -> Any:
         yield Static(f"Influence · {self.screen_title}", classes="status-title")
@@ -34,9 +35,12 @@ class StatusBar(Horizontal):
 
     def refresh_status(self) -> None:
         app = self.influence
-        self.query_one(".model-status", Static).update(app.model_status_text())
         running, text = app.server_status_text()
-        self.query_one(".server-status", Static).update(text)
+        # only what changed: an update re-lays out the screen, twice a second even when idle
+        for selector, value in ((".model-status", app.model_status_text()), (".server-status", text)):
+            if self._shown.get(selector) != value:
+                self._shown[selector] = value
+                self.query_one(selector, Static).update(value)
         switch = self.query_one(Switch)
         if switch.value != running:
             with switch.prevent(Switch.Changed):
