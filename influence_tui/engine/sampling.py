@@ -23,10 +23,9 @@ def greedy(logits: torch.Tensor) -> list[int]:
     """The index of each row's largest logit (the first one on ties; NaN counts as largest), for
     float32 logits [vocab] or [rows, vocab] on the CPU. numpy's argmax is vectorised where torch's
     CPU argmax is not: ~6 us a row instead of ~80 (a step of 8 streams spent 0.35 ms in it)."""
-    x = (logits if logits.dim() == 2 else logits.reshape(1, -1)).detach()
-    if x.device.type != "cpu" or x.dtype != torch.float32:
-        return x.argmax(dim=-1).tolist()
-    return x.numpy().argmax(axis=1).tolist()
+    if logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.requires_grad:
+        return logits.reshape(-1, logits.shape[-1]).argmax(dim=-1).tolist()
+    return logits.numpy().reshape(-1, logits.shape[-1]).argmax(axis=1).tolist()
 
 
 class Sampler:
