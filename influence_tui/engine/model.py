@@ -115,10 +115,15 @@ class ThreadGovernor:
     A decode step runs ~120 small parallel regions; when another process takes a core, each
     region's barrier waits for a descheduled thread (a scheduler time slice), and a step with 2
     threads becomes 10-100x slower than with 1 (measured: 850 ms vs 35 ms a token on a 2-core
-    machine at load 3). The governor watches step times at full threads; after two steps that take
-    over twice the recent best it drops to one thread, then probes full threads again after 8, 16, ...
-    256 steps, keeping them when they beat the one-thread time.
+    machine at load 3). The governor watches step times at full threads; after three steps in a row
+    that take over three times the recent best it drops to one thread, then probes full threads
+    again after 8, 16, ... 256 steps, keeping them when they beat the one-thread time. Short bursts
+    are not contention: the app redrawing a streaming answer (~10 ms, ten times a second) made a
+    step or two 2x slower, and at "two steps over 2x" a third to a half of an answer's steps ran
+    on one thread, which is slower than two even then.
     """
+
+    SLOW, STRIKES = 3.0, 3
 
     def __init__(self) -> None:
         self.full = 0  # the caller's thread count (torch.get_num_threads() when not set by us)
@@ -154,8 +159,8 @@ class ThreadGovernor:
                     self.probe, self.probing = [], False
                 return
             self.best = min(dt, self.best * 1.001)
-            self.strikes = self.strikes + 1 if dt > 2.0 * self.best else 0
-            if self.strikes >= 2:
+            self.strikes = self.strikes + 1 if dt > self.SLOW * self.best else 0
+            if self.strikes >= self.STRIKES:
                 self._single()
         else:
             self.single_time = dt if self.single_time == math.inf else 0.8 * self.single_time + 0.2 * dt
