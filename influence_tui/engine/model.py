@@ -474,26 +474,22 @@ class LlamaModel:
     def decode(self, slots: IntRows, tokens: IntRows, positions: IntRows) -> torch.Tensor:
         """One decode step: token b at position b of slot b, for each b (1-D integer tensors or
         lists of ints); float32 logits [B, vocab]."""
-        if self._native is not None:  # (CPU only) the kernel takes the lists as they are
-            gov = self._governors.setdefault(len(tokens), ThreadGovernor())
-            n, t0 = gov.threads(), time.perf_counter()
-            try:
-                return self._native.decode(slots, tokens, positions, n)
-            finally:
-                gov.record(time.perf_counter() - t0)
-        slots, tokens, positions = (torch.as_tensor(v, dtype=torch.long) for v in (slots, tokens, positions))
-        if self.device.type != "cpu":
-            return self._decode(slots, tokens, positions)
-        gov = self._governors.setdefault(int(tokens.shape[0]), ThreadGovernor())
-        n = gov.threads()
-        t0 = time.perf_counter()
-        if n != gov.full:
+        if self._native is None:  # the kernel takes lists as they are; torch wants tensors
+            slots, tokens, positions = (torch.as_tensor(v, dtype=torch.long) for v in (slots, tokens, positions))
+            if self.device.type != "cpu":
+                return self._decode(slots, tokens, positions)
+        gov = self._governors.setdefault(len(tokens), ThreadGovernor())
+        n, t0 = gov.threads(), time.perf_counter()
+        torch_threads = self._native is None and n != gov.full  # the kernel takes its count per call
+        if torch_threads:
             torch.set_num_threads(n)
         try:
+            if self._native is not None:
+                return self._native.decode(slots, tokens, positions, n)
             return self._decode(slots, tokens, positions)
         finally:
             gov.record(time.perf_counter() - t0)
-            if n != gov.full:  # other work (prefill) keeps the caller's thread count
+            if torch_threads:  # other work (prefill) keeps the caller's thread count
                 torch.set_num_threads(gov.full)
 
     def _decode(self, slots: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from collections import Counter
 import numpy as np
 import torch
 
+from influence_tui.engine import native
 from influence_tui.params import GenerationParams
 
 
@@ -79,8 +80,6 @@ class Sampler:
         """The kernel library's sampler: one C call, where ~25 numpy calls cost ~0.6 ms a token
         right after a decode step (the caches hold weights then, not numpy). None where it is
         unavailable or has nothing to draw from."""
-        from influence_tui.engine import native
-
         if x.dtype != np.float32 or not x.flags.c_contiguous:
             return None
         p = self.p
@@ -113,7 +112,8 @@ def _repeat_penalised(p: GenerationParams) -> bool:
 
 
 def _penalties(x: np.ndarray, p: GenerationParams, history: list[int], generated: Counter[int]) -> dict[int, float]:
-    """The penalised logits of the tokens that have any, as _penalise would leave them."""
+    """The penalised logits of the tokens that have any: llama.cpp's repeat penalty over the last
+    `repeat_last_n` tokens, then OpenAI's presence/frequency penalties over the generated ones."""
     out: dict[int, float] = {}
     if _repeat_penalised(p) and history:
         for i in set(history[-p.repeat_last_n:]):
@@ -126,14 +126,9 @@ def _penalties(x: np.ndarray, p: GenerationParams, history: list[int], generated
 
 
 def _penalise(x: np.ndarray, p: GenerationParams, history: list[int], generated: Counter[int]) -> None:
-    if _repeat_penalised(p) and history:
-        ids = np.fromiter(set(history[-p.repeat_last_n:]), dtype=np.int64)
-        picked = x[ids]
-        x[ids] = np.where(picked > 0, picked / p.repeat_penalty, picked * p.repeat_penalty)
-    if (p.presence_penalty or p.frequency_penalty) and generated:
-        ids = np.fromiter(generated.keys(), dtype=np.int64, count=len(generated))
-        counts = np.fromiter(generated.values(), dtype=np.float32, count=len(generated))
-        x[ids] -= p.presence_penalty + p.frequency_penalty * counts
+    """_penalties written into x."""
+    for i, v in _penalties(x, p, history, generated).items():
+        x[i] = v
 
 
 # Thresholds below the best token (as fractions of its probability) tried before a full sort: the

@@ -1200,11 +1200,10 @@ static int64_t head_of(const float *e, int64_t n, float f, cand_t *c, float *val
     double s = 0.0;
 #if VEC
     const __m512 thr = _mm512_set1_ps(f);
-    const int cmp = f > 0.f ? _CMP_GE_OQ : _CMP_GT_OQ;
     __m512i at = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     for (; i + 16 <= n; i += 16, at = _mm512_add_epi32(at, _mm512_set1_epi32(16))) {
         const __m512 v = _mm512_loadu_ps(e + i);
-        const __mmask16 k = cmp == _CMP_GE_OQ ? _mm512_cmp_ps_mask(v, thr, _CMP_GE_OQ) : _mm512_cmp_ps_mask(v, thr, _CMP_GT_OQ);
+        const __mmask16 k = f > 0.f ? _mm512_cmp_ps_mask(v, thr, _CMP_GE_OQ) : _mm512_cmp_ps_mask(v, thr, _CMP_GT_OQ);
         if (!k) continue;
         _mm512_mask_compressstoreu_ps(vals + m, k, v);
         _mm512_mask_compressstoreu_epi32(ids + m, k, at);
