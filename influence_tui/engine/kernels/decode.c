@@ -8,7 +8,7 @@
  * Numbers: a float32 residual stream and a bf16 KV cache, as the torch path of model.py. Into
  * each int4 matmul the activations go as int8 per group of 32 with a float scale (llama.cpp's
  * Q8_1), so the dot products are integer vpdpbusd (64 products an instruction); into the int8
- * lm_head as int16 (vpdpwssd). Outputs are rounded to bf16. Each row's sum runs in the same order
+ * lm_head as int8 with 16 scales a token (see i8_rows), vpdpbusd too. Outputs are rounded to bf16. Each row's sum runs in the same order
  * whatever the batch size and thread count, so a sequence decodes to the same tokens alone or
  * batched.
  *
@@ -290,7 +290,7 @@ static void arrange(const float *x, int64_t k, int8_t *out, float *f) {
 
 /* the 16 rows of block rb for B tokens: acc[b] lane l = row 16 rb + l */
 static inline __attribute__((always_inline)) void q4_block(
-    const int B, const q4mat *W, int64_t rb, const int8_t *xa, int64_t xstride,
+    const int B, const int stream, const q4mat *W, int64_t rb, const int8_t *xa, int64_t xstride,
     const float *fs, int64_t fstride, __m512 acc[MAXB]) {
     const int64_t k = W->k, G = k / 32;
     const __m512i low = _mm512_set1_epi8(0x0f);
@@ -304,6 +304,11 @@ static inline __attribute__((always_inline)) void q4_block(
         for (int u = 0; u < 4; u++) _mm_prefetch((const char *)qg + 1024 + u * 64, _MM_HINT_T0);
         _mm_prefetch((const char *)(d + g * 16) + 256, _MM_HINT_T0);
         _mm_prefetch((const char *)(m + g * 16) + 256, _MM_HINT_T0);
+        if (stream) { /* and into L2 well ahead, for more reads in flight than the core keeps itself */
+            for (int u = 0; u < 4; u++) _mm_prefetch((const char *)qg + 8192 + u * 64, _MM_HINT_T1);
+            _mm_prefetch((const char *)(d + g * 16) + 1024, _MM_HINT_T1);
+            _mm_prefetch((const char *)(m + g * 16) + 1024, _MM_HINT_T1);
+        }
         __m512i w[8];
 #pragma GCC unroll 4
         for (int u = 0; u < 4; u++) {
@@ -329,11 +334,11 @@ static inline __attribute__((always_inline)) void q4_block(
 /* rows r0..r1 (a block cut by r0 or r1 is computed whole, its other rows left alone); add: y +=
  * instead of y = (the residual stream takes the output where it is made, not in a pass of its own) */
 static inline __attribute__((always_inline)) void q4_rows_b(
-    const int B, const q4mat *W, int64_t r0, int64_t r1, const int8_t *xa, int64_t xstride,
+    const int B, const int stream, const q4mat *W, int64_t r0, int64_t r1, const int8_t *xa, int64_t xstride,
     const float *fs, int64_t fstride, float *y, int64_t ystride, int add) {
     for (int64_t rb = r0 / 16; rb * 16 < r1; rb++) {
         __m512 acc[MAXB];
-        q4_block(B, W, rb, xa, xstride, fs, fstride, acc);
+        q4_block(B, stream, W, rb, xa, xstride, fs, fstride, acc);
         const int64_t lo = r0 > rb * 16 ? r0 - rb * 16 : 0, hi = r1 < rb * 16 + 16 ? r1 - rb * 16 : 16;
         const __mmask16 mk = (__mmask16)(((1u << hi) - 1) & ~((1u << lo) - 1));
         const __m512 bias = W->bias ? _mm512_castsi512_ps(_mm512_slli_epi32(
@@ -350,12 +355,17 @@ static inline __attribute__((always_inline)) void q4_rows_b(
 }
 #endif
 
-static void q4_rows(int B, const q4mat *W, int64_t r0, int64_t r1, const int8_t *xa, int64_t xstride,
+static void q4_rows(int B, int stream, const q4mat *W, int64_t r0, int64_t r1, const int8_t *xa, int64_t xstride,
                     const float *fs, int64_t fstride, float *y, int64_t ystride, int add) {
 #if VEC
     /* constant B: the token loop unrolls and its accumulators stay in registers */
-#define Q4_ROWS(n) q4_rows_b(n, W, r0, r1, xa, xstride, fs, fstride, y, ystride, add)
-    WITH_CONSTANT_B(B, Q4_ROWS);
+#define Q4_ROWS(n) q4_rows_b(n, 1, W, r0, r1, xa, xstride, fs, fstride, y, ystride, add)
+#define Q4_ROWS_HOT(n) q4_rows_b(n, 0, W, r0, r1, xa, xstride, fs, fstride, y, ystride, add)
+    if (stream)
+        WITH_CONSTANT_B(B, Q4_ROWS);
+    else
+        WITH_CONSTANT_B(B, Q4_ROWS_HOT);
+#undef Q4_ROWS_HOT
 #undef Q4_ROWS
 #else
     const int64_t k = W->k, G = k / 32;
@@ -391,80 +401,133 @@ static void q4_matmul_rows(int B, const q4mat *W, int64_t r0, int64_t r1, const 
         const int64_t e = B > MAXB && (a / 16 + 1) * 16 < r1 ? (a / 16 + 1) * 16 : r1;
         for (int b0 = 0; b0 < B; b0 += MAXB) {
             int nb = B - b0 < MAXB ? B - b0 : MAXB;
-            q4_rows(nb, W, a, e, xa + b0 * xstride, xstride, fs + b0 * fstride, fstride, y + b0 * ystride, ystride, add);
+            q4_rows(nb, B <= MAXB, W, a, e, xa + b0 * xstride, xstride, fs + b0 * fstride, fstride, y + b0 * ystride, ystride, add);
         }
         a = e;
     }
 }
 
 /* -- int8 rows (lm_head): y[b][r] = bf16(scale[r] * (q[r] . x[b])) -------------------------- */
-/* x[b] is first rounded to integers, x ~ sx * xi with |xi| <= lim, lim small enough that a whole
- * row's sum fits in int32. The dot products are then exact integers (vpdpwssd: 32 products an
- * instruction, twice fp32 FMA's), so their order cannot matter: any batch size and any reduction
- * give the same logits. Relative rounding of x is < 1/(2 lim), lim = 29,000 for dim 576. */
-static void quant16(const float *x, int64_t k, int16_t *xi, float *sx) {
-    float mx = 0.f;
-    for (int64_t i = 0; i < k; i++) mx = fmaxf(mx, fabsf(x[i]));
-    double lim = 2147483647.0 / (128.0 * (double)k);
-    if (lim > 32767.0) lim = 32767.0;
-    lim = floor(lim);
-    float inv = mx > 0.f ? (float)(lim / mx) : 0.f;
-    for (int64_t i = 0; i < k; i++) {
-        float v = rintf(x[i] * inv);
-        xi[i] = (int16_t)fmaxf(fminf(v, (float)lim), (float)-lim);
+/* x[b] goes in as int8 with 16 scales, one per "lane class": element c belongs to class
+ * (c % 64) / 4, the 32-bit lane of a 64-byte vector it lands in. A class has k/16 elements spread
+ * over the row (36 for dim 576: as fine a grain as Q8_0's blocks of 32, which llama.cpp feeds its
+ * output matrix), so vpdpbusd (64 products an instruction, twice vpdpwssd's) can sum a lane over
+ * the whole row in integers and apply its scale once at the end. vpdpbusd multiplies unsigned by
+ * signed bytes: the weights go in as w + 128 (an xor), and 128 * (the class's sum of x) comes off.
+ * A row's lanes are summed in one fixed tree whatever the batch, so any batch size gives the
+ * same logits. */
+typedef struct {
+    int8_t *q;   /* [B, k] */
+    float *sx;   /* [B, 16]: x ~ sx[class] * q */
+    int32_t *corr; /* [B, 16]: 128 * the class's sum of q */
+} head_in;
+
+static inline int64_t lane_class(int64_t c) { return (c % 64) / 4; }
+
+static void quant_lanes(const float *x, int64_t k, int8_t *q, float *sx, int32_t *corr) {
+    float mx[16] = {0};
+    for (int64_t c = 0; c < k; c++) mx[lane_class(c)] = fmaxf(mx[lane_class(c)], fabsf(x[c]));
+    float inv[16];
+    for (int l = 0; l < 16; l++) {
+        sx[l] = mx[l] / 127.f;
+        inv[l] = mx[l] > 0.f ? 1.f / sx[l] : 0.f;
+        corr[l] = 0;
     }
-    *sx = mx > 0.f ? (float)(mx / lim) : 0.f;
+#if VEC
+    for (int64_t c = 0; c < k; c += 16) { /* 16 floats: classes 4u..4u+3, four lanes each */
+        const int u = (int)((c % 64) / 16);
+        const __m512 iv = _mm512_set_ps(inv[4 * u + 3], inv[4 * u + 3], inv[4 * u + 3], inv[4 * u + 3],
+                                        inv[4 * u + 2], inv[4 * u + 2], inv[4 * u + 2], inv[4 * u + 2],
+                                        inv[4 * u + 1], inv[4 * u + 1], inv[4 * u + 1], inv[4 * u + 1],
+                                        inv[4 * u], inv[4 * u], inv[4 * u], inv[4 * u]);
+        const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + c), iv));
+        _mm_storeu_si128((__m128i *)(q + c), _mm512_cvtsepi32_epi8(v));
+    }
+    for (int64_t c = 0; c < k; c++) corr[lane_class(c)] += 128 * q[c];
+#else
+    for (int64_t c = 0; c < k; c++) {
+        const float v = fmaxf(fminf(rintf(x[c] * inv[lane_class(c)]), 127.f), -127.f);
+        q[c] = (int8_t)v;
+        corr[lane_class(c)] += 128 * q[c];
+    }
+#endif
 }
 
 #if VEC
+static inline __m512 bf16_round(__m512 v) { /* rbf on 16 lanes */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+static inline __attribute__((always_inline)) __m512 reduce16_ps(const __m512 v[16]) {
+    __m512 t[8], u[4];
+    for (int i = 0; i < 8; i++)
+        t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44), _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xee));
+    for (int i = 0; i < 4; i++)
+        u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0x88), _mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0xdd));
+    __m512 w01 = _mm512_add_ps(_mm512_unpacklo_ps(u[0], u[1]), _mm512_unpackhi_ps(u[0], u[1]));
+    __m512 w23 = _mm512_add_ps(_mm512_unpacklo_ps(u[2], u[3]), _mm512_unpackhi_ps(u[2], u[3]));
+    return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(w01), _mm512_castps_pd(w23))),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(w01), _mm512_castps_pd(w23))));
+}
+
 /* R rows, B tokens: R * B <= 16 accumulators, reduced together */
 static inline __attribute__((always_inline)) void i8_rows_n(const int B, const int R, const int8_t *Q, const uint16_t *scale,
-                                                            int64_t k, int64_t r, const int16_t *xi, const float *sx,
-                                                            float *y, int64_t ystride) {
+                                                            int64_t k, int64_t r, head_in x, float *y, int64_t ystride) {
     __m512i acc[16];
 #pragma GCC unroll 16
     for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_si512();
     for (int i = 0; i < R; i++)
         for (int64_t c = 0; c < k; c += 64) _mm_prefetch((const char *)(Q + (r + 4 + i) * k + c), _MM_HINT_T0);
-    for (int64_t c = 0; c < k; c += 32) {
-        const __mmask32 mk = k - c >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << (k - c)) - 1);
+    for (int i = 0; i < R; i++)
+        for (int64_t c = 0; c < k; c += 64) _mm_prefetch((const char *)(Q + (r + 32 + i) * k + c), _MM_HINT_T1);
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    for (int64_t c = 0; c < k; c += 64) {
         __m512i w[2];
 #pragma GCC unroll 2
-        for (int i = 0; i < R; i++) w[i] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mk, Q + (r + i) * k + c));
+        for (int i = 0; i < R; i++) w[i] = _mm512_xor_si512(_mm512_loadu_si512(Q + (r + i) * k + c), flip);
 #pragma GCC unroll 8
         for (int b = 0; b < B; b++) {
-            __m512i xv = _mm512_maskz_loadu_epi16(mk, xi + b * k + c);
+            const __m512i xv = _mm512_loadu_si512(x.q + b * k + c);
 #pragma GCC unroll 2
-            for (int i = 0; i < R; i++) acc[i * B + b] = _mm512_dpwssd_epi32(acc[i * B + b], w[i], xv);
+            for (int i = 0; i < R; i++) acc[i * B + b] = _mm512_dpbusd_epi32(acc[i * B + b], w[i], xv);
         }
     }
-    /* lane sums in integers (exact), then one conversion */
-    int32_t sums[16];
-    _mm512_storeu_si512(sums, reduce16(acc, 0));
-#pragma GCC unroll 2
-    for (int i = 0; i < R; i++) {
-        float s = bf2f(scale[r + i]);
-#pragma GCC unroll 8
-        for (int b = 0; b < B; b++) y[b * ystride + r + i] = rbf(rbf((float)sums[reduce16_lane(i * B + b)] * sx[b]) * s);
+    __m512 f[16];
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; j++) {
+        const int b = j % B;
+        f[j] = j < R * B ? _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[j], _mm512_loadu_si512(x.corr + b * 16))),
+                                         _mm512_loadu_ps(x.sx + b * 16))
+                         : _mm512_setzero_ps();
     }
+    /* lane reduce16_lane(i * B + b) holds row r + i, token b: times the row's scale, rounded as
+     * the scalar rbf(rbf(sum) * s) */
+    float sc[16];
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; j++) sc[reduce16_lane(j)] = j < R * B ? bf2f(scale[r + j / B]) : 0.f;
+    const __m512 out = bf16_round(_mm512_mul_ps(bf16_round(reduce16_ps(f)), _mm512_loadu_ps(sc)));
+    float sums[16];
+    _mm512_storeu_ps(sums, out);
+#pragma GCC unroll 2
+    for (int i = 0; i < R; i++)
+#pragma GCC unroll 8
+        for (int b = 0; b < B; b++) y[b * ystride + r + i] = sums[reduce16_lane(i * B + b)];
 }
 
 static inline __attribute__((always_inline)) void i8_rows_b(const int B, const int8_t *Q, const uint16_t *scale, int64_t k,
-                                                            int64_t r0, int64_t r1, const int16_t *xi, const float *sx,
-                                                            float *y, int64_t ystride) {
+                                                            int64_t r0, int64_t r1, head_in x, float *y, int64_t ystride) {
     int64_t r = r0;
     if (2 * B <= 16)
-        for (; r + 2 <= r1; r += 2) i8_rows_n(B, 2, Q, scale, k, r, xi, sx, y, ystride);
-    for (; r < r1; r++) i8_rows_n(B, 1, Q, scale, k, r, xi, sx, y, ystride);
+        for (; r + 2 <= r1; r += 2) i8_rows_n(B, 2, Q, scale, k, r, x, y, ystride);
+    for (; r < r1; r++) i8_rows_n(B, 1, Q, scale, k, r, x, y, ystride);
 }
 #endif
 
-/* B tokens (in passes of MAXB): xi their integer activations [B, k], sx their scales */
+/* B tokens (in passes of MAXB) */
 static __attribute__((noinline)) void i8_rows(int B, const int8_t *Q, const uint16_t *scale, int64_t k, int64_t r0, int64_t r1,
-                                              const int16_t *xi, const float *sx, float *y, int64_t ystride) {
+                                              head_in x, float *y, int64_t ystride) {
 #if VEC
-    for (int b0 = 0; b0 < B; b0 += MAXB, xi += MAXB * k, sx += MAXB, y += MAXB * ystride) {
-#define I8_ROWS(n) i8_rows_b(n, Q, scale, k, r0, r1, xi, sx, y, ystride)
+    for (int b0 = 0; b0 < B; b0 += MAXB, x.q += MAXB * k, x.sx += MAXB * 16, x.corr += MAXB * 16, y += MAXB * ystride) {
+#define I8_ROWS(n) i8_rows_b(n, Q, scale, k, r0, r1, x, y, ystride)
         WITH_CONSTANT_B(B - b0 < MAXB ? B - b0 : MAXB, I8_ROWS);
 #undef I8_ROWS
     }
@@ -473,9 +536,11 @@ static __attribute__((noinline)) void i8_rows(int B, const int8_t *Q, const uint
         const int8_t *q = Q + r * k;
         float s = bf2f(scale[r]);
         for (int b = 0; b < B; b++) {
-            int32_t acc = 0;
-            for (int64_t c = 0; c < k; c++) acc += (int32_t)q[c] * (int32_t)xi[b * k + c];
-            y[b * ystride + r] = rbf(rbf((float)acc * sx[b]) * s);
+            int32_t lanes[16] = {0};
+            for (int64_t c = 0; c < k; c++) lanes[lane_class(c)] += (int32_t)q[c] * (int32_t)x.q[b * k + c];
+            float sum = 0.f;
+            for (int l = 0; l < 16; l++) sum += (float)lanes[l] * x.sx[b * 16 + l];
+            y[b * ystride + r] = rbf(rbf(sum) * s);
         }
     }
 #endif
@@ -1008,9 +1073,9 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
         float *gs = spread ? gs_all : aligned_alloc(64, align64(sizeof(float) * B * qmax));
         float *scores = aligned_alloc(64, align64(sizeof(float) * 4 * scores_stride(M->max_seq)));
         float *tmp = aligned_alloc(64, align64(sizeof(float) * 2 * hd));
-        int16_t *xi = aligned_alloc(64, align64(sizeof(int16_t) * n_logits * dim));
-        float *sx = aligned_alloc(64, align64(sizeof(float) * n_logits));
-        int ok = xn && gu && xa && gs && scores && tmp && xi && sx;
+        head_in hx = {aligned_alloc(64, align64((size_t)n_logits * dim)), aligned_alloc(64, align64(sizeof(float) * n_logits * 16)),
+                      aligned_alloc(64, align64(sizeof(int32_t) * n_logits * 16))};
+        int ok = xn && gu && xa && gs && scores && tmp && hx.q && hx.sx && hx.corr;
         if (!ok) {
 #pragma omp atomic write
             failed = 1;
@@ -1090,12 +1155,12 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
             for (int i = 0; i < n_logits; i++) {
                 int64_t b = logit_rows ? logit_rows[i] : i;
                 rms_norm(x + b * dim, M->final_norm, M->norm_eps, dim, xn);
-                quant16(xn, dim, xi + i * dim, sx + i);
+                quant_lanes(xn, dim, hx.q + i * dim, hx.sx + i * 16, hx.corr + i * 16);
             }
             for (w = share_rows(M->vocab, 512, taken + M->n_layers * PHASES); next_rows(&w, tid, nt, &a0, &a1);)
-                i8_rows(n_logits, M->head_q, M->head_scale, dim, a0, a1, xi, sx, logits, M->vocab);
+                i8_rows(n_logits, M->head_q, M->head_scale, dim, a0, a1, hx, logits, M->vocab);
         }
-        free(xn); free(gu); free(scores); free(tmp); free(xi); free(sx);
+        free(xn); free(gu); free(scores); free(tmp); free(hx.q); free(hx.sx); free(hx.corr);
         if (!spread) {
             free(xa);
             free(gs);
