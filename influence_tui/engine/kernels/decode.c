@@ -318,12 +318,18 @@ static inline __attribute__((always_inline)) void q4_block(
         }
         const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d + g * 16)));
         const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m + g * 16)));
+        /* token by token for each weight vector: the tokens' chains of 8 vpdpbusd interleave, so
+         * the core always has independent ones to issue (one chain after another: prompts 6% slower) */
+        __m512i iv[MAXB];
+#pragma GCC unroll 8
+        for (int b = 0; b < B; b++) iv[b] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_set1_epi32(ld32(xa + b * xstride + g * 32)));
+#pragma GCC unroll 7
+        for (int t = 1; t < 8; t++)
+#pragma GCC unroll 8
+            for (int b = 0; b < B; b++) iv[b] = _mm512_dpbusd_epi32(iv[b], w[t], _mm512_set1_epi32(ld32(xa + b * xstride + g * 32 + 4 * t)));
 #pragma GCC unroll 8
         for (int b = 0; b < B; b++) {
-            const int8_t *xg = xa + b * xstride + g * 32;
-            __m512i i = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_set1_epi32(ld32(xg)));
-#pragma GCC unroll 7
-            for (int t = 1; t < 8; t++) i = _mm512_dpbusd_epi32(i, w[t], _mm512_set1_epi32(ld32(xg + 4 * t)));
+            const __m512i i = iv[b];
             const float *f = fs + b * fstride;
             acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(dv, _mm512_set1_ps(f[g])), acc[b]);
             acc[b] = _mm512_fmadd_ps(mv, _mm512_set1_ps(f[G + g]), acc[b]);
