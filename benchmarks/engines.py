@@ -46,38 +46,51 @@ def _sync(device: str) -> None:
 
 
 def run_ours(path: str, n_prompt: int, n_decode: int, threads: int, device: str = "cpu") -> dict:
-    import torch
+    import contextlib
 
-    torch.set_num_threads(threads)
-    from influence_tui.engine.loader import load_model
+    from influence_tui.engine.native_model import load_native
 
+    # what the engine loads: the kernel's torch-free model where it applies (CPU, converted weights
+    # on disk), else the torch model (a GPU, or the first load, which converts the GGUF)
     t0 = time.perf_counter()
-    lm = load_model(path, device=device, max_batch=1, max_seq=1024)
+    lm = load_native(path, device=device, max_batch=1, max_seq=1024)
     load_s = time.perf_counter() - t0
+    if lm is not None:
+        lm.model.set_threads(threads)
+    else:
+        import torch
+
+        torch.set_num_threads(threads)
+        from influence_tui.engine.loader import load_model
+
+        t0 = time.perf_counter()
+        lm = load_model(path, device=device, max_batch=1, max_seq=1024)
+        load_s = time.perf_counter() - t0
     m = lm.model
     ids = prompt_ids(lambda t: lm.tokenizer.encode(t), n_prompt)
     from influence_tui.engine.sampling import greedy
     from influence_tui.engine.scheduler import CHUNK
 
-    with torch.inference_mode():
+    torch_mod = sys.modules.get("torch")
+    with torch_mod.inference_mode() if torch_mod is not None else contextlib.nullcontext():
         # the engine's own prompt path: kernel rows, or dense chunks where they are faster
-        m.prefill_chunked(0, torch.tensor(ids[:16]), 0, CHUNK)  # warm-up, as every engine gets one
+        m.prefill_chunked(0, ids[:16], 0, CHUNK)  # warm-up, as every engine gets one
         _sync(device)
         t = time.perf_counter()
-        logits = m.prefill_chunked(0, torch.tensor(ids), 0, CHUNK)
+        logits = m.prefill_chunked(0, ids, 0, CHUNK)
         _sync(device)
         prefill_s = time.perf_counter() - t
         out = []
         tok = greedy(logits)[0]  # the scheduler's greedy pick
-        slot = torch.tensor([0])
         t = time.perf_counter()
         for i in range(n_decode):
             out.append(tok)
-            logits = m.decode(slot, torch.tensor([tok]), torch.tensor([len(ids) + i]))
+            logits = m.decode([0], [tok], [len(ids) + i])
             tok = greedy(logits)[0]
         decode_s = time.perf_counter() - t
     return dict(load_s=load_s, prefill_tok_s=len(ids) / prefill_s, decode_tok_s=n_decode / decode_s,
-                prompt_tokens=len(ids), first_ids=out[:16], weights=lm.extra.get("weights"))
+                prompt_tokens=len(ids), first_ids=out[:16], weights=lm.extra.get("weights"),
+                torch_imported="torch" in sys.modules)
 
 
 def run_llamacpp(path: str, n_prompt: int, n_decode: int, threads: int, device: str = "cpu") -> dict:

@@ -77,7 +77,8 @@ def measure_engines(rounds: int, engines: list[str], prompt_tokens: int, decode_
             if d is None:
                 continue
             runs[engine].append(d)
-            print(f"  round {r + 1} {engine:12s} load {d['load_s']:.2f}s prefill {d['prefill_tok_s']:.0f} tok/s decode {d['decode_tok_s']:.1f} tok/s rss {d['peak_rss_mb']:.0f} MB", flush=True)
+            torch_note = "" if "torch_imported" not in d else " (torch loaded)" if d["torch_imported"] else " (torch not loaded)"
+            print(f"  round {r + 1} {engine:12s} load {d['load_s']:.2f}s prefill {d['prefill_tok_s']:.0f} tok/s decode {d['decode_tok_s']:.1f} tok/s rss {d['peak_rss_mb']:.0f} MB{torch_note}", flush=True)
     return runs
 
 
@@ -388,6 +389,11 @@ def main() -> None:
     if not a.skip_transformers:
         engines.append("transformers")
     rounds = 1 if a.quick else a.rounds
+    if a.device == "cpu":  # the converted weights on disk first: every measured run of ours loads as the engine does
+        from influence_tui.engine.loader import load_model
+        from influence_tui.library import bundled_gguf_path
+
+        load_model(str(bundled_gguf_path()), device="cpu", max_batch=1, max_seq=64)
     runs = measure_engines(rounds, engines, a.prompt_tokens, a.decode_tokens, a.device)
     report = {"engines": engine_table(runs), "runs": runs}
     from influence_tui.library import bundled_gguf_path

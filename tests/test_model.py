@@ -257,27 +257,20 @@ def test_thread_governor_keeps_full_threads_through_bursts_and_drops_under_conte
     """Decode steps' thread count: a step or two slowed by a burst (the app redrawing) keep all
     threads; steps 10x slower in a row (another process on a core) drop to one within three steps;
     probes later return to all threads once they beat one thread again."""
-    import torch
+    from influence_tui.engine.governor import ThreadGovernor
 
-    from influence_tui.engine.model import ThreadGovernor
+    gov = ThreadGovernor()
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        gov = ThreadGovernor()
+    def run(times: list[float]) -> list[int]:
+        used = []
+        for dt in times:
+            used.append(gov.threads(2))
+            gov.record(dt)
+        return used
 
-        def run(times: list[float]) -> list[int]:
-            used = []
-            for dt in times:
-                used.append(gov.threads())
-                gov.record(dt)
-            return used
-
-        assert run([0.005] * 20) == [2] * 20
-        assert run([0.005, 0.012, 0.013, 0.005] * 10) == [2] * 40  # bursts of two 2.5x steps
-        used = run([0.05] * 4)
-        assert used[:3] == [2, 2, 2] and used[3] == 1  # contention: one thread from the fourth step
-        used = run([0.03] * 7 + [0.005] * 5)  # one thread for the backoff (8 steps), then full threads' probe wins
-        assert used[:7] == [1] * 7 and used[7:] == [2] * 5
-    finally:
-        torch.set_num_threads(before)
+    assert run([0.005] * 20) == [2] * 20
+    assert run([0.005, 0.012, 0.013, 0.005] * 10) == [2] * 40  # bursts of two 2.5x steps
+    used = run([0.05] * 4)
+    assert used[:3] == [2, 2, 2] and used[3] == 1  # contention: one thread from the fourth step
+    used = run([0.03] * 7 + [0.005] * 5)  # one thread for the backoff (8 steps), then full threads' probe wins
+    assert used[:7] == [1] * 7 and used[7:] == [2] * 5

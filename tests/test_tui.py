@@ -517,7 +517,8 @@ def test_first_frame_paints_before_torch_is_imported(tmp_path: Path) -> None:
     at_import, at_ready, state, final, after = out.stdout.split()[-5:]
     assert (at_import, at_ready) == ("False", "False"), "torch was imported before the first frame"
     assert state == "loading"  # the first frame already says so
-    assert final == "ready" and after == "True"
+    # torch comes with the model, if at all: the kernel's own model (converted weights on disk) never loads it
+    assert final == "ready" and after in ("True", "False")
 
 
 async def test_no_jump_to_bottom_while_reading_history() -> None:

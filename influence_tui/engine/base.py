@@ -15,6 +15,34 @@ if TYPE_CHECKING:
     import torch
 
 
+@dataclass
+class ModelConfig:
+    architecture: str  # llama | mistral | qwen2
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    context_length: int = 4096
+    rope_scaling: dict[str, Any] | None = None
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    sliding_window: int | None = None  # ignored: contexts are capped at it by the loader
+    rope_freq_factors: list[float] | None = field(default=None, repr=False)  # GGUF rope_freqs
+
+    @property
+    def q_size(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+
 class ModelLoadError(RuntimeError):
     """A model cannot be loaded: the message names the file and the reason (user-facing)."""
 
@@ -78,3 +106,15 @@ class LoadedModel:
     parameters: int | None = None
     load_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def release_freed_heap() -> None:
+    """Give the heap that loading freed back to the OS (glibc keeps it otherwise): parsing the
+    tokenizer's JSON leaves ~27 MB free but resident, which would add to the peak RSS once the
+    weights are paged in."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc

@@ -31,9 +31,10 @@ class HFCausalLM:
         self.max_seq = max_seq
 
     @torch.inference_mode()
-    def prefill(self, slot: int, tokens: torch.Tensor, start_pos: int, all_logits: bool = False) -> torch.Tensor:
+    def prefill(self, slot: int, tokens: torch.Tensor | list[int], start_pos: int, all_logits: bool = False) -> torch.Tensor:
         from transformers import DynamicCache
 
+        tokens = torch.as_tensor(tokens, dtype=torch.long)
         cache = self.caches[slot]
         if cache is None or start_pos == 0:
             cache = DynamicCache()

@@ -8,7 +8,6 @@ so that the scheduler can hand a safetensors folder to the transformers fallback
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -19,14 +18,16 @@ from typing import Callable, Protocol
 
 import torch
 
-from influence_tui.engine.base import LoadedModel, ModelLoadError
+from influence_tui.engine import weights_cache
+from influence_tui.engine.base import LoadedModel, ModelLoadError, release_freed_heap
 from influence_tui.engine.offline import local_only
+from influence_tui.engine.sources import Located as _Located
+from influence_tui.engine.sources import locate, safetensors_files as _safetensors_files
 from influence_tui.engine.model import Embedding, Layer, LlamaModel, ModelConfig
 from influence_tui.engine.quant import FloatLinear, Int4Linear, Int8Linear, Q4Linear, make_linear, native_int4, quantize_int4
 from influence_tui.formats.gguf_tensors import GGUFTensors, Q4Blocks
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 class UnsupportedArchitecture(ModelLoadError):
@@ -338,24 +339,14 @@ class _Builder:
         return Int8Linear.from_float(w, None, self.dtype)
 
 
-# -- converted-weights cache -------------------------------------------------------------------
-# Repacking a GGUF into the int4 kernel's layout takes ~1 s; the packed tensors are written once
-# (safetensors format) and memory-mapped on later loads, keyed by the source files' path, size and
-# mtime, the weight format and dtype. Bump the version when the stored layout changes.
-WEIGHTS_CACHE_VERSION = 6
+# -- converted-weights cache (see weights_cache) ----------------------------------------------
 _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I8": torch.int8,
               "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64}
 
 
 def weights_cache_path(sources: list[Path], quant: str, dtype: torch.dtype) -> Path:
-    from influence_tui.engine.tokenizer import cache_dir
-
     layout = "q4native" if quant in ("auto", "int4") and native_int4(dtype) else "torch"
-    h = hashlib.sha256(f"v{WEIGHTS_CACHE_VERSION}:{quant}:{dtype}:{torch.__version__}:{layout}".encode())
-    for f in sources:
-        st = f.stat()
-        h.update(f"|{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return cache_dir() / "weights" / f"{h.hexdigest()[:32]}.safetensors"
+    return weights_cache.cache_path(sources, quant, str(dtype), torch.__version__, layout)
 
 
 def save_converted(path: Path, model: LlamaModel, info: dict) -> None:
@@ -363,7 +354,7 @@ def save_converted(path: Path, model: LlamaModel, info: dict) -> None:
 
     tensors = {k: v.contiguous() for k, v in model.state_tensors().items()}
     meta = {"config": json.dumps(dataclasses.asdict(model.cfg)), "info": json.dumps(info),
-            "version": str(WEIGHTS_CACHE_VERSION)}
+            "version": str(weights_cache.WEIGHTS_CACHE_VERSION)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     try:
@@ -375,90 +366,23 @@ def save_converted(path: Path, model: LlamaModel, info: dict) -> None:
 
 def read_safetensors_mmap(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Zero-copy tensors over a memory map (safetensors' own reader copies into RAM)."""
-    import numpy as np
-
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
-    n = int.from_bytes(mm[:8].tobytes(), "little")
-    header = json.loads(mm[8 : 8 + n].tobytes())
-    meta = header.pop("__metadata__", {}) or {}
-    base = 8 + n
-    out = {}
+    mm, entries, meta = weights_cache.read_mmap(path)
     with warnings.catch_warnings():  # read-only memory: the weights are never written
         warnings.simplefilter("ignore", UserWarning)
         whole = torch.from_numpy(mm)  # slicing a tensor is ~50x cheaper than slicing a memmap
-    for name, info in header.items():
-        start, end = info["data_offsets"]
-        out[name] = whole[base + start : base + end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+    out = {name: whole[a:b].view(_ST_DTYPES[dt]).reshape(shape) for name, (dt, shape, a, b) in entries.items()}
     return out, meta
 
 
 def load_converted(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[LlamaModel, dict] | None:
     try:
         tensors, meta = read_safetensors_mmap(path)
-        if meta.get("version") != str(WEIGHTS_CACHE_VERSION):
+        if meta.get("version") != str(weights_cache.WEIGHTS_CACHE_VERSION):
             return None
         cfg = ModelConfig(**json.loads(meta["config"]))
         return LlamaModel.from_state(cfg, tensors, dtype, device), json.loads(meta["info"])
     except (OSError, ValueError, KeyError, TypeError, RuntimeError):
         return None  # a damaged cache entry is rebuilt
-
-
-# -- paths -------------------------------------------------------------------------------------
-@dataclass
-class _Located:
-    format: str  # gguf | safetensors
-    file: Path | None  # the .gguf
-    folder: Path | None  # the safetensors folder
-
-
-def _has_gguf_magic(p: Path) -> bool:
-    try:
-        with p.open("rb") as fh:
-            return fh.read(4) == b"GGUF"
-    except OSError:
-        return False
-
-
-def locate(path: str) -> _Located:
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise ModelLoadError(f"{path}: no such file or folder")
-    if p.is_file():
-        if p.suffix.lower() == ".gguf" or _has_gguf_magic(p):  # Ollama's blobs have no suffix
-            return _Located("gguf", p, None)
-        if p.suffix.lower() in PICKLE_SUFFIXES:
-            raise ModelLoadError(f"{p.name}: pickle weights are never loaded (unsafe); convert to safetensors")
-        if p.suffix.lower() == ".safetensors":
-            return _Located("safetensors", None, p.parent)
-        raise ModelLoadError(f"{p.name}: not a model file (expected .gguf or a folder with safetensors)")
-    shards = sorted(p.glob("*.safetensors"))
-    if shards and (p / "config.json").exists():
-        return _Located("safetensors", None, p)
-    ggufs = sorted(p.glob("*.gguf"))
-    if len(ggufs) == 1:
-        return _Located("gguf", ggufs[0], None)
-    if len(ggufs) > 1:
-        raise ModelLoadError(f"{p}: several .gguf files ({', '.join(g.name for g in ggufs)}); choose one")
-    pickles = [f for f in p.iterdir() if f.suffix.lower() in PICKLE_SUFFIXES]
-    if pickles:
-        raise ModelLoadError(f"{pickles[0].name}: pickle weights are never loaded (unsafe); convert to safetensors")
-    if shards:
-        raise ModelLoadError(f"{p}: config.json is missing next to the safetensors weights")
-    raise ModelLoadError(f"{p}: no model weights (.gguf or .safetensors) found")
-
-
-def _safetensors_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as exc:
-            raise ModelLoadError(f"{index.name}: unreadable index ({exc})") from exc
-        missing = [n for n in names if not (folder / n).exists()]
-        if missing:
-            raise ModelLoadError(f"{missing[0]}: shard listed in {index.name} is missing")
-        return [folder / n for n in names]
-    return sorted(folder.glob("*.safetensors"))
 
 
 def _default_quant(fmt: str, file_quant: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -526,7 +450,7 @@ def _load(
         tokenizer = tok_mod.load_gguf_tokenizer(loc.file, metadata=info["tokenizer_metadata"])
     else:
         tokenizer = tok_mod.load_folder_tokenizer(loc.folder)  # type: ignore[arg-type]
-    _release_freed_heap()
+    release_freed_heap()
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -543,18 +467,6 @@ def _load(
         extra={"weights": info["weights"], "max_batch": max_batch, "max_seq": model.max_seq, "config": cfg,
                "cached": hit is not None},
     )
-
-
-def _release_freed_heap() -> None:
-    """Give the heap that loading freed back to the OS (glibc keeps it otherwise): parsing the
-    tokenizer's JSON leaves ~27 MB free but resident, which would add to the peak RSS once the
-    weights are paged in."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc
 
 
 def _build(

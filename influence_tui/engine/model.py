@@ -15,12 +15,14 @@ from __future__ import annotations
 import math
 import mmap
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from influence_tui.engine import rope
+from influence_tui.engine.base import ModelConfig
+from influence_tui.engine.governor import ThreadGovernor
 from influence_tui.engine.native import IntRows, NativeStep, has_matrix_units
 from influence_tui.engine.quant import (
     FloatLinear,
@@ -35,56 +37,9 @@ from influence_tui.engine.quant import (
 Linear = FloatLinear | Int8Linear | Int4Linear | Q4Linear
 
 
-@dataclass
-class ModelConfig:
-    architecture: str  # llama | mistral | qwen2
-    vocab_size: int
-    dim: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    ffn_dim: int
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    context_length: int = 4096
-    rope_scaling: dict[str, Any] | None = None
-    tie_embeddings: bool = False
-    qkv_bias: bool = False
-    sliding_window: int | None = None  # ignored: contexts are capped at it by the loader
-    rope_freq_factors: list[float] | None = field(default=None, repr=False)  # GGUF rope_freqs
-
-    @property
-    def q_size(self) -> int:
-        return self.n_heads * self.head_dim
-
-    @property
-    def kv_size(self) -> int:
-        return self.n_kv_heads * self.head_dim
-
-
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Per-pair inverse frequencies [head_dim/2], with llama3 / linear scaling applied."""
-    hd = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
-    if cfg.rope_freq_factors is not None:  # GGUF llama3 files carry the factors as a tensor
-        return inv / torch.tensor(cfg.rope_freq_factors, dtype=torch.float64)
-    rs = cfg.rope_scaling or {}
-    kind = rs.get("rope_type", rs.get("type"))
-    if kind == "linear":
-        inv = inv / float(rs["factor"])
-    elif kind == "llama3":
-        factor = float(rs["factor"])
-        low, high = float(rs.get("low_freq_factor", 1.0)), float(rs.get("high_freq_factor", 4.0))
-        old_ctx = float(rs.get("original_max_position_embeddings", 8192))
-        wavelen = 2 * math.pi / inv
-        smooth = ((old_ctx / wavelen) - low) / (high - low)
-        scaled = torch.where(wavelen > old_ctx / low, inv / factor, inv)
-        mid = (wavelen <= old_ctx / low) & (wavelen >= old_ctx / high)
-        inv = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
-    elif kind not in (None, "default"):
-        raise ValueError(f"rope scaling {kind!r} is not supported")
-    return inv
+    """Per-pair inverse frequencies [head_dim/2] (float64), with llama3 / linear scaling applied."""
+    return torch.from_numpy(rope.inv_freq(cfg))
 
 
 @dataclass
@@ -107,69 +62,6 @@ class Embedding:
         if isinstance(self.table, torch.Tensor):
             return F.embedding(ids, self.table)
         return self.table.rows(ids)
-
-
-class ThreadGovernor:
-    """Picks the thread count of decode steps on CPU: all threads, or one while the CPU is contended.
-
-    A decode step runs ~120 small parallel regions; when another process takes a core, each
-    region's barrier waits for a descheduled thread (a scheduler time slice), and a step with 2
-    threads becomes 10-100x slower than with 1 (measured: 850 ms vs 35 ms a token on a 2-core
-    machine at load 3). The governor watches step times at full threads; after three steps in a row
-    that take over three times the recent best it drops to one thread, then probes full threads
-    again after 8, 16, ... 256 steps, keeping them when they beat the one-thread time. Short bursts
-    are not contention: the app redrawing a streaming answer (~10 ms, ten times a second) made a
-    step or two 2x slower, and at "two steps over 2x" a third to a half of an answer's steps ran
-    on one thread, which is slower than two even then.
-    """
-
-    SLOW, STRIKES = 3.0, 3
-
-    def __init__(self) -> None:
-        self.full = 0  # the caller's thread count (torch.get_num_threads() when not set by us)
-        self.cur = 0
-        self.best = math.inf  # recent best step time at full threads (drifts up 0.1% a step)
-        self.strikes = 0
-        self.single_time = math.inf  # moving average of one-thread steps
-        self.backoff = 8
-        self.countdown = 0
-        self.probe: list[float] = []
-        self.probing = False
-
-    def threads(self) -> int:
-        n = torch.get_num_threads()
-        if n != self.full:  # first use, or the caller changed it: follow
-            self.full = self.cur = n
-            self.best, self.strikes, self.probe, self.probing = math.inf, 0, [], False
-        return self.cur
-
-    def record(self, dt: float) -> None:
-        """The time of the step just run with `cur` threads."""
-        if self.full <= 1:
-            return
-        if self.cur == self.full:
-            if self.probing:
-                self.probe.append(dt)
-                if len(self.probe) >= 2:
-                    if min(self.probe) < 0.9 * self.single_time:
-                        self.backoff, self.best = 8, min(self.probe)
-                    else:
-                        self.backoff = min(self.backoff * 2, 256)
-                        self._single()
-                    self.probe, self.probing = [], False
-                return
-            self.best = min(dt, self.best * 1.001)
-            self.strikes = self.strikes + 1 if dt > self.SLOW * self.best else 0
-            if self.strikes >= self.STRIKES:
-                self._single()
-        else:
-            self.single_time = dt if self.single_time == math.inf else 0.8 * self.single_time + 0.2 * dt
-            self.countdown -= 1
-            if self.countdown <= 0:  # probe full threads again
-                self.cur, self.probe, self.strikes, self.probing = self.full, [], 0, True
-
-    def _single(self) -> None:
-        self.cur, self.strikes, self.countdown = 1, 0, self.backoff
 
 
 class LlamaModel:
@@ -227,7 +119,9 @@ class LlamaModel:
         pos = torch.arange(max_seq, dtype=torch.float32, device=self.device)
         angles = torch.outer(pos, self._rope_inv)
         self._rope = torch.polar(torch.ones_like(angles), angles)
-        self._rope_cos, self._rope_sin = angles.cos(), angles.sin()
+        # the kernel's tables from numpy, as the torch-free model builds them (the same bits)
+        cos, sin = rope.kernel_tables(cfg, max_seq)
+        self._rope_cos, self._rope_sin = torch.from_numpy(cos).to(self.device), torch.from_numpy(sin).to(self.device)
         hd = cfg.head_dim
         pair = torch.arange(hd // 2, device=self.device)
         even, odd = 2 * pair, 2 * pair + 1  # flat indices into a [D, D] matrix (row: input, col: output)
@@ -353,6 +247,7 @@ class LlamaModel:
         together (each layer's low-bit weights dequantised once); the same numbers as prefilling
         each piece alone. With the decode kernel (`rows_exact`), the positions after the last full
         chunk run as its rows; otherwise they are one more dense piece."""
+        jobs = [(slot, torch.as_tensor(tokens, dtype=torch.long), start) for slot, tokens, start in jobs]
         dense, rows = [], []
         for slot, tokens, start in jobs:
             end = start + int(tokens.shape[0])
@@ -378,7 +273,7 @@ class LlamaModel:
         together; rows of one slot at consecutive positions): float32 logits [len(logit_rows), vocab].
         The kernel checks every slot, position and token (ValueError)."""
         assert self._native is not None
-        return self._native.decode(slots, tokens, positions, torch.get_num_threads(), logit_rows)
+        return torch.from_numpy(self._native.decode(slots, tokens, positions, torch.get_num_threads(), logit_rows))
 
     def _prefill_rows_many(self, jobs: list[tuple[int, torch.Tensor, int]]) -> list[torch.Tensor]:
         """Several prompts' rows in one kernel call (each pass over the weights serves 8 rows,
@@ -396,7 +291,7 @@ class LlamaModel:
         tokens = torch.cat([tokens for _, tokens, _ in jobs])
         assert self._native is not None
         logits = self._native.decode(torch.cat(slots), tokens, torch.cat(positions), torch.get_num_threads(), last)
-        return list(logits)
+        return list(torch.from_numpy(logits))
 
     def _prefill_dense(
         self, jobs: list[tuple[int, torch.Tensor, int]], chunk: int, logits: list[bool] | None = None
@@ -452,8 +347,9 @@ class LlamaModel:
 
         return attend
 
-    def prefill(self, slot: int, tokens: torch.Tensor, start_pos: int, all_logits: bool = False) -> torch.Tensor:
+    def prefill(self, slot: int, tokens: IntRows, start_pos: int, all_logits: bool = False) -> torch.Tensor:
         self._check_cache()
+        tokens = torch.as_tensor(tokens, dtype=torch.long)
         t = int(tokens.shape[0])
         end = start_pos + t
         if t < 1 or start_pos < 0 or end > self.max_seq:
@@ -479,13 +375,13 @@ class LlamaModel:
             if self.device.type != "cpu":
                 return self._decode(slots, tokens, positions)
         gov = self._governors.setdefault(len(tokens), ThreadGovernor())
-        n, t0 = gov.threads(), time.perf_counter()
+        n, t0 = gov.threads(torch.get_num_threads()), time.perf_counter()
         torch_threads = self._native is None and n != gov.full  # the kernel takes its count per call
         if torch_threads:
             torch.set_num_threads(n)
         try:
             if self._native is not None:
-                return self._native.decode(slots, tokens, positions, n)
+                return torch.from_numpy(self._native.decode(slots, tokens, positions, n))
             return self._decode(slots, tokens, positions)
         finally:
             gov.record(time.perf_counter() - t0)

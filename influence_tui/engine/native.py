@@ -12,17 +12,22 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
+import sys
 import threading
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 if TYPE_CHECKING:
     import torch
 
+    from influence_tui.engine.base import ModelConfig
     from influence_tui.engine.model import LlamaModel
 
 SOURCE = "decode.c"
@@ -121,8 +126,7 @@ def library() -> ctypes.CDLL:
             if os.environ.get("INFLUENCE_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
                 _error = "disabled by INFLUENCE_NATIVE=0"
             else:
-                import torch  # noqa: F401  (its OpenMP runtime is loaded first and then shared)
-
+                _share_openmp_runtime()
                 try:
                     _lib = open_library(build())
                 except (NativeUnavailable, OSError, subprocess.SubprocessError) as exc:
@@ -130,6 +134,24 @@ def library() -> ctypes.CDLL:
         if _lib is None:
             raise NativeUnavailable(_error or "unavailable")
         return _lib
+
+
+def _share_openmp_runtime() -> None:
+    """Load torch's OpenMP runtime (its libgomp.so.1) before the kernel, without importing torch:
+    the kernel binds to it by its soname, and so does torch if it comes later (embeddings, a
+    GPU model), so one pool of threads serves both. Importing torch for this cost ~1.3 s and
+    ~220 MB; the kernel's own model does not need torch at all."""
+    if "torch" in sys.modules:
+        return
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return
+    gomp = Path(list(spec.submodule_search_locations)[0], "lib", "libgomp.so.1")
+    if gomp.exists():
+        try:
+            ctypes.CDLL(str(gomp), mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            pass  # the system's libgomp then serves the kernel
 
 
 def has_matrix_units() -> bool:
@@ -182,8 +204,6 @@ def sample(logits: Any, overrides: dict[int, float], temperature: float, top_k: 
             lib = library()
         except NativeUnavailable:
             return None
-    import numpy as np
-
     n = int(logits.shape[0])
     if _scratch.buf is None or _scratch.buf.size < 5 * n:  # n floats, then 16n bytes for the kernel
         _scratch.buf = np.empty(5 * n, dtype=np.float32)
@@ -195,7 +215,7 @@ def sample(logits: Any, overrides: dict[int, float], temperature: float, top_k: 
     return None if token < 0 else int(token)
 
 
-IntRows = Any  # a list of ints or a 1-D integer tensor
+IntRows = Any  # a list of ints, a 1-D integer numpy array or tensor
 
 
 def _int64s(v: IntRows) -> tuple[int, Any]:
@@ -203,33 +223,35 @@ def _int64s(v: IntRows) -> tuple[int, Any]:
     if isinstance(v, (list, tuple)):
         arr = (ctypes.c_int64 * len(v))(*v)
         return ctypes.addressof(arr), arr
-    import torch
+    if isinstance(v, np.ndarray):
+        a = np.ascontiguousarray(v, dtype=np.int64)
+        return a.ctypes.data, a
+    import torch  # a tensor: torch is loaded
 
     t = v.to(dtype=torch.int64).contiguous()
     return t.data_ptr(), t
 
 
 class NativeStep:
-    """The C decode step bound to one model's weights and KV cache (rebuilt when the cache is)."""
+    """The C decode step bound to one model's weights and KV cache, by address (rebuilt when the
+    cache is). `keep` holds whatever owns that memory, for as long as the step lives."""
 
-    def __init__(self, lib: ctypes.CDLL, model: "LlamaModel") -> None:
-        cfg = model.cfg
+    def __init__(self, lib: ctypes.CDLL, cfg: "ModelConfig", max_batch: int, max_seq: int, norm_eps: float,
+                 layers: list[LayerT], ptrs: dict[str, int], keep: list[Any]) -> None:
         self.lib, self.vocab = lib, cfg.vocab_size
-        self.max_batch, self.max_seq = model.max_batch, model.max_seq
-        norms = model._norm_weights()
-        # the structs point into these tensors: keep them alive as long as the structs
-        self._layers = (LayerT * cfg.n_layers)()
-        for i, (layer, (attn_norm, ffn_norm)) in enumerate(zip(model.layers, norms)):
-            self._layers[i] = LayerT(layer.qkv.struct(), layer.o.struct(), layer.gate_up.struct(), layer.down.struct(),
-                                     attn_norm.data_ptr(), ffn_norm.data_ptr(), model.kv_cache[i].data_ptr())
-        table, head = model.embed.table, model.lm_head
-        self._keep: list[Any] = [table.q.contiguous(), table.scale.contiguous(), head.q.contiguous(), head.scale.contiguous()]
+        self.max_batch, self.max_seq = max_batch, max_seq
+        self._keep = keep
+        self._layers = (LayerT * cfg.n_layers)(*layers)
         self._model = ModelT(
             cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.vocab_size,
-            model.max_seq, model.max_batch, float(model._norm_eps), ctypes.addressof(self._layers),
-            *(t.data_ptr() for t in self._keep),
-            model._final_norm.data_ptr(), model._rope_cos.data_ptr(), model._rope_sin.data_ptr(),
+            max_seq, max_batch, norm_eps, ctypes.addressof(self._layers),
+            *(ptrs[k] for k in ("emb_q", "emb_scale", "head_q", "head_scale", "final_norm", "rope_cos", "rope_sin")),
         )
+
+    @staticmethod
+    def fits(cfg: "ModelConfig") -> bool:
+        """Shapes the kernel takes (besides its weights' formats)."""
+        return not (cfg.head_dim % 2 or cfg.n_heads % cfg.n_kv_heads or cfg.dim % 64)
 
     @classmethod
     def for_model(cls, model: "LlamaModel") -> "NativeStep | None":
@@ -246,30 +268,37 @@ class NativeStep:
             model.device.type != "cpu" or model.dtype != torch.bfloat16
             or not all(isinstance(lin, Q4Linear) for lin in linears)
             or not isinstance(table, Int8Linear) or not isinstance(head, Int8Linear) or head.bias is not None
-            or cfg.head_dim % 2 or cfg.n_heads % cfg.n_kv_heads or cfg.dim % 64
+            or not cls.fits(cfg)
         ):
             return None
         try:
-            return cls(library(), model)
+            lib = library()
         except NativeUnavailable:
             return None
+        norms = model._norm_weights()
+        layers = [LayerT(layer.qkv.struct(), layer.o.struct(), layer.gate_up.struct(), layer.down.struct(),
+                         attn_norm.data_ptr(), ffn_norm.data_ptr(), model.kv_cache[i].data_ptr())
+                  for i, (layer, (attn_norm, ffn_norm)) in enumerate(zip(model.layers, norms))]
+        keep = [table.q.contiguous(), table.scale.contiguous(), head.q.contiguous(), head.scale.contiguous()]
+        ptrs = dict(zip(("emb_q", "emb_scale", "head_q", "head_scale"), (t.data_ptr() for t in keep)))
+        ptrs.update(final_norm=model._final_norm.data_ptr(), rope_cos=model._rope_cos.data_ptr(),
+                    rope_sin=model._rope_sin.data_ptr())
+        return cls(lib, cfg, model.max_batch, model.max_seq, float(model._norm_eps), layers, ptrs, keep)
 
     def decode(
         self, slots: "IntRows", tokens: "IntRows", positions: "IntRows", threads: int,
         logit_rows: list[int] | None = None,
-    ) -> "torch.Tensor":
+    ) -> np.ndarray:
         """One kernel call for B tokens (own slot and position each; a slot may repeat at consecutive
-        positions: a prompt run as rows). Float32 logits of `logit_rows` (default: every token).
-        Lists of ints are passed as they are: three small tensors cost a decode step ~70 us."""
-        import torch
-
+        positions: a prompt run as rows). Float32 logits of `logit_rows` (default: every token), as
+        numpy. Lists of ints are passed as they are: three small tensors cost a decode step ~70 us."""
         b = len(tokens)
         args = [_int64s(v) for v in (slots, tokens, positions)]
         rows = None if logit_rows is None else _int64s(logit_rows)
         n_logits = b if logit_rows is None else len(logit_rows)
-        logits = torch.empty(n_logits, self.vocab, dtype=torch.float32)
+        logits = np.empty((n_logits, self.vocab), dtype=np.float32)
         rc = self.lib.influence_decode(ctypes.byref(self._model), b, args[0][0], args[1][0], args[2][0],
-                                       None if rows is None else rows[0], n_logits, logits.data_ptr(), threads)
+                                       None if rows is None else rows[0], n_logits, logits.ctypes.data, threads)
         if rc == -1:
             raise ValueError(f"a slot, position or token is outside the cache ({self.max_batch} x {self.max_seq}) or vocabulary")
         if rc != 0:

@@ -12,25 +12,31 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from influence_tui.engine import native
 from influence_tui.params import GenerationParams
 
+if TYPE_CHECKING:  # torch only where the logits are torch's: the kernel's model hands numpy rows
+    import torch
 
-def greedy(logits: torch.Tensor) -> list[int]:
+
+def greedy(logits: "torch.Tensor | np.ndarray") -> list[int]:
     """The index of each row's largest logit (the first one on ties; NaN counts as largest), for
-    float32 logits [vocab] or [rows, vocab] on the CPU. numpy's argmax is vectorised where torch's
-    CPU argmax is not: ~6 us a row instead of ~80 (a step of 8 streams spent 0.35 ms in it)."""
-    if logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.requires_grad:
-        return logits.reshape(-1, logits.shape[-1]).argmax(dim=-1).tolist()
-    return logits.numpy().reshape(-1, logits.shape[-1]).argmax(axis=1).tolist()
+    float32 logits [vocab] or [rows, vocab]: numpy, or a torch tensor on the CPU. numpy's argmax is
+    vectorised where torch's CPU argmax is not: ~6 us a row instead of ~80 (a step of 8 streams
+    spent 0.35 ms in it)."""
+    if not isinstance(logits, np.ndarray):
+        if logits.device.type != "cpu" or str(logits.dtype) != "torch.float32" or logits.requires_grad:
+            return logits.reshape(-1, logits.shape[-1]).argmax(dim=-1).tolist()
+        logits = logits.numpy()
+    return logits.reshape(-1, logits.shape[-1]).argmax(axis=1).tolist()
 
 
 class Sampler:
-    def __init__(self, params: GenerationParams, device: torch.device) -> None:
+    def __init__(self, params: GenerationParams, device: Any = None) -> None:
         self.p = params
         self.seed = params.seed if params.seed is not None else random.randrange(2**63)
         # any integer is a seed (clients send negative or 128-bit ones): folded into 64 bits
@@ -49,13 +55,13 @@ class Sampler:
         p = self.p
         return _repeat_penalised(p) or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
-    def apply_penalties(self, logits: torch.Tensor, history: list[int]) -> torch.Tensor:
+    def apply_penalties(self, logits: "torch.Tensor", history: list[int]) -> "torch.Tensor":
         """llama.cpp's repeat penalty over the last `repeat_last_n` tokens (prompt included);
         OpenAI's presence/frequency penalties over the generated tokens. In place."""
         _penalise(logits.numpy(), self.p, history, self.generated)
         return logits
 
-    def __call__(self, logits: torch.Tensor | np.ndarray, history: list[int]) -> int:
+    def __call__(self, logits: "torch.Tensor | np.ndarray", history: list[int]) -> int:
         """Pick the next token from float32 logits [vocab] (on CPU). `history` = prompt + generated ids."""
         x = _as_numpy(logits)
         if self.picks_best:
@@ -95,12 +101,12 @@ class Sampler:
         return int(ids[draw(probs, u)])
 
 
-def _as_numpy(logits: torch.Tensor | np.ndarray) -> np.ndarray:
+def _as_numpy(logits: "torch.Tensor | np.ndarray") -> np.ndarray:
     """A row of logits as float32 numpy, without copying a CPU float32 tensor (each torch call
     costs ~20 us right after a decode step)."""
     if isinstance(logits, np.ndarray):
         return logits
-    if logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.requires_grad:
+    if logits.device.type != "cpu" or str(logits.dtype) != "torch.float32" or logits.requires_grad:
         logits = logits.detach().float().cpu()
     return logits.numpy()
 
@@ -208,8 +214,10 @@ def draw(probs: np.ndarray, u: float) -> int:
     return j * blocks.shape[1] + i
 
 
-def candidates(logits: torch.Tensor, p: GenerationParams) -> tuple[torch.Tensor, torch.Tensor] | None:
+def candidates(logits: "torch.Tensor", p: GenerationParams) -> "tuple[torch.Tensor, torch.Tensor] | None":
     """`_candidates` on a torch row of logits: (probabilities, ids) as tensors, or None."""
+    import torch
+
     picked = _candidates(logits.detach().float().cpu().numpy(), p)
     if picked is None:
         return None
@@ -217,8 +225,10 @@ def candidates(logits: torch.Tensor, p: GenerationParams) -> tuple[torch.Tensor,
     return torch.from_numpy(probs), torch.from_numpy(ids)
 
 
-def filtered_probs(logits: torch.Tensor, p: GenerationParams) -> torch.Tensor | None:
+def filtered_probs(logits: "torch.Tensor", p: GenerationParams) -> "torch.Tensor | None":
     """The full-vocabulary distribution a Sampler draws from (for tests and inspection)."""
+    import torch
+
     picked = candidates(logits, p)
     if picked is None:
         return None

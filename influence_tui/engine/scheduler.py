@@ -13,10 +13,13 @@ Requests admitted together that begin alike have their common prefix prefilled o
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
-import torch
+import numpy as np
 
 from influence_tui.engine.base import LoadedModel
 from influence_tui.engine.sampling import Sampler, StopMatcher, greedy
@@ -26,6 +29,20 @@ from influence_tui.engine.types import GenerationRequest, GenerationStream, Resu
 
 class RequestError(ValueError):
     """The request cannot run on this model (message is user-facing)."""
+
+
+def _inference() -> Any:
+    """torch's inference mode around model calls where torch is loaded. The kernel's own model
+    (`native_model.KernelLlama`) never imports it: its logits are numpy arrays."""
+    torch = sys.modules.get("torch")
+    return torch.inference_mode() if torch is not None else contextlib.nullcontext()
+
+
+def _rows(logits: Any) -> np.ndarray:
+    """A step's logits as float32 numpy rows (a torch index costs ~35 us right after a step)."""
+    if isinstance(logits, np.ndarray):
+        return logits
+    return logits.float().cpu().numpy()
 
 
 @dataclass
@@ -217,11 +234,11 @@ class Scheduler:
             return shared, True  # a conversation going on past a chunk boundary
         return exact, False
 
-    def prefill(self, slot: Slot, prompt: list[int], start: int) -> torch.Tensor:
+    def prefill(self, slot: Slot, prompt: list[int], start: int) -> Any:
         """Prefill prompt[start:] into the slot chunk by chunk; logits of the last position."""
         return self._prefill_all([(slot, prompt, start)])[0]
 
-    def _prefill_all(self, work: list[tuple[Slot, list[int], int]]) -> list[torch.Tensor]:
+    def _prefill_all(self, work: list[tuple[Slot, list[int], int]]) -> list[Any]:
         # a start past the exact part, unless it is the exact continuation of the same chunks, is
         # the approximate reuse of reuse_plan: the slot keeps its exact part and is marked
         rows_only = getattr(self.model, "rows_only", False)
@@ -230,10 +247,10 @@ class Scheduler:
         for slot, _, start in work:
             slot.tokens = slot.tokens[:start]
             slot.dense = min(slot.dense, start)
-        with torch.inference_mode():
+        with _inference():
             many = getattr(self.model, "prefill_many", None)
             if many is not None:  # the fast model: one pass per layer over every chunk of every prompt
-                out = many([(slot.index, torch.tensor(prompt[start:], dtype=torch.long), start) for slot, prompt, start in work], CHUNK)
+                out = many([(slot.index, prompt[start:], start) for slot, prompt, start in work], CHUNK)
             else:
                 out = [self._prefill_chunks(slot.index, prompt, start) for slot, prompt, start in work]
         for (slot, prompt, _), rough in zip(work, approx):
@@ -244,7 +261,9 @@ class Scheduler:
                 slot.dense, slot.approx = len(prompt) // CHUNK * CHUNK, False
         return out
 
-    def _prefill_chunks(self, index: int, prompt: list[int], start: int) -> torch.Tensor:
+    def _prefill_chunks(self, index: int, prompt: list[int], start: int) -> Any:
+        import torch  # models without prefill_many are torch's (transformers' fallback)
+
         ids = torch.tensor(prompt, dtype=torch.long)
         logits = None
         for begin in range(start, len(prompt), CHUNK):
@@ -279,7 +298,7 @@ class Scheduler:
         for (seq, _), row in zip(ready, logits):
             seq.usage.prefill_s = elapsed
             self.active.append(seq)
-            self._accept(seq, seq.sampler(row.float().cpu(), seq.history))
+            self._accept(seq, seq.sampler(row, seq.history))
             if seq.usage.ttft_s == 0.0:
                 seq.usage.ttft_s = time.perf_counter() - seq.job.submitted
 
@@ -369,13 +388,11 @@ class Scheduler:
         slots = [s.slot.index for s in batch]
         tokens = [s.last_token for s in batch]
         positions = [len(s.slot.tokens) for s in batch]
-        with torch.inference_mode():
-            logits = self.model.decode(slots, tokens, positions)
-        if logits.device.type != "cpu" or logits.dtype != torch.float32:  # (each torch call ~20 us cold)
-            logits = logits.float().cpu()
+        with _inference():
+            logits = _rows(self.model.decode(slots, tokens, positions))
         self._advance(batch, logits, t0)
 
-    def _advance(self, batch: list[Sequence], logits: torch.Tensor, t0: float) -> None:
+    def _advance(self, batch: list[Sequence], logits: np.ndarray, t0: float) -> None:
         """The decode rows of a step are done: each sequence's last token joins its slot and the
         next one is picked from its row of logits."""
         for seq in batch:
@@ -383,8 +400,7 @@ class Scheduler:
         if all(s.sampler.picks_best and not s.sampler.needs_penalties for s in batch):
             picks = greedy(logits)  # one op for the whole batch
         else:
-            rows = logits.float().numpy()  # numpy rows: a torch index costs ~35 us right after a step
-            picks = [s.sampler(rows[i], s.history) for i, s in enumerate(batch)]
+            picks = [s.sampler(logits[i], s.history) for i, s in enumerate(batch)]
         elapsed = time.perf_counter() - t0
         for seq, token in zip(batch, picks):
             seq.usage.decode_s += elapsed
@@ -413,8 +429,8 @@ class Scheduler:
             pieces.append((seq, start + n, done))
             budget -= n
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            logits = self.model.step_rows(slots, tokens, positions, logit_rows).float()
+        with _inference():
+            logits = _rows(self.model.step_rows(slots, tokens, positions, logit_rows))
         if decoding:
             self._advance(decoding, logits[: len(decoding)], t0)
         row = len(decoding)
@@ -475,13 +491,11 @@ class Scheduler:
             self._render([{"role": "user", "content": "Hello"}])
         except RequestError:
             pass
-        with torch.inference_mode():
-            logits = self.model.prefill(slot.index, torch.tensor(ids, dtype=torch.long), 0)
+        with _inference():
+            logits = self.model.prefill(slot.index, list(ids), 0)
             tokens = list(ids)
             for _ in range(n_tokens):
                 nxt = greedy(logits)[0]
-                logits = self.model.decode(
-                    torch.tensor([slot.index]), torch.tensor([nxt]), torch.tensor([len(tokens)])
-                )[0]
+                logits = self.model.decode([slot.index], [nxt], [len(tokens)])[0]
                 tokens.append(nxt)
         slot.forget()  # a dense prefill of a short prompt: not what a request would reuse

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -170,9 +171,9 @@ class Engine:
         if self._embedder is None or self._embedder.path != path:
             from influence_tui.engine.offline import local_only
 
-            self._apply_threads()
             with local_only():
                 self._embedder = Embedder(path, name=name, device=self.settings.device, device_index=self.settings.device_index)
+            self._apply_threads()  # torch is loaded now
         vectors, n_tokens = self._embedder.embed(texts)
         return EmbeddingResult(vectors, n_tokens, self._embedder.name)
 
@@ -318,6 +319,7 @@ class Engine:
         try:
             self._apply_threads()
             loaded = self._load_model(path, device or self.settings.device)
+            self._apply_threads(loaded.model)
             # one name everywhere: what `influence list` shows, not the file's internal name
             loaded.name = model_name_for_path(loaded.path, self._models_dir()) or loaded.name
             from influence_tui.engine.scheduler import Scheduler
@@ -344,17 +346,29 @@ class Engine:
         self._notify()
         return self._summary
 
-    def _apply_threads(self) -> None:
-        """INFLUENCE_THREADS: torch's CPU threads, which the C kernel and embeddings use too (the
-        loader caps them at the CPU count); unset, torch's default of one per core."""
-        import torch
-
+    def _apply_threads(self, model: Any = None) -> None:
+        """INFLUENCE_THREADS: the CPU threads of the C kernel, torch and the embeddings (the loader
+        caps them at the CPU count); unset, one per physical core, torch's default. torch is only
+        set where it is loaded: the kernel's own model never imports it."""
+        if model is not None and hasattr(model, "set_threads"):
+            model.set_threads(self.settings.threads)
+        torch = sys.modules.get("torch")
+        if torch is None:
+            return
         if self._default_threads is None:
             self._default_threads = torch.get_num_threads()
         torch.set_num_threads(self.settings.threads or self._default_threads)
 
     def _load_model(self, path: str, device: str) -> Any:
         from influence_tui.engine.base import ModelLoadError
+        from influence_tui.engine.native_model import load_native
+
+        try:  # the kernel's torch-free model where it applies (see native_model), else torch's
+            native = load_native(path, device=device, max_batch=self.max_batch)
+        except ModelLoadError as exc:
+            raise EngineError(str(exc)) from None
+        if native is not None:
+            return native
         from influence_tui.engine.loader import UnsupportedArchitecture, load_model
 
         try:
