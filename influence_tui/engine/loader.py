@@ -19,10 +19,11 @@ from typing import Callable, Protocol
 import torch
 
 from influence_tui.engine import weights_cache
-from influence_tui.engine.base import LoadedModel, ModelLoadError, release_freed_heap
+from influence_tui.engine.base import LoadedModel, ModelLoadError
 from influence_tui.engine.offline import local_only
 from influence_tui.engine.sources import Located as _Located
-from influence_tui.engine.sources import locate, safetensors_files as _safetensors_files
+from influence_tui.engine.sources import allocate_and_tokenizer, locate
+from influence_tui.engine.sources import safetensors_files as _safetensors_files
 from influence_tui.engine.model import Embedding, Layer, LlamaModel, ModelConfig
 from influence_tui.engine.quant import FloatLinear, Int4Linear, Int8Linear, Q4Linear, make_linear, native_int4, quantize_int4
 from influence_tui.formats.gguf_tensors import GGUFTensors, Q4Blocks
@@ -428,8 +429,6 @@ def _load(
         raise ModelLoadError(f"unknown quantization {quant!r} (expected auto, none, int8 or int4)")
     if dev.type == "cpu":
         torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
-    from influence_tui.engine import tokenizer as tok_mod
-
     sources = [loc.file] if loc.file is not None else _safetensors_files(loc.folder)  # type: ignore[arg-type]
     model_path = loc.file or loc.folder
     assert model_path is not None
@@ -442,15 +441,8 @@ def _load(
         if cached is not None and info["weights"] != "none":
             save_converted(cached, model, info)
     cfg = model.cfg
-    if cfg.sliding_window:  # attention ignores the window: never run past it
-        model.context_length = min(model.context_length, int(cfg.sliding_window))
+    tokenizer = allocate_and_tokenizer(model, loc, info, max_batch, max_seq)
     ctx = model.context_length
-    model.allocate(max_batch, min(ctx, max_seq or 4096))
-    if loc.file is not None:
-        tokenizer = tok_mod.load_gguf_tokenizer(loc.file, metadata=info["tokenizer_metadata"])
-    else:
-        tokenizer = tok_mod.load_folder_tokenizer(loc.folder)  # type: ignore[arg-type]
-    release_freed_heap()
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,

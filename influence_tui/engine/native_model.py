@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 
 from influence_tui.engine import native, rope, weights_cache
-from influence_tui.engine.base import LoadedModel, ModelConfig, release_freed_heap
+from influence_tui.engine.base import LoadedModel, ModelConfig
 from influence_tui.engine.governor import ThreadGovernor
 from influence_tui.engine.native import IntRows, LayerT, NativeStep, NativeUnavailable, Q4Mat
-from influence_tui.engine.sources import Located, locate, safetensors_files
+from influence_tui.engine.sources import Located, allocate_and_tokenizer, locate, safetensors_files
 
 CPU = SimpleNamespace(type="cpu")  # what the scheduler reads of a model's device
 
@@ -249,18 +249,8 @@ def load_native(path: str, device: str = "auto", max_batch: int = 8, max_seq: in
 
 
 def _loaded(model: KernelLlama, loc: Located, info: dict, max_batch: int, max_seq: int | None, t0: float) -> LoadedModel:
-    from influence_tui.engine import tokenizer as tok_mod
-
-    cfg = model.cfg
-    if cfg.sliding_window:  # attention ignores the window: never run past it
-        model.context_length = min(model.context_length, int(cfg.sliding_window))
-    ctx = model.context_length
-    model.allocate(max_batch, min(ctx, max_seq or 4096))
-    if loc.file is not None:
-        tokenizer = tok_mod.load_gguf_tokenizer(loc.file, metadata=info["tokenizer_metadata"])
-    else:
-        tokenizer = tok_mod.load_folder_tokenizer(loc.folder)  # type: ignore[arg-type]
-    release_freed_heap()
+    tokenizer = allocate_and_tokenizer(model, loc, info, max_batch, max_seq)
+    cfg, ctx = model.cfg, model.context_length
     return LoadedModel(
         model=model, tokenizer=tokenizer, name=info["name"], path=str(loc.file or loc.folder),
         architecture=cfg.architecture, format=loc.format, quantization=info["quantization"], dtype="bfloat16",
