@@ -23,6 +23,16 @@ TEXT = (
 
 
 def peak_rss_mb() -> float:
+    """This process's own peak RSS: VmHWM, the high-water mark of its address space. Not
+    getrusage's ru_maxrss: Linux carries that across exec from the forked parent, so a child of
+    run.py (torch imported, ~280 MB) reported the parent's peak whatever it used itself."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
