@@ -237,7 +237,7 @@ static inline int reduce16_lane(int j) { return 4 * (j % 4) + j / 4; }
 
 /* quant_group for 16 groups at once: their maxima and sums come out of one transpose each instead
  * of 32 horizontal reductions, the scales out of one division. The same numbers as quant_group. */
-static inline void quant_16_groups(const float *x, int8_t *q, float *sx, float *S) {
+static inline void quant_16_groups(const float *x, int8_t *q, int64_t qstride, float *sx, float *S, int64_t fstride) {
     const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0); /* reduce16_lane(j) */
     __m512i m[16];
     for (int j = 0; j < 16; j++)
@@ -252,24 +252,37 @@ static inline void quant_16_groups(const float *x, int8_t *q, float *sx, float *
         const __m512 iv = _mm512_set1_ps(invs[j]);
         const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + 32 * j), iv));
         const __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + 32 * j + 16), iv));
-        _mm_storeu_si128((__m128i *)(q + 32 * j), _mm512_cvtsepi32_epi8(qa));
-        _mm_storeu_si128((__m128i *)(q + 32 * j + 16), _mm512_cvtsepi32_epi8(qb));
+        _mm_storeu_si128((__m128i *)(q + qstride * j), _mm512_cvtsepi32_epi8(qa));
+        _mm_storeu_si128((__m128i *)(q + qstride * j + 16), _mm512_cvtsepi32_epi8(qb));
         sums[j] = _mm512_add_epi32(qa, qb);
     }
     const __m512i sum = _mm512_permutexvar_epi32(order, reduce16(sums, 0));
-    _mm512_storeu_ps(sx, d);
-    _mm512_storeu_ps(S, _mm512_mul_ps(d, _mm512_cvtepi32_ps(sum)));
+    float ds[16], ss[16];
+    _mm512_storeu_ps(ds, d);
+    _mm512_storeu_ps(ss, _mm512_mul_ps(d, _mm512_cvtepi32_ps(sum)));
+    for (int j = 0; j < 16; j++) {
+        sx[j * fstride] = ds[j];
+        S[j * fstride] = ss[j];
+    }
 }
 #endif
 
-/* a token's k activations -> k int8 in groups of 32, then sx[G] and S[G] (see qf) */
-static void arrange(const float *x, int64_t k, int8_t *out, float *f) {
-    const int64_t G = k / 32;
+/* Activations in tiles of MAXB tokens, group by group, so a pass of the q4 kernel reads its tokens
+ * at fixed offsets from one pointer (one pointer per token ran x86's registers out: spills in the
+ * inner loop): token b = MAXB p + j, group g: its 32 int8 at xa + (p G + g) 256 + 32 j, its scale
+ * sx at fs + (p G + g) 16 + j and S (sx times the sum of the group's int8) at 8 further. */
+static inline int64_t tiled(int64_t B) { return (B + MAXB - 1) / MAXB * MAXB; } /* tokens the buffers hold */
+
+/* token b's k activations into the tiles at xa, fs */
+static void arrange(const float *x, int64_t k, int64_t b, int8_t *xa, float *fs) {
+    const int64_t G = k / 32, p = b / MAXB, j = b % MAXB;
+    int8_t *q = xa + p * G * 256 + 32 * j;
+    float *f = fs + p * G * 16 + j;
     int64_t g = 0;
 #if VEC
-    for (; g + 16 <= G; g += 16) quant_16_groups(x + g * 32, out + g * 32, f + g, f + G + g);
+    for (; g + 16 <= G; g += 16) quant_16_groups(x + g * 32, q + g * 256, 256, f + g * 16, f + g * 16 + 8, 16);
 #endif
-    for (; g < G; g++) quant_group(x + g * 32, out + g * 32, f + g, f + G + g);
+    for (; g < G; g++) quant_group(x + g * 32, q + g * 256, f + g * 16, f + g * 16 + 8);
 }
 #if VEC
 
@@ -290,8 +303,7 @@ static void arrange(const float *x, int64_t k, int8_t *out, float *f) {
 
 /* the 16 rows of block rb for B tokens: acc[b] lane l = row 16 rb + l */
 static inline __attribute__((always_inline)) void q4_block(
-    const int B, const int stream, const q4mat *W, int64_t rb, const int8_t *xa, int64_t xstride,
-    const float *fs, int64_t fstride, __m512 acc[MAXB]) {
+    const int B, const int stream, const q4mat *W, int64_t rb, const int8_t *xa, const float *fs, __m512 acc[MAXB]) {
     const int64_t k = W->k, G = k / 32;
     const __m512i low = _mm512_set1_epi8(0x0f);
     const uint8_t *q = W->qs + rb * 16 * (k / 2);
@@ -322,17 +334,16 @@ static inline __attribute__((always_inline)) void q4_block(
          * the core always has independent ones to issue (one chain after another: prompts 6% slower) */
         __m512i iv[MAXB];
 #pragma GCC unroll 8
-        for (int b = 0; b < B; b++) iv[b] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_set1_epi32(ld32(xa + b * xstride + g * 32)));
+        for (int b = 0; b < B; b++) iv[b] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_set1_epi32(ld32(xa + g * 256 + b * 32)));
 #pragma GCC unroll 7
         for (int t = 1; t < 8; t++)
 #pragma GCC unroll 8
-            for (int b = 0; b < B; b++) iv[b] = _mm512_dpbusd_epi32(iv[b], w[t], _mm512_set1_epi32(ld32(xa + b * xstride + g * 32 + 4 * t)));
+            for (int b = 0; b < B; b++) iv[b] = _mm512_dpbusd_epi32(iv[b], w[t], _mm512_set1_epi32(ld32(xa + g * 256 + b * 32 + 4 * t)));
 #pragma GCC unroll 8
         for (int b = 0; b < B; b++) {
             const __m512i i = iv[b];
-            const float *f = fs + b * fstride;
-            acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(dv, _mm512_set1_ps(f[g])), acc[b]);
-            acc[b] = _mm512_fmadd_ps(mv, _mm512_set1_ps(f[G + g]), acc[b]);
+            acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(dv, _mm512_set1_ps(fs[g * 16 + b])), acc[b]);
+            acc[b] = _mm512_fmadd_ps(mv, _mm512_set1_ps(fs[g * 16 + 8 + b]), acc[b]);
         }
     }
 }
@@ -340,11 +351,11 @@ static inline __attribute__((always_inline)) void q4_block(
 /* rows r0..r1 (a block cut by r0 or r1 is computed whole, its other rows left alone); add: y +=
  * instead of y = (the residual stream takes the output where it is made, not in a pass of its own) */
 static inline __attribute__((always_inline)) void q4_rows_b(
-    const int B, const int stream, const q4mat *W, int64_t r0, int64_t r1, const int8_t *xa, int64_t xstride,
-    const float *fs, int64_t fstride, float *y, int64_t ystride, int add) {
+    const int B, const int stream, const q4mat *W, int64_t r0, int64_t r1, const int8_t *xa,
+    const float *fs, float *y, int64_t ystride, int add) {
     for (int64_t rb = r0 / 16; rb * 16 < r1; rb++) {
         __m512 acc[MAXB];
-        q4_block(B, stream, W, rb, xa, xstride, fs, fstride, acc);
+        q4_block(B, stream, W, rb, xa, fs, acc);
         const int64_t lo = r0 > rb * 16 ? r0 - rb * 16 : 0, hi = r1 < rb * 16 + 16 ? r1 - rb * 16 : 16;
         const __mmask16 mk = (__mmask16)(((1u << hi) - 1) & ~((1u << lo) - 1));
         const __m512 bias = W->bias ? _mm512_castsi512_ps(_mm512_slli_epi32(
@@ -361,12 +372,12 @@ static inline __attribute__((always_inline)) void q4_rows_b(
 }
 #endif
 
-static void q4_rows(int B, int stream, const q4mat *W, int64_t r0, int64_t r1, const int8_t *xa, int64_t xstride,
-                    const float *fs, int64_t fstride, float *y, int64_t ystride, int add) {
+static void q4_rows(int B, int stream, const q4mat *W, int64_t r0, int64_t r1, const int8_t *xa, const float *fs,
+                    float *y, int64_t ystride, int add) {
 #if VEC
     /* constant B: the token loop unrolls and its accumulators stay in registers */
-#define Q4_ROWS(n) q4_rows_b(n, 1, W, r0, r1, xa, xstride, fs, fstride, y, ystride, add)
-#define Q4_ROWS_HOT(n) q4_rows_b(n, 0, W, r0, r1, xa, xstride, fs, fstride, y, ystride, add)
+#define Q4_ROWS(n) q4_rows_b(n, 1, W, r0, r1, xa, fs, y, ystride, add)
+#define Q4_ROWS_HOT(n) q4_rows_b(n, 0, W, r0, r1, xa, fs, y, ystride, add)
     if (stream)
         WITH_CONSTANT_B(B, Q4_ROWS);
     else
@@ -378,18 +389,17 @@ static void q4_rows(int B, int stream, const q4mat *W, int64_t r0, int64_t r1, c
     for (int64_t r = r0; r < r1; r++) {
         const int64_t rb = r / 16, l = r % 16;
         for (int b = 0; b < B; b++) {
-            const int8_t *x = xa + b * xstride;
-            const float *sx = fs + b * fstride, *S = sx + G;
+            const int8_t *x = xa + b * 32; /* group g at x + 256 g */
             float acc = 0.f;
             for (int64_t g = 0; g < G; g++) {
                 const uint8_t *qg = W->qs + (rb * G + g) * 256 + l * 4;
                 int32_t dot = 0;
                 for (int u = 0; u < 4; u++)
                     for (int j = 0; j < 4; j++)
-                        dot += (qg[u * 64 + j] & 15) * x[g * 32 + 4 * u + j] + (qg[u * 64 + j] >> 4) * x[g * 32 + 16 + 4 * u + j];
+                        dot += (qg[u * 64 + j] & 15) * x[g * 256 + 4 * u + j] + (qg[u * 64 + j] >> 4) * x[g * 256 + 16 + 4 * u + j];
                 const int64_t s = (rb * G + g) * 16 + l;
-                acc = fmaf((float)dot, h2f(W->d[s]) * sx[g], acc);
-                acc = fmaf(h2f(W->m[s]), S[g], acc);
+                acc = fmaf((float)dot, h2f(W->d[s]) * fs[g * 16 + b], acc);
+                acc = fmaf(h2f(W->m[s]), fs[g * 16 + 8 + b], acc);
             }
             float bias = W->bias ? bf2f(W->bias[r]) : 0.f;
             y[b * ystride + r] = add ? y[b * ystride + r] + rbf(acc + bias) : rbf(acc + bias);
@@ -401,13 +411,14 @@ static void q4_rows(int B, int stream, const q4mat *W, int64_t r0, int64_t r1, c
 /* all tokens, MAXB at a time; rows r0..r1. Block by block: a block's weights (16 rows) stay in L1
  * while every token passes, instead of the whole matrix streaming from memory once per MAXB
  * tokens (a prompt's rows: 512 tokens read the weights once, not 64 times). */
-static void q4_matmul_rows(int B, const q4mat *W, int64_t r0, int64_t r1, const int8_t *xa, int64_t xstride,
-                           const float *fs, int64_t fstride, float *y, int64_t ystride, int add) {
+static void q4_matmul_rows(int B, const q4mat *W, int64_t r0, int64_t r1, const int8_t *xa, const float *fs,
+                           float *y, int64_t ystride, int add) {
+    const int64_t G = W->k / 32;
     for (int64_t a = r0; a < r1;) {
         const int64_t e = B > MAXB && (a / 16 + 1) * 16 < r1 ? (a / 16 + 1) * 16 : r1;
         for (int b0 = 0; b0 < B; b0 += MAXB) {
             int nb = B - b0 < MAXB ? B - b0 : MAXB;
-            q4_rows(nb, B <= MAXB, W, a, e, xa + b0 * xstride, xstride, fs + b0 * fstride, fstride, y + b0 * ystride, ystride, add);
+            q4_rows(nb, B <= MAXB, W, a, e, xa + b0 / MAXB * G * 256, fs + b0 / MAXB * G * 16, y + b0 * ystride, ystride, add);
         }
         a = e;
     }
@@ -1055,8 +1066,8 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
      * threads, with a barrier after; few (decode steps): every thread all of them, no barrier */
     const int spread = B >= SPREAD_ROWS && nthreads > 1;
     const int64_t gu_rows = B <= MAXB ? F : GU_ROWS; /* a decode step streams a thread's rows in one run */
-    int8_t *xa_all = spread ? aligned_alloc(64, align64((size_t)B * kmax)) : NULL;
-    float *gs_all = spread ? aligned_alloc(64, align64(sizeof(float) * B * qmax)) : NULL;
+    int8_t *xa_all = spread ? aligned_alloc(64, align64((size_t)tiled(B) * kmax)) : NULL;
+    float *gs_all = spread ? aligned_alloc(64, align64(sizeof(float) * tiled(B) * qmax)) : NULL;
     if (spread && (!xa_all || !gs_all)) failed = 1;
 #if VEC
     const int grouped = hd == 64 && nq / nkv <= 4 && nq % nkv == 0; /* attend_group64 applies */
@@ -1075,8 +1086,8 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
          * inputs; the int8 groups too when each thread makes its own */
         float *xn = aligned_alloc(64, align64(sizeof(float) * dim));
         float *gu = aligned_alloc(64, align64(sizeof(float) * B * 2 * gu_rows));
-        int8_t *xa = spread ? xa_all : aligned_alloc(64, align64((size_t)B * kmax));
-        float *gs = spread ? gs_all : aligned_alloc(64, align64(sizeof(float) * B * qmax));
+        int8_t *xa = spread ? xa_all : aligned_alloc(64, align64((size_t)tiled(B) * kmax));
+        float *gs = spread ? gs_all : aligned_alloc(64, align64(sizeof(float) * tiled(B) * qmax));
         float *scores = aligned_alloc(64, align64(sizeof(float) * 4 * scores_stride(M->max_seq)));
         float *tmp = aligned_alloc(64, align64(sizeof(float) * 2 * hd));
         head_in hx = {aligned_alloc(64, align64((size_t)n_logits * dim)), aligned_alloc(64, align64(sizeof(float) * n_logits * 16)),
@@ -1097,11 +1108,11 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
                 /* attention block */
                 for (int64_t b = p0; b < p1; b++) {
                     rms_norm(x + b * dim, L->attn_norm, M->norm_eps, dim, xn);
-                    arrange(xn, dim, xa + b * dim, gs + b * qf(dim));
+                    arrange(xn, dim, b, xa, gs);
                 }
                 if (spread) barrier_wait(&bar, nt);
                 for (w = share_rows(L->qkv.n, 16, tk); next_rows(&w, tid, nt, &a0, &a1);)
-                    q4_matmul_rows(B, &L->qkv, a0, a1, xa, dim, gs, qf(dim), qkv, QKV, 0);
+                    q4_matmul_rows(B, &L->qkv, a0, a1, xa, gs, qkv, QKV, 0);
                 barrier_wait(&bar, nt);
                 /* K/V first (rows of one slot may attend to each other: a prompt run as rows), then attention */
                 split(B, tid, nt, &a0, &a1);
@@ -1130,15 +1141,15 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
                         }
                 }
                 barrier_wait(&bar, nt);
-                for (int64_t b = p0; b < p1; b++) arrange(att + b * A, A, xa + b * A, gs + b * qf(A));
+                for (int64_t b = p0; b < p1; b++) arrange(att + b * A, A, b, xa, gs);
                 if (spread) barrier_wait(&bar, nt);
                 for (w = share_rows(dim, 16, tk + 2); next_rows(&w, tid, nt, &a0, &a1);)
-                    q4_matmul_rows(B, &L->o, a0, a1, xa, A, gs, qf(A), x, dim, 1);
+                    q4_matmul_rows(B, &L->o, a0, a1, xa, gs, x, dim, 1);
                 barrier_wait(&bar, nt);
                 /* feed-forward block */
                 for (int64_t b = p0; b < p1; b++) {
                     rms_norm(x + b * dim, L->ffn_norm, M->norm_eps, dim, xn);
-                    arrange(xn, dim, xa + b * dim, gs + b * qf(dim));
+                    arrange(xn, dim, b, xa, gs);
                 }
                 if (spread) barrier_wait(&bar, nt);
                 for (w = share_rows(F, 16, tk + 3); next_rows(&w, tid, nt, &a0, &a1);)
@@ -1146,15 +1157,15 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
                         /* gate rows c0..c1 and up rows F + c0..F + c1 into gu [B][2c] (y[b][r] lands at
                          * y + b * stride + r, r a multiple of 16: no masked lane falls before gu) */
                         const int64_t c1 = c0 + gu_rows < a1 ? c0 + gu_rows : a1, c = c1 - c0;
-                        q4_matmul_rows(B, &L->gate_up, c0, c1, xa, dim, gs, qf(dim), gu - c0, 2 * c, 0);
-                        q4_matmul_rows(B, &L->gate_up, F + c0, F + c1, xa, dim, gs, qf(dim), gu + c - (F + c0), 2 * c, 0);
+                        q4_matmul_rows(B, &L->gate_up, c0, c1, xa, gs, gu - c0, 2 * c, 0);
+                        q4_matmul_rows(B, &L->gate_up, F + c0, F + c1, xa, gs, gu + c - (F + c0), 2 * c, 0);
                         for (int b = 0; b < B; b++) silu_mul(gu + b * 2 * c, gu + b * 2 * c + c, hbuf + b * F + c0, c);
                     }
                 barrier_wait(&bar, nt);
-                for (int64_t b = p0; b < p1; b++) arrange(hbuf + b * F, F, xa + b * F, gs + b * qf(F));
+                for (int64_t b = p0; b < p1; b++) arrange(hbuf + b * F, F, b, xa, gs);
                 if (spread) barrier_wait(&bar, nt);
                 for (w = share_rows(dim, 16, tk + 4); next_rows(&w, tid, nt, &a0, &a1);)
-                    q4_matmul_rows(B, &L->down, a0, a1, xa, F, gs, qf(F), x, dim, 1);
+                    q4_matmul_rows(B, &L->down, a0, a1, xa, gs, x, dim, 1);
                 barrier_wait(&bar, nt);
             }
             /* logits of the chosen tokens only (a prompt run as rows needs its last) */
@@ -1183,8 +1194,8 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
 int influence_q4_matmul(const q4mat *W, const uint16_t *x, int64_t Mrows, uint16_t *y, int nthreads) {
     const int64_t k = W->k, n = W->n;
     float *xf = malloc(sizeof(float) * k);
-    int8_t *xa = aligned_alloc(64, align64((size_t)Mrows * k));
-    float *gs = malloc(sizeof(float) * Mrows * qf(k));
+    int8_t *xa = aligned_alloc(64, align64((size_t)tiled(Mrows) * k));
+    float *gs = malloc(sizeof(float) * tiled(Mrows) * qf(k));
     float *yf = malloc(sizeof(float) * Mrows * n);
     if (!xf || !xa || !gs || !yf) {
         free(xf); free(xa); free(gs); free(yf);
@@ -1192,7 +1203,7 @@ int influence_q4_matmul(const q4mat *W, const uint16_t *x, int64_t Mrows, uint16
     }
     for (int64_t i = 0; i < Mrows; i++) {
         for (int64_t c = 0; c < k; c++) xf[c] = bf2f(x[i * k + c]);
-        arrange(xf, k, xa + i * k, gs + i * qf(k));
+        arrange(xf, k, i, xa, gs);
     }
 #pragma omp parallel num_threads(nthreads)
     {
@@ -1200,7 +1211,7 @@ int influence_q4_matmul(const q4mat *W, const uint16_t *x, int64_t Mrows, uint16
         thread_id(&tid, &nt);
         int64_t a0, a1;
         split(n, tid, nt, &a0, &a1);
-        q4_matmul_rows((int)Mrows, W, a0, a1, xa, k, gs, qf(k), yf, n, 0);
+        q4_matmul_rows((int)Mrows, W, a0, a1, xa, gs, yf, n, 0);
     }
     for (int64_t i = 0; i < Mrows * n; i++) y[i] = f2bf(yf[i]);
     free(xf); free(xa); free(gs); free(yf);
