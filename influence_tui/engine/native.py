@@ -118,12 +118,17 @@ def open_library(path: Path) -> ctypes.CDLL:
     return lib
 
 
+def disabled() -> bool:
+    """INFLUENCE_NATIVE=0 (or false/no/off): torch's kernels, not this one."""
+    return os.environ.get("INFLUENCE_NATIVE", "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def library() -> ctypes.CDLL:
     """The built kernel library; NativeUnavailable with the reason when it cannot be had."""
     global _lib, _error
     with _lock:
         if _lib is None and _error is None:
-            if os.environ.get("INFLUENCE_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+            if disabled():
                 _error = "disabled by INFLUENCE_NATIVE=0"
             else:
                 _share_openmp_runtime()

@@ -17,6 +17,7 @@ converts them with torch and writes the cache), or anything the kernel does not 
 
 from __future__ import annotations
 
+import json
 import math
 import mmap
 import os
@@ -61,7 +62,6 @@ class KernelLlama:
     rows_exact = True
     native = True
     device = CPU
-    dtype = "bfloat16"
 
     def __init__(self, cfg: ModelConfig, t: dict[str, np.ndarray], lib: Any, keep: Any) -> None:
         self.cfg, self._lib, self._keep = cfg, lib, keep
@@ -73,10 +73,10 @@ class KernelLlama:
                        for i in range(cfg.n_layers)]
         self._final_norm = _bf16_to_f32(t["norm"]) * root
         self._norm_eps = float(np.float32(math.sqrt(cfg.dim * cfg.norm_eps)))
-        head = "lm_head" if "lm_head.q8" in t else "embed"
-        self._mats = {name: t[name] for name in ("embed.q8", "embed.scale", f"{head}.q8", f"{head}.scale")}
-        self._head = head
-        self._layers = [{name: self._q4(t, f"layers.{i}.{name}") for name in ("qkv", "o", "gate_up", "down")}
+        head = "lm_head" if "lm_head.q8" in t else "embed"  # tied: the embedding's rows
+        self._tables = {"emb_q": t["embed.q8"].ctypes.data, "emb_scale": t["embed.scale"].ctypes.data,
+                        "head_q": t[f"{head}.q8"].ctypes.data, "head_scale": t[f"{head}.scale"].ctypes.data}
+        self._layers = [[self._q4(t, f"layers.{i}.{name}") for name in ("qkv", "o", "gate_up", "down")]
                         for i in range(cfg.n_layers)]
         self._governors: dict[int, ThreadGovernor] = {}
         self.kv_cache: list[np.ndarray] = []
@@ -84,13 +84,12 @@ class KernelLlama:
         self._step: NativeStep | None = None
 
     @staticmethod
-    def _q4(t: dict[str, np.ndarray], prefix: str) -> tuple[Q4Mat, list[np.ndarray]]:
+    def _q4(t: dict[str, np.ndarray], prefix: str) -> Q4Mat:
+        """The kernel's view of one matrix (pointers into `t`, which the model keeps)."""
         qs, d, m = t[f"{prefix}.q4s"], t[f"{prefix}.q4d"], t[f"{prefix}.q4m"]
         bias = t.get(f"{prefix}.bias")
-        held = [qs, d, m] + ([bias] if bias is not None else [])
-        mat = Q4Mat(qs.ctypes.data, d.ctypes.data, m.ctypes.data, None if bias is None else bias.ctypes.data,
-                    qs.shape[0], qs.shape[1] * 2)
-        return mat, held
+        return Q4Mat(qs.ctypes.data, d.ctypes.data, m.ctypes.data, None if bias is None else bias.ctypes.data,
+                     qs.shape[0], qs.shape[1] * 2)
 
     @classmethod
     def usable(cls, t: dict[str, np.ndarray], cfg: ModelConfig) -> bool:
@@ -116,13 +115,9 @@ class KernelLlama:
         self.kv_cache = [np.frombuffer(b, dtype=np.uint16, count=math.prod(shape)).reshape(shape) for b in self._buffers]
         self.max_batch, self.max_seq = max_batch, max_seq
         self._rope_cos, self._rope_sin = rope.kernel_tables(cfg, max_seq)
-        layers = [LayerT(*(mats[n][0] for n in ("qkv", "o", "gate_up", "down")), attn.ctypes.data, ffn.ctypes.data,
-                         kv.ctypes.data)
+        layers = [LayerT(*mats, attn.ctypes.data, ffn.ctypes.data, kv.ctypes.data)
                   for mats, (attn, ffn), kv in zip(self._layers, self._norms, self.kv_cache)]
-        h = self._head
-        ptrs = {"emb_q": self._mats["embed.q8"].ctypes.data, "emb_scale": self._mats["embed.scale"].ctypes.data,
-                "head_q": self._mats[f"{h}.q8"].ctypes.data, "head_scale": self._mats[f"{h}.scale"].ctypes.data,
-                "final_norm": self._final_norm.ctypes.data, "rope_cos": self._rope_cos.ctypes.data,
+        ptrs = {**self._tables, "final_norm": self._final_norm.ctypes.data, "rope_cos": self._rope_cos.ctypes.data,
                 "rope_sin": self._rope_sin.ctypes.data}
         self._step = NativeStep(self._lib, cfg, max_batch, max_seq, self._norm_eps, layers, ptrs, [self._keep])
 
@@ -212,11 +207,10 @@ def load_native(path: str, device: str = "auto", max_batch: int = 8, max_seq: in
     """The model at `path` as a `KernelLlama` (see the module's docstring), or None for the torch
     loader. Raises ModelLoadError for paths that no loader could use."""
     t0 = time.perf_counter()
-    if (device or "auto").lower() not in ("auto", "cpu") or (dtype or "auto").lower() not in ("auto", "bfloat16", "bf16"):
+    device, q = (device or "auto").lower(), (quant or "auto").lower()
+    if device not in ("auto", "cpu") or (dtype or "auto").lower() not in ("auto", "bfloat16", "bf16") or q not in ("auto", "int4"):
         return None
-    if (quant or "auto").lower() not in ("auto", "int4") or os.environ.get("INFLUENCE_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
-        return None
-    if (device or "auto").lower() == "auto" and _torch_may_use_a_gpu():
+    if native.disabled() or (device == "auto" and _torch_may_use_a_gpu()):
         return None
     loc = locate(path)
     build = weights_cache.torch_build()
@@ -229,13 +223,10 @@ def load_native(path: str, device: str = "auto", max_batch: int = 8, max_seq: in
     except NativeUnavailable:
         return None
     sources = [loc.file] if loc.file is not None else safetensors_files(loc.folder)  # type: ignore[arg-type]
-    q = (quant or "auto").lower()
     cached = weights_cache.cache_path(sources, q, "torch.bfloat16", str(build["__version__"]), "q4native")
     if not cached.exists():
         return None
     try:
-        import json
-
         tensors, meta = weights_cache.numpy_tensors(cached)
         if meta.get("version") != str(weights_cache.WEIGHTS_CACHE_VERSION):
             return None
@@ -243,7 +234,7 @@ def load_native(path: str, device: str = "auto", max_batch: int = 8, max_seq: in
         info = json.loads(meta["info"])
     except (OSError, ValueError, KeyError, TypeError):
         return None  # the torch loader rebuilds a damaged entry
-    if not KernelLlama.usable(tensors, cfg) or info.get("weights") not in ("int4",):
+    if not KernelLlama.usable(tensors, cfg) or info.get("weights") != "int4":
         return None
     return _loaded(KernelLlama(cfg, tensors, lib, tensors), loc, info, max_batch, max_seq, t0)
 
