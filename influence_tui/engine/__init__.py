@@ -1,6 +1,6 @@
 """The engine: one worker thread owns the model; the TUI, the server and the CLI submit to it.
 
-    engine = Engine(settings)                 # cheap: no torch import until a model loads
+    engine = Engine(settings)                 # cheap: no torch import (until a model needs it)
     engine.load("smollm2")                    # name from `influence list`, alias, or path; blocks
     stream = engine.submit(GenerationRequest(messages=[ChatMessage("user", "Hi")]))
     for event in stream: print(event.text, end="")      # or: async for event in stream

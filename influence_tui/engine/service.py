@@ -2,7 +2,8 @@
 
 Clients call `submit()` from any thread (or the asyncio loop) and get a `GenerationStream`.
 Loading, switching and unloading models are commands to the same thread, so nothing else ever
-touches the model. torch is imported by the worker, never by `import influence_tui.engine`.
+touches the model. torch is imported by the worker when a model needs it (the C kernel's own model
+does not: see native_model), never by `import influence_tui.engine`.
 """
 
 from __future__ import annotations
