@@ -27,27 +27,27 @@ def test_min_p_drops_tokens_far_below_the_best():
 
 
 def test_repeat_penalty_divides_positive_and_multiplies_negative():
-    s = Sampler(GenerationParams(temperature=0, repeat_penalty=2.0), torch.device("cpu"))
+    s = Sampler(GenerationParams(temperature=0, repeat_penalty=2.0))
     out = s.apply_penalties(torch.tensor([4.0, -1.0, 3.0]), history=[0, 1])
     assert out.tolist() == [2.0, -2.0, 3.0]
 
 
 def test_presence_and_frequency_penalties_count_generated_tokens():
-    s = Sampler(GenerationParams(temperature=0, repeat_penalty=1.0, presence_penalty=0.5, frequency_penalty=0.25), torch.device("cpu"))
+    s = Sampler(GenerationParams(temperature=0, repeat_penalty=1.0, presence_penalty=0.5, frequency_penalty=0.25))
     s.generated.update([2, 2, 1])
     out = s.apply_penalties(torch.zeros(3), history=[])
     assert out.tolist() == [0.0, -0.75, -1.0]
 
 
 def test_greedy_penalty_changes_choice():
-    s = Sampler(GenerationParams(temperature=0, repeat_penalty=10.0), torch.device("cpu"))
+    s = Sampler(GenerationParams(temperature=0, repeat_penalty=10.0))
     assert s(torch.tensor([5.0, 4.0]), history=[0]) == 1
 
 
 def test_same_seed_same_draws():
     logits = torch.randn(1000)
-    a = Sampler(GenerationParams(temperature=1.0, top_p=1.0, seed=7, repeat_penalty=1.0), torch.device("cpu"))
-    b = Sampler(GenerationParams(temperature=1.0, top_p=1.0, seed=7, repeat_penalty=1.0), torch.device("cpu"))
+    a = Sampler(GenerationParams(temperature=1.0, top_p=1.0, seed=7, repeat_penalty=1.0))
+    b = Sampler(GenerationParams(temperature=1.0, top_p=1.0, seed=7, repeat_penalty=1.0))
     assert [a(logits, []) for _ in range(20)] == [b(logits, []) for _ in range(20)]
 
 
@@ -64,11 +64,11 @@ def test_stop_matcher_across_deltas_and_never_emitted():
 
 
 def test_degenerate_distribution_falls_back_to_greedy():
-    s = Sampler(GenerationParams(temperature=0.8, top_p=0.9, repeat_penalty=1.0, seed=1), torch.device("cpu"))
+    s = Sampler(GenerationParams(temperature=0.8, top_p=0.9, repeat_penalty=1.0, seed=1))
     logits = torch.full((5,), float("-inf"))
     logits[3] = float("-inf")
     assert s(logits, []) in range(5)  # no "invalid multinomial distribution" error
-    s = Sampler(GenerationParams(temperature=0.8, top_p=0.0, seed=1), torch.device("cpu"))
+    s = Sampler(GenerationParams(temperature=0.8, top_p=0.0, seed=1))
     assert s(torch.tensor([0.0, 2.0, 1.0]), []) == 1  # top_p 0 keeps only the best token
 
 
@@ -88,7 +88,7 @@ def test_any_integer_is_a_seed():
     logits = torch.randn(50)
     for seed in (-1, -11545843315441931395268608, 2**70 + 3):
         p = GenerationParams(temperature=1.0, seed=seed)
-        a, b = Sampler(p, torch.device("cpu")), Sampler(p, torch.device("cpu"))
+        a, b = Sampler(p), Sampler(p)
         assert [a(logits, []) for _ in range(5)] == [b(logits, []) for _ in range(5)], seed
 
 
@@ -159,7 +159,7 @@ def test_draws_follow_the_kept_distribution():
         for u in rng.random(200):
             assert draw(probs, u) == int(np.searchsorted(cdf, u * cdf[-1], side="right")), (n, u)
         assert probs[draw(probs, 1.0 - 1e-17)] > 0 and probs[draw(probs, 0.0)] > 0
-    s = Sampler(GenerationParams(temperature=1.0, top_p=1.0, repeat_penalty=1.0, seed=5), torch.device("cpu"))
+    s = Sampler(GenerationParams(temperature=1.0, top_p=1.0, repeat_penalty=1.0, seed=5))
     target = torch.tensor([0.1, 0.0, 0.2, 0.3, 0.4])
     counts = Counter(s(target.log(), []) for _ in range(20000))
     assert counts[1] == 0
@@ -173,6 +173,6 @@ def test_a_repeat_penalty_of_zero_is_off():
     logits = torch.randn(5000, generator=g).abs()  # positive logits: the penalty would divide them
     history = list(range(0, 5000, 7))
     for temperature in (0.0, 0.8):
-        off = Sampler(GenerationParams(temperature=temperature, repeat_penalty=1.0, seed=3), torch.device("cpu"))
-        zero = Sampler(GenerationParams(temperature=temperature, repeat_penalty=0.0, seed=3), torch.device("cpu"))
+        off = Sampler(GenerationParams(temperature=temperature, repeat_penalty=1.0, seed=3))
+        zero = Sampler(GenerationParams(temperature=temperature, repeat_penalty=0.0, seed=3))
         assert [zero(logits, history) for _ in range(20)] == [off(logits, history) for _ in range(20)]

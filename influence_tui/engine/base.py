@@ -55,24 +55,26 @@ class CausalLM(Protocol):
 
     vocab_size: int
     context_length: int  # the model's maximum positions
-    device: "torch.device"
 
     def allocate(self, max_batch: int, max_seq: int) -> None:
         """(Re)create the static KV cache with `max_batch` slots of `max_seq` positions each."""
 
-    def prefill(self, slot: int, tokens: "torch.Tensor", start_pos: int, all_logits: bool = False) -> "torch.Tensor":
-        """Run `tokens` (1-D LongTensor, T>=1) into `slot` at positions start_pos..start_pos+T-1.
+    def prefill(self, slot: int, tokens: "list[int] | torch.Tensor", start_pos: int, all_logits: bool = False) -> Any:
+        """Run `tokens` (T>=1 ids: a list or 1-D integer tensor) into `slot` at positions
+        start_pos..start_pos+T-1.
 
         KV entries of the slot before start_pos are reused as they are. Returns float32 logits of
-        the last position, shape [vocab], or of every position, shape [T, vocab], if `all_logits`.
+        the last position, shape [vocab], or of every position, shape [T, vocab], if `all_logits`:
+        a torch tensor, or a numpy array from the kernel's torch-free model.
         """
 
     def decode(self, slots: "list[int] | torch.Tensor", tokens: "list[int] | torch.Tensor",
-               positions: "list[int] | torch.Tensor") -> "torch.Tensor":
+               positions: "list[int] | torch.Tensor") -> Any:
         """One step for B sequences at once: slots, tokens, positions are lists of B ints (or 1-D
         integer tensors).
 
-        Each sequence attends to its own slot's positions 0..positions[i]. Returns float32 [B, vocab].
+        Each sequence attends to its own slot's positions 0..positions[i]. Returns float32 [B, vocab]
+        (torch or numpy, as prefill).
         """
 
 

@@ -518,8 +518,3 @@ class LlamaModel:
             for i in range(cfg.n_layers)
         ]
         return cls(cfg, embed, layers, t["norm"], lm_head, dtype, device)
-
-    def copy_slot(self, src: int, dst: int, length: int) -> None:
-        """Copy the first `length` cache positions of slot src into slot dst (prefix sharing)."""
-        for c in self.kv_cache:
-            c[dst, :, :, :length] = c[src, :, :, :length]

@@ -141,17 +141,23 @@ def library() -> ctypes.CDLL:
         return _lib
 
 
+def torch_package_dir() -> Path | None:
+    """Where torch is installed, found without importing it (~1.3 s, ~220 MB); None without torch."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
 def _share_openmp_runtime() -> None:
     """Load torch's OpenMP runtime (its libgomp.so.1) before the kernel, without importing torch:
     the kernel binds to it by its soname, and so does torch if it comes later (embeddings, a
     GPU model), so one pool of threads serves both. Importing torch for this cost ~1.3 s and
     ~220 MB; the kernel's own model does not need torch at all."""
-    if "torch" in sys.modules:
+    folder = torch_package_dir()
+    if "torch" in sys.modules or folder is None:
         return
-    spec = importlib.util.find_spec("torch")
-    if spec is None or not spec.submodule_search_locations:
-        return
-    gomp = Path(list(spec.submodule_search_locations)[0], "lib", "libgomp.so.1")
+    gomp = folder / "lib" / "libgomp.so.1"
     if gomp.exists():
         try:
             ctypes.CDLL(str(gomp), mode=ctypes.RTLD_GLOBAL)
@@ -220,7 +226,7 @@ def sample(logits: Any, overrides: dict[int, float], temperature: float, top_k: 
     return None if token < 0 else int(token)
 
 
-IntRows = Any  # a list of ints, a 1-D integer numpy array or tensor
+IntRows = Any  # a list of ints or a 1-D integer tensor
 
 
 def _int64s(v: IntRows) -> tuple[int, Any]:
@@ -228,9 +234,6 @@ def _int64s(v: IntRows) -> tuple[int, Any]:
     if isinstance(v, (list, tuple)):
         arr = (ctypes.c_int64 * len(v))(*v)
         return ctypes.addressof(arr), arr
-    if isinstance(v, np.ndarray):
-        a = np.ascontiguousarray(v, dtype=np.int64)
-        return a.ctypes.data, a
     import torch  # a tensor: torch is loaded
 
     t = v.to(dtype=torch.int64).contiguous()

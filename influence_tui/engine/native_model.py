@@ -24,7 +24,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -34,9 +33,6 @@ from influence_tui.engine.base import LoadedModel, ModelConfig
 from influence_tui.engine.governor import ThreadGovernor
 from influence_tui.engine.native import IntRows, LayerT, NativeStep, NativeUnavailable, Q4Mat
 from influence_tui.engine.sources import Located, allocate_and_tokenizer, locate, safetensors_files
-
-CPU = SimpleNamespace(type="cpu")  # what the scheduler reads of a model's device
-
 
 def physical_cores() -> int:
     """CPUs this process may run on, counting SMT siblings once (torch's default thread count)."""
@@ -61,7 +57,6 @@ class KernelLlama:
     rows_only = True  # prompts are kernel rows: every cached position is what a decode step computes
     rows_exact = True
     native = True
-    device = CPU
 
     def __init__(self, cfg: ModelConfig, t: dict[str, np.ndarray], lib: Any, keep: Any) -> None:
         self.cfg, self._lib, self._keep = cfg, lib, keep
@@ -128,7 +123,6 @@ class KernelLlama:
         for kv in self.kv_cache:
             kv[dst, :, :, :n] = kv[src, :, :, :n]
 
-    copy_slot = copy_positions
 
     def set_threads(self, n: int | None) -> None:
         """Kernel threads (None: one per physical core, as torch's default)."""
@@ -154,10 +148,8 @@ class KernelLlama:
         """Rows of any slots at any positions in one call (see LlamaModel.step_rows)."""
         return self._kernel().decode(slots, tokens, positions, self.threads, logit_rows)
 
-    def prefill_many(self, jobs: list[tuple[int, IntRows, int]], chunk: int = 0) -> list[np.ndarray]:
-        """Several (slot, tokens, start) prompts as rows of one kernel call; each one's last logits."""
-        if not jobs:
-            return []
+    def _rows(self, jobs: list[tuple[int, IntRows, int]]) -> tuple[list[int], list[int], list[int], list[int]]:
+        """Prompts as kernel rows: (slots, tokens, positions, each prompt's last row)."""
         slots: list[int] = []
         tokens: list[int] = []
         positions: list[int] = []
@@ -171,22 +163,23 @@ class KernelLlama:
             tokens += toks
             positions += range(start, start + t)
             last.append(len(tokens) - 1)
+        return slots, tokens, positions, last
+
+    def prefill_many(self, jobs: list[tuple[int, IntRows, int]], chunk: int = 0) -> list[np.ndarray]:
+        """Several (slot, tokens, start) prompts as rows of one kernel call; each one's last logits."""
+        if not jobs:
+            return []
+        slots, tokens, positions, last = self._rows(jobs)
         return list(self._kernel().decode(slots, tokens, positions, self.threads, last))
 
     def prefill(self, slot: int, tokens: IntRows, start_pos: int, all_logits: bool = False) -> np.ndarray:
-        if not all_logits:
-            return self.prefill_many([(slot, tokens, start_pos)])[0]
-        toks = [int(x) for x in tokens]
-        t = len(toks)
-        if t < 1 or start_pos < 0 or start_pos + t > self.max_seq or not 0 <= slot < self.max_batch:
-            raise ValueError(f"positions {start_pos}..{start_pos + t - 1} of slot {slot} do not fit the cache")
-        return self._kernel().decode([slot] * t, toks, list(range(start_pos, start_pos + t)), self.threads)
-
-    def prefill_rows(self, slot: int, tokens: IntRows, start_pos: int) -> np.ndarray:
-        return self.prefill_many([(slot, tokens, start_pos)])[0]
+        slots, toks, positions, last = self._rows([(slot, tokens, start_pos)])
+        rows = self._kernel().decode(slots, toks, positions, self.threads, None if all_logits else last)
+        return rows if all_logits else rows[0]
 
     def prefill_chunked(self, slot: int, tokens: IntRows, start_pos: int, chunk: int) -> np.ndarray:
-        return self.prefill_many([(slot, tokens, start_pos)], chunk)[0]
+        """As LlamaModel.prefill_chunked (the benchmark's prompt path); chunks do not apply to rows."""
+        return self.prefill(slot, tokens, start_pos)
 
 
 def _torch_may_use_a_gpu() -> bool:

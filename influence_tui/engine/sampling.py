@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -36,12 +36,11 @@ def greedy(logits: "torch.Tensor | np.ndarray") -> list[int]:
 
 
 class Sampler:
-    def __init__(self, params: GenerationParams, device: Any = None) -> None:
+    def __init__(self, params: GenerationParams) -> None:
         self.p = params
         self.seed = params.seed if params.seed is not None else random.randrange(2**63)
         # any integer is a seed (clients send negative or 128-bit ones): folded into 64 bits
         self.rng = np.random.Generator(np.random.PCG64(self.seed % 2**64))
-        self.device = device
         self.generated: Counter[int] = Counter()
 
     @property

@@ -364,7 +364,7 @@ class Scheduler:
             context_length=self.context_limit(req), queue_s=t0 - job.submitted,
         )
         seq = Sequence(
-            job=job, slot=slot, prompt=prompt, sampler=Sampler(req.params, self.model.device),
+            job=job, slot=slot, prompt=prompt, sampler=Sampler(req.params),
             decoder=IncrementalDecoder(self.tok, skip_special_tokens=True),
             stopper=StopMatcher(req.params.stop), usage=usage, history=list(prompt), limit=limit,
         )

@@ -11,12 +11,13 @@ reads the same files, so this module must not import torch: torch's version come
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import re
 from pathlib import Path
 
 import numpy as np
+
+from influence_tui.engine.native import torch_package_dir
 
 WEIGHTS_CACHE_VERSION = 6
 # safetensors dtypes as numpy sees them (bf16 has no numpy type: its raw 16 bits)
@@ -27,11 +28,11 @@ NP_DTYPES = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "I8": np.i
 def torch_build() -> dict[str, str | None]:
     """torch's `version.py` fields (__version__, cuda, hip, xpu) without importing torch (~1.3 s,
     ~220 MB); empty where torch is not installed."""
-    spec = importlib.util.find_spec("torch")
-    if spec is None or not spec.submodule_search_locations:
+    folder = torch_package_dir()
+    if folder is None:
         return {}
     try:
-        text = Path(list(spec.submodule_search_locations)[0], "version.py").read_text()
+        text = (folder / "version.py").read_text()
     except OSError:
         return {}
     out: dict[str, str | None] = {}
