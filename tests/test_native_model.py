@@ -51,6 +51,19 @@ def test_same_logits_as_the_torch_model_bit_for_bit(both) -> None:
     assert np.array_equal(b.decode([2], [7], [len(ids)]), b.decode([0], [7], [len(ids)]))
 
 
+def test_weights_read_into_huge_pages_are_the_files_weights(both, bundled_gguf: Path, monkeypatch) -> None:
+    """The weights copied into 2 MiB pages (where Linux offers them) answer as the file's mapping does."""
+    from influence_tui.engine import weights_cache
+
+    _, kernel_lm = both
+    monkeypatch.setattr(weights_cache, "_huge_pages_offered", lambda: False)
+    mapped = load_native(str(bundled_gguf), max_batch=1, max_seq=64)
+    assert mapped is not None
+    ids = kernel_lm.tokenizer.encode("The lighthouse keeper climbed the stairs.")
+    assert np.array_equal(mapped.model.prefill(0, ids, 0), kernel_lm.model.prefill(0, ids, 0))
+    assert mapped.model.decode([0], [ids[-1]], [len(ids)]).shape == (1, kernel_lm.model.vocab_size)
+
+
 def test_bad_positions_and_slots_are_value_errors(both) -> None:
     _, kernel_lm = both
     m = kernel_lm.model

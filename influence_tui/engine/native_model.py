@@ -3,11 +3,12 @@
 Where the C kernel (kernels/decode.c) runs the whole model (a CPU with AVX-512 BF16 + VNNI and no
 matrix units, int4 weights in its layout, an int8 embedding and lm_head), `model.LlamaModel` is
 only a holder of pointers: every prompt row and decode step is one kernel call. `KernelLlama` is
-that holder without torch: the weights are numpy views of the converted-weights cache
-(memory-mapped, as `loader.load_converted` maps them), the KV cache an anonymous mapping, the
-rotary and norm tables computed as `LlamaModel` computes them. The same kernel calls on the same
-bytes give the same logits, bit for bit (tested). What it saves is torch itself: ~1.3 s of import
-and ~220 MB of memory (a 135M model then runs in less memory than llama.cpp's).
+that holder without torch: the weights are numpy views of the converted-weights cache (read into 2
+MiB pages where Linux offers them, else mapped as `loader.load_converted` maps them), the KV cache
+an anonymous mapping, the rotary and norm tables computed as `LlamaModel` computes them. The same
+kernel calls on the same bytes give the same logits, bit for bit (tested). What it saves is torch
+itself: ~1.3 s of import and ~220 MB of memory (a 135M model then runs in less memory than
+llama.cpp's).
 
 `load_native` returns None wherever this does not apply, and the engine loads the torch model:
 a GPU (or a torch build that could use one), no kernel, a CPU with AMX (torch's bf16 matmuls

@@ -1,17 +1,18 @@
 """The converted-weights cache: where it lies and how to map it, without torch.
 
 Repacking a GGUF into the int4 kernel's layout takes ~1 s; the packed tensors are written once
-(safetensors format, by `loader.save_converted`) and memory-mapped on later loads, keyed by the
-source files' path, size and mtime, the weight format, the dtype, torch's version and the layout.
-Bump the version when the stored layout changes. The kernel's torch-free model (`native_model`)
-reads the same files, so this module must not import torch: torch's version comes from its
-`version.py`, read as text.
+(safetensors format, by `loader.save_converted`) and mapped (torch's model) or read into huge pages
+(the kernel's model, see `read_huge`) on later loads, keyed by the source files' path, size and
+mtime, the weight format, the dtype, torch's version and the layout. Bump the version when the
+stored layout changes. The kernel's torch-free model (`native_model`) reads the same files, so this
+module must not import torch: torch's version comes from its `version.py`, read as text.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import re
 from pathlib import Path
 
@@ -55,22 +56,73 @@ def cache_path(sources: list[Path], quant: str, dtype: str, torch_version: str, 
     return cache_dir() / "weights" / f"{h.hexdigest()[:32]}.safetensors"
 
 
-def read_mmap(path: Path) -> tuple[np.memmap, dict[str, tuple[str, list[int], int, int]], dict[str, str]]:
-    """(the whole file mapped read-only, {name: (dtype, shape, start, end)} with byte offsets into
-    it, the metadata). Zero-copy: safetensors' own reader copies into RAM."""
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
-    n = int.from_bytes(mm[:8].tobytes(), "little")
-    header = json.loads(mm[8 : 8 + n].tobytes())
+def _parse(buf: np.ndarray) -> tuple[dict[str, tuple[str, list[int], int, int]], dict[str, str]]:
+    """A safetensors file's {name: (dtype, shape, start, end)}, byte offsets into it, and metadata."""
+    n = int.from_bytes(buf[:8].tobytes(), "little")
+    header = json.loads(buf[8 : 8 + n].tobytes())
     meta = header.pop("__metadata__", {}) or {}
     base = 8 + n
     entries = {name: (info["dtype"], list(info["shape"]), base + info["data_offsets"][0], base + info["data_offsets"][1])
                for name, info in header.items()}
+    return entries, meta
+
+
+def read_mmap(path: Path) -> tuple[np.memmap, dict[str, tuple[str, list[int], int, int]], dict[str, str]]:
+    """(the whole file mapped read-only, {name: (dtype, shape, start, end)} with byte offsets into
+    it, the metadata). Zero-copy: safetensors' own reader copies into RAM."""
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    entries, meta = _parse(mm)
     return mm, entries, meta
 
 
+HUGE_PAGE = 2 << 20
+
+
+def _huge_pages_offered() -> bool:
+    """Transparent huge pages on request (Linux's "madvise" or "always" mode)."""
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        return False
+    try:
+        return "[never]" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+
+
+def read_huge(path: Path) -> np.ndarray | None:
+    """The file's bytes in private memory backed by 2 MiB pages, or None where the kernel offers
+    none. Why: a decode step streams every weight once; with the file's 4 KiB pages that is one
+    TLB miss per 4 KiB (~23,000 a step for the bundled model, beyond what the TLB holds) and the
+    prefetches stop at each page's end. In 2 MiB pages, 8 sequences' steps ran ~11% faster and
+    prompts ~4% (one stream: the same). The price: one read (~30 ms for 95 MB from the page
+    cache) and no sharing of the pages between processes."""
+    if not _huge_pages_offered():
+        return None
+    n = path.stat().st_size
+    buf = mmap.mmap(-1, n + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf.madvise(mmap.MADV_HUGEPAGE)
+    whole = np.frombuffer(buf, dtype=np.uint8)
+    start = (-whole.ctypes.data) % HUGE_PAGE  # the mapping's first 2 MiB boundary: every page huge
+    data = whole[start : start + n]
+    view = memoryview(data)
+    with open(path, "rb", buffering=0) as f:
+        done = 0
+        while done < n:
+            got = f.readinto(view[done:])
+            if not got:
+                raise OSError(f"{path}: shorter than its size")
+            done += got
+    data.flags.writeable = False
+    return data
+
+
 def numpy_tensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Every tensor of a cache file as a read-only numpy view of the mapping; the metadata."""
-    mm, entries, meta = read_mmap(path)
-    raw = np.asarray(mm)
+    """Every tensor of a cache file as a read-only numpy view (of its bytes in huge pages, see
+    `read_huge`, else of the file's mapping); the metadata."""
+    raw = read_huge(path)
+    if raw is None:
+        mm, entries, meta = read_mmap(path)
+        raw = np.asarray(mm)
+    else:
+        entries, meta = _parse(raw)
     out = {name: raw[a:b].view(NP_DTYPES[dt]).reshape(shape) for name, (dt, shape, a, b) in entries.items()}
     return out, meta
