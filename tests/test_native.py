@@ -160,6 +160,28 @@ def test_tiny_model_runs_the_kernel_and_rejects_bad_positions(tmp_path: Path) ->
         model.decode(torch.tensor([2]), torch.tensor([1]), torch.tensor([3]))
 
 
+def test_a_vocabulary_not_in_blocks_of_16_rows(tmp_path: Path) -> None:
+    """The kernel's lm_head runs 16 rows at a time: a vocabulary of 389 (the last block part
+    padding) gives the choices and, within int8 activations' error, the logits of the torch path."""
+    path = write_tiny_gguf(tmp_path / "odd.gguf", arch="llama", qtype="Q4_1", extra_tokens=5)
+    lm = load_model(str(path), device="cpu", dtype="bfloat16", quant="int4", max_batch=2, max_seq=64)
+    model = lm.model
+    assert model.native and model.vocab_size % 16 != 0
+    ids = [5, 17, 42, 99, 3, 250]
+    got, got_logits = _greedy(model, 0, ids, 8)
+    model.use_native(False)
+    ref, ref_logits = _greedy(model, 1, ids, 8)
+    model.use_native(True)
+    assert got_logits.shape[-1] == model.vocab_size
+    assert got == ref and _rel_err(got_logits, ref_logits) < 0.03
+    lanes = native.head_lanes(model.lm_head.q.numpy())
+    assert lanes.size == 400 * model.cfg.dim  # 25 blocks of 16 rows
+    vectors = model.cfg.dim // 64
+    row, col = 388, 64 * (vectors - 1) + 4 * 3 + 2  # block 24, lane 4; class 3, last vector, byte 2
+    at = ((24 * 16 + 3) * vectors + vectors - 1) * 64 + 4 * 4 + 2
+    assert int(lanes[at]) == int(model.lm_head.q[row, col]) + 128
+
+
 _FALLBACK = """
 import json, sys, torch
 from influence_tui.engine.loader import load_model

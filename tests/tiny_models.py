@@ -90,7 +90,8 @@ def _permute_qk(w, n_heads: int):
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(path: str | Path, arch: str = "llama", qtype: str = "F32", seed: int = 0) -> Path:
+def write_tiny_gguf(path: str | Path, arch: str = "llama", qtype: str = "F32", seed: int = 0, extra_tokens: int = 0) -> Path:
+    """A tiny random model as GGUF; `extra_tokens` unused control tokens widen its vocabulary."""
     import numpy as np
     from gguf import GGMLQuantizationType, GGUFWriter, TokenType
     from gguf.quants import quantize
@@ -98,7 +99,7 @@ def write_tiny_gguf(path: str | Path, arch: str = "llama", qtype: str = "F32", s
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tok = tiny_tokenizer()
-    vocab = tok.get_vocab_size()
+    vocab = tok.get_vocab_size() + extra_tokens
     model = _hf_model(arch, vocab, seed)
     cfg = model.config
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
@@ -122,12 +123,12 @@ def write_tiny_gguf(path: str | Path, arch: str = "llama", qtype: str = "F32", s
     inv = {i: t for t, i in data["model"]["vocab"].items()}
     for added in data["added_tokens"]:
         inv[added["id"]] = added["content"]
-    tokens = [inv[i] for i in range(vocab)]
+    tokens = [inv.get(i, f"<|extra_{i}|>") for i in range(vocab)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
-    w.add_token_types([TokenType.CONTROL if t in SPECIALS else TokenType.NORMAL for t in tokens])
+    w.add_token_types([TokenType.CONTROL if t in SPECIALS or t.startswith("<|extra_") else TokenType.NORMAL for t in tokens])
     w.add_token_merges(merges)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)

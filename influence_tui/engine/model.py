@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from influence_tui.engine import rope
 from influence_tui.engine.base import ModelConfig
 from influence_tui.engine.governor import ThreadGovernor
-from influence_tui.engine.native import IntRows, NativeStep, has_matrix_units
+from influence_tui.engine.native import IntRows, NativeStep, has_matrix_units, head_lanes
 from influence_tui.engine.quant import (
     FloatLinear,
     Int4Linear,
@@ -100,6 +100,7 @@ class LlamaModel:
         self._norm_eps = torch.tensor(0.0)
         self._governors: dict[int, ThreadGovernor] = {}
         self._native: NativeStep | None = None  # the C decode step, when every piece fits it
+        self._head_lanes: torch.Tensor | None = None  # the int8 lm_head in the kernel's layout
         # with AMX, oneDNN's bf16 chunks should outrun the kernel's rows (~9x llama.cpp's prefill on
         # the speed issue's machine; not measured here, where no CPU has AMX)
         self._dense_prefill = has_matrix_units()
@@ -482,6 +483,19 @@ class LlamaModel:
             x += layer.down(F.silu(g).mul_(u))
         return self._rms_norm(x, self._final_norm)
 
+    def head_lanes(self) -> torch.Tensor:
+        """The int8 lm_head as the C kernel reads it (`native.head_lanes`): read from the weights
+        cache, or made once."""
+        if self._head_lanes is None:
+            assert isinstance(self.lm_head, Int8Linear)
+            self._head_lanes = torch.from_numpy(head_lanes(self.lm_head.q.cpu().numpy()))
+        return self._head_lanes
+
+    def kernel_shaped(self) -> bool:
+        """Q4 layers and an int8 lm_head: the weights the C kernel runs."""
+        return isinstance(self.lm_head, Int8Linear) and all(
+            isinstance(getattr(layer, name), Q4Linear) for layer in self.layers for name in self._LAYER_LINEARS)
+
     # -- (de)serialisation for the converted-weights cache ----------------------------------------
     _LAYER_LINEARS = ("qkv", "o", "gate_up", "down")
 
@@ -496,6 +510,8 @@ class LlamaModel:
             out[f"layers.{i}.ffn_norm"] = layer.ffn_norm
             for name in self._LAYER_LINEARS:
                 out.update(linear_tensors(getattr(layer, name), f"layers.{i}.{name}"))
+        if self.kernel_shaped():
+            out["head.lanes"] = self.head_lanes()
         return out
 
     @classmethod
@@ -517,4 +533,6 @@ class LlamaModel:
             )
             for i in range(cfg.n_layers)
         ]
-        return cls(cfg, embed, layers, t["norm"], lm_head, dtype, device)
+        model = cls(cfg, embed, layers, t["norm"], lm_head, dtype, device)
+        model._head_lanes = t.get("head.lanes")
+        return model

@@ -178,6 +178,18 @@ def vectorized() -> bool:
         return False
 
 
+def head_lanes(q: np.ndarray) -> np.ndarray:
+    """An int8 matrix [n, k] (k a multiple of 64) as the kernel's lm_head reads it (see head_rows in
+    decode.c): uint8 [ceil(n / 16) * 16 * k], blocks of 16 rows (the last padded with zeros), in
+    each the 16 lane classes, in each k/64 vectors whose lane l holds 4 elements of row l, + 128."""
+    n, k = q.shape
+    blocks = -(-n // 16)
+    padded = np.zeros((blocks * 16, k), dtype=np.int8)
+    padded[:n] = q
+    lanes = (padded.view(np.uint8) ^ 0x80).reshape(blocks, 16, k // 64, 16, 4).transpose(0, 3, 2, 1, 4)
+    return np.ascontiguousarray(lanes).reshape(-1)
+
+
 # -- the structs of decode.c -------------------------------------------------------------------
 class Q4Mat(ctypes.Structure):
     _fields_ = [("qs", ctypes.c_void_p), ("d", ctypes.c_void_p), ("m", ctypes.c_void_p),
@@ -194,7 +206,7 @@ class ModelT(ctypes.Structure):
                 ("n_layers", "dim", "n_heads", "n_kv", "head_dim", "ffn", "vocab", "max_seq", "max_batch")] + [
         ("norm_eps", ctypes.c_float), ("layers", ctypes.c_void_p),
         ("emb_q", ctypes.c_void_p), ("emb_scale", ctypes.c_void_p),
-        ("head_q", ctypes.c_void_p), ("head_scale", ctypes.c_void_p),
+        ("head_lanes", ctypes.c_void_p), ("head_scale", ctypes.c_void_p),
         ("final_norm", ctypes.c_void_p), ("rope_cos", ctypes.c_void_p), ("rope_sin", ctypes.c_void_p)]
 
 
@@ -253,7 +265,7 @@ class NativeStep:
         self._model = ModelT(
             cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.vocab_size,
             max_seq, max_batch, norm_eps, ctypes.addressof(self._layers),
-            *(ptrs[k] for k in ("emb_q", "emb_scale", "head_q", "head_scale", "final_norm", "rope_cos", "rope_sin")),
+            *(ptrs[k] for k in ("emb_q", "emb_scale", "head_lanes", "head_scale", "final_norm", "rope_cos", "rope_sin")),
         )
 
     @staticmethod
@@ -287,8 +299,8 @@ class NativeStep:
         layers = [LayerT(layer.qkv.struct(), layer.o.struct(), layer.gate_up.struct(), layer.down.struct(),
                          attn_norm.data_ptr(), ffn_norm.data_ptr(), model.kv_cache[i].data_ptr())
                   for i, (layer, (attn_norm, ffn_norm)) in enumerate(zip(model.layers, norms))]
-        keep = [table.q.contiguous(), table.scale.contiguous(), head.q.contiguous(), head.scale.contiguous()]
-        ptrs = dict(zip(("emb_q", "emb_scale", "head_q", "head_scale"), (t.data_ptr() for t in keep)))
+        keep = [table.q.contiguous(), table.scale.contiguous(), model.head_lanes().contiguous(), head.scale.contiguous()]
+        ptrs = dict(zip(("emb_q", "emb_scale", "head_lanes", "head_scale"), (t.data_ptr() for t in keep)))
         ptrs.update(final_norm=model._final_norm.data_ptr(), rope_cos=model._rope_cos.data_ptr(),
                     rope_sin=model._rope_sin.data_ptr())
         return cls(lib, cfg, model.max_batch, model.max_seq, float(model._norm_eps), layers, ptrs, keep)

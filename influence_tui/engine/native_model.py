@@ -71,7 +71,7 @@ class KernelLlama:
         self._norm_eps = float(np.float32(math.sqrt(cfg.dim * cfg.norm_eps)))
         head = "lm_head" if "lm_head.q8" in t else "embed"  # tied: the embedding's rows
         self._tables = {"emb_q": t["embed.q8"].ctypes.data, "emb_scale": t["embed.scale"].ctypes.data,
-                        "head_q": t[f"{head}.q8"].ctypes.data, "head_scale": t[f"{head}.scale"].ctypes.data}
+                        "head_lanes": t["head.lanes"].ctypes.data, "head_scale": t[f"{head}.scale"].ctypes.data}
         self._layers = [[self._q4(t, f"layers.{i}.{name}") for name in ("qkv", "o", "gate_up", "down")]
                         for i in range(cfg.n_layers)]
         self._governors: dict[int, ThreadGovernor] = {}
@@ -97,7 +97,7 @@ class KernelLlama:
                 if f"{p}.q4s" not in t or (f"{p}.bias" in t and t[f"{p}.bias"].dtype != np.uint16):
                     return False
         head_ok = "lm_head.q8" in t or not any(k.startswith("lm_head.") for k in t)
-        return ("embed.q8" in t and head_ok and "lm_head.bias" not in t and NativeStep.fits(cfg)
+        return ("embed.q8" in t and "head.lanes" in t and head_ok and "lm_head.bias" not in t and NativeStep.fits(cfg)
                 and all(f"layers.{i}.{n}" in t for i in range(cfg.n_layers) for n in ("attn_norm", "ffn_norm")))
 
     # -- cache ------------------------------------------------------------------------------
@@ -221,7 +221,9 @@ def load_native(path: str, device: str = "auto", max_batch: int = 8, max_seq: in
     if not cached.exists():
         return None
     try:
-        tensors, meta = weights_cache.numpy_tensors(cached)
+        # the row-major int8 tables stay mapped: embedding rows are read a few at a time (the kernel
+        # reads the lm_head from its lanes)
+        tensors, meta = weights_cache.numpy_tensors(cached, mapped=frozenset({"embed.q8", "lm_head.q8"}))
         if meta.get("version") != str(weights_cache.WEIGHTS_CACHE_VERSION):
             return None
         cfg = ModelConfig(**json.loads(meta["config"]))

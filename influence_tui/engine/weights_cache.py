@@ -14,13 +14,14 @@ import hashlib
 import json
 import mmap
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from influence_tui.engine.native import torch_package_dir
 
-WEIGHTS_CACHE_VERSION = 6
+WEIGHTS_CACHE_VERSION = 7
 # safetensors dtypes as numpy sees them (bf16 has no numpy type: its raw 16 bits)
 NP_DTYPES = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "I8": np.int8, "U8": np.uint8,
              "I32": np.int32, "I64": np.int64}
@@ -56,15 +57,18 @@ def cache_path(sources: list[Path], quant: str, dtype: str, torch_version: str, 
     return cache_dir() / "weights" / f"{h.hexdigest()[:32]}.safetensors"
 
 
+def _parse_header(header: bytes, base: int) -> tuple[dict[str, tuple[str, list[int], int, int]], dict[str, str]]:
+    """A safetensors header's {name: (dtype, shape, start, end)}, byte offsets into the file (its
+    data starting at `base`), and its metadata."""
+    entries = json.loads(header)
+    meta = entries.pop("__metadata__", {}) or {}
+    return ({name: (info["dtype"], list(info["shape"]), base + info["data_offsets"][0], base + info["data_offsets"][1])
+             for name, info in entries.items()}, meta)
+
+
 def _parse(buf: np.ndarray) -> tuple[dict[str, tuple[str, list[int], int, int]], dict[str, str]]:
-    """A safetensors file's {name: (dtype, shape, start, end)}, byte offsets into it, and metadata."""
     n = int.from_bytes(buf[:8].tobytes(), "little")
-    header = json.loads(buf[8 : 8 + n].tobytes())
-    meta = header.pop("__metadata__", {}) or {}
-    base = 8 + n
-    entries = {name: (info["dtype"], list(info["shape"]), base + info["data_offsets"][0], base + info["data_offsets"][1])
-               for name, info in header.items()}
-    return entries, meta
+    return _parse_header(buf[8 : 8 + n].tobytes(), 8 + n)
 
 
 def read_mmap(path: Path) -> tuple[np.memmap, dict[str, tuple[str, list[int], int, int]], dict[str, str]]:
@@ -88,13 +92,14 @@ def _huge_pages_offered() -> bool:
         return False
 
 
-def read_huge(path: Path) -> np.ndarray | None:
+def read_huge(path: Path, skip: Iterable[tuple[int, int]] = ()) -> np.ndarray | None:
     """The file's bytes in private memory backed by 2 MiB pages, or None where the kernel offers
-    none. Why: a decode step streams every weight once; with the file's 4 KiB pages that is one
-    TLB miss per 4 KiB (~23,000 a step for the bundled model, beyond what the TLB holds) and the
-    prefetches stop at each page's end. In 2 MiB pages, 8 sequences' steps ran ~11% faster and
-    prompts ~4% (one stream: the same). The price: one read (~30 ms for 95 MB from the page
-    cache) and no sharing of the pages between processes."""
+    none; the byte ranges in `skip` are not read (left zero, and costing no memory). Why: a decode
+    step streams every weight once; with the file's 4 KiB pages that is one TLB miss per 4 KiB
+    (~23,000 a step for the bundled model, beyond what the TLB holds) and the prefetches stop at
+    each page's end. In 2 MiB pages, 8 sequences' steps ran ~11% faster and prompts ~4% (one
+    stream: the same). The price: one read (~30 ms for 95 MB from the page cache) and no sharing
+    of the pages between processes."""
     if not _huge_pages_offered():
         return None
     n = path.stat().st_size
@@ -104,25 +109,32 @@ def read_huge(path: Path) -> np.ndarray | None:
     start = (-whole.ctypes.data) % HUGE_PAGE  # the mapping's first 2 MiB boundary: every page huge
     data = whole[start : start + n]
     view = memoryview(data)
+    pos, pieces = 0, []
+    for a, b in sorted(skip):
+        pieces.append((pos, a))
+        pos = max(pos, b)
+    pieces.append((pos, n))
     with open(path, "rb", buffering=0) as f:
-        done = 0
-        while done < n:
-            got = f.readinto(view[done:])
-            if not got:
-                raise OSError(f"{path}: shorter than its size")
-            done += got
+        for a, b in pieces:
+            f.seek(a)
+            while a < b:
+                got = f.readinto(view[a:b])
+                if not got:
+                    raise OSError(f"{path}: shorter than its size")
+                a += got
     data.flags.writeable = False
     return data
 
 
-def numpy_tensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Every tensor of a cache file as a read-only numpy view (of its bytes in huge pages, see
-    `read_huge`, else of the file's mapping); the metadata."""
-    raw = read_huge(path)
-    if raw is None:
-        mm, entries, meta = read_mmap(path)
-        raw = np.asarray(mm)
-    else:
-        entries, meta = _parse(raw)
-    out = {name: raw[a:b].view(NP_DTYPES[dt]).reshape(shape) for name, (dt, shape, a, b) in entries.items()}
+def numpy_tensors(path: Path, mapped: frozenset[str] = frozenset()) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Every tensor of a cache file as a read-only numpy view, of its bytes read into huge pages
+    (see `read_huge`) or, for those named in `mapped` (rows looked up now and then) and where
+    huge pages are not offered, of the file's mapping; the metadata."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        entries, meta = _parse_header(f.read(n), 8 + n)
+    mm = np.asarray(np.memmap(path, dtype=np.uint8, mode="r"))
+    huge = read_huge(path, [(a, b) for name, (_, _, a, b) in entries.items() if name in mapped])
+    out = {name: (mm if huge is None or name in mapped else huge)[a:b].view(NP_DTYPES[dt]).reshape(shape)
+           for name, (dt, shape, a, b) in entries.items()}
     return out, meta

@@ -8,9 +8,9 @@
  * Numbers: a float32 residual stream and a bf16 KV cache, as the torch path of model.py. Into
  * each int4 matmul the activations go as int8 per group of 32 with a float scale (llama.cpp's
  * Q8_1), so the dot products are integer vpdpbusd (64 products an instruction); into the int8
- * lm_head as int8 with 16 scales a token (see i8_rows), vpdpbusd too. Outputs are rounded to bf16. Each row's sum runs in the same order
- * whatever the batch size and thread count, so a sequence decodes to the same tokens alone or
- * batched.
+ * lm_head as int8 with 16 scales a token (see head_rows), vpdpbusd too. Outputs are rounded to
+ * bf16. Each row's sum runs in the same order whatever the batch size and thread count, so a
+ * sequence decodes to the same tokens alone or batched.
  *
  * Q4 weights (`q4mat`): per group of 32 weights of a row, 32 nibbles and an fp16 scale d and
  * minimum m (w = q * d + m, GGUF Q4_1; Q4_0 is m = -8 d), stored sixteen rows at a time, one row
@@ -56,8 +56,8 @@ typedef struct {
     const layer_t *layers;
     const int8_t *emb_q;      /* int8 [vocab, dim] */
     const uint16_t *emb_scale; /* bf16 [vocab] */
-    const int8_t *head_q;      /* int8 [vocab, dim] (the embedding when tied) */
-    const uint16_t *head_scale;
+    const uint8_t *head_lanes; /* the int8 lm_head (the embedding when tied) in lanes, see head_rows */
+    const uint16_t *head_scale; /* bf16 [vocab] */
     const float *final_norm;   /* float32 [dim], pre-multiplied */
     const float *rope_cos, *rope_sin; /* float32 [max_seq, head_dim/2] */
 } model_t;
@@ -232,13 +232,12 @@ static inline __attribute__((always_inline)) __m512i reduce16(const __m512i v[16
     __m512i w23 = add_or_max(_mm512_unpacklo_epi32(u[2], u[3]), _mm512_unpackhi_epi32(u[2], u[3]), max);
     return add_or_max(_mm512_unpacklo_epi64(w01, w23), _mm512_unpackhi_epi64(w01, w23), max);
 }
-/* where v[j] ends up in reduce16's result */
-static inline int reduce16_lane(int j) { return 4 * (j % 4) + j / 4; }
+/* v[j] ends up in lane 4 (j % 4) + j / 4 of reduce16's result */
 
 /* quant_group for 16 groups at once: their maxima and sums come out of one transpose each instead
  * of 32 horizontal reductions, the scales out of one division. The same numbers as quant_group. */
 static inline void quant_16_groups(const float *x, int8_t *q, int64_t qstride, float *sx, float *S, int64_t fstride) {
-    const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0); /* reduce16_lane(j) */
+    const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0); /* lane j: v[j]'s */
     __m512i m[16];
     for (int j = 0; j < 16; j++)
         m[j] = _mm512_castps_si512(_mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + 32 * j)), _mm512_abs_ps(_mm512_loadu_ps(x + 32 * j + 16))));
@@ -424,15 +423,18 @@ static void q4_matmul_rows(int B, const q4mat *W, int64_t r0, int64_t r1, const 
     }
 }
 
-/* -- int8 rows (lm_head): y[b][r] = bf16(scale[r] * (q[r] . x[b])) -------------------------- */
+/* -- int8 rows (lm_head): y[b][r] = bf16(bf16(q[r] . x[b]) * scale[r]) ----------------------- */
 /* x[b] goes in as int8 with 16 scales, one per "lane class": element c belongs to class
- * (c % 64) / 4, the 32-bit lane of a 64-byte vector it lands in. A class has k/16 elements spread
- * over the row (36 for dim 576: as fine a grain as Q8_0's blocks of 32, which llama.cpp feeds its
- * output matrix), so vpdpbusd (64 products an instruction, twice vpdpwssd's) can sum a lane over
- * the whole row in integers and apply its scale once at the end. vpdpbusd multiplies unsigned by
- * signed bytes: the weights go in as w + 128 (an xor), and 128 * (the class's sum of x) comes off.
- * A row's lanes are summed in one fixed tree whatever the batch, so any batch size gives the
- * same logits. */
+ * (c % 64) / 4. A class has k/16 elements spread over the row (36 for dim 576: as fine a grain as
+ * Q8_0's blocks of 32, which llama.cpp feeds its output matrix), so a class's products sum in
+ * integers over the whole row and its scale applies once.
+ * The weights lie as the q4 layers' do, one row per 32-bit lane, so no horizontal sums are needed
+ * ("lanes", `head_lanes`): row block rb (16 rows, the last padded), then class cl, then m = 0..k/64:
+ * 64 bytes whose lane l holds row 16 rb + l's elements 64 m + 4 cl .. + 3, as q + 128 (vpdpbusd
+ * multiplies unsigned by signed bytes; 128 * the class's sum of x comes off). Per class and token:
+ * k/64 vpdpbusd, then one multiply-add by the class's scale, classes in order: the same numbers
+ * whatever the batch. (Rows in order, each summed across its lanes, took 3x as many instructions
+ * a token in batches: 8 sequences' steps 12% slower.) */
 typedef struct {
     int8_t *q;   /* [B, k] */
     float *sx;   /* [B, 16]: x ~ sx[class] * q */
@@ -474,90 +476,64 @@ static void quant_lanes(const float *x, int64_t k, int8_t *q, float *sx, int32_t
 static inline __m512 bf16_round(__m512 v) { /* rbf on 16 lanes */
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
 }
-static inline __attribute__((always_inline)) __m512 reduce16_ps(const __m512 v[16]) {
-    __m512 t[8], u[4];
-    for (int i = 0; i < 8; i++)
-        t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44), _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xee));
-    for (int i = 0; i < 4; i++)
-        u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0x88), _mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0xdd));
-    __m512 w01 = _mm512_add_ps(_mm512_unpacklo_ps(u[0], u[1]), _mm512_unpackhi_ps(u[0], u[1]));
-    __m512 w23 = _mm512_add_ps(_mm512_unpacklo_ps(u[2], u[3]), _mm512_unpackhi_ps(u[2], u[3]));
-    return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(w01), _mm512_castps_pd(w23))),
-                         _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(w01), _mm512_castps_pd(w23))));
-}
 
-/* R rows, B tokens: R * B <= 16 accumulators, reduced together */
-static inline __attribute__((always_inline)) void i8_rows_n(const int B, const int R, const int8_t *Q, const uint16_t *scale,
-                                                            int64_t k, int64_t r, head_in x, float *y, int64_t ystride) {
-    __m512i acc[16];
-#pragma GCC unroll 16
-    for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_si512();
-    for (int i = 0; i < R; i++)
-        for (int64_t c = 0; c < k; c += 64) _mm_prefetch((const char *)(Q + (r + 4 + i) * k + c), _MM_HINT_T0);
-    for (int i = 0; i < R; i++)
-        for (int64_t c = 0; c < k; c += 64) _mm_prefetch((const char *)(Q + (r + 32 + i) * k + c), _MM_HINT_T1);
-    const __m512i flip = _mm512_set1_epi8((char)0x80);
-    for (int64_t c = 0; c < k; c += 64) {
-        __m512i w[2];
-#pragma GCC unroll 2
-        for (int i = 0; i < R; i++) w[i] = _mm512_xor_si512(_mm512_loadu_si512(Q + (r + i) * k + c), flip);
+/* rows 16 rb .. 16 rb + 15 (those below n_rows) for B tokens */
+static inline __attribute__((always_inline)) void head_block(const int B, const uint8_t *H, const uint16_t *scale, int64_t k,
+                                                             int64_t rb, int64_t n_rows, head_in x, float *y, int64_t ystride) {
+    const int64_t mv = k / 64;
+    const uint8_t *blk = H + rb * 16 * k;
+    __m512 acc[MAXB];
 #pragma GCC unroll 8
-        for (int b = 0; b < B; b++) {
-            const __m512i xv = _mm512_loadu_si512(x.q + b * k + c);
-#pragma GCC unroll 2
-            for (int i = 0; i < R; i++) acc[i * B + b] = _mm512_dpbusd_epi32(acc[i * B + b], w[i], xv);
+    for (int b = 0; b < B; b++) acc[b] = _mm512_setzero_ps();
+    for (int cl = 0; cl < 16; cl++) {
+        const uint8_t *wv = blk + cl * mv * 64;
+        for (int64_t u = 0; u < mv; u++) { /* the next block into L1, one 6 blocks on into L2 */
+            _mm_prefetch((const char *)wv + 16 * k + u * 64, _MM_HINT_T0);
+            _mm_prefetch((const char *)wv + 6 * 16 * k + u * 64, _MM_HINT_T1);
         }
-    }
-    __m512 f[16];
-#pragma GCC unroll 16
-    for (int j = 0; j < 16; j++) {
-        const int b = j % B;
-        f[j] = j < R * B ? _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[j], _mm512_loadu_si512(x.corr + b * 16))),
-                                         _mm512_loadu_ps(x.sx + b * 16))
-                         : _mm512_setzero_ps();
-    }
-    /* lane reduce16_lane(i * B + b) holds row r + i, token b: times the row's scale, rounded as
-     * the scalar rbf(rbf(sum) * s) */
-    float sc[16];
-#pragma GCC unroll 16
-    for (int j = 0; j < 16; j++) sc[reduce16_lane(j)] = j < R * B ? bf2f(scale[r + j / B]) : 0.f;
-    const __m512 out = bf16_round(_mm512_mul_ps(bf16_round(reduce16_ps(f)), _mm512_loadu_ps(sc)));
-    float sums[16];
-    _mm512_storeu_ps(sums, out);
-#pragma GCC unroll 2
-    for (int i = 0; i < R; i++)
+        __m512i iv[MAXB];
 #pragma GCC unroll 8
-        for (int b = 0; b < B; b++) y[b * ystride + r + i] = sums[reduce16_lane(i * B + b)];
-}
-
-static inline __attribute__((always_inline)) void i8_rows_b(const int B, const int8_t *Q, const uint16_t *scale, int64_t k,
-                                                            int64_t r0, int64_t r1, head_in x, float *y, int64_t ystride) {
-    int64_t r = r0;
-    if (2 * B <= 16)
-        for (; r + 2 <= r1; r += 2) i8_rows_n(B, 2, Q, scale, k, r, x, y, ystride);
-    for (; r < r1; r++) i8_rows_n(B, 1, Q, scale, k, r, x, y, ystride);
+        for (int b = 0; b < B; b++) iv[b] = _mm512_set1_epi32(-x.corr[b * 16 + cl]);
+        for (int64_t m = 0; m < mv; m++) {
+            const __m512i w = _mm512_loadu_si512(wv + m * 64);
+#pragma GCC unroll 8
+            for (int b = 0; b < B; b++) iv[b] = _mm512_dpbusd_epi32(iv[b], w, _mm512_set1_epi32(ld32(x.q + b * k + 64 * m + 4 * cl)));
+        }
+#pragma GCC unroll 8
+        for (int b = 0; b < B; b++) acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iv[b]), _mm512_set1_ps(x.sx[b * 16 + cl]), acc[b]);
+    }
+    const int64_t n = n_rows - rb * 16 < 16 ? n_rows - rb * 16 : 16;
+    const __mmask16 mk = (__mmask16)((1u << n) - 1);
+    const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, scale + rb * 16)), 16));
+#pragma GCC unroll 8
+    for (int b = 0; b < B; b++)
+        _mm512_mask_storeu_ps(y + b * ystride + rb * 16, mk, bf16_round(_mm512_mul_ps(bf16_round(acc[b]), sc)));
 }
 #endif
 
-/* B tokens (in passes of MAXB) */
-static __attribute__((noinline)) void i8_rows(int B, const int8_t *Q, const uint16_t *scale, int64_t k, int64_t r0, int64_t r1,
-                                              head_in x, float *y, int64_t ystride) {
+/* rows r0..r1 (multiples of 16, or r1 = n_rows) for B tokens, in passes of MAXB */
+static __attribute__((noinline)) void head_rows(int B, const uint8_t *H, const uint16_t *scale, int64_t k, int64_t r0,
+                                                int64_t r1, int64_t n_rows, head_in x, float *y, int64_t ystride) {
 #if VEC
     for (int b0 = 0; b0 < B; b0 += MAXB, x.q += MAXB * k, x.sx += MAXB * 16, x.corr += MAXB * 16, y += MAXB * ystride) {
-#define I8_ROWS(n) i8_rows_b(n, Q, scale, k, r0, r1, x, y, ystride)
-        WITH_CONSTANT_B(B - b0 < MAXB ? B - b0 : MAXB, I8_ROWS);
-#undef I8_ROWS
+#define HEAD_ROWS(nb) for (int64_t rb = r0 / 16; rb * 16 < r1; rb++) head_block(nb, H, scale, k, rb, n_rows, x, y, ystride)
+        WITH_CONSTANT_B(B - b0 < MAXB ? B - b0 : MAXB, HEAD_ROWS);
+#undef HEAD_ROWS
     }
 #else
+    const int64_t mv = k / 64;
     for (int64_t r = r0; r < r1; r++) {
-        const int8_t *q = Q + r * k;
-        float s = bf2f(scale[r]);
+        const int64_t rb = r / 16, l = r % 16;
         for (int b = 0; b < B; b++) {
-            int32_t lanes[16] = {0};
-            for (int64_t c = 0; c < k; c++) lanes[lane_class(c)] += (int32_t)q[c] * (int32_t)x.q[b * k + c];
             float sum = 0.f;
-            for (int l = 0; l < 16; l++) sum += (float)lanes[l] * x.sx[b * 16 + l];
-            y[b * ystride + r] = rbf(rbf(sum) * s);
+            for (int cl = 0; cl < 16; cl++) {
+                int32_t dot = -x.corr[b * 16 + cl];
+                for (int64_t m = 0; m < mv; m++)
+                    for (int j = 0; j < 4; j++)
+                        dot += H[(((rb * 16 + cl) * mv + m) * 16 + l) * 4 + j] * x.q[b * k + 64 * m + 4 * cl + j];
+                sum = fmaf((float)dot, x.sx[b * 16 + cl], sum);
+            }
+            y[b * ystride + r] = rbf(rbf(sum) * bf2f(scale[r]));
         }
     }
 #endif
@@ -1175,7 +1151,7 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
                 quant_lanes(xn, dim, hx.q + i * dim, hx.sx + i * 16, hx.corr + i * 16);
             }
             for (w = share_rows(M->vocab, 512, taken + M->n_layers * PHASES); next_rows(&w, tid, nt, &a0, &a1);)
-                i8_rows(n_logits, M->head_q, M->head_scale, dim, a0, a1, hx, logits, M->vocab);
+                head_rows(n_logits, M->head_lanes, M->head_scale, dim, a0, a1, M->vocab, hx, logits, M->vocab);
         }
         free(xn); free(gu); free(scores); free(tmp); free(hx.q); free(hx.sx); free(hx.corr);
         if (!spread) {
