@@ -33,7 +33,7 @@ from influence_tui.engine import native, rope, weights_cache
 from influence_tui.engine.base import LoadedModel, ModelConfig
 from influence_tui.engine.governor import ThreadGovernor
 from influence_tui.engine.native import IntRows, LayerT, NativeStep, NativeUnavailable, Q4Mat
-from influence_tui.engine.sources import Located, allocate_and_tokenizer, locate, safetensors_files
+from influence_tui.engine.sources import Located, allocate_and_tokenizer, load_tokenizer, locate, safetensors_files
 
 def physical_cores() -> int:
     """CPUs this process may run on, counting SMT siblings once (torch's default thread count)."""
@@ -222,21 +222,33 @@ def load_native(path: str, device: str = "auto", max_batch: int = 8, max_seq: in
         return None
     try:
         # the row-major int8 tables stay mapped: embedding rows are read a few at a time (the kernel
-        # reads the lm_head from its lanes)
-        tensors, meta = weights_cache.numpy_tensors(cached, mapped=frozenset({"embed.q8", "lm_head.q8"}))
-        if meta.get("version") != str(weights_cache.WEIGHTS_CACHE_VERSION):
-            return None
-        cfg = ModelConfig(**json.loads(meta["config"]))
-        info = json.loads(meta["info"])
+        # reads the lm_head from its lanes). The rest arrives while the tokenizer loads.
+        tensors, meta, weights_read = weights_cache.numpy_tensors(cached, mapped=frozenset({"embed.q8", "lm_head.q8"}))
     except (OSError, ValueError, KeyError, TypeError):
         return None  # the torch loader rebuilds a damaged entry
-    if not KernelLlama.usable(tensors, cfg) or info.get("weights") != "int4":
+    declined = True
+    try:
+        if meta.get("version") == str(weights_cache.WEIGHTS_CACHE_VERSION):
+            cfg = ModelConfig(**json.loads(meta["config"]))
+            info = json.loads(meta["info"])
+            if KernelLlama.usable(tensors, cfg) and info.get("weights") == "int4":
+                tokenizer = load_tokenizer(loc, info)
+                declined = False
+    except (ValueError, KeyError, TypeError):
+        pass
+    finally:
+        try:
+            weights_read()
+        except OSError:  # a short file: declined too, and the torch loader rebuilds the entry
+            declined = True
+    if declined:
         return None
-    return _loaded(KernelLlama(cfg, tensors, lib, tensors), loc, info, max_batch, max_seq, t0)
+    return _loaded(KernelLlama(cfg, tensors, lib, tensors), loc, info, max_batch, max_seq, t0, tokenizer)
 
 
-def _loaded(model: KernelLlama, loc: Located, info: dict, max_batch: int, max_seq: int | None, t0: float) -> LoadedModel:
-    tokenizer = allocate_and_tokenizer(model, loc, info, max_batch, max_seq)
+def _loaded(model: KernelLlama, loc: Located, info: dict, max_batch: int, max_seq: int | None, t0: float,
+            tokenizer: Any) -> LoadedModel:
+    tokenizer = allocate_and_tokenizer(model, loc, info, max_batch, max_seq, tokenizer)
     cfg, ctx = model.cfg, model.context_length
     return LoadedModel(
         model=model, tokenizer=tokenizer, name=info["name"], path=str(loc.file or loc.folder),

@@ -14,7 +14,8 @@ import hashlib
 import json
 import mmap
 import re
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -92,14 +93,17 @@ def _huge_pages_offered() -> bool:
         return False
 
 
-def read_huge(path: Path, skip: Iterable[tuple[int, int]] = ()) -> np.ndarray | None:
+def read_huge(path: Path, skip: Iterable[tuple[int, int]] = ()) -> tuple[np.ndarray, Callable[[], None]] | None:
     """The file's bytes in private memory backed by 2 MiB pages, or None where the kernel offers
-    none; the byte ranges in `skip` are not read (left zero, and costing no memory). Why: a decode
-    step streams every weight once; with the file's 4 KiB pages that is one TLB miss per 4 KiB
-    (~23,000 a step for the bundled model, beyond what the TLB holds) and the prefetches stop at
-    each page's end. In 2 MiB pages, 8 sequences' steps ran ~11% faster and prompts ~4% (one
-    stream: the same). The price: one read (~30 ms for 95 MB from the page cache) and no sharing
-    of the pages between processes."""
+    none; the byte ranges in `skip` are not read (left zero, and costing no memory). The bytes
+    arrive from a thread while the caller goes on (a tokenizer loads meanwhile): the second value
+    waits for them and raises OSError if the read failed.
+    Why: a decode step streams every weight once; with the file's 4 KiB pages that is one TLB
+    miss per 4 KiB (~23,000 a step for the bundled model, beyond what the TLB holds) and the
+    prefetches stop at each page's end. In 2 MiB pages, 8 sequences' steps ran ~11% faster and
+    prompts ~4% (one stream: the same). The price: a read (30-190 ms for 95 MB from the page cache
+    on this project's shared machine: new memory is slow to fault in there) and no sharing of the
+    pages between processes."""
     if not _huge_pages_offered():
         return None
     n = path.stat().st_size
@@ -108,33 +112,51 @@ def read_huge(path: Path, skip: Iterable[tuple[int, int]] = ()) -> np.ndarray | 
     whole = np.frombuffer(buf, dtype=np.uint8)
     start = (-whole.ctypes.data) % HUGE_PAGE  # the mapping's first 2 MiB boundary: every page huge
     data = whole[start : start + n]
-    view = memoryview(data)
     pos, pieces = 0, []
     for a, b in sorted(skip):
         pieces.append((pos, a))
         pos = max(pos, b)
     pieces.append((pos, n))
-    with open(path, "rb", buffering=0) as f:
-        for a, b in pieces:
-            f.seek(a)
-            while a < b:
-                got = f.readinto(view[a:b])
-                if not got:
-                    raise OSError(f"{path}: shorter than its size")
-                a += got
-    data.flags.writeable = False
-    return data
+    failed: list[OSError] = []
+
+    def fill() -> None:  # readinto lets go of the GIL: this overlaps the caller's Python
+        view = memoryview(data)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                for a, b in pieces:
+                    f.seek(a)
+                    while a < b:
+                        got = f.readinto(view[a:b])
+                        if not got:
+                            raise OSError(f"{path}: shorter than its size")
+                        a += got
+        except OSError as exc:
+            failed.append(exc)
+
+    reader = threading.Thread(target=fill, name="influence-weights", daemon=True)
+    reader.start()
+
+    def finish() -> None:
+        reader.join()
+        if failed:
+            raise failed[0]
+        data.flags.writeable = False
+
+    return data, finish
 
 
-def numpy_tensors(path: Path, mapped: frozenset[str] = frozenset()) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def numpy_tensors(path: Path, mapped: frozenset[str] = frozenset()
+                  ) -> tuple[dict[str, np.ndarray], dict[str, str], Callable[[], None]]:
     """Every tensor of a cache file as a read-only numpy view, of its bytes read into huge pages
     (see `read_huge`) or, for those named in `mapped` (rows looked up now and then) and where
-    huge pages are not offered, of the file's mapping; the metadata."""
+    huge pages are not offered, of the file's mapping; the metadata; and what to call before
+    reading the tensors (it waits for the huge pages' bytes; raises OSError if they failed)."""
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         entries, meta = _parse_header(f.read(n), 8 + n)
     mm = np.asarray(np.memmap(path, dtype=np.uint8, mode="r"))
     huge = read_huge(path, [(a, b) for name, (_, _, a, b) in entries.items() if name in mapped])
-    out = {name: (mm if huge is None or name in mapped else huge)[a:b].view(NP_DTYPES[dt]).reshape(shape)
+    data, finish = huge if huge is not None else (None, lambda: None)
+    out = {name: (mm if data is None or name in mapped else data)[a:b].view(NP_DTYPES[dt]).reshape(shape)
            for name, (dt, shape, a, b) in entries.items()}
-    return out, meta
+    return out, meta, finish
