@@ -15,7 +15,6 @@ from typing import Any, Callable
 import pytest
 
 from influence_tui.config import Settings, settings_file
-from influence_tui.sessions import SessionMessage
 from influence_tui.tui.app import InfluenceApp
 from influence_tui.tui.screens.chat import ChatScreen
 from influence_tui.tui.widgets.messages import AssistantMessage, NoteMessage
