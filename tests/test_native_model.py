@@ -64,6 +64,26 @@ def test_weights_read_into_huge_pages_are_the_files_weights(both, bundled_gguf: 
     assert mapped.model.decode([0], [ids[-1]], [len(ids)]).shape == (1, kernel_lm.model.vocab_size)
 
 
+def test_the_first_kernel_call_waits_for_the_weights_and_reports_a_failed_read(both) -> None:
+    _, kernel_lm = both
+    m = kernel_lm.model
+    calls = []
+    waited = KernelLlama(m.cfg, m._keep, m._lib, m._keep, lambda: calls.append(1))
+    waited.allocate(1, 16)
+    assert calls == []  # building and allocating read only the mapped norms
+    waited.prefill(0, [1, 2], 0)
+    waited.decode([0], [3], [2])
+    assert calls == [1]
+
+    def short_file() -> None:
+        raise OSError("the file is shorter than its size")
+
+    broken = KernelLlama(m.cfg, m._keep, m._lib, m._keep, short_file)
+    broken.allocate(1, 16)
+    with pytest.raises(RuntimeError, match="could not be read: the file is shorter"):
+        broken.prefill(0, [1, 2], 0)
+
+
 def test_bad_positions_and_slots_are_value_errors(both) -> None:
     _, kernel_lm = both
     m = kernel_lm.model

@@ -25,6 +25,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,7 @@ from influence_tui.engine import native, rope, weights_cache
 from influence_tui.engine.base import LoadedModel, ModelConfig
 from influence_tui.engine.governor import ThreadGovernor
 from influence_tui.engine.native import IntRows, LayerT, NativeStep, NativeUnavailable, Q4Mat
-from influence_tui.engine.sources import Located, allocate_and_tokenizer, load_tokenizer, locate, safetensors_files
+from influence_tui.engine.sources import Located, allocate_and_tokenizer, locate, safetensors_files
 
 def physical_cores() -> int:
     """CPUs this process may run on, counting SMT siblings once (torch's default thread count)."""
@@ -59,8 +60,13 @@ class KernelLlama:
     rows_exact = True
     native = True
 
-    def __init__(self, cfg: ModelConfig, t: dict[str, np.ndarray], lib: Any, keep: Any) -> None:
+    def __init__(self, cfg: ModelConfig, t: dict[str, np.ndarray], lib: Any, keep: Any,
+                 weights_read: Callable[[], None] | None = None) -> None:
+        """`weights_read`: waits until the weights' bytes are in memory (they arrive from a thread,
+        see `weights_cache.read_huge`); the first kernel call calls it. Only the norms are read
+        here."""
         self.cfg, self._lib, self._keep = cfg, lib, keep
+        self._weights_read = weights_read
         self.vocab_size, self.context_length = cfg.vocab_size, cfg.context_length
         self.max_batch = self.max_seq = 0
         self.threads = physical_cores()
@@ -133,6 +139,12 @@ class KernelLlama:
     def _kernel(self) -> NativeStep:
         if self._step is None:
             raise RuntimeError("allocate() the KV cache before running the model")
+        if self._weights_read is not None:  # the first call: the weights may still be arriving
+            try:
+                self._weights_read()
+            except OSError as exc:
+                raise RuntimeError(f"the converted weights could not be read: {exc}") from exc
+            self._weights_read = None
         return self._step
 
     def decode(self, slots: IntRows, tokens: IntRows, positions: IntRows) -> np.ndarray:
@@ -196,6 +208,13 @@ def _torch_may_use_a_gpu() -> bool:
     return bool(build.get("xpu")) and os.path.exists("/dev/dri")
 
 
+def _mapped(name: str) -> bool:
+    """Tensors left in the file's mapping rather than read into huge pages: the row-major int8
+    tables (embedding rows are read a few at a time; the kernel reads the lm_head from its lanes)
+    and the norms, read as the model is built, before the rest has arrived."""
+    return name in ("norm", "embed.q8", "lm_head.q8") or name.endswith(("attn_norm", "ffn_norm"))
+
+
 def load_native(path: str, device: str = "auto", max_batch: int = 8, max_seq: int | None = None,
                 dtype: str | None = None, quant: str | None = None) -> LoadedModel | None:
     """The model at `path` as a `KernelLlama` (see the module's docstring), or None for the torch
@@ -221,34 +240,21 @@ def load_native(path: str, device: str = "auto", max_batch: int = 8, max_seq: in
     if not cached.exists():
         return None
     try:
-        # the row-major int8 tables stay mapped: embedding rows are read a few at a time (the kernel
-        # reads the lm_head from its lanes). The rest arrives while the tokenizer loads.
-        tensors, meta, weights_read = weights_cache.numpy_tensors(cached, mapped=frozenset({"embed.q8", "lm_head.q8"}))
+        tensors, meta, weights_read = weights_cache.numpy_tensors(cached, mapped=_mapped)
+        if meta.get("version") != str(weights_cache.WEIGHTS_CACHE_VERSION):
+            return None
+        cfg = ModelConfig(**json.loads(meta["config"]))
+        info = json.loads(meta["info"])
     except (OSError, ValueError, KeyError, TypeError):
         return None  # the torch loader rebuilds a damaged entry
-    declined = True
-    try:
-        if meta.get("version") == str(weights_cache.WEIGHTS_CACHE_VERSION):
-            cfg = ModelConfig(**json.loads(meta["config"]))
-            info = json.loads(meta["info"])
-            if KernelLlama.usable(tensors, cfg) and info.get("weights") == "int4":
-                tokenizer = load_tokenizer(loc, info)
-                declined = False
-    except (ValueError, KeyError, TypeError):
-        pass
-    finally:
-        try:
-            weights_read()
-        except OSError:  # a short file: declined too, and the torch loader rebuilds the entry
-            declined = True
-    if declined:
+    if not KernelLlama.usable(tensors, cfg) or info.get("weights") != "int4":
         return None
-    return _loaded(KernelLlama(cfg, tensors, lib, tensors), loc, info, max_batch, max_seq, t0, tokenizer)
+    model = KernelLlama(cfg, tensors, lib, tensors, weights_read)
+    return _loaded(model, loc, info, max_batch, max_seq, t0)
 
 
-def _loaded(model: KernelLlama, loc: Located, info: dict, max_batch: int, max_seq: int | None, t0: float,
-            tokenizer: Any) -> LoadedModel:
-    tokenizer = allocate_and_tokenizer(model, loc, info, max_batch, max_seq, tokenizer)
+def _loaded(model: KernelLlama, loc: Located, info: dict, max_batch: int, max_seq: int | None, t0: float) -> LoadedModel:
+    tokenizer = allocate_and_tokenizer(model, loc, info, max_batch, max_seq)
     cfg, ctx = model.cfg, model.context_length
     return LoadedModel(
         model=model, tokenizer=tokenizer, name=info["name"], path=str(loc.file or loc.folder),

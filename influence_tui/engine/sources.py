@@ -70,25 +70,19 @@ def safetensors_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
 
-def load_tokenizer(loc: Located, info: dict) -> Any:
-    from influence_tui.engine import tokenizer as tok_mod
-
-    if loc.file is not None:
-        return tok_mod.load_gguf_tokenizer(loc.file, metadata=info["tokenizer_metadata"])
-    return tok_mod.load_folder_tokenizer(loc.folder)  # type: ignore[arg-type]
-
-
-def allocate_and_tokenizer(model: Any, loc: Located, info: dict, max_batch: int, max_seq: int | None,
-                           tokenizer: Any = None) -> Any:
+def allocate_and_tokenizer(model: Any, loc: Located, info: dict, max_batch: int, max_seq: int | None) -> Any:
     """What every loader does last: cap the context at a sliding window (attention ignores it:
     never run past it), allocate the KV cache (the model's context capped at 4096 unless asked),
-    load the tokenizer (unless given), and give the heap that loading freed back to the OS."""
+    load the tokenizer, and give the heap that loading freed back to the OS."""
+    from influence_tui.engine import tokenizer as tok_mod
     from influence_tui.engine.base import release_freed_heap
 
     if model.cfg.sliding_window:
         model.context_length = min(model.context_length, int(model.cfg.sliding_window))
     model.allocate(max_batch, min(model.context_length, max_seq or 4096))
-    if tokenizer is None:
-        tokenizer = load_tokenizer(loc, info)
+    if loc.file is not None:
+        tokenizer = tok_mod.load_gguf_tokenizer(loc.file, metadata=info["tokenizer_metadata"])
+    else:
+        tokenizer = tok_mod.load_folder_tokenizer(loc.folder)  # type: ignore[arg-type]
     release_freed_heap()
     return tokenizer

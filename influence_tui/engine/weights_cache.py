@@ -96,8 +96,9 @@ def _huge_pages_offered() -> bool:
 def read_huge(path: Path, skip: Iterable[tuple[int, int]] = ()) -> tuple[np.ndarray, Callable[[], None]] | None:
     """The file's bytes in private memory backed by 2 MiB pages, or None where the kernel offers
     none; the byte ranges in `skip` are not read (left zero, and costing no memory). The bytes
-    arrive from a thread while the caller goes on (a tokenizer loads meanwhile): the second value
-    waits for them and raises OSError if the read failed.
+    arrive from a thread while the caller goes on (the model is usable, and the first kernel call
+    waits, as a mapping's first touches would read the file then): the second value waits for
+    them and raises OSError if the read failed.
     Why: a decode step streams every weight once; with the file's 4 KiB pages that is one TLB
     miss per 4 KiB (~23,000 a step for the bundled model, beyond what the TLB holds) and the
     prefetches stop at each page's end. In 2 MiB pages, 8 sequences' steps ran ~11% faster and
@@ -145,18 +146,18 @@ def read_huge(path: Path, skip: Iterable[tuple[int, int]] = ()) -> tuple[np.ndar
     return data, finish
 
 
-def numpy_tensors(path: Path, mapped: frozenset[str] = frozenset()
+def numpy_tensors(path: Path, mapped: Callable[[str], bool] = lambda name: False
                   ) -> tuple[dict[str, np.ndarray], dict[str, str], Callable[[], None]]:
     """Every tensor of a cache file as a read-only numpy view, of its bytes read into huge pages
-    (see `read_huge`) or, for those named in `mapped` (rows looked up now and then) and where
-    huge pages are not offered, of the file's mapping; the metadata; and what to call before
-    reading the tensors (it waits for the huge pages' bytes; raises OSError if they failed)."""
+    (see `read_huge`) or, for those `mapped` says (rows looked up now and then) and where huge
+    pages are not offered, of the file's mapping; the metadata; and what to call before reading
+    the tensors in huge pages (it waits for their bytes; raises OSError if the read failed)."""
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         entries, meta = _parse_header(f.read(n), 8 + n)
     mm = np.asarray(np.memmap(path, dtype=np.uint8, mode="r"))
-    huge = read_huge(path, [(a, b) for name, (_, _, a, b) in entries.items() if name in mapped])
+    huge = read_huge(path, [(a, b) for name, (_, _, a, b) in entries.items() if mapped(name)])
     data, finish = huge if huge is not None else (None, lambda: None)
-    out = {name: (mm if data is None or name in mapped else data)[a:b].view(NP_DTYPES[dt]).reshape(shape)
+    out = {name: (mm if data is None or mapped(name) else data)[a:b].view(NP_DTYPES[dt]).reshape(shape)
            for name, (dt, shape, a, b) in entries.items()}
     return out, meta, finish
