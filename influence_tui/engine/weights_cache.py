@@ -141,7 +141,6 @@ def read_huge(path: Path, skip: Iterable[tuple[int, int]] = ()) -> tuple[np.ndar
         reader.join()
         if failed:
             raise failed[0]
-        data.flags.writeable = False
 
     return data, finish
 
@@ -160,4 +159,6 @@ def numpy_tensors(path: Path, mapped: Callable[[str], bool] = lambda name: False
     data, finish = huge if huge is not None else (None, lambda: None)
     out = {name: (mm if data is None or mapped(name) else data)[a:b].view(NP_DTYPES[dt]).reshape(shape)
            for name, (dt, shape, a, b) in entries.items()}
+    for view in out.values():
+        view.flags.writeable = False  # the reader thread writes through its own buffer
     return out, meta, finish
