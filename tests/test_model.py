@@ -274,3 +274,23 @@ def test_thread_governor_keeps_full_threads_through_bursts_and_drops_under_conte
     assert used[:3] == [2, 2, 2] and used[3] == 1  # contention: one thread from the fourth step
     used = run([0.03] * 7 + [0.005] * 5)  # one thread for the backoff (8 steps), then full threads' probe wins
     assert used[:7] == [1] * 7 and used[7:] == [2] * 5
+
+
+@pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_HUGEPAGE"), reason="Linux's madvise(MADV_HUGEPAGE)")
+def test_read_huge_reads_all_but_the_skipped_ranges_and_stays_mapped_where_memory_is_short(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from influence_tui.engine import weights_cache
+
+    f = tmp_path / "weights.bin"
+    f.write_bytes(bytes(range(1, 256)) * 300)
+    monkeypatch.setattr(weights_cache, "_huge_pages_offered", lambda: True)
+    monkeypatch.setattr(weights_cache, "_memory_available", lambda: 2 * f.stat().st_size - 1)
+    assert weights_cache.read_huge(f) is None  # a private copy would crowd out the page cache
+    monkeypatch.setattr(weights_cache, "_memory_available", lambda: 10**9)
+    got = weights_cache.read_huge(f, skip=[(1000, 5000)])
+    assert got is not None
+    data, finish = got
+    finish()
+    raw = f.read_bytes()
+    assert bytes(data[:1000]) == raw[:1000] and bytes(data[5000:]) == raw[5000:]
+    assert not data[1000:5000].any()  # not read: zero pages, no memory

@@ -93,6 +93,17 @@ def _huge_pages_offered() -> bool:
         return False
 
 
+def _memory_available() -> int | None:
+    """Bytes the kernel could give without swapping (MemAvailable), where it says."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def read_huge(path: Path, skip: Iterable[tuple[int, int]] = ()) -> tuple[np.ndarray, Callable[[], None]] | None:
     """The file's bytes in private memory backed by 2 MiB pages, or None where the kernel offers
     none; the byte ranges in `skip` are not read (left zero, and costing no memory). The bytes
@@ -104,10 +115,14 @@ def read_huge(path: Path, skip: Iterable[tuple[int, int]] = ()) -> tuple[np.ndar
     prefetches stop at each page's end. In 2 MiB pages, 8 sequences' steps ran ~11% faster and
     prompts ~4% (one stream: the same). The price: a read (30-190 ms for 95 MB from the page cache
     on this project's shared machine: new memory is slow to fault in there) and no sharing of the
-    pages between processes."""
+    pages between processes; where memory is short (less available than twice the file), the
+    file stays mapped."""
     if not _huge_pages_offered():
         return None
     n = path.stat().st_size
+    available = _memory_available()
+    if available is not None and available < 2 * n:  # private copies cannot be dropped as the page cache can
+        return None
     buf = mmap.mmap(-1, n + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     buf.madvise(mmap.MADV_HUGEPAGE)
     whole = np.frombuffer(buf, dtype=np.uint8)
