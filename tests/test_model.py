@@ -185,6 +185,14 @@ def test_bundled_int4_agrees_with_float(bundled, bundled_gguf: Path) -> None:
 def test_converted_weights_cache(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("INFLUENCE_CACHE_DIR", str(tmp_path / "cache"))
     path = write_tiny_gguf(tiny_dir / "cached.gguf", arch="llama", qtype="Q4_0")
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "cache" / "weights"
+    weights.mkdir(parents=True)
+    stale = weights / ("0" * 32 + ".safetensors")  # what an earlier version of the layout left
+    save_file({"x": torch.zeros(2)}, str(stale), metadata={"version": "1"})
+    foreign = weights / "notes.safetensors"
+    foreign.write_bytes(b"not a safetensors file")
     first = load_model(str(path), device="cpu", dtype="bfloat16", quant="int4", max_batch=1, max_seq=64)
     second = load_model(str(path), device="cpu", dtype="bfloat16", quant="int4", max_batch=1, max_seq=64)
     assert not first.extra["cached"] and second.extra["cached"]
@@ -193,9 +201,16 @@ def test_converted_weights_cache(tiny_dir: Path, tmp_path: Path, monkeypatch: py
     b = second.model.prefill(0, torch.tensor(TOKENS[:5]), 0)
     assert torch.equal(a, b)
     assert second.tokenizer.encode("Hello world") == first.tokenizer.encode("Hello world")
+    assert not stale.exists() and foreign.exists()  # another version's file is gone, others' files stay
+    converted = set(weights.glob("*.safetensors")) - {foreign}
+    assert len(converted) == 1
     path.touch()  # a changed file is converted again
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
     assert not load_model(str(path), device="cpu", dtype="bfloat16", quant="int4", max_batch=1, max_seq=64).extra["cached"]
+    now = set(weights.glob("*.safetensors")) - {foreign}
+    assert len(now) == 1 and now != converted  # the conversion it replaces is removed
+    load_model(str(path), device="cpu", dtype="bfloat16", quant="int8", max_batch=1, max_seq=64)
+    assert now < set(weights.glob("*.safetensors"))  # other settings of the same file: both kept
 
 
 def test_chunked_prefill_equals_prefilling_each_chunk(tmp_path):

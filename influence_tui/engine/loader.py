@@ -345,17 +345,21 @@ _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32
               "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64}
 
 
-def weights_cache_path(sources: list[Path], quant: str, dtype: torch.dtype) -> Path:
+def weights_cache_key(sources: list[Path], quant: str, dtype: torch.dtype) -> tuple[Path, str]:
+    """The cache file for these sources and settings, and its identity (see weights_cache)."""
     layout = "q4native" if quant in ("auto", "int4") and native_int4(dtype) else "torch"
-    return weights_cache.cache_path(sources, quant, str(dtype), torch.__version__, layout)
+    args = (sources, quant, str(dtype), torch.__version__, layout)
+    return weights_cache.cache_path(*args), weights_cache.cache_identity(*args)
 
 
-def save_converted(path: Path, model: LlamaModel, info: dict) -> None:
+def save_converted(path: Path, model: LlamaModel, info: dict, identity: str = "") -> None:
+    """Write the converted weights to `path` (atomically), then remove the cache files they
+    replace (`weights_cache.prune`)."""
     from safetensors.torch import save_file
 
     tensors = {k: v.contiguous() for k, v in model.state_tensors().items()}
     meta = {"config": json.dumps(dataclasses.asdict(model.cfg)), "info": json.dumps(info),
-            "version": str(weights_cache.WEIGHTS_CACHE_VERSION)}
+            "version": str(weights_cache.WEIGHTS_CACHE_VERSION), "identity": identity}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     try:
@@ -363,6 +367,8 @@ def save_converted(path: Path, model: LlamaModel, info: dict) -> None:
         tmp.replace(path)
     except OSError:
         tmp.unlink(missing_ok=True)  # a full or read-only disk only costs speed
+        return
+    weights_cache.prune(path.parent, path, identity)
 
 
 def read_safetensors_mmap(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -432,14 +438,14 @@ def _load(
     sources = [loc.file] if loc.file is not None else _safetensors_files(loc.folder)  # type: ignore[arg-type]
     model_path = loc.file or loc.folder
     assert model_path is not None
-    cached = weights_cache_path(sources, requested, torch_dtype) if cache and dev.type == "cpu" else None
+    cached, identity = weights_cache_key(sources, requested, torch_dtype) if cache and dev.type == "cpu" else (None, "")
     hit = load_converted(cached, torch_dtype, dev) if cached is not None and cached.exists() else None
     if hit is not None:  # no GGUF header parse, no weight conversion
         model, info = hit
     else:
         model, info = _build(loc, sources, requested, dev, torch_dtype)
         if cached is not None and info["weights"] != "none":
-            save_converted(cached, model, info)
+            save_converted(cached, model, info, identity)
     cfg = model.cfg
     tokenizer = allocate_and_tokenizer(model, loc, info, max_batch, max_seq)
     ctx = model.context_length

@@ -47,15 +47,25 @@ def torch_build() -> dict[str, str | None]:
     return out
 
 
+def _key(sources: list[Path], settings: str, versions: bool) -> str:
+    h = hashlib.sha256(f"v{WEIGHTS_CACHE_VERSION}:{settings}".encode())
+    for f in sources:
+        st = f.stat()
+        h.update(f"|{f.resolve()}".encode() + (f":{st.st_size}:{st.st_mtime_ns}".encode() if versions else b""))
+    return h.hexdigest()[:32]
+
+
 def cache_path(sources: list[Path], quant: str, dtype: str, torch_version: str, layout: str) -> Path:
     """The cache file for these sources. dtype: torch's name for it ("torch.bfloat16")."""
     from influence_tui.engine.tokenizer import cache_dir
 
-    h = hashlib.sha256(f"v{WEIGHTS_CACHE_VERSION}:{quant}:{dtype}:{torch_version}:{layout}".encode())
-    for f in sources:
-        st = f.stat()
-        h.update(f"|{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return cache_dir() / "weights" / f"{h.hexdigest()[:32]}.safetensors"
+    return cache_dir() / "weights" / f"{_key(sources, f'{quant}:{dtype}:{torch_version}:{layout}', True)}.safetensors"
+
+
+def cache_identity(sources: list[Path], quant: str, dtype: str, torch_version: str, layout: str) -> str:
+    """What `cache_path` keys on but the files' size and time: equal for an older conversion of the
+    same files with the same settings (stored in the file, so that the next one can remove it)."""
+    return _key(sources, f"{quant}:{dtype}:{torch_version}:{layout}", False)
 
 
 def _parse_header(header: bytes, base: int) -> tuple[dict[str, tuple[str, list[int], int, int]], dict[str, str]]:
@@ -78,6 +88,28 @@ def read_mmap(path: Path) -> tuple[np.memmap, dict[str, tuple[str, list[int], in
     mm = np.memmap(path, dtype=np.uint8, mode="r")
     entries, meta = _parse(mm)
     return mm, entries, meta
+
+
+def prune(folder: Path, keep: Path, identity: str) -> None:
+    """Delete the converted-weights files in `folder` that will never be read again: those another
+    WEIGHTS_CACHE_VERSION wrote (the version is part of every key) and older conversions of the
+    files `keep` was made from (`identity`: the model was downloaded again, or the package that
+    carries it reinstalled, and its time changed). Without this, each such change left one more
+    copy of the model behind (~100 MB for the bundled one). A process still using one keeps its
+    mapping."""
+    for f in folder.glob("*.safetensors"):
+        if f == keep:
+            continue
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                if not 0 < n < 1 << 26:
+                    continue  # not a safetensors header: not ours to judge
+                _, meta = _parse_header(fh.read(n), 8 + n)
+            if meta.get("version") != str(WEIGHTS_CACHE_VERSION) or (identity and meta.get("identity") == identity):
+                f.unlink()
+        except (OSError, ValueError, AttributeError):
+            continue
 
 
 HUGE_PAGE = 2 << 20
