@@ -190,9 +190,11 @@ def test_converted_weights_cache(tiny_dir: Path, tmp_path: Path, monkeypatch: py
     weights = tmp_path / "cache" / "weights"
     weights.mkdir(parents=True)
     stale = weights / ("0" * 32 + ".safetensors")  # what an earlier version of the layout left
-    save_file({"x": torch.zeros(2)}, str(stale), metadata={"version": "1"})
+    save_file({"x": torch.zeros(2)}, str(stale), metadata={"version": "1", "info": "{}"})
     foreign = weights / "notes.safetensors"
     foreign.write_bytes(b"not a safetensors file")
+    someone_elses = weights / ("1" * 32 + ".safetensors")  # a model's own weights, in a cache dir set to a model folder
+    save_file({"x": torch.zeros(2)}, str(someone_elses), metadata={"format": "pt"})
     first = load_model(str(path), device="cpu", dtype="bfloat16", quant="int4", max_batch=1, max_seq=64)
     second = load_model(str(path), device="cpu", dtype="bfloat16", quant="int4", max_batch=1, max_seq=64)
     assert not first.extra["cached"] and second.extra["cached"]
@@ -201,13 +203,14 @@ def test_converted_weights_cache(tiny_dir: Path, tmp_path: Path, monkeypatch: py
     b = second.model.prefill(0, torch.tensor(TOKENS[:5]), 0)
     assert torch.equal(a, b)
     assert second.tokenizer.encode("Hello world") == first.tokenizer.encode("Hello world")
-    assert not stale.exists() and foreign.exists()  # another version's file is gone, others' files stay
-    converted = set(weights.glob("*.safetensors")) - {foreign}
+    assert not stale.exists() and foreign.exists() and someone_elses.exists()  # only our stale file goes
+    foreign = {foreign, someone_elses}
+    converted = set(weights.glob("*.safetensors")) - foreign
     assert len(converted) == 1
     path.touch()  # a changed file is converted again
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
     assert not load_model(str(path), device="cpu", dtype="bfloat16", quant="int4", max_batch=1, max_seq=64).extra["cached"]
-    now = set(weights.glob("*.safetensors")) - {foreign}
+    now = set(weights.glob("*.safetensors")) - foreign
     assert len(now) == 1 and now != converted  # the conversion it replaces is removed
     load_model(str(path), device="cpu", dtype="bfloat16", quant="int8", max_batch=1, max_seq=64)
     assert now < set(weights.glob("*.safetensors"))  # other settings of the same file: both kept

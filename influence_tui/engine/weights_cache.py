@@ -98,15 +98,17 @@ def prune(folder: Path, keep: Path, identity: str) -> None:
     copy of the model behind (~100 MB for the bundled one). A process still using one keeps its
     mapping."""
     for f in folder.glob("*.safetensors"):
-        if f == keep:
-            continue
+        if f == keep or not re.fullmatch(r"[0-9a-f]{32}\.safetensors", f.name):
+            continue  # only the files cache_path names
         try:
             with open(f, "rb") as fh:
                 n = int.from_bytes(fh.read(8), "little")
                 if not 0 < n < 1 << 26:
                     continue  # not a safetensors header: not ours to judge
                 _, meta = _parse_header(fh.read(n), 8 + n)
-            if meta.get("version") != str(WEIGHTS_CACHE_VERSION) or (identity and meta.get("identity") == identity):
+            if "version" not in meta or "info" not in meta:
+                continue  # not written by save_converted
+            if meta["version"] != str(WEIGHTS_CACHE_VERSION) or (identity and meta.get("identity") == identity):
                 f.unlink()
         except (OSError, ValueError, AttributeError):
             continue
