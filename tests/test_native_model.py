@@ -84,6 +84,25 @@ def test_the_first_kernel_call_waits_for_the_weights_and_reports_a_failed_read(b
         broken.prefill(0, [1, 2], 0)
 
 
+def test_the_portable_build_computes_the_same_bits_at_the_first_position(both, tmp_path: Path) -> None:
+    """The plain-C layers and lm_head (a CPU without AVX-512 BF16 compiles them) sum in the order
+    the vector paths do: a first token, whose attention is its own value, gives the same logits.
+    (Later positions differ in the last bits: the plain attention sums in another order.)"""
+    _, kernel_lm = both
+    m = kernel_lm.model
+    fast = m._kernel().lib
+    portable = native.open_library(native.build(["-O2", "-march=x86-64-v2", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"], tmp_path))
+    assert portable.influence_vectorized() == 0
+    try:
+        got = []
+        for lib in (fast, portable):
+            m._step.lib = lib
+            got.append(m.decode([1, 2], [17, 4000], [0, 0]))  # two sequences batched
+    finally:
+        m._step.lib = fast
+    assert np.array_equal(got[0], got[1])
+
+
 def test_bad_positions_and_slots_are_value_errors(both) -> None:
     _, kernel_lm = both
     m = kernel_lm.model
