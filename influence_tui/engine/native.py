@@ -279,16 +279,13 @@ class NativeStep:
         int8 embedding and lm_head. None keeps the torch path."""
         import torch
 
-        from influence_tui.engine.quant import Int8Linear, Q4Linear
+        from influence_tui.engine.quant import Int8Linear
 
         cfg = model.cfg
-        linears = [getattr(layer, name) for layer in model.layers for name in ("qkv", "o", "gate_up", "down")]
         table, head = model.embed.table, model.lm_head
         if (
-            model.device.type != "cpu" or model.dtype != torch.bfloat16
-            or not all(isinstance(lin, Q4Linear) for lin in linears)
-            or not isinstance(table, Int8Linear) or not isinstance(head, Int8Linear) or head.bias is not None
-            or not cls.fits(cfg)
+            model.device.type != "cpu" or model.dtype != torch.bfloat16 or not model.kernel_shaped()
+            or not isinstance(table, Int8Linear) or head.bias is not None or not cls.fits(cfg)
         ):
             return None
         try:

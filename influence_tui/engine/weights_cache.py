@@ -77,17 +77,21 @@ def _parse_header(header: bytes, base: int) -> tuple[dict[str, tuple[str, list[i
              for name, info in entries.items()}, meta)
 
 
-def _parse(buf: np.ndarray) -> tuple[dict[str, tuple[str, list[int], int, int]], dict[str, str]]:
-    n = int.from_bytes(buf[:8].tobytes(), "little")
-    return _parse_header(buf[8 : 8 + n].tobytes(), 8 + n)
+def read_header(path: Path) -> tuple[dict[str, tuple[str, list[int], int, int]], dict[str, str]]:
+    """A safetensors file's tensors and metadata (see `_parse_header`); ValueError if it has no
+    such header."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if not 0 < n < 1 << 26:
+            raise ValueError(f"{path}: not a safetensors header")
+        return _parse_header(f.read(n), 8 + n)
 
 
 def read_mmap(path: Path) -> tuple[np.memmap, dict[str, tuple[str, list[int], int, int]], dict[str, str]]:
     """(the whole file mapped read-only, {name: (dtype, shape, start, end)} with byte offsets into
     it, the metadata). Zero-copy: safetensors' own reader copies into RAM."""
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
-    entries, meta = _parse(mm)
-    return mm, entries, meta
+    entries, meta = read_header(path)
+    return np.memmap(path, dtype=np.uint8, mode="r"), entries, meta
 
 
 def prune(folder: Path, keep: Path, identity: str) -> None:
@@ -101,11 +105,7 @@ def prune(folder: Path, keep: Path, identity: str) -> None:
         if f == keep or not re.fullmatch(r"[0-9a-f]{32}\.safetensors", f.name):
             continue  # only the files cache_path names
         try:
-            with open(f, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                if not 0 < n < 1 << 26:
-                    continue  # not a safetensors header: not ours to judge
-                _, meta = _parse_header(fh.read(n), 8 + n)
+            _, meta = read_header(f)
             if "version" not in meta or "info" not in meta:
                 continue  # not written by save_converted
             if meta["version"] != str(WEIGHTS_CACHE_VERSION) or (identity and meta.get("identity") == identity):
@@ -200,9 +200,7 @@ def numpy_tensors(path: Path, mapped: Callable[[str], bool] = lambda name: False
     (see `read_huge`) or, for those `mapped` says (rows looked up now and then) and where huge
     pages are not offered, of the file's mapping; the metadata; and what to call before reading
     the tensors in huge pages (it waits for their bytes; raises OSError if the read failed)."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        entries, meta = _parse_header(f.read(n), 8 + n)
+    entries, meta = read_header(path)
     mm = np.asarray(np.memmap(path, dtype=np.uint8, mode="r"))
     huge = read_huge(path, [(a, b) for name, (_, _, a, b) in entries.items() if mapped(name)])
     data, finish = huge if huge is not None else (None, lambda: None)
