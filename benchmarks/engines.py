@@ -5,6 +5,11 @@
 Prints one JSON line: load_s, prefill_tok_s, decode_tok_s, peak_rss_mb, prompt_tokens, first_ids
 (and peak_gpu_mb on CUDA). Greedy, EOS ignored, 2 threads. run.py calls this A B A B so that the
 machine's drift cancels.
+
+Prefill is measured as llama-bench measures it, the same way for every engine: one untimed
+warm-up prompt of the full length, then PREFILL_REPS timed prompts from position 0, their median
+(prefill_runs lists each). What a first prompt costs in a fresh process (memory faulted in for the
+first time) is measured by run.py's part 3, a cold prompt's time to first token.
 """
 
 from __future__ import annotations
@@ -47,6 +52,25 @@ def prompt_ids(encode, n: int) -> list[int]:
     return encode(TEXT * 64)[:n]
 
 
+PREFILL_REPS = 3
+
+
+def timed_prefills(run, n: int, device: str = "cpu") -> list[float]:
+    """tokens/s of PREFILL_REPS calls of `run` (one n-token prompt from position 0 each)."""
+    out = []
+    for _ in range(PREFILL_REPS):
+        _sync(device)
+        t = time.perf_counter()
+        run()
+        _sync(device)
+        out.append(n / (time.perf_counter() - t))
+    return out
+
+
+def prefill_result(runs: list[float]) -> dict:
+    return dict(prefill_tok_s=sorted(runs)[len(runs) // 2], prefill_runs=[round(r, 1) for r in runs])
+
+
 def _sync(device: str) -> None:
     """Wait for the GPU: its kernels run asynchronously, so a timer must stop after them."""
     if device == "cuda":
@@ -84,12 +108,9 @@ def run_ours(path: str, n_prompt: int, n_decode: int, threads: int, device: str 
     torch_mod = sys.modules.get("torch")
     with torch_mod.inference_mode() if torch_mod is not None else contextlib.nullcontext():
         # the engine's own prompt path: kernel rows, or dense chunks where they are faster
-        m.prefill_chunked(0, ids[:16], 0, CHUNK)  # warm-up, as every engine gets one
-        _sync(device)
-        t = time.perf_counter()
+        m.prefill_chunked(0, ids, 0, CHUNK)  # warm-up, as every engine gets one
+        runs = timed_prefills(lambda: m.prefill_chunked(0, ids, 0, CHUNK), len(ids), device)
         logits = m.prefill_chunked(0, ids, 0, CHUNK)
-        _sync(device)
-        prefill_s = time.perf_counter() - t
         out = []
         tok = greedy(logits)[0]  # the scheduler's greedy pick
         t = time.perf_counter()
@@ -98,7 +119,7 @@ def run_ours(path: str, n_prompt: int, n_decode: int, threads: int, device: str 
             logits = m.decode([0], [tok], [len(ids) + i])
             tok = greedy(logits)[0]
         decode_s = time.perf_counter() - t
-    return dict(load_s=load_s, prefill_tok_s=len(ids) / prefill_s, decode_tok_s=n_decode / decode_s,
+    return dict(load_s=load_s, **prefill_result(runs), decode_tok_s=n_decode / decode_s,
                 prompt_tokens=len(ids), first_ids=out[:16], weights=lm.extra.get("weights"),
                 torch_imported="torch" in sys.modules)
 
@@ -123,11 +144,14 @@ def run_llamacpp(path: str, n_prompt: int, n_decode: int, threads: int, device: 
                 verbose=False, logits_all=False)
     load_s = time.perf_counter() - t0
     ids = prompt_ids(lambda t: llm.tokenize(t.encode(), add_bos=False, special=False), n_prompt)
-    llm.eval(ids[:16])
-    llm.reset()
-    t = time.perf_counter()
-    llm.eval(ids)
-    prefill_s = time.perf_counter() - t
+
+    def prefill() -> None:
+        llm.reset()  # position 0: eval drops the cache entries from there on
+        llm.eval(ids)
+
+    prefill()  # warm-up
+    runs = timed_prefills(prefill, len(ids))
+    prefill()
     out = []
     n_vocab = llm.n_vocab()
 
@@ -140,7 +164,7 @@ def run_llamacpp(path: str, n_prompt: int, n_decode: int, threads: int, device: 
         out.append(tok)
         llm.eval([tok])
     decode_s = time.perf_counter() - t
-    return dict(load_s=load_s, prefill_tok_s=len(ids) / prefill_s, decode_tok_s=n_decode / decode_s,
+    return dict(load_s=load_s, **prefill_result(runs), decode_tok_s=n_decode / decode_s,
                 prompt_tokens=len(ids), first_ids=out[:16])
 
 
@@ -158,18 +182,15 @@ def run_transformers(path: str, n_prompt: int, n_decode: int, threads: int, devi
     ids = prompt_ids(lambda t: tok.encode(t, add_special_tokens=False), n_prompt)
     x = torch.tensor([ids], device=device)
     with torch.inference_mode():
-        model(x[:, :16])
-        _sync(device)
-        t = time.perf_counter()
-        model(x)
-        _sync(device)
-        prefill_s = time.perf_counter() - t
+        model(x)  # warm-up
+        runs = timed_prefills(lambda: model(x), len(ids), device)
+        prefill_s = len(ids) / prefill_result(runs)["prefill_tok_s"]
         t = time.perf_counter()
         out = model.generate(x, max_new_tokens=n_decode, min_new_tokens=n_decode, do_sample=False)
         _sync(device)
         total = time.perf_counter() - t
     decode_s = max(total - prefill_s, 1e-9)
-    return dict(load_s=load_s, prefill_tok_s=len(ids) / prefill_s, decode_tok_s=(n_decode - 1) / decode_s,
+    return dict(load_s=load_s, **prefill_result(runs), decode_tok_s=(n_decode - 1) / decode_s,
                 prompt_tokens=len(ids), first_ids=out[0, len(ids):len(ids) + 16].tolist())
 
 

@@ -5,7 +5,8 @@
 1. Load, prefill (509-token prompt) and decode (128 tokens, EOS ignored) tok/s and peak RSS for
    this engine, llama.cpp (llama-cpp-python, optional: `pip install llama-cpp-python`) and
    transformers, each in a fresh process, alternated A B C A B C so the machine's drift cancels.
-   Medians with min/max, and ratios against llama.cpp and transformers.
+   Prefill as llama-bench measures it: a full-length warm-up prompt, then the median of 3 timed
+   ones (engines.py). Medians with min/max, and ratios against llama.cpp and transformers.
 2. What weight-only quantization costs: greedy agreement and perplexity, fast path vs float.
 3. Through the engine: a cold 547-token prompt's time to first token; 8 requests sharing a long
    system prompt on a cold cache, its prefix computed once vs each prompt in full; multi-turn
