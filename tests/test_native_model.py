@@ -103,6 +103,23 @@ def test_the_portable_build_computes_the_same_bits_at_the_first_position(both, t
     assert np.array_equal(got[0], got[1])
 
 
+def test_a_prompt_longer_than_one_pass_computes_what_shorter_calls_compute(bundled_gguf: Path, both) -> None:
+    """Rows go through the layers 512 at a time (a long prompt's activations are held one pass at a
+    time): a 700-row call leaves the logits and cache of two calls that split it elsewhere, and
+    logit rows asked for in any order, across passes, come back in that order."""
+    lm = load_native(str(bundled_gguf), max_batch=2, max_seq=1024)
+    m = lm.model
+    ids = lm.tokenizer.encode("Rivers run to the sea and the sea gives rain back to the hills. " * 60)[:700]
+    assert len(ids) == 700
+    whole = m.step_rows([0] * 700, ids, list(range(700)), [699, 3, 520, 511, 512, 300])
+    first = m.step_rows([1] * 300, ids[:300], list(range(300)), [3])
+    second = m.step_rows([1] * 400, ids[300:], list(range(300, 700)), [399, 220, 211, 212, 0])
+    assert np.array_equal(whole, np.concatenate([second[:1], first, second[1:]]))
+    for layer in (0, 29):
+        assert np.array_equal(m.kv_cache[layer][0, :, :, :700], m.kv_cache[layer][1, :, :, :700])
+    assert np.array_equal(m.prefill(0, ids, 0), whole[0])  # the last row only: the in-order path
+
+
 def test_bad_positions_and_slots_are_value_errors(both) -> None:
     _, kernel_lm = both
     m = kernel_lm.model

@@ -1007,21 +1007,12 @@ int influence_prefill_attention(const model_t *M, int64_t layer, int64_t slot, i
 }
 
 
-/* The decode step: B tokens, each with its slot and position -> float32 logits [n_logits, vocab] of
- * the tokens logit_rows[0..n_logits-1] (NULL: every token, n_logits = B). Tokens may share a slot
- * at consecutive positions (prompts run row by
- * row: each row computes exactly what it would as a decode step). */
-int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_t *tokens, const int64_t *positions,
-                     const int64_t *logit_rows, int n_logits, float *logits, int nthreads) {
+/* One pass of the decode step over B rows (checked by influence_decode): the logits of rows
+ * logit_rows[0..n_logits-1] (n_logits may be 0) into logits [n_logits, vocab]. */
+static int decode_pass(const model_t *M, int B, const int64_t *slots, const int64_t *tokens, const int64_t *positions,
+                       const int64_t *logit_rows, int n_logits, float *logits, int nthreads) {
     const int64_t dim = M->dim, F = M->ffn, hd = M->head_dim, nq = M->n_heads, nkv = M->n_kv;
     const int64_t QKV = (nq + 2 * nkv) * hd, A = nq * hd;
-    for (int b = 0; b < B; b++)
-        if (slots[b] < 0 || slots[b] >= M->max_batch || positions[b] < 0 || positions[b] >= M->max_seq ||
-            tokens[b] < 0 || tokens[b] >= M->vocab)
-            return -1;
-    if (n_logits < 1 || n_logits > B || (!logit_rows && n_logits != B)) return -1;
-    for (int i = 0; logit_rows && i < n_logits; i++)
-        if (logit_rows[i] < 0 || logit_rows[i] >= B) return -1;
     float *x = aligned_alloc(64, align64(sizeof(float) * B * dim));
     float *qkv = aligned_alloc(64, align64(sizeof(float) * B * QKV));
     float *att = aligned_alloc(64, align64(sizeof(float) * B * A));
@@ -1066,8 +1057,9 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
         float *gs = spread ? gs_all : aligned_alloc(64, align64(sizeof(float) * tiled(B) * qmax));
         float *scores = aligned_alloc(64, align64(sizeof(float) * 4 * scores_stride(M->max_seq)));
         float *tmp = aligned_alloc(64, align64(sizeof(float) * 2 * hd));
-        head_in hx = {aligned_alloc(64, align64((size_t)n_logits * dim)), aligned_alloc(64, align64(sizeof(float) * n_logits * 16)),
-                      aligned_alloc(64, align64(sizeof(int32_t) * n_logits * 16))};
+        const int64_t nh = n_logits > 0 ? n_logits : 1;
+        head_in hx = {aligned_alloc(64, align64((size_t)nh * dim)), aligned_alloc(64, align64(sizeof(float) * nh * 16)),
+                      aligned_alloc(64, align64(sizeof(int32_t) * nh * 16))};
         int ok = xn && gu && xa && gs && scores && tmp && hx.q && hx.sx && hx.corr;
         if (!ok) {
 #pragma omp atomic write
@@ -1150,7 +1142,7 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
                 rms_norm(x + b * dim, M->final_norm, M->norm_eps, dim, xn);
                 quant_lanes(xn, dim, hx.q + i * dim, hx.sx + i * 16, hx.corr + i * 16);
             }
-            for (w = share_rows(M->vocab, 512, taken + M->n_layers * PHASES); next_rows(&w, tid, nt, &a0, &a1);)
+            for (w = share_rows(n_logits ? M->vocab : 0, 512, taken + M->n_layers * PHASES); next_rows(&w, tid, nt, &a0, &a1);)
                 head_rows(n_logits, M->head_lanes, M->head_scale, dim, a0, a1, M->vocab, hx, logits, M->vocab);
         }
         free(xn); free(gu); free(scores); free(tmp); free(hx.q); free(hx.sx); free(hx.corr);
@@ -1164,6 +1156,74 @@ int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_
     if (grouped) kv_shared_free(&sh);
 #endif
     return failed ? -2 : 0;
+}
+
+/* Rows per pass through the layers: a long prompt's activations (~16 KB a row, 130 MB for 8,000)
+ * are held for one pass at a time; a pass's rows see the K/V that earlier passes left in the cache,
+ * so the numbers are those of one call. */
+enum { PASS_ROWS = 512 };
+
+/* whether each slot's rows come in ascending positions (then a later pass never holds a position
+ * that an earlier pass's rows attend to) */
+static int ascending_per_slot(const model_t *M, int B, const int64_t *slots, const int64_t *positions) {
+    int64_t *last = malloc(sizeof(int64_t) * M->max_batch);
+    if (!last) return 0;
+    for (int64_t s = 0; s < M->max_batch; s++) last[s] = -1;
+    int ok = 1;
+    for (int b = 0; b < B && ok; b++) {
+        ok = positions[b] > last[slots[b]];
+        last[slots[b]] = positions[b];
+    }
+    free(last);
+    return ok;
+}
+
+/* The decode step: B tokens, each with its slot and position -> float32 logits [n_logits, vocab] of
+ * the tokens logit_rows[0..n_logits-1] (NULL: every token, n_logits = B). Tokens may share a slot
+ * at consecutive positions (prompts run row by row: each row computes exactly what it would as a
+ * decode step). */
+int influence_decode(const model_t *M, int B, const int64_t *slots, const int64_t *tokens, const int64_t *positions,
+                     const int64_t *logit_rows, int n_logits, float *logits, int nthreads) {
+    for (int b = 0; b < B; b++)
+        if (slots[b] < 0 || slots[b] >= M->max_batch || positions[b] < 0 || positions[b] >= M->max_seq ||
+            tokens[b] < 0 || tokens[b] >= M->vocab)
+            return -1;
+    if (n_logits < 1 || n_logits > B || (!logit_rows && n_logits != B)) return -1;
+    for (int i = 0; logit_rows && i < n_logits; i++)
+        if (logit_rows[i] < 0 || logit_rows[i] >= B) return -1;
+    if (B <= PASS_ROWS || !ascending_per_slot(M, B, slots, positions))
+        return decode_pass(M, B, slots, tokens, positions, logit_rows, n_logits, logits, nthreads);
+    /* per pass: its logit rows (local indices) and where each one's logits go */
+    int64_t *local = malloc(sizeof(int64_t) * n_logits), *dest = malloc(sizeof(int64_t) * n_logits);
+    float *scatter = NULL;
+    int rc = local && dest ? 0 : -2;
+    for (int off = 0; rc == 0 && off < B; off += PASS_ROWS) {
+        const int nb = B - off < PASS_ROWS ? B - off : PASS_ROWS;
+        int nl = 0, in_order = 1;
+        for (int i = 0; i < n_logits; i++) {
+            const int64_t r = logit_rows ? logit_rows[i] : i;
+            if (r < off || r >= off + nb) continue;
+            if (nl && i != dest[nl - 1] + 1) in_order = 0;
+            local[nl] = r - off;
+            dest[nl++] = i;
+        }
+        float *out = nl ? logits + dest[0] * M->vocab : NULL;
+        if (nl && !in_order) { /* into a buffer, then each row where it belongs */
+            float *grown = realloc(scatter, sizeof(float) * nl * M->vocab);
+            if (!grown) {
+                rc = -2;
+                break;
+            }
+            out = scatter = grown;
+        }
+        rc = decode_pass(M, nb, slots + off, tokens + off, positions + off, local, nl, out, nthreads);
+        for (int j = 0; rc == 0 && out == scatter && j < nl; j++)
+            memcpy(logits + dest[j] * M->vocab, scatter + (int64_t)j * M->vocab, sizeof(float) * M->vocab);
+    }
+    free(local);
+    free(dest);
+    free(scatter);
+    return rc;
 }
 
 /* y [M, n] bf16 = x [M, k] bf16 @ W.T, for prompts too short for a dense matmul */
