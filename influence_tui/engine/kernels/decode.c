@@ -1041,6 +1041,17 @@ static int decode_pass(const model_t *M, int B, const int64_t *slots, const int6
     kv_shared sh = {0};
     if (grouped && kv_shared_init(&sh, M->max_batch, nkv, B, slots, positions) != 0) failed = 1;
 #endif
+    /* the last layer past its K/V: only the logit rows (see Bl below) */
+    const int compact = n_logits < B;
+    float *xc = compact ? aligned_alloc(64, align64(sizeof(float) * (n_logits ? n_logits : 1) * dim)) : NULL;
+    float *qc = compact ? aligned_alloc(64, align64(sizeof(float) * (n_logits ? n_logits : 1) * QKV)) : NULL;
+    int64_t *cslots = compact ? malloc(sizeof(int64_t) * (n_logits ? n_logits : 1)) : NULL;
+    int64_t *cpos = compact ? malloc(sizeof(int64_t) * (n_logits ? n_logits : 1)) : NULL;
+    if (compact && (!xc || !qc || !cslots || !cpos)) failed = 1;
+    for (int i = 0; compact && cslots && cpos && i < n_logits; i++) {
+        cslots[i] = slots[logit_rows ? logit_rows[i] : i];
+        cpos[i] = positions[logit_rows ? logit_rows[i] : i];
+    }
     spin_barrier bar = {0, 0};
     enum { PHASES = 5 }; /* row counters per layer: qkv, attention, o, gate_up, down; then the head's */
     _Atomic int64_t *taken = calloc((size_t)(M->n_layers * PHASES + 1), sizeof(_Atomic int64_t));
@@ -1069,6 +1080,11 @@ static int decode_pass(const model_t *M, int B, const int64_t *slots, const int6
         if (!failed) {
             int64_t a0, a1, p0 = 0, p1 = B; /* rows p0..p1: the ones this thread prepares */
             if (spread) split(B, tid, nt, &p0, &p1);
+            /* the rows in play: all of them, but after the last layer's K/V only those whose logits are
+             * wanted (gathered into xc, qc: the others' outputs would go nowhere, as llama.cpp skips them) */
+            int Bl = B;
+            float *X = x, *Q = qkv;
+            const int64_t *S = slots, *P = positions;
             rows_share w;
             for (int64_t l = 0; l < M->n_layers; l++) {
                 const layer_t *L = &M->layers[l];
@@ -1091,32 +1107,45 @@ static int decode_pass(const model_t *M, int B, const int64_t *slots, const int6
                     kv_shared_fill(&sh, M, L, tid, nt);
                     barrier_wait(&bar, nt);
                 }
+#endif
+                if (l == M->n_layers - 1 && compact) {
+                    if (tid == 0)
+                        for (int i = 0; i < n_logits; i++) {
+                            const int64_t b = logit_rows ? logit_rows[i] : i;
+                            memcpy(xc + i * dim, x + b * dim, sizeof(float) * dim);
+                            memcpy(qc + i * QKV, qkv + b * QKV, sizeof(float) * QKV);
+                        }
+                    barrier_wait(&bar, nt);
+                    Bl = n_logits, X = xc, Q = qc, S = cslots, P = cpos;
+                    p0 = 0, p1 = Bl;
+                    if (spread) split(Bl, tid, nt, &p0, &p1);
+                }
+#if VEC
                 /* sequences of different lengths: the shared chunks even them out */
                 if (grouped) {
-                    for (w = share_rows((int64_t)B * nkv, 1, tk + 1); next_rows(&w, tid, nt, &a0, &a1);)
+                    for (w = share_rows((int64_t)Bl * nkv, 1, tk + 1); next_rows(&w, tid, nt, &a0, &a1);)
                         for (int64_t it = a0; it < a1; it++) {
                             int64_t b = it / nkv, g = it % nkv;
-                            attend_group64(M, kv_view_of(&sh, M, L, slots[b], g), g, positions[b], qkv + b * QKV, att + b * A,
-                                           scores, tmp);
+                            attend_group64(M, kv_view_of(&sh, M, L, S[b], g), g, P[b], Q + b * QKV, att + b * A, scores, tmp);
                         }
                 } else
 #endif
                 {
-                    for (w = share_rows((int64_t)B * nq, 1, tk + 1); next_rows(&w, tid, nt, &a0, &a1);)
+                    for (w = share_rows((int64_t)Bl * nq, 1, tk + 1); next_rows(&w, tid, nt, &a0, &a1);)
                         for (int64_t it = a0; it < a1; it++) {
                             int64_t b = it / nq;
-                            attend(M, L, it % nq, slots[b], positions[b], qkv + b * QKV, att + b * A + (it % nq) * hd, scores, tmp);
+                            attend(M, L, it % nq, S[b], P[b], Q + b * QKV, att + b * A + (it % nq) * hd, scores, tmp);
                         }
                 }
                 barrier_wait(&bar, nt);
                 for (int64_t b = p0; b < p1; b++) arrange(att + b * A, A, b, xa, gs);
                 if (spread) barrier_wait(&bar, nt);
                 for (w = share_rows(dim, 16, tk + 2); next_rows(&w, tid, nt, &a0, &a1);)
-                    q4_matmul_rows(B, &L->o, a0, a1, xa, gs, x, dim, 1);
+                    q4_matmul_rows(Bl, &L->o, a0, a1, xa, gs, X, dim, 1);
                 barrier_wait(&bar, nt);
                 /* feed-forward block */
                 for (int64_t b = p0; b < p1; b++) {
-                    rms_norm(x + b * dim, L->ffn_norm, M->norm_eps, dim, xn);
+                    rms_norm(X + b * dim, L->ffn_norm, M->norm_eps, dim, xn);
                     arrange(xn, dim, b, xa, gs);
                 }
                 if (spread) barrier_wait(&bar, nt);
@@ -1125,21 +1154,21 @@ static int decode_pass(const model_t *M, int B, const int64_t *slots, const int6
                         /* gate rows c0..c1 and up rows F + c0..F + c1 into gu [B][2c] (y[b][r] lands at
                          * y + b * stride + r, r a multiple of 16: no masked lane falls before gu) */
                         const int64_t c1 = c0 + gu_rows < a1 ? c0 + gu_rows : a1, c = c1 - c0;
-                        q4_matmul_rows(B, &L->gate_up, c0, c1, xa, gs, gu - c0, 2 * c, 0);
-                        q4_matmul_rows(B, &L->gate_up, F + c0, F + c1, xa, gs, gu + c - (F + c0), 2 * c, 0);
-                        for (int b = 0; b < B; b++) silu_mul(gu + b * 2 * c, gu + b * 2 * c + c, hbuf + b * F + c0, c);
+                        q4_matmul_rows(Bl, &L->gate_up, c0, c1, xa, gs, gu - c0, 2 * c, 0);
+                        q4_matmul_rows(Bl, &L->gate_up, F + c0, F + c1, xa, gs, gu + c - (F + c0), 2 * c, 0);
+                        for (int b = 0; b < Bl; b++) silu_mul(gu + b * 2 * c, gu + b * 2 * c + c, hbuf + b * F + c0, c);
                     }
                 barrier_wait(&bar, nt);
                 for (int64_t b = p0; b < p1; b++) arrange(hbuf + b * F, F, b, xa, gs);
                 if (spread) barrier_wait(&bar, nt);
                 for (w = share_rows(dim, 16, tk + 4); next_rows(&w, tid, nt, &a0, &a1);)
-                    q4_matmul_rows(B, &L->down, a0, a1, xa, gs, x, dim, 1);
+                    q4_matmul_rows(Bl, &L->down, a0, a1, xa, gs, X, dim, 1);
                 barrier_wait(&bar, nt);
             }
             /* logits of the chosen tokens only (a prompt run as rows needs its last) */
             for (int i = 0; i < n_logits; i++) {
-                int64_t b = logit_rows ? logit_rows[i] : i;
-                rms_norm(x + b * dim, M->final_norm, M->norm_eps, dim, xn);
+                int64_t b = compact ? i : logit_rows ? logit_rows[i] : i;
+                rms_norm(X + b * dim, M->final_norm, M->norm_eps, dim, xn);
                 quant_lanes(xn, dim, hx.q + i * dim, hx.sx + i * 16, hx.corr + i * 16);
             }
             for (w = share_rows(n_logits ? M->vocab : 0, 512, taken + M->n_layers * PHASES); next_rows(&w, tid, nt, &a0, &a1);)
@@ -1152,6 +1181,7 @@ static int decode_pass(const model_t *M, int B, const int64_t *slots, const int6
         }
     }
     free(x); free(qkv); free(att); free(hbuf); free(taken); free(xa_all); free(gs_all);
+    free(xc); free(qc); free(cslots); free(cpos);
 #if VEC
     if (grouped) kv_shared_free(&sh);
 #endif
