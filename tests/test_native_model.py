@@ -142,6 +142,16 @@ def test_the_torch_loader_keeps_what_the_kernel_model_does_not_take(bundled_gguf
     monkeypatch.setenv("INFLUENCE_NATIVE", "0")
     assert load_native(path) is None
     monkeypatch.delenv("INFLUENCE_NATIVE")
+    # an entry the kernel declines is declined before its weights are read into memory
+    from influence_tui.engine import weights_cache
+
+    reads: list[str] = []
+    real_read = weights_cache.read_huge
+    monkeypatch.setattr(weights_cache, "read_huge", lambda *a: reads.append("read") or real_read(*a))
+    with monkeypatch.context() as m:
+        m.setattr(KernelLlama, "usable", classmethod(lambda cls, t, cfg: False))
+        assert load_native(path) is None and reads == []
+    assert load_native(path) is not None and reads == ["read"]
     monkeypatch.setenv("INFLUENCE_CACHE_DIR", str(tmp_path / "empty-cache"))
     assert load_native(path) is None  # not converted yet: the torch loader converts and writes the cache
 

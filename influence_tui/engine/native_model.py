@@ -239,16 +239,17 @@ def load_native(path: str, device: str = "auto", max_batch: int = 8, max_seq: in
     cached = weights_cache.cache_path(sources, q, "torch.bfloat16", str(build["__version__"]), "q4native")
     if not cached.exists():
         return None
-    try:
-        tensors, meta, weights_read = weights_cache.numpy_tensors(cached, mapped=_mapped)
+    try:  # a look at the mapped file first: the weights are read into memory only for a model the kernel takes
+        tensors, meta, _ = weights_cache.numpy_tensors(cached, huge_pages=False)
         if meta.get("version") != str(weights_cache.WEIGHTS_CACHE_VERSION):
             return None
         cfg = ModelConfig(**json.loads(meta["config"]))
         info = json.loads(meta["info"])
+        if not KernelLlama.usable(tensors, cfg) or info.get("weights") != "int4":
+            return None
+        tensors, meta, weights_read = weights_cache.numpy_tensors(cached, mapped=_mapped)
     except (OSError, ValueError, KeyError, TypeError):
         return None  # the torch loader rebuilds a damaged entry
-    if not KernelLlama.usable(tensors, cfg) or info.get("weights") != "int4":
-        return None
     model = KernelLlama(cfg, tensors, lib, tensors, weights_read)
     return _loaded(model, loc, info, max_batch, max_seq, t0)
 

@@ -194,15 +194,17 @@ def read_huge(path: Path, skip: Iterable[tuple[int, int]] = ()) -> tuple[np.ndar
     return data, finish
 
 
-def numpy_tensors(path: Path, mapped: Callable[[str], bool] = lambda name: False
+def numpy_tensors(path: Path, mapped: Callable[[str], bool] = lambda name: False, huge_pages: bool = True
                   ) -> tuple[dict[str, np.ndarray], dict[str, str], Callable[[], None]]:
     """Every tensor of a cache file as a read-only numpy view, of its bytes read into huge pages
-    (see `read_huge`) or, for those `mapped` says (rows looked up now and then) and where huge
-    pages are not offered, of the file's mapping; the metadata; and what to call before reading
-    the tensors in huge pages (it waits for their bytes; raises OSError if the read failed)."""
+    (see `read_huge`) or, for those `mapped` says (rows looked up now and then), where huge pages
+    are not offered or with `huge_pages=False` (a look before deciding), of the file's mapping;
+    the metadata; and what to call before reading the tensors in huge pages (it waits for their
+    bytes; raises OSError if the read failed)."""
     entries, meta = read_header(path)
     mm = np.asarray(np.memmap(path, dtype=np.uint8, mode="r"))
-    huge = read_huge(path, [(a, b) for name, (_, _, a, b) in entries.items() if mapped(name)])
+    skip = [(a, b) for name, (_, _, a, b) in entries.items() if mapped(name)]
+    huge = read_huge(path, skip) if huge_pages else None
     data, finish = huge if huge is not None else (None, lambda: None)
     out = {name: (mm if data is None or mapped(name) else data)[a:b].view(NP_DTYPES[dt]).reshape(shape)
            for name, (dt, shape, a, b) in entries.items()}
