@@ -13,7 +13,7 @@
    chat, time to first token of turn 10 vs turn 1 (the KV cache kept between turns), each
    conversation's turn 10 against the next one's turn 1 over 5 pairs; one stream with the default
    sampling settings vs greedy.
-4. Concurrency: 8 streams through continuous batching vs 1 stream, alternated over 3 rounds;
+4. Concurrency: 8 streams through continuous batching vs 1 stream, alternated over 5 rounds;
    answers identical to alone. The same through the API server and the official ollama client.
 5. `--batch`-style: 32 prompts submitted together vs one after another.
 
@@ -211,13 +211,13 @@ def engine_level(quick: bool) -> dict:
     p = greedy.with_(max_tokens=64, ignore_eos=True)
     answer = lambda r: (r.text, r.usage.completion_tokens)  # noqa: E731
     out.update(alternate(
-        "concurrency", 1 if quick else 3,
+        "concurrency", 1 if quick else 5,
         lambda: [answer(engine.generate(GenerationRequest(prompt=q, params=p))) for q in prompts],
         lambda: [answer(s.wait()) for s in [engine.submit(GenerationRequest(prompt=q, params=p)) for q in prompts]],
     ))
 
     # the same through the API server on 127.0.0.1 and the official ollama client, streaming
-    out.update(_through_server(engine, prompts, 1 if quick else 3))
+    out.update(_through_server(engine, prompts, 1 if quick else 5))
 
     # batch: 32 prompts together vs one by one
     n = 8 if quick else 32
