@@ -6,7 +6,8 @@
    this engine, llama.cpp (llama-cpp-python, optional: `pip install llama-cpp-python`) and
    transformers, each in a fresh process, alternated A B C A B C so the machine's drift cancels.
    Prefill as llama-bench measures it: a full-length warm-up prompt, then the median of 3 timed
-   ones (engines.py). Medians with min/max, and ratios against llama.cpp and transformers.
+   ones (engines.py). Medians with min/max, and ratios against llama.cpp and transformers: of
+   the medians, and per round (the median of each round's own ratios, with min-max).
 2. What weight-only quantization costs: greedy agreement and perplexity, fast path vs float.
 3. Through the engine: a cold 547-token prompt's time to first token; 8 requests sharing a long
    system prompt on a cold cache, its prefix computed once vs each prompt in full; multi-turn
@@ -104,6 +105,11 @@ def engine_table(runs: dict[str, list[dict]]) -> dict:
             o, x = med["ours"], med[ref]
             print(f"\nours vs {ref}: decode {o['decode_tok_s'] / x['decode_tok_s']:.2f}x, prefill {o['prefill_tok_s'] / x['prefill_tok_s']:.2f}x, "
                   f"load {o['load_s']:.2f}s vs {x['load_s']:.2f}s, peak RSS {o['peak_rss_mb'] / x['peak_rss_mb']:.2f}x")
+            # each round's pair ran minutes apart from the others: its own ratio is what the
+            # alternation protects from the machine's drift
+            paired = {m: [a[m] / b[m] for a, b in zip(runs["ours"], runs[ref])] for m in ("decode_tok_s", "prefill_tok_s")}
+            print(f"  per round (a round runs the engines one after the other): decode {_stat(paired['decode_tok_s'])}x, "
+                  f"prefill {_stat(paired['prefill_tok_s'])}x")
     return med
 
 
