@@ -1043,10 +1043,11 @@ static int decode_pass(const model_t *M, int B, const int64_t *slots, const int6
 #endif
     /* the last layer past its K/V: only the logit rows (see Bl below) */
     const int compact = n_logits < B;
-    float *xc = compact ? aligned_alloc(64, align64(sizeof(float) * (n_logits ? n_logits : 1) * dim)) : NULL;
-    float *qc = compact ? aligned_alloc(64, align64(sizeof(float) * (n_logits ? n_logits : 1) * QKV)) : NULL;
-    int64_t *cslots = compact ? malloc(sizeof(int64_t) * (n_logits ? n_logits : 1)) : NULL;
-    int64_t *cpos = compact ? malloc(sizeof(int64_t) * (n_logits ? n_logits : 1)) : NULL;
+    const int64_t nh = n_logits > 0 ? n_logits : 1; /* logit rows' buffers: never of size 0 */
+    float *xc = compact ? aligned_alloc(64, align64(sizeof(float) * nh * dim)) : NULL;
+    float *qc = compact ? aligned_alloc(64, align64(sizeof(float) * nh * QKV)) : NULL;
+    int64_t *cslots = compact ? malloc(sizeof(int64_t) * nh) : NULL;
+    int64_t *cpos = compact ? malloc(sizeof(int64_t) * nh) : NULL;
     if (compact && (!xc || !qc || !cslots || !cpos)) failed = 1;
     for (int i = 0; compact && cslots && cpos && i < n_logits; i++) {
         cslots[i] = slots[logit_rows ? logit_rows[i] : i];
@@ -1068,7 +1069,6 @@ static int decode_pass(const model_t *M, int B, const int64_t *slots, const int6
         float *gs = spread ? gs_all : aligned_alloc(64, align64(sizeof(float) * tiled(B) * qmax));
         float *scores = aligned_alloc(64, align64(sizeof(float) * 4 * scores_stride(M->max_seq)));
         float *tmp = aligned_alloc(64, align64(sizeof(float) * 2 * hd));
-        const int64_t nh = n_logits > 0 ? n_logits : 1;
         head_in hx = {aligned_alloc(64, align64((size_t)nh * dim)), aligned_alloc(64, align64(sizeof(float) * nh * 16)),
                       aligned_alloc(64, align64(sizeof(int32_t) * nh * 16))};
         int ok = xn && gu && xa && gs && scores && tmp && hx.q && hx.sx && hx.corr;
