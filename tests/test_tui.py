@@ -23,6 +23,9 @@ from influence_tui.tui.widgets.prompt import PromptInput
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = (100, 32)
 LONG_PROMPT = "Write a long story about a dragon who learns to read. Use at least 300 words."
+# greedy SmolLM2 writes ~1,500 tokens here: at ~150 tok/s an answer still streams 10 s later
+VERY_LONG_PROMPT = ("Write a very long, detailed story in ten chapters about a dragon who learns to cook. "
+                    "Give each chapter a title.")
 
 
 async def wait_until(pilot: Any, predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> None:
@@ -112,10 +115,8 @@ async def test_answer_streams_then_ends_with_stats(engine: Any) -> None:
 async def test_keys_work_while_streaming_and_escape_keeps_partial_answer(engine: Any) -> None:
     app = make_app(engine, settings=make_settings(max_tokens=3000))
     async with app.run_test(size=SIZE) as pilot:
-        # a long answer (greedy SmolLM2 writes ~1,500 tokens here): at ~150 tok/s it is still
-        # streaming when the keys arrive
-        await send(pilot, "Write a very long, detailed story in ten chapters about a dragon who learns to cook. "
-                          "Give each chapter a title.")
+        # a long answer: still streaming when the keys arrive
+        await send(pilot, VERY_LONG_PROMPT)
         await wait_until(pilot, lambda: app.screen.query(AssistantMessage) and len(last_answer(app).text) > 10,
                          what="some of the answer")
         # the keyboard is live while the model writes: typing goes into the prompt
@@ -167,12 +168,13 @@ async def test_settings_apply_to_the_next_answer(engine: Any) -> None:
 async def test_server_toggle_answers_http_while_chat_streams(engine: Any) -> None:
     import httpx
 
-    app = make_app(engine, settings=make_settings(max_tokens=400, port=0))
+    app = make_app(engine, settings=make_settings(max_tokens=3000, port=0))
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("f6")
         await wait_until(pilot, app._server_running, timeout=30, what="the API server")
         url = app._server_field("url")
-        await send(pilot, LONG_PROMPT)
+        # an answer that outlasts the HTTP request (a 300-word one finished first on a quiet CI run)
+        await send(pilot, VERY_LONG_PROMPT)
         await wait_until(pilot, lambda: app.screen.query(AssistantMessage) and last_answer(app).text,
                          what="the chat answer to start")
         # an outside client generates through the same engine while the chat answer streams
