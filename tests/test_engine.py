@@ -170,7 +170,7 @@ def test_a_prompt_cancelled_while_prefilled_in_pieces_leaves_the_others_running(
         pytest.skip("prompts run as dense chunks here: they are prefilled at once")
     story = GenerationRequest(prompt="Tell a long story about a baker and a fox.", params=GREEDY.with_(max_tokens=40, ignore_eos=True))
     report = GenerationRequest(
-        prompt="List the trades of this street: " + "The street had bakers, weavers, smiths, coopers and a tiny bookshop. " * 40,
+        prompt="List the trades of this street: " + "The street had bakers, weavers, smiths, coopers and a tiny bookshop. " * 80,
         params=GREEDY.with_(max_tokens=8))
     stream = engine.submit(story)
     events = iter(stream)

@@ -318,7 +318,7 @@ def test_read_timeouts_are_retried_and_resume(hub: LoopbackHub, tmp_path: Path) 
 
 def test_one_download_per_folder_at_a_time(hub: LoopbackHub, tmp_path: Path) -> None:
     hub.add_repo("o/busy", {"model.safetensors": big(200_000), "config.json": b"{}"})
-    hub.faults.slow["model.safetensors"] = 0.02
+    hub.faults.slow["model.safetensors"] = 0.1  # ~1.2 s: still running when the second call is refused
     cancel, started = threading.Event(), threading.Event()
     errors: list[BaseException] = []
 

@@ -358,14 +358,14 @@ async def test_navigation_help_palette_and_theme() -> None:
 
 
 # -- library ------------------------------------------------------------------------------------
-def _write_gguf(path: Path) -> Path:
+def _write_gguf(path: Path, rows: int = 64) -> Path:
     import numpy as np
     from gguf import GGUFWriter
 
     path.parent.mkdir(parents=True, exist_ok=True)
     w = GGUFWriter(str(path), "llama")
     w.add_context_length(128)
-    w.add_tensor("token_embd.weight", np.zeros((64, 256), dtype=np.float32))
+    w.add_tensor("token_embd.weight", np.zeros((rows, 256), dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -422,7 +422,9 @@ async def test_hub_search_download_progress_and_library(tmp_path: Path, online: 
     with LoopbackHub(cdn_threshold=32 * 1024) as hub:
         hub.add_repo("acme/Mini-GGUF", {"README.md": b"# mini", "mini.Q8_0.gguf": gguf,
                                         "mini.F16.gguf": gguf}, downloads=42, likes=3)
-        hub.add_repo("acme/Slow-GGUF", {"slow.Q8_0.gguf": gguf})
+        # ~1 MB at one 16 KiB chunk per 0.2 s: still downloading when the queue and cancel are checked
+        slow_gguf = _write_gguf(tmp_path / "src" / "slow.Q8_0.gguf", rows=1024).read_bytes()
+        hub.add_repo("acme/Slow-GGUF", {"slow.Q8_0.gguf": slow_gguf})
         hub.faults.slow["slow.Q8_0.gguf"] = 0.2
         app = make_app(settings=make_settings(output_dir=str(models), mirror=hub.url))
         async with app.run_test(size=(110, 36)) as pilot:
