@@ -794,13 +794,49 @@ static void transform_group(const uint16_t *K, const uint16_t *V, int64_t n, int
     }
 }
 
+/* a block's scores from its per-head accumulators: summed, scaled, stored; the running maxima */
+static inline __attribute__((always_inline)) void block_scores(const int hpg, __m512 acc[4][4], int64_t b, int64_t n,
+                                                                float *scores, int64_t SS, __m512 *mx) {
+    const __mmask16 live = n - b * 16 >= 16 ? 0xffff : (__mmask16)((1u << (n - b * 16)) - 1);
+    for (int j = 0; j < hpg; j++) {
+        __m512 s = _mm512_add_ps(_mm512_add_ps(acc[j][0], acc[j][1]), _mm512_add_ps(acc[j][2], acc[j][3]));
+        s = _mm512_mul_ps(s, _mm512_set1_ps(0.125f)); /* 1 / sqrt(64) */
+        mx[j] = _mm512_mask_max_ps(mx[j], live, mx[j], s);
+        _mm512_storeu_ps(scores + j * SS + b * 16, s);
+    }
+}
+
 /* hpg query heads of one group (q: bf16 pairs [hpg][32]) over positions 0..n-1 -> out [hpg][64] */
 static inline __attribute__((always_inline)) void attend64_h(const int hpg, const uint32_t *q, kv_view c, int64_t n,
                                                               float *scores, int64_t SS, float *out) {
     __m512i tmp[32];
     __m512 mx[4]; /* running maxima of the scores: the softmax needs no pass of its own for them */
     for (int j = 0; j < hpg; j++) mx[j] = _mm512_set1_ps(-INFINITY);
-    for (int64_t b = 0; b * 16 < n; b++) { /* scores, 16 positions at a time */
+    int64_t b = 0;
+    /* Transformed caches (a prompt's rows) go two blocks at a time, each q broadcast feeding both
+     * (the same sums, in the same order), where their accumulators fit in registers (up to 3 heads
+     * a group). The broadcasts are re-read from memory in each pair of blocks (the empty asm):
+     * hoisted out of the loop, 32 a head do not fit in registers and spill as whole vectors. */
+    for (; hpg <= 3 && c.kt && (b + 1) * 16 < n; b += 2) { /* scores, 32 positions at a time */
+        const __m512i *kt = c.kt + b * 32;
+        __asm__ volatile("" ::: "memory");
+        __m512 acc[2][4][4];
+        for (int h = 0; h < 2; h++)
+            for (int j = 0; j < hpg; j++)
+                for (int u = 0; u < 4; u++) acc[h][j][u] = _mm512_setzero_ps();
+#pragma GCC unroll 32
+        for (int p = 0; p < 32; p++) {
+            const __m512bh k0 = (__m512bh)_mm512_load_si512(kt + p), k1 = (__m512bh)_mm512_load_si512(kt + 32 + p);
+            for (int j = 0; j < hpg; j++) {
+                const __m512bh qb = (__m512bh)_mm512_set1_epi32((int)q[j * 32 + p]);
+                acc[0][j][p & 3] = _mm512_dpbf16_ps(acc[0][j][p & 3], k0, qb);
+                acc[1][j][p & 3] = _mm512_dpbf16_ps(acc[1][j][p & 3], k1, qb);
+            }
+        }
+        block_scores(hpg, acc[0], b, n, scores, SS, mx);
+        block_scores(hpg, acc[1], b + 1, n, scores, SS, mx);
+    }
+    for (; b * 16 < n; b++) { /* scores, 16 positions at a time */
         const __m512i *kt = c.kt ? c.kt + b * 32 : (kt_block(c.K, b * 16, n, tmp), tmp);
         __m512 acc[4][4];
         for (int j = 0; j < hpg; j++)
@@ -811,13 +847,7 @@ static inline __attribute__((always_inline)) void attend64_h(const int hpg, cons
             for (int j = 0; j < hpg; j++)
                 acc[j][p & 3] = _mm512_dpbf16_ps(acc[j][p & 3], k, (__m512bh)_mm512_set1_epi32((int)q[j * 32 + p]));
         }
-        const __mmask16 live = n - b * 16 >= 16 ? 0xffff : (__mmask16)((1u << (n - b * 16)) - 1);
-        for (int j = 0; j < hpg; j++) {
-            __m512 s = _mm512_add_ps(_mm512_add_ps(acc[j][0], acc[j][1]), _mm512_add_ps(acc[j][2], acc[j][3]));
-            s = _mm512_mul_ps(s, _mm512_set1_ps(0.125f)); /* 1 / sqrt(64) */
-            mx[j] = _mm512_mask_max_ps(mx[j], live, mx[j], s);
-            _mm512_storeu_ps(scores + j * SS + b * 16, s);
-        }
+        block_scores(hpg, acc, b, n, scores, SS, mx);
     }
     const int64_t n32 = (n + 31) / 32 * 32;
     for (int j = 0; j < hpg; j++) { /* softmax, its weights as bf16 pairs in place: (p[2i], p[2i+1]) */
