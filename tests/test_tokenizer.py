@@ -106,3 +106,61 @@ def test_no_torch_import() -> None:
 
     code = "import sys, influence_tui.engine.tokenizer; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# texts where splitting at the added tokens could go wrong: tokens side by side, inside a message,
+# half of one, whitespace and newlines around them, text before the first and after the last
+PIECE_TEXTS = [
+    "<|im_start|><|im_end|><|im_start|>",
+    "<|im_start|>user\n  spaced  \n\n<|im_end|>\n<|im_start|>assistant\n",
+    "plain text before <|im_start|>system\nquoted <|im_end|> inside<|im_end|>trailing  ",
+    "<|im_start|>user\nhalf a token <|im_sta and <|im_end|\n<|im_end|>",
+    "\n<|im_start|> café 🎉 你好 <|endoftext|>x<|im_end|>\t",
+]
+
+
+@pytest.mark.parametrize("text", PIECE_TEXTS + TEXTS)
+def test_encoding_piece_by_piece_gives_the_whole_texts_ids(bundled_tok, text: str) -> None:
+    whole = bundled_tok.tok.encode(text, add_special_tokens=False).ids
+    assert bundled_tok.encode(text) == whole
+    assert bundled_tok.encode(text) == whole  # again, from the pieces already known
+
+
+def test_a_conversation_encodes_only_its_new_messages(bundled_tok, monkeypatch: pytest.MonkeyPatch) -> None:
+    msgs = [{"role": "system", "content": "You are terse (piece test)."}]
+    for turn in range(6):
+        msgs += [{"role": "user", "content": f"Question {turn}: what is {turn} squared?"}]
+        text = bundled_tok.apply_chat_template(msgs)
+        assert bundled_tok.encode(text) == bundled_tok.tok.encode(text, add_special_tokens=False).ids
+        msgs += [{"role": "assistant", "content": f"It is {turn * turn}, as {turn} times {turn}."}]
+    seen: list[str] = []
+    inner = bundled_tok.tok
+
+    class Spy:
+        def encode(self, text: str, add_special_tokens: bool = True):
+            seen.append(text)
+            return inner.encode(text, add_special_tokens=add_special_tokens)
+
+        def __getattr__(self, name: str):
+            return getattr(inner, name)
+
+    monkeypatch.setattr(bundled_tok, "tok", Spy())
+    msgs += [{"role": "user", "content": "And 7?"}]
+    bundled_tok.encode(bundled_tok.apply_chat_template(msgs))
+    assert seen == ["assistant\nIt is 25, as 5 times 5.", "user\nAnd 7?"]  # the rest was known
+
+
+def test_a_metaspace_tokenizer_encodes_whole_texts(tmp_path: Path) -> None:
+    """Metaspace (SentencePiece style) marks only the text's first word: pieces would differ."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from influence_tui.engine.tokenizer import HFTokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "▁a": 2, "a": 3, "▁": 4}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    raw.add_special_tokens(["<s>"])
+    tok = HFTokenizer(raw)
+    text = "a<s>a a"
+    assert tok.encode(text) == raw.encode(text, add_special_tokens=False).ids
+    assert tok._pieces() is None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
@@ -60,6 +61,28 @@ def _compile_template(template: str):
     return env.from_string(template)
 
 
+def _piece_splitter(tok: Tokenizer) -> tuple[re.Pattern[str], dict[str, int]] | None:
+    """A pattern that splits text where the library does before anything else (its literal added
+    tokens, longest first), and their ids; None where encoding piece by piece could differ."""
+    try:
+        spec = json.loads(tok.to_str())
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot serialise: encode whole texts
+        return None
+    if "Metaspace" in json.dumps(spec.get("pre_tokenizer")) or "Metaspace" in json.dumps(spec.get("normalizer")):
+        return None
+    literal: dict[str, int] = {}
+    for added in spec.get("added_tokens") or []:
+        if added.get("normalized", True):
+            continue  # matched after normalisation, inside a piece: the library handles it there
+        if added.get("lstrip") or added.get("rstrip") or added.get("single_word"):
+            return None  # they take whitespace around them: not a plain split
+        literal[added["content"]] = added["id"]
+    if not literal or len(literal) > 256:
+        return None  # nothing to split at, or too many tokens for one regular expression to be quick
+    alternatives = "|".join(re.escape(t) for t in sorted(literal, key=len, reverse=True))
+    return re.compile(f"({alternatives})"), literal
+
+
 def _token_content(value: Any) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
@@ -77,6 +100,9 @@ class HFTokenizer:
     chat_template: str | None = None
     add_bos_token: bool = False  # prepend BOS on encode(add_special_tokens=True) when the backend does not
     extra_tokens: dict[str, str] = field(default_factory=dict)  # unk_token, pad_token for templates
+    # see _pieces: how texts split at literal added tokens (False: not worked out yet), known pieces' ids
+    _split: Any = field(default=False, init=False, repr=False, compare=False)
+    _piece_ids: dict[str, list[int]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def bos_token_id(self) -> int | None:
@@ -87,10 +113,38 @@ class HFTokenizer:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        if not add_special_tokens and (pieces := self._pieces()) is not None:
+            return self._encode_pieces(text, *pieces)
         ids = self.tok.encode(text, add_special_tokens=add_special_tokens).ids
         bos = self.bos_token_id
         if add_special_tokens and self.add_bos_token and bos is not None and (not ids or ids[0] != bos):
             ids = [bos, *ids]
+        return ids
+
+    # A chat prompt is mostly the previous turn's prompt again: encoding it whole costs ~1.3 us a
+    # token (0.5 ms for a 400-token conversation, on every turn's time to first token). The
+    # library first splits a text at its literal added tokens (<|im_start|>, <|im_end|>) and
+    # encodes the pieces between them independently, so the pieces' ids can be kept and only new
+    # messages encoded. That holds unless a pre-tokenizer looks at where a piece lies in the whole
+    # text (Metaspace prepending only at the start): those tokenizers encode whole texts.
+    def _pieces(self) -> tuple[re.Pattern[str], dict[str, int]] | None:
+        if self._split is False:
+            self._split = _piece_splitter(self.tok)
+        return self._split
+
+    def _encode_pieces(self, text: str, split: re.Pattern[str], specials: dict[str, int]) -> list[int]:
+        known = self._piece_ids
+        if len(known) > 4096:
+            known.clear()  # bounded: a long-running server sees many conversations
+        ids: list[int] = []
+        for i, piece in enumerate(split.split(text)):
+            if i % 2:  # the captured separators: the added tokens themselves
+                ids.append(specials[piece])
+            elif piece:
+                got = known.get(piece)
+                if got is None:
+                    got = known[piece] = self.tok.encode(piece, add_special_tokens=False).ids
+                ids.extend(got)
         return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
