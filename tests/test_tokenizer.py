@@ -164,3 +164,14 @@ def test_a_metaspace_tokenizer_encodes_whole_texts(tmp_path: Path) -> None:
     text = "a<s>a a"
     assert tok.encode(text) == raw.encode(text, add_special_tokens=False).ids
     assert tok._pieces() is None
+
+
+def test_the_kept_pieces_are_bounded(bundled_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from influence_tui.engine import tokenizer
+
+    tok = load_gguf_tokenizer(bundled_gguf)
+    monkeypatch.setattr(tokenizer, "PIECE_CACHE_CHARS", 60)
+    for n in range(20):
+        text = f"<|im_start|>user\nmessage number {n} with some words<|im_end|>\n"
+        assert tok.encode(text) == tok.tok.encode(text, add_special_tokens=False).ids
+        assert sum(map(len, tok._piece_ids)) == tok._piece_chars <= 60

@@ -25,6 +25,7 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")
 # end-of-turn tokens of common chat formats: stop on them too when the vocabulary has them
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 CACHE_VERSION = 1
+PIECE_CACHE_CHARS = 4_000_000  # text whose token ids are kept (see HFTokenizer._pieces): ~40 MB at most
 
 
 def cache_dir() -> Path:
@@ -103,6 +104,7 @@ class HFTokenizer:
     # see _pieces: how texts split at literal added tokens (False: not worked out yet), known pieces' ids
     _split: Any = field(default=False, init=False, repr=False, compare=False)
     _piece_ids: dict[str, list[int]] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _piece_chars: int = field(default=0, init=False, repr=False, compare=False)
 
     @property
     def bos_token_id(self) -> int | None:
@@ -134,8 +136,6 @@ class HFTokenizer:
 
     def _encode_pieces(self, text: str, split: re.Pattern[str], specials: dict[str, int]) -> list[int]:
         known = self._piece_ids
-        if len(known) > 4096:
-            known.clear()  # bounded: a long-running server sees many conversations
         ids: list[int] = []
         for i, piece in enumerate(split.split(text)):
             if i % 2:  # the captured separators: the added tokens themselves
@@ -143,7 +143,12 @@ class HFTokenizer:
             elif piece:
                 got = known.get(piece)
                 if got is None:
-                    got = known[piece] = self.tok.encode(piece, add_special_tokens=False).ids
+                    got = self.tok.encode(piece, add_special_tokens=False).ids
+                    if self._piece_chars + len(piece) > PIECE_CACHE_CHARS:
+                        known.clear()  # bounded: a long-running server sees many conversations
+                        self._piece_chars = 0
+                    known[piece] = got
+                    self._piece_chars += len(piece)
                 ids.extend(got)
         return ids
 
