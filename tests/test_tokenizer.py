@@ -175,3 +175,20 @@ def test_the_kept_pieces_are_bounded(bundled_gguf: Path, monkeypatch: pytest.Mon
         text = f"<|im_start|>user\nmessage number {n} with some words<|im_end|>\n"
         assert tok.encode(text) == tok.tok.encode(text, add_special_tokens=False).ids
         assert sum(map(len, tok._piece_ids)) == tok._piece_chars <= 60
+
+
+def test_a_prepend_normalizer_tokenizer_encodes_the_same_piece_by_piece() -> None:
+    """Llama 2's tokenizer.json prepends "▁" in its normalizer, which the library applies to each
+    piece between added tokens: piece by piece gives its ids too."""
+    from tokenizers import Tokenizer, models, normalizers
+
+    from influence_tui.engine.tokenizer import HFTokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁a": 3, "a": 4, "▁": 5, "▁b": 6, "b": 7}
+    raw = Tokenizer(models.BPE(vocab, [("▁", "a"), ("▁", "b")], unk_token="<unk>"))
+    raw.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    raw.add_special_tokens(["<s>", "</s>"])
+    tok = HFTokenizer(raw)
+    assert tok._pieces() is not None
+    for text in ("a<s>a b</s>b", "<s> a", "a b<s></s>ab"):
+        assert tok.encode(text) == raw.encode(text, add_special_tokens=False).ids

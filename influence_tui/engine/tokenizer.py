@@ -65,19 +65,16 @@ def _compile_template(template: str):
 def _piece_splitter(tok: Tokenizer) -> tuple[re.Pattern[str], dict[str, int]] | None:
     """A pattern that splits text where the library does before anything else (its literal added
     tokens, longest first), and their ids; None where encoding piece by piece could differ."""
-    try:
-        spec = json.loads(tok.to_str())
-    except Exception:  # noqa: BLE001 - a tokenizer that cannot serialise: encode whole texts
-        return None
-    if "Metaspace" in json.dumps(spec.get("pre_tokenizer")) or "Metaspace" in json.dumps(spec.get("normalizer")):
-        return None
+    for part in (tok.pre_tokenizer, tok.normalizer):
+        if part is not None and b"Metaspace" in part.__getstate__():
+            return None
     literal: dict[str, int] = {}
-    for added in spec.get("added_tokens") or []:
-        if added.get("normalized", True):
+    for token_id, added in tok.get_added_tokens_decoder().items():
+        if added.normalized:
             continue  # matched after normalisation, inside a piece: the library handles it there
-        if added.get("lstrip") or added.get("rstrip") or added.get("single_word"):
+        if added.lstrip or added.rstrip or added.single_word:
             return None  # they take whitespace around them: not a plain split
-        literal[added["content"]] = added["id"]
+        literal[added.content] = token_id
     if not literal or len(literal) > 256:
         return None  # nothing to split at, or too many tokens for one regular expression to be quick
     alternatives = "|".join(re.escape(t) for t in sorted(literal, key=len, reverse=True))
