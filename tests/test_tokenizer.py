@@ -150,7 +150,7 @@ def test_a_conversation_encodes_only_its_new_messages(bundled_tok, monkeypatch: 
     assert seen == ["assistant\nIt is 25, as 5 times 5.", "user\nAnd 7?"]  # the rest was known
 
 
-def test_a_metaspace_tokenizer_encodes_whole_texts(tmp_path: Path) -> None:
+def test_a_metaspace_tokenizer_encodes_whole_texts() -> None:
     """Metaspace (SentencePiece style) marks only the text's first word: pieces would differ."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
