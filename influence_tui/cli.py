@@ -33,7 +33,7 @@ def _gen_flags(p: argparse.ArgumentParser, chat: bool = False) -> None:
     g.add_argument("--top-k", type=str, help="top-k sampling (default off)")
     g.add_argument("--min-p", type=str, help="0-1 (default 0 = off)")
     g.add_argument("--repeat-penalty", type=str, help="repetition penalty, 1 or 0 = off (default 1.1)")
-    g.add_argument("--seed", type=str, help="random seed: same seed and input, same text")
+    g.add_argument("--seed", type=str, help="random seed: same seed and input, same text (-1: a new one each time)")
     g.add_argument("--system", help="system prompt")
     if not chat:
         g.add_argument("--stop", action="append", help="stop string (repeatable; not printed)")

@@ -25,7 +25,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json
 
 BUNDLED_CHAT = "SmolLM2-135M-Instruct"
 BUNDLED_EMBED = "all-MiniLM-L6-v2"
-ALIASES = {"smollm2": BUNDLED_CHAT, "smollm2:135m": BUNDLED_CHAT, "default": BUNDLED_CHAT, "minilm": BUNDLED_EMBED}
+# "all-minilm" is what Ollama calls the bundled embedding model (all-minilm:22m is its L6-v2)
+ALIASES = {"smollm2": BUNDLED_CHAT, "smollm2:135m": BUNDLED_CHAT, "default": BUNDLED_CHAT, "minilm": BUNDLED_EMBED,
+           "all-minilm": BUNDLED_EMBED, "all-minilm:22m": BUNDLED_EMBED,
+           "sentence-transformers/all-minilm-l6-v2": BUNDLED_EMBED}
 
 
 @dataclass
@@ -440,7 +443,7 @@ def bundled_models() -> list[ModelInfo]:
     if emb:
         info = inspect_folder(emb, BUNDLED_EMBED, "bundled")
         if info:
-            info.kind, info.aliases = "embedding", ["minilm"]
+            info.kind, info.aliases = "embedding", ["minilm", "all-minilm"]
             out.append(info)
     return out
 

@@ -106,6 +106,10 @@ def coerce(name: str, value: Any) -> Any:
                 raise ValueError
     except (TypeError, ValueError):
         raise ParamError(f"{name}={value!r} is not valid: expected {describe_range(name)}") from None
+    if name == "seed" and out == -1:  # llama.cpp's and Ollama's "random" (Open WebUI sends it)
+        return None
+    if name == "repeat_last_n" and out == -1:  # Ollama's "the whole context": no window can be longer
+        return hi
     if lo is not None and not (lo <= out <= hi):
         raise ParamError(f"{name}={value!r} is out of range: expected {describe_range(name)}")
     if name == "top_k" and out == 0:
@@ -119,7 +123,7 @@ def validate(p: GenerationParams) -> None:
         if value is None and name in ("top_k", "seed"):
             continue
         coerced = coerce(name, value)
-        if name != "top_k" and coerced != value:
+        if name not in ("top_k", "seed") and coerced != value:
             raise ParamError(f"{name}={value!r} is not valid: expected {describe_range(name)}")
     if not isinstance(p.stop, tuple) or not all(isinstance(s, str) for s in p.stop):
         raise ParamError("stop must be a list of strings")

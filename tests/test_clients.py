@@ -63,12 +63,16 @@ def test_ollama_embed(ollama_client):
 
 def test_ollama_list_show_ps(ollama_client):
     names = [m.model for m in ollama_client.list().models]
-    assert "SmolLM2-135M-Instruct" in names and "all-MiniLM-L6-v2" in names
-    smol = next(m for m in ollama_client.list().models if m.model == "SmolLM2-135M-Instruct")
+    assert "SmolLM2-135M-Instruct:latest" in names and "all-MiniLM-L6-v2:latest" in names
+    smol = next(m for m in ollama_client.list().models if m.model == "SmolLM2-135M-Instruct:latest")
     assert smol.details.quantization_level == "Q4_1" and smol.details.parameter_size == "135M"
     show = ollama_client.show("smollm2")
     assert show.details.family == "llama" and show.modelinfo["llama.context_length"] > 0
-    assert [m.model for m in ollama_client.ps().models] == ["SmolLM2-135M-Instruct"]
+    assert "<|im_start|>" in show.template
+    assert [m.model for m in ollama_client.ps().models] == ["SmolLM2-135M-Instruct:latest"]
+    # the names it lists are names it answers to, and Ollama's name for the embedding model works
+    assert ollama_client.generate(model=smol.model, prompt="Hi", options={"num_predict": 2}).done
+    assert len(ollama_client.embed(model="all-minilm", input="hello").embeddings[0]) == 384
 
 
 def test_ollama_errors_raise_response_error(ollama_client):
@@ -171,6 +175,10 @@ def test_openai_errors(openai_client):
     assert "no-such-model" in str(info.value)
     with pytest.raises(openai.BadRequestError):
         openai_client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "x"}], temperature=9)
+    # a streamed request the engine refuses (too long for the context) is a 400 too, not a 200 stream
+    with pytest.raises(openai.BadRequestError, match="context holds"):
+        list(openai_client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hi " * 9000}],
+                                                   stream=True))
     bad_key = openai.OpenAI(base_url=openai_client.base_url, api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad_key.models.list()

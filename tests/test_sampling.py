@@ -78,18 +78,22 @@ def test_top_p_with_a_flat_distribution_keeps_half():
     assert int((probs > 0).sum()) in (2500, 2501)  # float rounding of the running sum
 
 
-def test_any_integer_is_a_seed():
-    """Clients send negative and huge seeds: each is a seed, the same one gives the same draws."""
+def test_any_integer_is_a_seed_but_minus_one_means_random():
+    """Clients send negative and huge seeds: each is a seed, the same one gives the same draws;
+    -1 is llama.cpp's and Ollama's "random" (Open WebUI sends it), a new seed each time."""
     import torch
 
     from influence_tui.engine.sampling import Sampler
-    from influence_tui.params import GenerationParams
+    from influence_tui.params import GenerationParams, coerce
 
     logits = torch.randn(50)
-    for seed in (-1, -11545843315441931395268608, 2**70 + 3):
+    for seed in (-2, -11545843315441931395268608, 2**70 + 3):
         p = GenerationParams(temperature=1.0, seed=seed)
         a, b = Sampler(p), Sampler(p)
         assert [a(logits, []) for _ in range(5)] == [b(logits, []) for _ in range(5)], seed
+    assert coerce("seed", -1) is None and coerce("seed", "-1") is None
+    p = GenerationParams(temperature=1.0, seed=-1)
+    assert len({Sampler(p).seed for _ in range(4)}) == 4
 
 
 def test_greedy_picks_like_torch_argmax_on_rows_ties_and_nan():

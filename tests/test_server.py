@@ -85,8 +85,18 @@ def test_native_generate_json_and_sse(client):
 
 
 def test_native_chat_completions_is_openai_shaped(client):
-    resp = client.post("/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, **GREEDY})
-    assert resp.status_code == 200
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, **GREEDY}
+    # the original tool's curl example sends no `stream` and gets a stream
+    resp = client.post("/chat/completions", json=body)
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+    chunks = [json.loads(line[6:]) for line in resp.text.splitlines() if line.startswith("data: {")]
+    assert chunks and all(c["object"] == "chat.completion.chunk" for c in chunks)
+    streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    # a client that accepts only JSON (the openai client without /v1), or says stream false: one object
+    resp = client.post("/chat/completions", json=body, headers={"Accept": "application/json"})
+    assert resp.status_code == 200 and resp.json()["object"] == "chat.completion"
+    assert resp.json()["choices"][0]["message"]["content"] == streamed
+    resp = client.post("/chat/completions", json={**body, "stream": False})
     assert resp.json()["object"] == "chat.completion"
 
 
@@ -228,15 +238,20 @@ def test_ollama_chat_stream_and_not(client):
 def test_ollama_models_routes(client):
     tags = client.get("/api/tags").json()["models"]
     assert client.post("/api/tags").json()["models"] == tags
-    smol = next(m for m in tags if m["name"] == "SmolLM2-135M-Instruct")
+    smol = next(m for m in tags if m["name"] == "SmolLM2-135M-Instruct:latest")  # Ollama's model:tag
     assert smol["details"] == {**smol["details"], "format": "gguf", "family": "llama", "parameter_size": "135M",
                                "quantization_level": "Q4_1"}
     assert smol["size"] > 0 and len(smol["digest"]) == 64
     show = client.post("/api/show", json={"model": "smollm2"}).json()
     assert show["model_info"]["general.architecture"] == "llama" and show["model_info"]["llama.context_length"] > 0
     assert show["details"]["quantization_level"] == "Q4_1" and "completion" in show["capabilities"]
+    assert "<|im_start|>" in show["template"]  # the GGUF's own chat template
     ps = client.get("/api/ps").json()["models"]
-    assert [m["name"] for m in ps] == ["SmolLM2-135M-Instruct"]
+    assert [m["name"] for m in ps] == ["SmolLM2-135M-Instruct:latest"]
+    # the name it lists is one it answers to
+    resp = client.post("/api/generate", json={"model": tags[0]["name"], "prompt": "Hi", "stream": False,
+                                              "options": {"num_predict": 2}})
+    assert resp.status_code == 200
 
 
 def test_ollama_embed_and_embeddings(client):
@@ -262,7 +277,7 @@ def test_ollama_delete(client, server):
     engine, settings = shared_engine()
     models = Path(settings.output_dir)
     _tiny_model(models / "org_tiny")
-    assert "org_tiny" in [m["name"] for m in client.get("/api/tags").json()["models"]]
+    assert "org_tiny:latest" in [m["name"] for m in client.get("/api/tags").json()["models"]]
     resp = client.request("DELETE", "/api/delete", json={"model": "org_tiny"})
     assert resp.status_code == 200 and not (models / "org_tiny").exists()
     again = client.request("DELETE", "/api/delete", json={"model": "org_tiny"})
@@ -585,3 +600,122 @@ def test_serve_detached_status_and_stop(tmp_path):
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
     assert not (tmp_path / "cfg" / "server.pid").exists()
+
+
+# --- what Ollama and OpenAI clients rely on beyond the basics --------------------------------------
+
+
+def test_load_duration_reports_the_load_a_request_waited_for(client):
+    engine, _ = shared_engine()
+    client.post("/api/generate", json={"model": "smollm2", "keep_alive": 0})
+    assert engine.status().model is None
+    ask = {"model": "smollm2", "prompt": "Hi", "stream": False, "options": {"num_predict": 2}}
+    first = client.post("/api/generate", json=ask).json()
+    again = client.post("/api/generate", json=ask).json()
+    assert first["load_duration"] > 0 and again["load_duration"] == 0
+    assert first["total_duration"] > first["load_duration"]
+    ensure_loaded(engine)
+
+
+def test_generate_context_continues_a_conversation(client):
+    ask = {"model": "smollm2", "stream": False, "options": {"num_predict": 6, "temperature": 0}}
+    first = client.post("/api/generate", json={**ask, "prompt": "My name is Ada."}).json()
+    context = first["context"]
+    assert all(isinstance(t, int) for t in context)
+    assert len(context) == first["prompt_eval_count"] + first["eval_count"]
+    alone = client.post("/api/generate", json={**ask, "prompt": "What is my name?"}).json()
+    follow = client.post("/api/generate", json={**ask, "prompt": "What is my name?", "context": context}).json()
+    # the earlier conversation's tokens, then the new prompt's: the model sees both
+    assert follow["prompt_eval_count"] == len(context) + alone["prompt_eval_count"]
+    assert follow["context"][: len(context)] == context
+    # streamed, the last line carries it too
+    lines = [json.loads(x) for x in client.post("/api/generate", json={**ask, "stream": True, "prompt": "Hi"}).text.splitlines()]
+    assert lines[-1]["done"] and lines[-1]["context"] and "context" not in lines[0]
+    bad = client.post("/api/generate", json={**ask, "prompt": "Hi", "context": [10**9]})
+    assert bad.status_code == 400 and "token ids" in bad.json()["error"]
+    chat = client.post("/api/chat", json={"model": "smollm2", "stream": False, "messages": [{"role": "user", "content": "Hi"}],
+                                          "options": {"num_predict": 2}}).json()
+    assert "context" not in chat  # /api/chat keeps its messages instead
+
+
+def test_seed_minus_one_means_random_and_repeat_last_n_minus_one_the_whole_context(client):
+    ask = {"model": "smollm2", "prompt": "Tell a story.", "stream": False,
+           "options": {"num_predict": 16, "temperature": 1.5, "seed": -1}}
+    texts = {client.post("/api/generate", json=ask).json()["response"] for _ in range(3)}
+    assert len(texts) > 1  # Ollama's and llama.cpp's -1: a new seed each time
+    fixed = {"model": "smollm2", "prompt": "Tell a story.", "stream": False,
+             "options": {"num_predict": 16, "temperature": 1.5, "seed": 7}}
+    assert len({client.post("/api/generate", json=fixed).json()["response"] for _ in range(2)}) == 1
+    resp = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "seed": -1, "max_tokens": 2})
+    assert resp.status_code == 200
+    resp = client.post("/api/generate", json={**fixed, "options": {"repeat_last_n": -1, "num_predict": 2}})
+    assert resp.status_code == 200
+
+
+def _wait_until(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def test_keep_alive_of_a_generation_request(client):
+    from datetime import datetime, timezone
+
+    engine, _ = shared_engine()
+    ask = {"model": "smollm2", "prompt": "Hi", "stream": False, "options": {"num_predict": 2}}
+    client.post("/api/generate", json={**ask, "keep_alive": "10m"})
+    expires = datetime.fromisoformat(client.get("/api/ps").json()["models"][0]["expires_at"].replace("Z", "+00:00"))
+    assert 590 < (expires - datetime.now(timezone.utc)).total_seconds() <= 600
+    client.post("/api/generate", json=ask)  # none asked for: the model stays
+    assert client.get("/api/ps").json()["models"][0]["expires_at"].startswith("2318")
+    # 0: unloaded once the answer is sent (streamed or not)
+    lines = client.post("/api/chat", json={"model": "smollm2", "keep_alive": 0, "options": {"num_predict": 2},
+                                           "messages": [{"role": "user", "content": "Hi"}]}).text.splitlines()
+    assert json.loads(lines[-1])["done"]
+    assert _wait_until(lambda: engine.status().model is None)
+    assert client.get("/api/ps").json()["models"] == []
+    ensure_loaded(engine)
+    # a short keep_alive expires after the answer, not during it
+    body = client.post("/api/generate", json={**ask, "keep_alive": "1s"}).json()
+    assert body["done"] and engine.status().model is not None
+    assert _wait_until(lambda: engine.status().model is None, timeout=15)
+    ensure_loaded(engine)
+
+
+def test_embed_truncate_false_refuses_a_text_too_long(client):
+    long = "hello " * 2000
+    cut = client.post("/api/embed", json={"model": "all-minilm", "input": long})
+    assert cut.status_code == 200 and cut.json()["prompt_eval_count"] == 512
+    refused = client.post("/api/embed", json={"model": "all-minilm", "input": ["short", long], "truncate": False})
+    assert refused.status_code == 400 and "input 1 is longer than the 512 tokens" in refused.json()["error"]
+
+
+@pytest.mark.parametrize("path, body, shape", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello " * 9000}], "stream": True}, "openai"),
+    ("/api/chat", {"messages": [{"role": "user", "content": "hello " * 9000}]}, "ollama"),
+    ("/api/generate", {"prompt": "hello " * 9000}, "ollama"),
+    ("/generate", {"prompt": "hello " * 9000, "stream": True, "raw": False}, "openai"),
+])
+def test_a_streamed_request_the_engine_refuses_gets_a_4xx_not_a_200(client, path, body, shape):
+    """A chat too long for the context even without its history (a raw prompt is cut instead)."""
+    resp = client.post(path, json={"model": "smollm2", **body})
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    message = error if shape == "ollama" else error["message"]
+    assert "context holds" in message
+    if shape == "openai":
+        assert error["type"] == "invalid_request_error"
+
+
+def test_openai_error_codes_are_strings_or_null(client):
+    bad = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] is None
+    missing = client.post("/v1/chat/completions", json={"model": "no-such-model", "messages": [{"role": "user", "content": "Hi"}]})
+    error = missing.json()["error"]
+    assert missing.status_code == 404 and error["type"] == "invalid_request_error" and error["code"] == "model_not_found"
+    typed = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "stream": True,
+                                                      "stream_options": {"include_usage": "yes"}})
+    assert typed.status_code == 400 and typed.json()["error"]["param"] == "stream_options.include_usage"

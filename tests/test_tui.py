@@ -564,3 +564,18 @@ async def test_library_load_marks_the_loaded_model_and_model_command(engine: Any
         await wait_until(pilot, lambda: app.model_state == "ready", what="the load")
         assert app.is_loaded(screen.models[row].path)
         assert "loaded for chat" in str(screen.query_one("#library-detail").render())
+
+
+@pytest.mark.slow
+async def test_a_model_unloaded_by_an_api_client_loads_again_with_the_next_message(engine: Any) -> None:
+    app = make_app(engine, settings=make_settings(max_tokens=4))
+    async with app.run_test(size=SIZE) as pilot:
+        assert app.model_state == "ready"
+        path = app.model_summary.path
+        engine.unload()  # what an Ollama client's keep_alive 0 does through the server
+        bar = app.screen.query_one(".model-status")
+        await wait_until(pilot, lambda: "unloaded by an API client" in str(bar.render()), what="the status bar")
+        await send(pilot, "Hi")
+        await wait_until(pilot, lambda: app.answers_done == 1, what="the answer")
+        assert last_answer(app).text and engine.status().model.path == path
+        await wait_until(pilot, lambda: "unloaded" not in str(bar.render()), what="the status bar")

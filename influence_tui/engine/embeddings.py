@@ -61,12 +61,18 @@ class Embedder:
         self.eps = float(self.cfg.get("layer_norm_eps", 1e-12))
 
     @torch.inference_mode()
-    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+    def embed(self, texts: list[str], truncate: bool = True) -> tuple[list[list[float]], int]:
+        """Unit vectors of `texts`; a text over the model's length is cut to it, or with
+        `truncate=False` refused (ValueError, before anything is computed)."""
         vectors: list[list[float]] = []
         total = 0
         for i in range(0, len(texts), MAX_BATCH):
             chunk = texts[i : i + MAX_BATCH]
             encs = self.tokenizer.encode_batch(chunk)
+            long = next((j for j, e in enumerate(encs) if e.overflowing), None)
+            if not truncate and long is not None:
+                raise ValueError(f"input {i + long} is longer than the {self.max_len} tokens {self.name} takes "
+                                 "(shorten it, or allow truncation)")
             total += sum(len(e.ids) for e in encs)
             vectors.extend(self._forward(encs).tolist())
         return vectors, total

@@ -38,7 +38,7 @@ def greedy(logits: "torch.Tensor | np.ndarray") -> list[int]:
 class Sampler:
     def __init__(self, params: GenerationParams) -> None:
         self.p = params
-        self.seed = params.seed if params.seed is not None else random.randrange(2**63)
+        self.seed = params.seed if params.seed not in (None, -1) else random.randrange(2**63)  # -1: random
         # any integer is a seed (clients send negative or 128-bit ones): folded into 64 bits
         self.rng = np.random.Generator(np.random.PCG64(self.seed % 2**64))
         self.generated: Counter[int] = Counter()

@@ -51,6 +51,7 @@ class Job:
     stream: GenerationStream
     model_path: str | None  # None = whatever is loaded
     submitted: float = field(default_factory=time.perf_counter)
+    load_s: float = 0.0  # the model load this request waited for (Ollama's load_duration)
 
 
 # Prompts are prefilled in chunks aligned to multiples of CHUNK positions, full chunks as dense
@@ -155,6 +156,29 @@ class Scheduler:
     def build_prompt(self, request: GenerationRequest) -> tuple[list[int], int, int]:
         """(prompt ids, tokens dropped to fit, max new tokens). Oldest turns go first; the system
         prompt and the last message always stay."""
+        ids, dropped, limit = self._build_prompt(request)
+        if request.context:
+            ctx = self.context_limit(request)
+            ids, cut = self._continue_from(request.context, ids, ctx, request.params.max_tokens)
+            dropped, limit = dropped + cut, max(min(request.params.max_tokens, ctx - len(ids)), 0)
+        return ids, dropped, limit
+
+    def _continue_from(self, context: list[int], ids: list[int], ctx: int, want: int) -> tuple[list[int], int]:
+        """An earlier answer's token ids, then this prompt's as the template renders it (a template
+        that starts with BOS starts each turn with it); where they do not fit with room to answer,
+        the oldest context tokens go. (ids, context tokens dropped)"""
+        vocab = self.tok.vocab_size
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in context):
+            raise RequestError(f"context must hold token ids from 0 to {vocab - 1} (an earlier answer's, from this model)")
+        total = len(context) + len(ids)
+        keep = total if total + want <= ctx else max(ctx - want, min(total, ctx // 2))
+        room = max(keep - len(ids), 0)
+        kept = context[len(context) - room:] if room < len(context) else context
+        if len(kept) + len(ids) >= ctx:
+            raise RequestError(f"the prompt is {len(ids)} tokens but the context holds {ctx}: shorten it")
+        return list(kept) + ids, len(context) - len(kept)
+
+    def _build_prompt(self, request: GenerationRequest) -> tuple[list[int], int, int]:
         ctx = self.context_limit(request)
         want = request.params.max_tokens
         if request.raw and request.prompt is not None:
@@ -361,7 +385,7 @@ class Scheduler:
         slot.busy = True
         usage = Usage(
             prompt_tokens=len(prompt), cached_tokens=reuse, dropped_tokens=dropped,
-            context_length=self.context_limit(req), queue_s=t0 - job.submitted,
+            context_length=self.context_limit(req), queue_s=t0 - job.submitted, load_s=job.load_s,
         )
         seq = Sequence(
             job=job, slot=slot, prompt=prompt, sampler=Sampler(req.params),
@@ -474,7 +498,8 @@ class Scheduler:
         seq.slot.last_used = time.perf_counter()
         if seq in self.active:
             self.active.remove(seq)
-        seq.job.stream._finish(Result("".join(seq.text), reason, seq.usage, model=self.lm.name))  # type: ignore[arg-type]
+        seq.job.stream._finish(Result("".join(seq.text), reason, seq.usage, model=self.lm.name,  # type: ignore[arg-type]
+                                      context=list(seq.history)))
 
     def cancel_all(self, reason: str = "cancelled") -> None:
         for seq in list(self.active):

@@ -131,6 +131,18 @@ class Engine:
     def unload(self) -> None:
         self._on_worker(self._unload)
 
+    def unload_if_idle(self, path: str) -> bool:
+        """Unload `path`'s model unless a request is running or waiting for it (an API client's
+        keep_alive ran out). Decided on the worker, where requests are admitted: none is cut off."""
+        return self._on_worker(self._unload_if_idle, path)
+
+    def _unload_if_idle(self, path: str) -> bool:
+        busy = bool(self._pending) or bool(self._scheduler and self._scheduler.active)
+        if busy or self._summary is None or self._summary.path != path:
+            return False
+        self._unload()
+        return True
+
     def submit(self, request: GenerationRequest, model: str | None = None) -> GenerationStream:
         """Queue a generation; returns at once. Raises QueueFull, ModelNotFound, EngineError."""
         return self.submit_many([request], model)[0]
@@ -156,16 +168,16 @@ class Engine:
     def generate(self, request: GenerationRequest, model: str | None = None) -> Result:
         return self.submit(request, model).wait()
 
-    def embed(self, texts: list[str], model: str | None = None) -> EmbeddingResult:
+    def embed(self, texts: list[str], model: str | None = None, truncate: bool = True) -> EmbeddingResult:
         """Embeddings with a BERT-family encoder (default: the bundled all-MiniLM-L6-v2).
 
         They run on the worker thread, between decode steps, like everything that computes: torch
         ops from a second thread start a second OpenMP team, and with more OpenMP threads than
         CPUs libgomp stops spinning at its barriers and sleeps instead, which made every prompt
         after it prefill ~1.6x slower."""
-        return self._on_worker(self._embed, list(texts), model)
+        return self._on_worker(self._embed, list(texts), model, truncate)
 
-    def _embed(self, texts: list[str], model: str | None) -> EmbeddingResult:
+    def _embed(self, texts: list[str], model: str | None, truncate: bool = True) -> EmbeddingResult:
         from influence_tui.engine.embeddings import Embedder, resolve_embedding_model
 
         path, name = resolve_embedding_model(model, models_dir=self._models_dir())
@@ -175,7 +187,7 @@ class Engine:
             with local_only():
                 self._embedder = Embedder(path, name=name, device=self.settings.device, device_index=self.settings.device_index)
             self._apply_threads()  # torch is loaded now
-        vectors, n_tokens = self._embedder.embed(texts)
+        vectors, n_tokens = self._embedder.embed(texts, truncate)
         return EmbeddingResult(vectors, n_tokens, self._embedder.name)
 
     def shutdown(self) -> None:
@@ -266,18 +278,23 @@ class Engine:
         if self._scheduler:
             self._scheduler.cancel_all()
         self._release()
+        self._notify()
 
     def _admit_pending(self) -> None:
         """Move waiting jobs into free slots: everything that can start now starts together."""
         batch: list = []
+        loaded_s = 0.0
         while self._pending:
             job = self._pending[0]
             wanted = job.model_path
             if self._scheduler is None or (wanted and wanted != self._summary.path):  # type: ignore[union-attr]
                 if batch or (self._scheduler and self._scheduler.active):
                     break  # switch models once the running requests are done
+                before = self._summary
                 try:
-                    self._load(wanted or self.resolve(None), None)
+                    summary = self._load(wanted or self.resolve(None), None)
+                    if summary is not before:  # a load happened: the jobs admitted now waited for it
+                        loaded_s = summary.load_s
                 except BaseException as exc:
                     with self._lock:
                         self._pending.popleft()
@@ -293,6 +310,7 @@ class Engine:
                 break
             with self._lock:
                 self._pending.popleft()
+            job.load_s = loaded_s
             batch.append(job)
         if not batch:
             return

@@ -35,6 +35,7 @@ class GenerationRequest:
     params: GenerationParams = field(default_factory=GenerationParams)
     raw: bool = False  # prompt goes to the model as-is, no chat template
     num_ctx: int | None = None  # cap the context below the model's own maximum
+    context: list[int] | None = None  # token ids to continue from (an earlier Result.context, Ollama's `context`)
 
 
 @dataclass
@@ -76,6 +77,7 @@ class Result:
     error: str | None = None
     model: str = ""
     error_kind: str | None = None  # "request" (the request cannot run as asked) | "engine"
+    context: list[int] = field(default_factory=list)  # prompt and answer token ids (Ollama's `context`)
 
 
 class StreamClosed(Exception):

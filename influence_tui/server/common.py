@@ -52,7 +52,7 @@ class BodyTooLarge(Exception):
 
 OPENAI_TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-    404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+    404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
     502: "server_error", 503: "server_error", 500: "server_error",
 }
 
@@ -72,7 +72,7 @@ def error_response(path: str, status: int, message: str, *, param: str | None = 
         body: dict[str, Any] = {"error": message}
     else:  # OpenAI's shape; the native routes use it too (their chat route is OpenAI-shaped)
         body = {"error": {"message": message, "type": OPENAI_TYPES.get(status, "invalid_request_error"),
-                          "param": param, "code": code or status}}
+                          "param": param, "code": code}}  # OpenAI's code: a string or null
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -120,15 +120,15 @@ def get_field(data: dict[str, Any], name: str, kind: type | tuple[type, ...], de
     value = data.get(name, _MISSING)
     if value is _MISSING or value is None:
         if required:
-            raise ApiError(400, f"{label or name} is required", param=name)
+            raise ApiError(400, f"{label or name} is required", param=label or name)
         return default
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if isinstance(value, bool) and bool not in kinds:
-        raise ApiError(400, f"{label or name} must be {_kind_name(kinds)}", param=name)
+        raise ApiError(400, f"{label or name} must be {_kind_name(kinds)}", param=label or name)
     if float in kinds and isinstance(value, int) and not isinstance(value, bool):
         return value
     if not isinstance(value, kinds):
-        raise ApiError(400, f"{label or name} must be {_kind_name(kinds)}", param=name)
+        raise ApiError(400, f"{label or name} must be {_kind_name(kinds)}", param=label or name)
     return value
 
 
@@ -219,6 +219,50 @@ def parse_messages(raw: Any, *, allow_empty: bool = False) -> list[Any]:
 # --- the shared state and the engine bridge -------------------------------------------------------
 
 
+class KeepAlive:
+    """Ollama's `keep_alive`: how long the model stays loaded after a request. Each Ollama
+    generation request sets it anew (as Ollama's do); without one the model stays loaded (the app
+    and the other routes share it). 0 unloads once the answer is sent, a negative value keeps it forever.
+    An expiry unloads only a model that is still loaded and idle."""
+
+    def __init__(self, engine: "Engine") -> None:
+        self.engine = engine
+        self.expires_at: float | None = None  # epoch seconds; None: never
+        self._path: str | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._generation = 0  # bumped by each touch: an expiry in flight yields to a newer request's
+        self._task: asyncio.Task | None = None  # the unload in flight (asyncio keeps only weak references)
+
+    def touch(self, seconds: float | None) -> None:
+        """A request that asked for `seconds` (None: it did not ask) just ended; on the event loop."""
+        self._generation += 1
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        model = self.engine.status().model
+        if seconds is None or seconds < 0 or model is None:
+            self.expires_at = None
+            return
+        self.expires_at, self._path = time.time() + seconds, model.path
+        self._timer = asyncio.get_running_loop().call_later(seconds, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        self._task = asyncio.get_running_loop().create_task(self._unload(self._generation))
+
+    async def _unload(self, generation: int) -> None:
+        path = self._path
+        unloaded = path is not None and await asyncio.to_thread(self.engine.unload_if_idle, path)
+        if generation != self._generation:  # a newer request set its own keep_alive meanwhile
+            return
+        model = self.engine.status().model
+        if not unloaded and model is not None and model.path == path:
+            # in use (by the app, or a route without keep_alive that is still answering): retry
+            self._timer = asyncio.get_running_loop().call_later(1.0, self._expire)
+            return
+        self.expires_at = None
+
+
 @dataclass
 class ServerContext:
     engine: "Engine"
@@ -227,6 +271,13 @@ class ServerContext:
     served: int = 0  # API requests answered (not counting / and /health)
     active: int = 0  # API requests being answered now
     _models: tuple[float, list[ModelInfo]] | None = None
+    _keep_alive: KeepAlive | None = None
+
+    @property
+    def keep_alive(self) -> KeepAlive:
+        if self._keep_alive is None:
+            self._keep_alive = KeepAlive(self.engine)
+        return self._keep_alive
 
     @property
     def models_dir(self) -> Path:
@@ -318,9 +369,9 @@ async def submit(ctx: ServerContext, req: "GenerationRequest", model: str | None
         raise mapped from None
 
 
-async def embed(ctx: ServerContext, texts: list[str], model: str | None) -> Any:
+async def embed(ctx: ServerContext, texts: list[str], model: str | None, truncate: bool = True) -> Any:
     try:
-        return await asyncio.to_thread(ctx.engine.embed, texts, model)
+        return await asyncio.to_thread(ctx.engine.embed, texts, model, truncate)
     except ValueError as exc:  # the encoder refuses this model or input: the client's to fix
         raise ApiError(400, str(exc)) from None
     except Exception as exc:
@@ -330,12 +381,13 @@ async def embed(ctx: ServerContext, texts: list[str], model: str | None) -> Any:
         raise mapped from None
 
 
-async def wait_result(request: Request, stream: "GenerationStream") -> "Result":
-    """Wait for a non-streamed answer, cancelling the generation if the client goes away meanwhile."""
-    result: list[Any] = []
+async def _while_connected(request: Request, stream: "GenerationStream", work: Callable[[], Awaitable[None]]) -> bool:
+    """Run `work()`, cancelling the generation if the client goes away meanwhile; False if it left."""
+    finished: list[bool] = []
 
-    async def consume(scope: anyio.CancelScope) -> None:
-        result.append(await stream.wait_async())
+    async def run(scope: anyio.CancelScope) -> None:
+        await work()
+        finished.append(True)
         scope.cancel()
 
     async def watch(scope: anyio.CancelScope) -> None:
@@ -348,14 +400,46 @@ async def wait_result(request: Request, stream: "GenerationStream") -> "Result":
 
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(consume, tg.cancel_scope)
+            tg.start_soon(run, tg.cancel_scope)
             tg.start_soon(watch, tg.cancel_scope)
     finally:
-        if not stream.done:
+        if not finished and not stream.done:
             stream.cancel()
-    if not result:  # the client left; nobody reads this answer
+    return bool(finished)
+
+
+async def wait_result(request: Request, stream: "GenerationStream") -> "Result":
+    """Wait for a non-streamed answer, cancelling the generation if the client goes away meanwhile."""
+    result: list[Any] = []
+
+    async def work() -> None:
+        result.append(await stream.wait_async())
+
+    if not await _while_connected(request, stream, work):  # the client left; nobody reads this answer
         raise ApiError(499, "client disconnected")
     return result[0]
+
+
+async def begin_stream(request: Request, stream: "GenerationStream") -> None:
+    """Wait for a streamed answer's first token (or its end) before the response starts: a request
+    the engine refuses before any token (a prompt too long for the context, a model that does not
+    load) then gets its 4xx/5xx status and error body, instead of a 200 whose stream carries the
+    error (clients raise on the status; an error chunk left the openai client with status None)."""
+
+    async def work() -> None:
+        events = stream.__aiter__()
+        try:
+            await events.__anext__()
+        except StopAsyncIteration:
+            pass
+        finally:
+            await events.aclose()
+
+    if not await _while_connected(request, stream, work):
+        raise ApiError(499, "client disconnected")
+    result = stream.result
+    if stream.done and result is not None and result.finish_reason == "error" and not result.text:
+        check_result(result)
 
 
 def is_request_error(result: "Result") -> bool:

@@ -3,7 +3,8 @@
 /generate takes our own field names (`max_tokens`, `temperature`, ... as in GenerationParams) and
 streams Server-Sent Events `data: {"text": "..."}`, then one `data: {"done": true, ...}` with the
 finish reason and usage, then `data: [DONE]`. /chat/completions is the OpenAI chat route without
-the /v1 prefix (many tools call it that way), in the same wire format.
+the /v1 prefix (many tools call it that way), in the same wire format; without a `stream` field it
+streams, as the original tool's did, unless the client accepts only JSON.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from starlette.routing import Route
 
 from influence_tui.server.common import (
     ApiError,
+    begin_stream,
     build_params,
     check_chat_model,
     check_result,
@@ -106,13 +108,19 @@ async def generate(request: Request) -> Response:
             yield f"data: {dumps({'done': True, 'text': result.text, 'model': ctx.loaded_name() or result.model, 'finish_reason': result.finish_reason, 'usage': usage_dict(result.usage)})}\n\n"
         yield "data: [DONE]\n\n"
 
+    await begin_stream(request, gen)
     return stream_response(events(), "text/event-stream")
 
 
 async def chat_completions(request: Request) -> Response:
+    """The original tool's chat route streams (its README's curl example sends no `stream`): so
+    does this one when `stream` is absent, unless the client accepts only JSON (the openai client
+    pointed at a base URL without /v1 sends `Accept: application/json` and no `stream` for a
+    non-streamed call)."""
     from influence_tui.server.openai import chat_completions as openai_chat
 
-    return await openai_chat(request)
+    accept = request.headers.get("accept", "")
+    return await openai_chat(request, default_stream="application/json" not in accept)
 
 
 ROUTES = [

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -27,6 +28,7 @@ from influence_tui.library import ModelInfo, ModelNotFound, human_params
 from influence_tui.params import GenerationParams
 from influence_tui.server.common import (
     ApiError,
+    begin_stream,
     ServerContext,
     build_params,
     check_chat_model,
@@ -46,7 +48,7 @@ from influence_tui.server.common import (
 )
 
 NDJSON = "application/x-ndjson"
-FAR_FUTURE = datetime(2318, 1, 1, tzinfo=timezone.utc)  # "never expires": the engine keeps its model
+FAR_FUTURE = datetime(2318, 1, 1, tzinfo=timezone.utc)  # "never expires": no keep_alive was asked for
 
 
 # --- the one place Ollama field names meet GenerationParams --------------------------------------
@@ -118,11 +120,13 @@ def created_at() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def final_fields(result: Any, started_ns: int) -> dict[str, Any]:
+def final_fields(result: Any, started_ns: int, chat: bool) -> dict[str, Any]:
     u = result.usage
+    fields: dict[str, Any] = {"done": True, "done_reason": "length" if result.finish_reason == "length" else "stop"}
+    if not chat:  # /api/generate's conversation as token ids, for the next request's `context`
+        fields["context"] = result.context
     return {
-        "done": True,
-        "done_reason": "length" if result.finish_reason == "length" else "stop",
+        **fields,
         "total_duration": time.perf_counter_ns() - started_ns,
         "load_duration": int(u.load_s * 1e9),
         "prompt_eval_count": u.prompt_tokens,
@@ -140,6 +144,7 @@ async def load_or_unload(request: Request, ctx: ServerContext, name: str | None,
     name = name or ctx.loaded_name() or ""
     if keep_alive is not None and keep_alive == 0:
         await asyncio.to_thread(ctx.engine.unload)
+        ctx.keep_alive.touch(None)
         reason = "unload"
         load_ns = 0
     else:
@@ -151,6 +156,7 @@ async def load_or_unload(request: Request, ctx: ServerContext, name: str | None,
                 raise
             raise mapped from None
         name = name or summary.name
+        ctx.keep_alive.touch(keep_alive)
         reason = "load"
         load_ns = int(getattr(summary, "load_s", 0.0) * 1e9)
     body: dict[str, Any] = {"model": name, "created_at": created_at()}
@@ -183,9 +189,13 @@ async def generate(request: Request) -> Response:
     model = await check_chat_model(ctx, name)
     if not prompt:
         return await load_or_unload(request, ctx, name, model, keep_alive, chat=False)
-    req = GenerationRequest(prompt=prompt, system=system, params=params, raw=raw, num_ctx=num_ctx)
+    context = get_field(data, "context", list)  # deprecated by Ollama, still sent by older clients
+    if context is not None and not all(isinstance(t, int) and not isinstance(t, bool) for t in context):
+        raise ApiError(400, "context must be an array of token ids (an earlier answer's context)")
+    req = GenerationRequest(prompt=prompt, system=system, params=params, raw=raw, num_ctx=num_ctx,
+                            context=context or None)
     gen = await submit(ctx, req, model)
-    return await answer(request, ctx, gen, name, started, stream, chat=False)
+    return await answer(request, ctx, gen, name, started, stream, keep_alive, chat=False)
 
 
 async def chat(request: Request) -> Response:
@@ -204,11 +214,11 @@ async def chat(request: Request) -> Response:
     if not messages:
         return await load_or_unload(request, ctx, name, model, keep_alive, chat=True)
     gen = await submit(ctx, GenerationRequest(messages=messages, params=params, num_ctx=num_ctx), model)
-    return await answer(request, ctx, gen, name, started, stream, chat=True)
+    return await answer(request, ctx, gen, name, started, stream, keep_alive, chat=True)
 
 
 async def answer(request: Request, ctx: ServerContext, gen: Any, name: str | None, started: int, stream: bool,
-                 chat: bool) -> Response:
+                 keep_alive: float | None, chat: bool) -> Response:
     def piece(text: str, model_name: str) -> dict[str, Any]:
         body: dict[str, Any] = {"model": model_name, "created_at": created_at()}
         if chat:
@@ -218,22 +228,33 @@ async def answer(request: Request, ctx: ServerContext, gen: Any, name: str | Non
         return body
 
     if not stream:
-        result = await wait_result(request, gen)
+        try:
+            result = await wait_result(request, gen)
+        finally:
+            ctx.keep_alive.touch(keep_alive)  # the answer is done: its keep_alive starts now
         check_result(result)
         body = piece(result.text, name or ctx.loaded_name() or result.model)
-        body.update(final_fields(result, started))
+        body.update(final_fields(result, started, chat))
         return JSONResponse(body)
 
     async def lines() -> AsyncIterator[str]:
         model_name = name or ctx.loaded_name() or ""
-        async for text in token_texts(gen):
-            yield dumps({**piece(text, model_name), "done": False}) + "\n"
-        result = gen.result
-        if result.finish_reason == "error":
-            yield dumps({"error": result.error or "generation failed"}) + "\n"
-            return
-        yield dumps({**piece("", model_name), **final_fields(result, started)}) + "\n"
+        try:
+            async for text in token_texts(gen):
+                yield dumps({**piece(text, model_name), "done": False}) + "\n"
+            result = gen.result
+            if result.finish_reason == "error":
+                yield dumps({"error": result.error or "generation failed"}) + "\n"
+                return
+            yield dumps({**piece("", model_name), **final_fields(result, started, chat)}) + "\n"
+        finally:
+            ctx.keep_alive.touch(keep_alive)
 
+    try:
+        await begin_stream(request, gen)
+    except ApiError:
+        ctx.keep_alive.touch(keep_alive)
+        raise
     return stream_response(lines(), NDJSON)
 
 
@@ -269,9 +290,14 @@ def details_of(info: ModelInfo) -> dict[str, Any]:
     }
 
 
+def tagged(name: str) -> str:
+    """Ollama names are `model:tag`, the tag `latest` by default (clients compare them that way)."""
+    return name if ":" in name else f"{name}:latest"
+
+
 def tag_of(info: ModelInfo) -> dict[str, Any]:
-    return {"name": info.name, "model": info.name, "modified_at": modified_at(info), "size": info.size_bytes,
-            "digest": digest_of(info), "details": details_of(info)}
+    return {"name": tagged(info.name), "model": tagged(info.name), "modified_at": modified_at(info),
+            "size": info.size_bytes, "digest": digest_of(info), "details": details_of(info)}
 
 
 async def tags(request: Request) -> Response:
@@ -295,6 +321,27 @@ def model_name_field(data: dict[str, Any]) -> str:
     return name
 
 
+def chat_template_of(info: ModelInfo) -> str:
+    """The model's own chat template (Jinja, where Ollama shows its Go template); "" if none."""
+    try:
+        if info.format == "gguf" and os.path.isfile(info.path):
+            from influence_tui.formats.gguf import read_gguf_header
+
+            return read_gguf_header(info.path, skip_arrays=True).chat_template or ""
+        folder = Path(info.path)
+        if folder.is_dir():
+            config = folder / "tokenizer_config.json"
+            template = json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
+            if isinstance(template, list):  # named templates: the default one
+                template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+            if not template and (folder / "chat_template.jinja").is_file():
+                template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+            return template if isinstance(template, str) else ""
+    except (OSError, ValueError):  # an unreadable file: show no template rather than fail the route
+        pass
+    return ""
+
+
 async def show(request: Request) -> Response:
     ctx = ctx_of(request)
     data = await read_json(request)
@@ -313,7 +360,7 @@ async def show(request: Request) -> Response:
         "license": "",
         "modelfile": f"# Modelfile generated by influence\nFROM {info.path}\n",
         "parameters": parameters,
-        "template": "",
+        "template": await asyncio.to_thread(chat_template_of, info),
         "details": details_of(info),
         "model_info": model_info,
         "capabilities": ["embedding"] if info.kind == "embedding" else ["completion"],
@@ -331,7 +378,9 @@ async def ps(request: Request) -> Response:
                          quantization=m.quantization, parameters=m.parameters, context_length=m.context_length,
                          size_bytes=m.size_bytes)
         on_gpu = not str(m.device).startswith("cpu")
-        models.append({**tag_of(info), "expires_at": FAR_FUTURE.isoformat().replace("+00:00", "Z"),
+        expires = ctx.keep_alive.expires_at
+        when = datetime.fromtimestamp(expires, timezone.utc) if expires is not None else FAR_FUTURE
+        models.append({**tag_of(info), "expires_at": when.isoformat().replace("+00:00", "Z"),
                        "size_vram": m.size_bytes if on_gpu else 0, "context_length": m.context_length})
     return JSONResponse({"models": models})
 
@@ -378,14 +427,14 @@ async def embed_route(request: Request) -> Response:
         texts = raw
     else:
         raise ApiError(400, "input must be a string or an array of strings")
-    get_field(data, "truncate", bool)
+    truncate = get_field(data, "truncate", bool, True)
     keep_alive_s(data)
     requested = get_field(data, "model", str)
     name = await check_embedding_model(ctx, requested)
     if not texts:
         return JSONResponse({"model": requested or "", "embeddings": [], "total_duration": 0, "load_duration": 0,
                              "prompt_eval_count": 0})
-    result = await embed(ctx, texts, name)
+    result = await embed(ctx, texts, name, truncate)
     return JSONResponse({"model": requested or result.model, "embeddings": result.embeddings,
                          "total_duration": time.perf_counter_ns() - started, "load_duration": 0,
                          "prompt_eval_count": result.prompt_tokens})

@@ -22,6 +22,7 @@ from influence_tui.params import GenerationParams
 from influence_tui.server.common import (
     ApiError,
     ServerContext,
+    begin_stream,
     build_params,
     check_chat_model,
     check_embedding_model,
@@ -122,14 +123,14 @@ def _error_chunk(result: Any) -> str:
 # --- routes ---------------------------------------------------------------------------------------
 
 
-async def chat_completions(request: Request) -> Response:
+async def chat_completions(request: Request, default_stream: bool = False) -> Response:
     from influence_tui.engine.types import GenerationRequest
 
     ctx = ctx_of(request)
     data = await read_json(request)
     messages = parse_messages(data.get("messages"))
     refuse_unsupported(data)
-    stream = get_field(data, "stream", bool, False)
+    stream = get_field(data, "stream", bool, default_stream)
     usage_chunk = include_usage(data) if stream else False
     params = openai_params(data, ctx.base_params())
     name = get_field(data, "model", str)
@@ -172,6 +173,7 @@ async def chat_completions(request: Request) -> Response:
                 yield f"data: {dumps(body)}\n\n"
         yield "data: [DONE]\n\n"
 
+    await begin_stream(request, gen)
     return stream_response(events(), "text/event-stream")
 
 
@@ -246,6 +248,7 @@ async def completions(request: Request) -> Response:
                 yield f"data: {dumps(body)}\n\n"
         yield "data: [DONE]\n\n"
 
+    await begin_stream(request, gen)
     return stream_response(events(), "text/event-stream")
 
 

@@ -190,6 +190,8 @@ class InfluenceApp(App[int]):
             return f"✗ {self.model_error}"
         if self.model_state == "ready" and self.model_summary is not None:
             s = self.model_summary
+            if self.engine is not None and self.engine.status().state == "empty":
+                return f"○ {s.name} · unloaded by an API client's keep_alive; the next message loads it again"
             return f"● {s.name} · {getattr(s, 'quantization', '')} · {getattr(s, 'device', '')} · ctx {getattr(s, 'context_length', '?')}"
         return "no model loaded"
 

@@ -179,8 +179,10 @@ class ChatScreen(Screen[None]):
             system=self.conversation.system_prompt,
             params=app.settings.generation_params(),
         )
+        # an API client's keep_alive may have unloaded the model meanwhile: this chat's model loads again
+        model = app.model_summary.path if app.engine.status().model is None and app.model_summary else None
         try:
-            stream = app.engine.submit(request)
+            stream = app.engine.submit(request, model)
         except Exception as exc:  # QueueFull, EngineError: one line in the bubble
             await bubble.finish(f"✗ {exc}", error=str(exc))
             return
