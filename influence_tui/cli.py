@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", help="the prompt (- reads stdin)")
     _gen_flags(p)
     p.add_argument("--raw", action="store_true", help="send the prompt as-is, without the chat template")
+    p.add_argument("--format", choices=["json"], help="answer with one JSON object (each token checked as it is picked)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the text and timings")
 
     p = sub.add_parser("chat", help="open the app on the chat screen", epilog=EPILOG)

@@ -34,7 +34,8 @@ def run_generate(args: argparse.Namespace, settings: Settings) -> int:
     t0 = time.perf_counter()
     summary = engine.load(settings.model_path, device=settings.device)
     load_s = time.perf_counter() - t0
-    request = GenerationRequest(prompt=prompt, system=settings.system_prompt, params=_params(args, settings), raw=args.raw)
+    request = GenerationRequest(prompt=prompt, system=settings.system_prompt, params=_params(args, settings), raw=args.raw,
+                                format=getattr(args, "format", None))
     stream = engine.submit(request)
     try:
         for event in stream:
@@ -93,7 +94,7 @@ class BatchItem:
 
 
 def parse_batch_line(index: int, line: str, base: GenerationParams, system: str | None) -> BatchItem:
-    """A plain line is a prompt; a line starting with '{' is JSON: {"id"?, "prompt"|"messages", …params}."""
+    """A plain line is a prompt; a line starting with '{' is JSON: {"id"?, "prompt"|"messages", "format"?, …params}."""
     text = line.strip()
     if not text.startswith("{"):
         return BatchItem(index, index + 1, GenerationRequest(prompt=text, system=system, params=base))
@@ -105,17 +106,23 @@ def parse_batch_line(index: int, line: str, base: GenerationParams, system: str 
     if not isinstance(obj, dict):
         return BatchItem(index, item_id, None, f"line {index + 1}: expected a JSON object")
     try:
-        params = params_from_mapping({k: v for k, v in obj.items() if k not in ("id", "prompt", "messages", "system")}, base)
+        params = params_from_mapping({k: v for k, v in obj.items() if k not in ("id", "prompt", "messages", "system", "format")}, base)
+        fmt = obj.get("format")
+        if fmt not in (None, "", "json"):
+            raise ParamError("format must be \"json\" (the answer is one JSON object)")
+        fmt = fmt or None
         messages = obj.get("messages")
         if messages is not None:
             if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ("system", "user", "assistant") for m in messages):
                 raise ParamError("messages must be a list of {role: system|user|assistant, content: string}")
             msgs = [ChatMessage(m["role"], m["content"]) for m in messages]
-            return BatchItem(index, item_id, GenerationRequest(messages=msgs, system=obj.get("system", system), params=params))
+            return BatchItem(index, item_id, GenerationRequest(messages=msgs, system=obj.get("system", system), params=params,
+                                                               format=fmt))
         prompt = obj.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise ParamError("needs a non-empty \"prompt\" string or a \"messages\" list")
-        return BatchItem(index, item_id, GenerationRequest(prompt=prompt, system=obj.get("system", system), params=params))
+        return BatchItem(index, item_id, GenerationRequest(prompt=prompt, system=obj.get("system", system), params=params,
+                                                           format=fmt))
     except ParamError as exc:
         return BatchItem(index, item_id, None, f"line {index + 1}: {exc}")
 

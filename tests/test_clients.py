@@ -4,6 +4,7 @@ speak those APIs will do. `pull` downloads from the loopback Hub (tests/hub_serv
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,21 @@ def test_openai_errors(openai_client):
     bad_key = openai.OpenAI(base_url=openai_client.base_url, api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad_key.models.list()
+
+
+def test_json_mode_through_both_clients(ollama_client, openai_client):
+    import ollama
+    import openai
+
+    ask = "Give me a JSON object describing a cat with name and age."
+    resp = ollama_client.generate(model="smollm2", prompt=ask, format="json", options={"temperature": 0, "num_predict": 300})
+    assert resp.done_reason == "stop" and isinstance(json.loads(resp.response), dict)
+    chat = openai_client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": ask}],
+                                                 response_format={"type": "json_object"}, temperature=0, max_tokens=300)
+    assert chat.choices[0].finish_reason == "stop" and isinstance(json.loads(chat.choices[0].message.content), dict)
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}}
+    with pytest.raises(ollama.ResponseError, match="JSON schema"):
+        ollama_client.generate(model="smollm2", prompt=ask, format=schema)
+    with pytest.raises(openai.BadRequestError, match="json_schema"):
+        openai_client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": ask}],
+                                              response_format={"type": "json_schema", "json_schema": {"name": "cat", "schema": schema}})

@@ -319,9 +319,9 @@ def test_embeddings_run_between_decode_steps_on_the_engine_thread(engine, monkey
     threads = []
     original = Embedder.embed
 
-    def spy(self, texts):
+    def spy(self, texts, truncate=True):
         threads.append(threading.current_thread().name)
-        return original(self, texts)
+        return original(self, texts, truncate)
 
     monkeypatch.setattr(Embedder, "embed", spy)
     params = GREEDY.with_(max_tokens=48, ignore_eos=True)

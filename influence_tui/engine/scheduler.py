@@ -95,7 +95,7 @@ class Sequence:
     job: Job
     slot: Slot
     prompt: list[int]
-    sampler: Sampler
+    sampler: Any  # a Sampler, or a JsonSampler around one (JSON mode)
     decoder: IncrementalDecoder
     stopper: StopMatcher
     usage: Usage
@@ -388,7 +388,7 @@ class Scheduler:
             context_length=self.context_limit(req), queue_s=t0 - job.submitted, load_s=job.load_s,
         )
         seq = Sequence(
-            job=job, slot=slot, prompt=prompt, sampler=Sampler(req.params),
+            job=job, slot=slot, prompt=prompt, sampler=self._sampler(req),
             decoder=IncrementalDecoder(self.tok, skip_special_tokens=True),
             stopper=StopMatcher(req.params.stop), usage=usage, history=list(prompt), limit=limit,
         )
@@ -467,6 +467,14 @@ class Scheduler:
                 self._accept(seq, seq.sampler(logits[row], seq.history))
                 row += 1
 
+    def _sampler(self, req: GenerationRequest) -> Any:
+        sampler = Sampler(req.params)
+        if req.format == "json":
+            from influence_tui.engine.constrain import JsonSampler, token_texts
+
+            return JsonSampler(sampler, token_texts(self.tok), self.eos)
+        return sampler
+
     def _accept(self, seq: Sequence, token: int) -> None:
         seq.generated += 1
         seq.history.append(token)
@@ -481,7 +489,7 @@ class Scheduler:
             seq.job.stream._put(TokenEvent(text, token))
         if seq.usage.ttft_s == 0.0:
             seq.usage.ttft_s = time.perf_counter() - seq.job.submitted
-        if seq.stopper.stopped:
+        if seq.stopper.stopped or getattr(seq.sampler, "complete", False):  # JSON mode: the object closed
             self._finish(seq, "stop")
         elif seq.generated >= seq.limit or len(seq.slot.tokens) + 1 >= self.context_limit(seq.job.request):
             self._finish(seq, "length")

@@ -36,6 +36,7 @@ class GenerationRequest:
     raw: bool = False  # prompt goes to the model as-is, no chat template
     num_ctx: int | None = None  # cap the context below the model's own maximum
     context: list[int] | None = None  # token ids to continue from (an earlier Result.context, Ollama's `context`)
+    format: str | None = None  # "json": the answer is one JSON object (constrained as it is sampled)
 
 
 @dataclass

@@ -90,7 +90,10 @@ async def generate(request: Request) -> Response:
     values = {name: get_field(data, name, (int, float)) for name in PARAM_FIELDS}
     values["stop"] = get_field(data, "stop", (str, list))
     params = build_params(ctx.base_params(), values)
-    req = GenerationRequest(prompt=prompt, system=system, params=params, raw=raw)
+    fmt = get_field(data, "format", str)
+    if fmt not in (None, "", "json"):
+        raise ApiError(400, "format must be \"json\" (the answer is one JSON object)", param="format")
+    req = GenerationRequest(prompt=prompt, system=system, params=params, raw=raw, format=fmt or None)
     gen = await submit(ctx, req, model)
     if not stream:
         result = await wait_result(request, gen)

@@ -108,12 +108,22 @@ def refuse_unsupported(data: dict[str, Any]) -> None:
         raise ApiError(400, "images are not supported by this server")
     if data.get("suffix"):
         raise ApiError(400, "suffix (fill-in-the-middle) is not supported by this server")
-    if data.get("format"):
-        raise ApiError(400, "format (structured output) is not supported by this server")
     if data.get("tools"):
         raise ApiError(400, "tools are not supported by this server")
     if data.get("template"):
         raise ApiError(400, "template overrides are not supported: the model's own chat template is used")
+
+
+def answer_format(data: dict[str, Any]) -> str | None:
+    """`format`: "json" (the answer is one JSON object) or absent; a JSON schema is refused."""
+    fmt = data.get("format")
+    if fmt is None or fmt == "":
+        return None
+    if fmt == "json":
+        return "json"
+    if isinstance(fmt, dict):
+        raise ApiError(400, "format as a JSON schema is not supported by this server: use \"json\" (any JSON object)")
+    raise ApiError(400, "format must be \"json\"")
 
 
 def created_at() -> str:
@@ -193,7 +203,7 @@ async def generate(request: Request) -> Response:
     if context is not None and not all(isinstance(t, int) and not isinstance(t, bool) for t in context):
         raise ApiError(400, "context must be an array of token ids (an earlier answer's context)")
     req = GenerationRequest(prompt=prompt, system=system, params=params, raw=raw, num_ctx=num_ctx,
-                            context=context or None)
+                            context=context or None, format=answer_format(data))
     gen = await submit(ctx, req, model)
     return await answer(request, ctx, gen, name, started, stream, keep_alive, chat=False)
 
@@ -213,7 +223,8 @@ async def chat(request: Request) -> Response:
     model = await check_chat_model(ctx, name)
     if not messages:
         return await load_or_unload(request, ctx, name, model, keep_alive, chat=True)
-    gen = await submit(ctx, GenerationRequest(messages=messages, params=params, num_ctx=num_ctx), model)
+    gen = await submit(ctx, GenerationRequest(messages=messages, params=params, num_ctx=num_ctx,
+                                              format=answer_format(data)), model)
     return await answer(request, ctx, gen, name, started, stream, keep_alive, chat=True)
 
 

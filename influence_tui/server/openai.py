@@ -72,11 +72,26 @@ def openai_params(data: dict[str, Any], base: GenerationParams) -> GenerationPar
 def refuse_unsupported(data: dict[str, Any]) -> None:
     if data.get("tools"):
         raise ApiError(400, "tools are not supported by this server", param="tools")
-    fmt = data.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") in (None, "text")):
-        raise ApiError(400, "response_format other than text is not supported by this server", param="response_format")
     if data.get("logprobs"):
         raise ApiError(400, "logprobs are not supported by this server", param="logprobs")
+
+
+def answer_format(data: dict[str, Any]) -> str | None:
+    """response_format: text, or json_object (the answer is one JSON object); json_schema is refused."""
+    fmt = data.get("response_format")
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind in (None, "text"):
+        if not isinstance(fmt, dict):
+            raise ApiError(400, "response_format must be an object like {\"type\": \"json_object\"}", param="response_format")
+        return None
+    if kind == "json_object":
+        return "json"
+    if kind == "json_schema":
+        raise ApiError(400, "response_format json_schema is not supported by this server: use json_object (any JSON object)",
+                       param="response_format")
+    raise ApiError(400, "response_format.type must be text or json_object", param="response_format.type")
 
 
 def include_usage(data: dict[str, Any]) -> bool:
@@ -135,7 +150,7 @@ async def chat_completions(request: Request, default_stream: bool = False) -> Re
     params = openai_params(data, ctx.base_params())
     name = get_field(data, "model", str)
     model = await check_chat_model(ctx, name)
-    gen = await submit(ctx, GenerationRequest(messages=messages, params=params), model)
+    gen = await submit(ctx, GenerationRequest(messages=messages, params=params, format=answer_format(data)), model)
     ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     if not stream:
         result = await wait_result(request, gen)

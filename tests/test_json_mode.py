@@ -1,0 +1,122 @@
+"""JSON mode: the recognizer on its own, then answers of the real model that parse as JSON objects."""
+
+import json
+
+import pytest
+
+from influence_tui.engine.constrain import MAX_WHITESPACE, JsonPrefix
+
+VALID = [
+    '{}', '{"a": 1}', '{"a": [1, 2.5, -3e+2, 0, -0.5E-3], "b": {"c": null, "d": true, "e": false}}',
+    '{"s": "quote \\" slash \\\\ unicode \\u00e9 tab \\t", "k": []}', ' \n{ "nested" : [ [ ] , { } ] } \n',
+    '{"emoji": "☕ ünïcode"}',
+]
+INVALID_PREFIXES = [
+    '[1]', '"x"', '1', 'x', '{a', "{'a'", '{"a" 1', '{"a":}', '{"a": 01', '{"a": 1.}', '{"a": -}', '{"a": 1,}',
+    '{"a": tru}', '{"a": trux', '{"a": [1 2]}', '{"a": "\\x"}', '{"a": "\\u12g4"}', '{"a": "line\nbreak"}',
+    '{"a": 1]', '{"a": [1}', '{} {}', '{}x', '{"a": 1e}', '{"a": +1}',
+]
+
+
+def feeds(text: str) -> JsonPrefix | None:
+    state = JsonPrefix()
+    return state if state.feed(text) else None
+
+
+@pytest.mark.parametrize("text", VALID)
+def test_valid_objects_are_accepted_whole_and_complete(text):
+    json.loads(text)
+    state = feeds(text)
+    assert state is not None and state.complete
+    # and every prefix, fed in pieces of any size, is a valid prefix
+    for cut in range(len(text)):
+        state = JsonPrefix()
+        assert state.feed(text[:cut]) and state.feed(text[cut:]) and state.complete
+
+
+@pytest.mark.parametrize("text", INVALID_PREFIXES)
+def test_what_no_json_object_starts_with_is_refused(text):
+    state = feeds(text)
+    # refused, or (for an unfinished number such as '1.') not complete and refused at the next character
+    assert state is None or (not state.complete and not state.copy().feed("}"))
+
+
+def test_prefixes_are_not_complete_and_copies_are_independent():
+    state = feeds('{"a": [1, {"b": "x')
+    assert state is not None and not state.complete
+    trial = state.copy()
+    assert trial.feed('"}]}') and trial.complete
+    assert not state.complete and state.feed('y"}]}') and state.complete
+
+
+def test_whitespace_runs_are_capped():
+    assert feeds("{" + " " * MAX_WHITESPACE + "}")
+    assert feeds("{" + " " * (MAX_WHITESPACE + 1)) is None
+
+
+# -- the real model -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from influence_tui.config import Settings
+    from influence_tui.engine import Engine
+
+    eng = Engine(Settings.load(env={}, use_file=False), max_batch=8)
+    eng.load()
+    yield eng
+    eng.shutdown()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_the_model_answers_with_a_json_object(engine, temperature):
+    from influence_tui.engine import ChatMessage, GenerationRequest
+    from influence_tui.params import GenerationParams
+
+    params = GenerationParams(temperature=temperature, max_tokens=300, seed=3)
+    for question in ("Give me a JSON object describing a cat with name and age.", "List three colors.", "Hi"):
+        result = engine.generate(GenerationRequest(messages=[ChatMessage("user", question)], params=params, format="json"))
+        assert result.finish_reason == "stop", result.text  # it ended because the object closed
+        assert isinstance(json.loads(result.text), dict), result.text
+        # without JSON mode the same request is not a JSON object (the model chats)
+        plain = engine.generate(GenerationRequest(messages=[ChatMessage("user", question)], params=params))
+        assert not is_json_object(plain.text), plain.text
+
+
+def is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
+def test_json_mode_batched_with_a_plain_request_leaves_the_plain_one_unchanged(engine):
+    from influence_tui.engine import GenerationRequest
+    from influence_tui.params import GenerationParams
+
+    params = GenerationParams(temperature=0, max_tokens=40, repeat_penalty=1.0)
+    alone = engine.generate(GenerationRequest(prompt="Tell me about the sea.", params=params)).text
+    streams = engine.submit_many([GenerationRequest(prompt="Tell me about the sea.", params=params),
+                                  GenerationRequest(prompt="List three colors.", params=GenerationParams(temperature=0, max_tokens=300),
+                                                    format="json")])
+    together, constrained = (s.wait(timeout=120) for s in streams)
+    assert together.text == alone
+    assert constrained.finish_reason == "stop" and is_json_object(constrained.text), constrained.text
+
+
+def test_generate_and_batch_format_json_from_the_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "influence_tui", *args], capture_output=True, text=True, timeout=180)
+
+    out = cli("generate", "List three colors.", "--format", "json", "--temperature", "0", "--max-tokens", "300")
+    assert out.returncode == 0, out.stderr
+    assert is_json_object(out.stdout), out.stdout
+    batch = tmp_path / "b.jsonl"
+    batch.write_text(json.dumps({"prompt": "List three colors.", "format": "json", "temperature": 0, "max_tokens": 300}) + "\n"
+                     + json.dumps({"prompt": "Hi", "format": "yaml"}) + "\n")
+    out = cli("--batch", str(batch))
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert is_json_object(rows[0]["text"]) and "format must be" in rows[1]["error"]
