@@ -21,8 +21,11 @@ class UserError(Exception):
     """An error to show as one line (exit code 1)."""
 
 
-def _gen_flags(p: argparse.ArgumentParser, chat: bool = False) -> None:
-    g = p.add_argument_group("model and generation")
+def _gen_flags(p: argparse.ArgumentParser, chat: bool = False, sub: bool = True) -> None:
+    """The generation flags, on the main parser (sub=False) and on each command that takes them.
+    A command's copies set nothing when absent (SUPPRESS): `influence --temperature 0 generate hi`
+    keeps the 0 given before the command instead of the command's own default overwriting it."""
+    g = _SuppressedGroup(p.add_argument_group("model and generation"), sub)
     g.add_argument("-m", "--model-path", help="model folder, .gguf file or a name from `influence list` (default: INFLUENCE_MODEL_PATH, else the bundled SmolLM2-135M-Instruct)")
     g.add_argument("--device", help="auto | cpu | cuda | mps (default: auto)")
     g.add_argument("--device-index", type=str, help="GPU index when there are several")
@@ -40,6 +43,28 @@ def _gen_flags(p: argparse.ArgumentParser, chat: bool = False) -> None:
         g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence (benchmarks)")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+class _SuppressedGroup:
+    """An argument group whose arguments default to SUPPRESS (when `suppress`)."""
+
+    def __init__(self, group: Any, suppress: bool) -> None:
+        self.group, self.suppress = group, suppress
+
+    def add_argument(self, *names: str, **kwargs: Any) -> Any:
+        if self.suppress:
+            kwargs["default"] = argparse.SUPPRESS
+        return self.group.add_argument(*names, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="influence",
@@ -50,17 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", metavar="FILE", help="run every prompt of FILE (plain lines or JSONL; - for stdin) and print JSONL results")
     parser.add_argument("--output", metavar="FILE", help="with --batch: write results here instead of stdout")
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
-    _gen_flags(parser)
+    _gen_flags(parser, sub=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("search", help="search the Hugging Face Hub for models", epilog=EPILOG)
     p.add_argument("query", nargs="?", default="", help="words to search for")
-    p.add_argument("--limit", type=int, default=20, help="number of results (default 20)")
+    p.add_argument("--limit", type=_positive_int, default=20, help="number of results (default 20)")
     p.add_argument("--author", help="only models of this user or organisation")
     p.add_argument("--filter", help="a Hub tag, e.g. gguf, text-generation")
     p.add_argument("--sort", choices=("downloads", "likes", "updated"), default="downloads")
     p.add_argument("-r", "--mirror", help="Hub endpoint or mirror (default: INFLUENCE_MIRROR, HF_ENDPOINT, huggingface.co)")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
 
     p = sub.add_parser("download", help="download a model from the Hub (resumes interrupted downloads)", epilog=EPILOG)
     p.add_argument("-m", "--model", required=True, help="repo id, e.g. TinyLlama/TinyLlama-1.1B-Chat-v1.0")
@@ -70,19 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--quant", help="from a GGUF repo: the quantization to fetch (default Q4_K_M, else the nearest)")
     which.add_argument("--file", help="fetch this one file of the repo")
-    p.add_argument("--json", action="store_true", help="print progress and the result as JSON lines")
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print progress and the result as JSON lines")
 
     p = sub.add_parser("list", help="list the models on this disk", epilog=EPILOG)
     p.add_argument("--models-dir", help="models folder (default: INFLUENCE_OUTPUT_DIR, ./models)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--all", action="store_true", help="also list unusable models' full reasons")
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+    p.add_argument("--all", action="store_true", help="also list the models that cannot be used here, and why")
 
     p = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout", epilog=EPILOG)
     p.add_argument("prompt", help="the prompt (- reads stdin)")
     _gen_flags(p)
     p.add_argument("--raw", action="store_true", help="send the prompt as-is, without the chat template")
     p.add_argument("--format", choices=["json"], help="answer with one JSON object (each token checked as it is picked)")
-    p.add_argument("--json", action="store_true", help="print one JSON object with the text and timings")
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON object with the text and timings")
 
     p = sub.add_parser("chat", help="open the app on the chat screen", epilog=EPILOG)
     _gen_flags(p, chat=True)
@@ -91,12 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name in ("serve", "deploy"):
         p = sub.add_parser(name, help="run the local API server (Ollama- and OpenAI-compatible)" + (" (alias of serve)" if name == "deploy" else ""), epilog=EPILOG)
-        p.add_argument("-m", "--model-path", help="model to serve (default: INFLUENCE_MODEL_PATH, else the bundled one)")
+        p.add_argument("-m", "--model-path", default=argparse.SUPPRESS, help="model to serve (default: INFLUENCE_MODEL_PATH, else the bundled one)")
         p.add_argument("--host", help="bind address (default 127.0.0.1)")
         p.add_argument("-p", "--port", type=str, help="port (default INFLUENCE_PORT, 8080)")
-        p.add_argument("--device", help="auto | cpu | cuda | mps")
-        p.add_argument("--device-index", type=str, help="GPU index")
-        p.add_argument("--threads", type=str, help="CPU threads for inference (default: one per core)")
+        # flags the main parser has too: SUPPRESS keeps one given before the command (see _gen_flags)
+        p.add_argument("--device", default=argparse.SUPPRESS, help="auto | cpu | cuda | mps")
+        p.add_argument("--device-index", type=str, default=argparse.SUPPRESS, help="GPU index")
+        p.add_argument("--threads", type=str, default=argparse.SUPPRESS, help="CPU threads for inference (default: one per core)")
         p.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
         p.add_argument("--cors", action="append", metavar="ORIGIN", help="allow this browser origin (repeatable)")
         p.add_argument("--detached", action="store_true", help="run in the background (pid and log files)")
@@ -105,12 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("embed", help="print embeddings of texts as JSON", epilog=EPILOG)
     p.add_argument("texts", nargs="+", help="texts to embed")
-    p.add_argument("-m", "--model-path", help="embedding model (default: the bundled all-MiniLM-L6-v2)")
-    p.add_argument("--device", help="auto | cpu | cuda | mps")
-    p.add_argument("--threads", type=str, help="CPU threads (default: one per core)")
+    p.add_argument("-m", "--model-path", default=argparse.SUPPRESS, help="embedding model (default: the bundled all-MiniLM-L6-v2)")
+    p.add_argument("--device", default=argparse.SUPPRESS, help="auto | cpu | cuda | mps")
+    p.add_argument("--threads", type=str, default=argparse.SUPPRESS, help="CPU threads (default: one per core)")
 
     p = sub.add_parser("config", help="show every setting, its value and where it came from", epilog=EPILOG)
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
     p.add_argument("--show-secrets", action="store_true", help="print the API key instead of stars")
     return parser
 
@@ -191,21 +217,38 @@ def run_config(args: argparse.Namespace, settings: Settings) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="influence settings", caption=f"settings file: {settings_file()}")
+    table = Table(title="influence settings")
     for col in ("setting", "value", "source"):
         table.add_column(col)
     for row in rows:
         value = "" if row["value"] is None else str(row["value"])
         table.add_row(row["env"], value, row["source"])
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    # on its own line, never wrapped: a path to copy
+    console.print(f"settings file: {settings_file()}", soft_wrap=True, highlight=False)
     return 0
+
+
+def _warn_threads(settings: Settings) -> None:
+    from influence_tui.engine.governor import usable_cpus  # no torch: a plain module
+
+    if settings.threads and settings.threads > usable_cpus():
+        source = settings.sources.get("threads", "")
+        print(f"warning: {settings.threads} threads (set by {source}) is more than the {usable_cpus()} CPUs here: "
+              f"using {usable_cpus()}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.output and not args.batch:
+        parser.error("--output goes with --batch (it names the results file)")
+    if args.batch and args.command:
+        parser.error(f"--batch runs on its own: leave out the `{args.command}` command")
     try:
         settings = settings_from_args(args)
+        _warn_threads(settings)
         handler = _handler(args.command, args)
         return int(handler(args, settings) or 0)
     except ConfigError as exc:
@@ -213,11 +256,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        # Leave without the interpreter's teardown: the engine's worker thread may be inside torch
+        # (converting a GGUF on first load), and finalizing under it aborts the process (SIGABRT,
+        # "terminate called without an active exception") instead of exiting 130.
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(130)
     except BrokenPipeError:
         return 0
     except Exception as exc:  # user-facing errors from the engine, hub, library: one line, no traceback
-        if os.environ.get("INFLUENCE_DEBUG"):
+        if os.environ.get("INFLUENCE_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off"):
             raise
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         print(f"error: {message}", file=sys.stderr)

@@ -323,6 +323,9 @@ def search_models(query: str | None, limit: int = 20, author: str | None = None,
         infos = list(api.list_models(search=query or None, author=author or None, filter=filter or None,
                                      sort=_SORTS[sort], limit=limit, expand=expand))
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line
+        response = getattr(exc, "response", None)
+        if getattr(response, "status_code", None) == 404:  # the search route itself is missing
+            raise HubError(f"{ep} has no model search (404 on /api/models): is it a Hugging Face Hub or mirror?") from None
         raise _map_hf_exception(exc, ep, query or "search", None, tok) from None
     out = []
     for m in infos:

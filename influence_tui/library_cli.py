@@ -22,6 +22,9 @@ def run_list(args: argparse.Namespace, settings: Settings) -> int:
     if not models:
         console.print(f"No models found in {settings.output_dir}. Try `influence search` and `influence download`.")
         return 0
+    # the table lists what can be loaded; --all adds the rest with the reason each cannot
+    hidden = [] if args.all else [m for m in models if not m.usable]
+    models = [m for m in models if m not in hidden]
     table = Table(title=f"models ({settings.output_dir}, Hugging Face cache, Ollama, LM Studio, bundled)")
     for col in ("name", "source", "format", "quant", "arch", "params", "context", "size", "files", "status"):
         table.add_column(col, no_wrap=col != "status")
@@ -39,5 +42,9 @@ def run_list(args: argparse.Namespace, settings: Settings) -> int:
             str(m.file_count),
             status,
         )
-    console.print(table)
+    if models:
+        console.print(table)
+    if hidden:
+        what = "model cannot" if len(hidden) == 1 else "models cannot"
+        console.print(f"{len(hidden)} more {what} be used here (`influence list --all` shows why).")
     return 0

@@ -240,3 +240,8 @@ def test_list_command_json_and_no_torch(tmp_path):
     assert rows["SmolLM2-135M-Instruct"]["quantization"] == "Q4_1"
     text = subprocess.run([sys.executable, "-m", "influence_tui", "list", "--models-dir", str(tmp_path / "models")], capture_output=True, text=True)
     assert text.returncode == 0 and "SmolLM2-135M-Instruct" in text.stdout and "Q4_1" in text.stdout
+    # the table lists what loads; the broken file is counted, and --all shows it with its reason
+    assert "broken" not in text.stdout and "1 more model cannot be used here" in text.stdout
+    every = subprocess.run([sys.executable, "-m", "influence_tui", "list", "--all", "--models-dir", str(tmp_path / "models")],
+                           capture_output=True, text=True)
+    assert "broken" in every.stdout and "unusable" in every.stdout and "cannot be used" not in every.stdout

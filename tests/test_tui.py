@@ -300,6 +300,22 @@ async def test_save_on_exit_and_start_session(tmp_path: Path) -> None:
     assert [m["content"] for m in data["messages"]] == ["from file", "an answer"]
 
 
+async def test_a_session_file_that_does_not_load_is_not_overwritten_on_exit(tmp_path: Path) -> None:
+    """The README's `chat --session F --save-on-exit F` with a damaged F: F keeps its bytes."""
+    damaged = tmp_path / "notes.json"
+    damaged.write_text('{"messages": [{"role": "user", "content": "my important notes"')
+    before = damaged.read_bytes()
+    app = make_app(session_path=str(damaged), save_on_exit=str(damaged))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: any("left as it is" in str(n.message) for n in app._notifications),
+                         timeout=30, what="the notice")
+        app.conversation.add("user", "typed after")
+        await pilot.press("ctrl+q")
+    assert damaged.read_bytes() == before
+    saved = json.loads((tmp_path / "notes.new.json").read_text())
+    assert [m["content"] for m in saved["messages"]] == ["typed after"]
+
+
 # -- settings, help, palette, theme ---------------------------------------------------------------
 async def test_settings_validation_and_persistence() -> None:
     app = make_app()

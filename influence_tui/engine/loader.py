@@ -361,6 +361,7 @@ def save_converted(path: Path, model: LlamaModel, info: dict, identity: str = ""
     meta = {"config": json.dumps(dataclasses.asdict(model.cfg)), "info": json.dumps(info),
             "version": str(weights_cache.WEIGHTS_CACHE_VERSION), "identity": identity}
     path.parent.mkdir(parents=True, exist_ok=True)
+    weights_cache.remove_orphans(path.parent, ("*.*.tmp",))  # an earlier save that was interrupted
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     try:
         save_file(tensors, str(tmp), metadata=meta)

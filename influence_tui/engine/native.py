@@ -84,6 +84,10 @@ def build(flags: list[str] | None = None, out_dir: Path | None = None) -> Path:
     if lib.exists():
         return lib
     folder.mkdir(parents=True, exist_ok=True)
+    from influence_tui.engine.weights_cache import remove_orphans  # (it imports this module)
+
+    # a build interrupted mid-compile leaves these (its cleanup runs on a daemon thread)
+    remove_orphans(folder, ("decode-*.*.c", "decode-*.*.tmp"))
     c_file = folder / f"decode-{key}.{os.getpid()}.c"
     tmp = lib.with_suffix(f".{os.getpid()}.tmp")
     try:

@@ -32,7 +32,7 @@ import numpy as np
 
 from influence_tui.engine import native, rope, weights_cache
 from influence_tui.engine.base import LoadedModel, ModelConfig
-from influence_tui.engine.governor import ThreadGovernor
+from influence_tui.engine.governor import ThreadGovernor, capped_threads
 from influence_tui.engine.native import IntRows, LayerT, NativeStep, NativeUnavailable, Q4Mat
 from influence_tui.engine.sources import Located, allocate_and_tokenizer, locate, safetensors_files
 
@@ -133,7 +133,7 @@ class KernelLlama:
 
     def set_threads(self, n: int | None) -> None:
         """Kernel threads (None: one per physical core, as torch's default)."""
-        self.threads = max(1, n or physical_cores())
+        self.threads = capped_threads(n) or physical_cores()
 
     # -- steps --------------------------------------------------------------------------------
     def _kernel(self) -> NativeStep:

@@ -366,9 +366,11 @@ class Engine:
         return self._summary
 
     def _apply_threads(self, model: Any = None) -> None:
-        """INFLUENCE_THREADS: the CPU threads of the C kernel, torch and the embeddings (the loader
-        caps them at the CPU count); unset, one per physical core, torch's default. torch is only
-        set where it is loaded: the kernel's own model never imports it."""
+        """INFLUENCE_THREADS: the CPU threads of the C kernel, torch and the embeddings, at most one
+        per usable CPU; unset, one per physical core, torch's default. torch is only set where it is
+        loaded: the kernel's own model never imports it."""
+        from influence_tui.engine.governor import capped_threads
+
         if model is not None and hasattr(model, "set_threads"):
             model.set_threads(self.settings.threads)
         torch = sys.modules.get("torch")
@@ -376,7 +378,7 @@ class Engine:
             return
         if self._default_threads is None:
             self._default_threads = torch.get_num_threads()
-        torch.set_num_threads(self.settings.threads or self._default_threads)
+        torch.set_num_threads(capped_threads(self.settings.threads) or self._default_threads)
 
     def _load_model(self, path: str, device: str) -> Any:
         from influence_tui.engine.base import ModelLoadError

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
+import os
 import re
 import threading
 from collections.abc import Callable, Iterable
@@ -211,3 +212,23 @@ def numpy_tensors(path: Path, mapped: Callable[[str], bool] = lambda name: False
     for view in out.values():
         view.flags.writeable = False  # the reader thread writes through its own buffer
     return out, meta, finish
+
+
+def remove_orphans(folder: Path, patterns: tuple[str, ...]) -> None:
+    """Temporary files named NAME.PID.EXT whose process is gone: left by a process killed or
+    interrupted while it wrote them (Ctrl-C exits without the interpreter's cleanup)."""
+    for pattern in patterns:
+        for path in folder.glob(pattern):
+            pid = path.name.split(".")[-2]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True

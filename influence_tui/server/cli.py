@@ -121,6 +121,18 @@ def _child_argv(args: argparse.Namespace, settings: Settings) -> list[str]:
     return argv
 
 
+def _child_env(settings: Settings) -> dict[str, str]:
+    """The detached server's environment: ours, plus every setting given as a flag (--threads,
+    --temperature, --system, ...) as its variable, since the child gets no flags for most of them."""
+    env = dict(os.environ)
+    for row in settings.rows(reveal=True):
+        if row["source"] == "flag" and row["value"] is not None:
+            env[row["env"]] = str(row["value"])
+    if settings.api_key:
+        env["INFLUENCE_API_KEY"] = settings.api_key
+    return env
+
+
 def _detach(args: argparse.Namespace, settings: Settings, wait_s: float = 300.0) -> int:
     running = read_pid_info()
     if running is not None:
@@ -130,9 +142,7 @@ def _detach(args: argparse.Namespace, settings: Settings, wait_s: float = 300.0)
     _warn_if_exposed(settings)
     log = log_file()
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    if settings.api_key:
-        env["INFLUENCE_API_KEY"] = settings.api_key
+    env = _child_env(settings)
     with open(log, "ab") as out, open(os.devnull, "rb") as devnull:
         proc = subprocess.Popen(_child_argv(args, settings), stdin=devnull, stdout=out, stderr=subprocess.STDOUT,
                                 env=env, start_new_session=True, cwd=os.getcwd())

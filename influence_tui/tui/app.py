@@ -111,6 +111,20 @@ class InfluenceApp(App[int]):
             await chat.load_file(path)
         except SessionError as exc:
             self.notify(str(exc), title="Session not loaded", severity="error", timeout=10)
+            self._keep_unreadable(Path(path))
+
+    def _keep_unreadable(self, path: Path) -> None:
+        """`--session F --save-on-exit F` and F did not load: saving on exit would replace what
+        is in F (a damaged session, someone's notes) with this chat. Save beside it instead."""
+        if not self.save_on_exit_path or not path.exists():
+            return
+        target = Path(self.save_on_exit_path)
+        if target.resolve() != path.resolve():
+            return
+        beside = target.with_name(f"{target.stem}.new{target.suffix or '.json'}")
+        self.save_on_exit_path = str(beside)
+        self.notify(f"{target.name} is left as it is: this chat will be saved to {beside.name} on exit",
+                    title="Session kept", timeout=10)
 
     def save_on_exit(self) -> Path | None:
         """Save the session to --save-on-exit (called however the app ends; safe to repeat)."""

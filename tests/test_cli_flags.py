@@ -1,0 +1,95 @@
+"""The command line's own rules: where flags may go, what they may hold, what is left behind."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+
+
+def run(*args, env_extra=None):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "influence_tui", *args], capture_output=True, text=True, env=env, timeout=180)
+
+
+def test_generation_flags_before_the_command_apply():
+    out = run("--max-tokens", "2", "--temperature", "0", "--json", "generate", "Tell me a long story.")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)  # --json before the command counts too
+    assert data["completion_tokens"] == 2
+    bad = run("--temperature", "abc", "generate", "hi")
+    assert bad.returncode == 2 and "temperature" in bad.stderr
+
+
+def test_flags_that_go_together_are_checked():
+    out = run("--output", "results.jsonl")
+    assert out.returncode == 2 and "--output goes with --batch" in out.stderr
+    out = run("--batch", "prompts.txt", "generate", "hi")
+    assert out.returncode == 2 and "--batch runs on its own" in out.stderr
+    for limit in ("0", "-5", "abc"):
+        out = run("search", "llama", "--limit", limit)
+        assert out.returncode == 2 and "--limit" in out.stderr
+
+
+def test_more_threads_than_cpus_are_capped_with_a_warning():
+    from influence_tui.engine.governor import capped_threads, usable_cpus
+
+    assert capped_threads(10_000) == usable_cpus() and capped_threads(1) == 1 and capped_threads(None) is None
+    out = run("--threads", "1000", "config", "--json")
+    assert out.returncode == 0 and f"more than the {usable_cpus()} CPUs here: using {usable_cpus()}" in out.stderr
+
+
+def test_config_prints_the_settings_path_whole():
+    out = run("config", env_extra={"COLUMNS": "40", "INFLUENCE_CONFIG_DIR": "/tmp/a-rather-long-folder-name/for-settings"})
+    assert "settings file: /tmp/a-rather-long-folder-name/for-settings/settings.json" in out.stdout
+
+
+def test_a_detached_server_gets_the_settings_given_as_flags():
+    from influence_tui.config import Settings
+    from influence_tui.server.cli import _child_env
+
+    env = _child_env(Settings.load({"threads": "1", "temperature": "0.2"}, env={}, use_file=False))
+    assert env["INFLUENCE_THREADS"] == "1" and env["INFLUENCE_TEMPERATURE"] == "0.2"
+    assert "INFLUENCE_TOP_P" not in env or env["INFLUENCE_TOP_P"] == os.environ.get("INFLUENCE_TOP_P")
+
+
+def test_search_against_a_server_without_the_hub_api_says_so():
+    class NotAHub(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), NotAHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        out = run("search", "llama", "-r", f"http://127.0.0.1:{server.server_port}")
+    finally:
+        server.shutdown()
+    assert out.returncode == 1 and "has no model search" in out.stderr and "repository" not in out.stderr
+
+
+def test_temporary_files_of_dead_processes_are_removed(tmp_path: Path):
+    from influence_tui.engine.weights_cache import remove_orphans
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(done.stdout)
+    orphan = tmp_path / f"decode-abc.{dead}.c"
+    mine = tmp_path / f"decode-abc.{os.getpid()}.tmp"
+    other = tmp_path / "decode-abc.so"
+    for f in (orphan, mine, other):
+        f.write_text("x")
+    remove_orphans(tmp_path, ("decode-*.*.c", "decode-*.*.tmp"))
+    assert not orphan.exists() and mine.exists() and other.exists()
+
+
+@pytest.mark.parametrize("value", ["0", "false", "off"])
+def test_debug_off_values_keep_errors_to_one_line(value):
+    out = run("generate", "hi", "--model-path", "/no/such/model.gguf", env_extra={"INFLUENCE_DEBUG": value})
+    assert out.returncode == 1 and "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
