@@ -12,7 +12,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 from influence_tui import __version__
-from influence_tui.config import ConfigError, Settings
+from influence_tui.config import ConfigError, Settings, env_flag
 
 EPILOG = "Settings come from flags, then INFLUENCE_* environment variables, then ./.env, then the settings file (see `influence config`)."
 
@@ -155,7 +155,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             flags["output_dir"] = getattr(args, "output", None)
     if getattr(args, "command", None) == "list":
         flags["output_dir"] = getattr(args, "models_dir", None)
-    if getattr(args, "system", None):
+    if getattr(args, "system", None) is not None:  # --system "" clears a system prompt set lower down
         flags["system_prompt"] = args.system
     return Settings.load(flags)
 
@@ -242,7 +242,7 @@ def _warn_threads(settings: Settings) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.output and not args.batch:
+    if args.output and not args.batch and args.command != "download":  # (download's own -o/--output)
         parser.error("--output goes with --batch (it names the results file)")
     if args.batch and args.command:
         parser.error(f"--batch runs on its own: leave out the `{args.command}` command")
@@ -268,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return 0
     except Exception as exc:  # user-facing errors from the engine, hub, library: one line, no traceback
-        if os.environ.get("INFLUENCE_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off"):
+        if env_flag("INFLUENCE_DEBUG"):
             raise
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         print(f"error: {message}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """Settings: command-line flags > INFLUENCE_* environment > ./.env > user settings file > defaults.
 
 Every setting of the original tool keeps its environment name. Each value remembers where it came
-from so `influence config` can show it. A bad value raises `ConfigError` with one line naming the
+from so `influence config` can show it. An empty environment or .env value counts as not set; an
+empty flag is a value (`--system ""` clears a system prompt set further down). A bad value raises `ConfigError` with one line naming the
 variable, the value and what is allowed; the CLI turns it into exit code 2.
 """
 
@@ -9,10 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from influence_tui.params import GenerationParams, ParamError, coerce
 
@@ -66,8 +68,10 @@ def _url(raw: Any) -> str | None:
     value = str(raw).strip().rstrip("/")
     if not value:
         return None
+    if "://" not in value and re.fullmatch(r"[A-Za-z0-9.-]+(:\d+)?(/\S*)?", value):
+        value = "https://" + value  # a bare host (hf-mirror.com), as the mirror docs write it
     if not value.startswith(("http://", "https://")):
-        raise ParamError("expected an http:// or https:// URL")
+        raise ParamError("expected an http:// or https:// URL, or a host name")
     return value
 
 
@@ -119,6 +123,75 @@ def config_dir() -> Path:
 
 def settings_file() -> Path:
     return config_dir() / "settings.json"
+
+
+_OFF_WORDS = ("", "0", "false", "no", "off")
+
+
+def env_flag(name: str, env: Mapping[str, str] | None = None, default: bool = False) -> bool:
+    """A yes/no environment switch: "0", "false", "no", "off" (any case) mean off, other values on.
+
+    Unset or empty gives `default`, so `NAME=` left in a shell or a script never turns a switch on.
+    """
+    raw = (os.environ if env is None else env).get(name)
+    if raw is None or not raw.strip():
+        return default
+    return raw.strip().lower() not in _OFF_WORDS
+
+
+# Environment-only numbers read by the downloader (hub.RetryPolicy): (type, min, max). Checked at
+# load so a typo stops the program at once, not minutes later when a download first retries.
+ENV_NUMBERS: dict[str, tuple[type, float, float]] = {
+    "INFLUENCE_HUB_RETRIES": (int, 0, 1000),
+    "INFLUENCE_HUB_BACKOFF": (float, 0.0, 3600.0),
+    "INFLUENCE_HUB_TIMEOUT": (float, 0.1, 3600.0),  # 0 would time every request out at once
+}
+
+
+def env_number(name: str, env: Mapping[str, str] | None = None) -> int | float | None:
+    """The value of an environment-only number; None when unset or empty; ConfigError when bad."""
+    raw = (os.environ if env is None else env).get(name)
+    if raw is None or not raw.strip():
+        return None
+    kind, lo, hi = ENV_NUMBERS[name]
+    try:
+        value = kind(raw.strip())
+    except ValueError:
+        value = None
+    if value is None or not lo <= value <= hi:  # also rejects nan and inf
+        word = "an integer" if kind is int else "a number"
+        raise ConfigError(f"{name}={raw!r} is not valid: expected {word} from {lo:g} to {hi:g}")
+    return value
+
+
+def check_cache_dir(env: Mapping[str, str] | None = None) -> None:
+    """ConfigError when INFLUENCE_CACHE_DIR is, or lies under, a file (mkdir would fail later, naming no variable)."""
+    raw = (os.environ if env is None else env).get("INFLUENCE_CACHE_DIR")
+    if not raw:  # empty = the platform's cache folder, as engine.tokenizer.cache_dir reads it
+        return
+    path = Path(raw)
+    for candidate in (path, *path.parents):
+        try:
+            if not candidate.exists():
+                continue
+            if not candidate.is_dir():
+                raise ConfigError(f"INFLUENCE_CACHE_DIR={raw!r} is not valid: {candidate} is a file, not a folder")
+        except OSError:  # unreadable: leave it to the code that writes there
+            pass
+        return
+
+
+def check_environment(env: Mapping[str, str]) -> None:
+    """Check the environment-only variables (not settings: they have no flag, .env or file layer)."""
+    for name in ENV_NUMBERS:
+        env_number(name, env)
+    check_cache_dir(env)
+
+
+def _given(raw: str | None) -> str | None:
+    # An empty environment or .env value means "not set", so the next source down applies: a
+    # copied template or an `export NAME=` must never silently replace a saved setting.
+    return raw if raw is not None and raw.strip() else None
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
@@ -193,6 +266,7 @@ class Settings:
     ) -> "Settings":
         """Resolve every setting from its strongest source; raise ConfigError on a bad value."""
         env = dict(os.environ) if env is None else env
+        check_environment(env)
         dotenv = read_dotenv((cwd or Path.cwd()) / ".env")
         stored = read_settings_file() if use_file else {}
         flags = {k: v for k, v in (flags or {}).items() if v is not None}
@@ -201,8 +275,8 @@ class Settings:
         for spec in SPECS:
             layers = (
                 ("flag", flags.get(spec.name), f"--{spec.name.replace('_', '-')}"),
-                ("env", env.get(spec.env), spec.env),
-                (".env", dotenv.get(spec.env), f"{spec.env} in .env"),
+                ("env", _given(env.get(spec.env)), spec.env),
+                (".env", _given(dotenv.get(spec.env)), f"{spec.env} in .env"),
                 ("file", stored.get(spec.name), f"{spec.name} in {settings_file()}"),
             )
             for source, raw, label in layers:

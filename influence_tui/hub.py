@@ -163,15 +163,17 @@ class RetryPolicy:
     @classmethod
     def from_env(cls) -> RetryPolicy:
         # Tests (and impatient users) shorten these without code changes.
+        from influence_tui.config import ConfigError, env_number
+
         p = cls()
-        for attr, var, typ in (("retries", "INFLUENCE_HUB_RETRIES", int), ("backoff_s", "INFLUENCE_HUB_BACKOFF", float),
-                               ("timeout_s", "INFLUENCE_HUB_TIMEOUT", float)):
-            raw = os.environ.get(var)
-            if raw:
-                try:
-                    setattr(p, attr, typ(raw))
-                except ValueError:
-                    raise HubError(f"{var}={raw!r} is not a number") from None
+        for attr, var in (("retries", "INFLUENCE_HUB_RETRIES"), ("backoff_s", "INFLUENCE_HUB_BACKOFF"),
+                          ("timeout_s", "INFLUENCE_HUB_TIMEOUT")):
+            try:  # the ranges and message of the start-up check (config.ENV_NUMBERS)
+                value = env_number(var)
+            except ConfigError as exc:
+                raise HubError(str(exc)) from None
+            if value is not None:
+                setattr(p, attr, value)
         return p
 
 

@@ -76,12 +76,19 @@ def normalize_stop(stop: Any) -> tuple[str, ...]:
     raise ParamError("stop must be a string or a list of strings")
 
 
+def _number(value: float, kind: type) -> str:
+    # "{:g}" would print 1_000_000 as "1e+06"; users type plain digits, so show them plain digits.
+    if kind is int or float(value).is_integer():
+        return str(int(value))
+    return repr(float(value))
+
+
 def describe_range(name: str) -> str:
     kind, lo, hi = RANGES[name]
     word = "an integer" if kind is int else "a number"
-    if lo is None:
+    if lo is None or hi is None:
         return word
-    return f"{word} from {lo:g} to {hi:g}"
+    return f"{word} from {_number(lo, kind)} to {_number(hi, kind)}"
 
 
 def coerce(name: str, value: Any) -> Any:
