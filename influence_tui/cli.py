@@ -30,6 +30,8 @@ def _gen_flags(p: argparse.ArgumentParser, chat: bool = False, sub: bool = True)
     g.add_argument("--device", help="auto | cpu | cuda | mps (default: auto)")
     g.add_argument("--device-index", type=str, help="GPU index when there are several")
     g.add_argument("--threads", type=str, help="CPU threads for inference (default: one per core)")
+    g.add_argument("--ctx-size", "--context-length", dest="context_length", type=str,
+                   help="context per request in tokens (default: the model's, at most 4096)")
     g.add_argument("--max-tokens", type=str, help="maximum tokens to generate (default 512)")
     g.add_argument("--temperature", type=str, help="0-2, 0 = greedy (default 0.7)")
     g.add_argument("--top-p", type=str, help="0-1 (default 0.9)")
@@ -123,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default=argparse.SUPPRESS, help="auto | cpu | cuda | mps")
         p.add_argument("--device-index", type=str, default=argparse.SUPPRESS, help="GPU index")
         p.add_argument("--threads", type=str, default=argparse.SUPPRESS, help="CPU threads for inference (default: one per core)")
+        p.add_argument("--ctx-size", "--context-length", dest="context_length", type=str, default=argparse.SUPPRESS,
+                       help="context per request in tokens (default: the model's, at most 4096)")
         p.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
         p.add_argument("--cors", action="append", metavar="ORIGIN", help="allow this browser origin (repeatable)")
         p.add_argument("--detached", action="store_true", help="run in the background (pid and log files)")
@@ -130,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--status", action="store_true", help="show whether a detached server runs")
 
     p = sub.add_parser("embed", help="print embeddings of texts as JSON", epilog=EPILOG)
-    p.add_argument("texts", nargs="+", help="texts to embed")
+    p.add_argument("texts", nargs="+", help="texts to embed (- reads one text from stdin)")
     p.add_argument("-m", "--model-path", default=argparse.SUPPRESS, help="embedding model (default: the bundled all-MiniLM-L6-v2)")
     p.add_argument("--device", default=argparse.SUPPRESS, help="auto | cpu | cuda | mps")
     p.add_argument("--threads", type=str, default=argparse.SUPPRESS, help="CPU threads (default: one per core)")
@@ -142,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _FLAG_SETTINGS = (
-    "model_path", "device", "device_index", "threads", "max_tokens", "temperature", "top_p", "top_k", "min_p",
+    "model_path", "device", "device_index", "threads", "context_length", "max_tokens", "temperature", "top_p", "top_k", "min_p",
     "repeat_penalty", "seed", "host", "port", "api_key",
 )
 

@@ -64,6 +64,16 @@ def _threads(raw: Any) -> int | None:
         raise ParamError("expected auto (empty) or an integer from 1 to 1024") from None
 
 
+def _context(raw: Any) -> int | None:
+    value = str(raw).strip().lower()
+    if value in ("", "auto"):
+        return None
+    try:
+        return _int_range(64, 1_048_576)(value)
+    except ParamError:
+        raise ParamError("expected auto (empty) or an integer from 64 to 1048576") from None
+
+
 def _url(raw: Any) -> str | None:
     value = str(raw).strip().rstrip("/")
     if not value:
@@ -99,6 +109,8 @@ SPECS: tuple[Spec, ...] = (
     Spec("device", "INFLUENCE_DEVICE", "auto", _device, "auto | cpu | cuda | mps"),
     Spec("device_index", "INFLUENCE_DEVICE_INDEX", 0, _int_range(0, 64), "GPU index when several"),
     Spec("threads", "INFLUENCE_THREADS", None, _threads, "CPU threads for inference (empty = one per core)"),
+    Spec("context_length", "INFLUENCE_CONTEXT_LENGTH", None, _context,
+         "context per request, in tokens (empty = the model's, at most 4096)"),
     Spec("port", "INFLUENCE_PORT", 8080, _int_range(1, 65535), "API server port"),
     Spec("host", "INFLUENCE_HOST", "127.0.0.1", lambda raw: _text(raw) or "127.0.0.1", "API server bind address"),
     Spec("api_key", "INFLUENCE_API_KEY", None, _text, "require 'Authorization: Bearer <key>' on the API"),
@@ -247,6 +259,7 @@ class Settings:
     device: str = "auto"
     device_index: int = 0
     threads: int | None = None
+    context_length: int | None = None  # KV cache positions a request can use (None: the model's, at most 4096)
     port: int = 8080
     host: str = "127.0.0.1"
     api_key: str | None = None

@@ -3,20 +3,75 @@
 from __future__ import annotations
 
 import argparse
+import codecs
+import difflib
 import json
+import os
+import stat
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, TextIO
 
 from influence_tui.config import Settings
 from influence_tui.engine.types import ChatMessage, GenerationRequest
-from influence_tui.params import GenerationParams, ParamError, params_from_mapping
+from influence_tui.params import PARAM_NAMES, GenerationParams, ParamError, params_from_mapping
+
+
+class InputError(Exception):
+    """Bad input (a file, stdin, an argument): one line on stderr and exit 2, before any model loads."""
+
+
+def _decode(data: bytes, label: str) -> str:
+    """Strict UTF-8 (a leading BOM dropped): undecodable bytes must not reach the tokenizer as
+    lone surrogates, which fail deep inside it, and in a batch take every other prompt down too."""
+    skip = 3 if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[skip:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        at = skip + exc.start  # an offset into the file as given, BOM included
+        raise InputError(f"{label} is not UTF-8 text (byte 0x{data[at]:02x} at offset {at})") from None
+
+
+def _read_text(name: str) -> str:
+    """The text of file `name`, or of standard input for '-'."""
+    if name == "-":
+        if sys.stdin is None:  # started with stdin closed (`<&-`)
+            raise InputError("standard input is closed")
+        return _decode(sys.stdin.buffer.read(), "standard input")
+    try:
+        with open(name, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise InputError(f"cannot read {name}: {exc.strerror}") from None
+    return _decode(data, name)
+
+
+def _arg_text(value: str, label: str) -> str:
+    """An argument (or setting) as text: argv bytes that are not UTF-8 arrive as lone surrogates."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        pass
+    else:
+        return value
+    try:
+        raw = os.fsencode(value)  # the bytes as given on the command line or in the environment
+    except UnicodeEncodeError:  # a surrogate that came from elsewhere (a "\ud800" JSON escape)
+        raise InputError(f"{label} is not valid Unicode text") from None
+    return _decode(raw, label)  # raises InputError naming the bad byte
 
 
 def _params(args: argparse.Namespace, settings: Settings) -> GenerationParams:
     params = settings.generation_params()
-    return params.with_(stop=getattr(args, "stop", None) or None, ignore_eos=getattr(args, "ignore_eos", False) or None)
+    stop = [_arg_text(s, "--stop") for s in getattr(args, "stop", None) or []]
+    return params.with_(stop=stop or None, ignore_eos=getattr(args, "ignore_eos", False) or None)
+
+
+def _system(settings: Settings) -> str | None:
+    system = settings.system_prompt
+    return _arg_text(system, "the system prompt") if system else system
 
 
 def _engine(settings: Settings, max_batch: int = 8):
@@ -26,16 +81,27 @@ def _engine(settings: Settings, max_batch: int = 8):
 
 
 def run_generate(args: argparse.Namespace, settings: Settings) -> int:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    try:
+        prompt = _read_text("-") if args.prompt == "-" else _arg_text(args.prompt, "the prompt")
+        request = GenerationRequest(prompt=prompt, system=_system(settings), params=_params(args, settings), raw=args.raw,
+                                    format=getattr(args, "format", None))
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if not prompt.strip():
         print("error: the prompt is empty", file=sys.stderr)
         return 2
     engine = _engine(settings, max_batch=1)
+    try:
+        return _stream_generate(engine, request, args, settings)
+    finally:
+        engine.shutdown()
+
+
+def _stream_generate(engine: Any, request: GenerationRequest, args: argparse.Namespace, settings: Settings) -> int:
     t0 = time.perf_counter()
     summary = engine.load(settings.model_path, device=settings.device)
     load_s = time.perf_counter() - t0
-    request = GenerationRequest(prompt=prompt, system=settings.system_prompt, params=_params(args, settings), raw=args.raw,
-                                format=getattr(args, "format", None))
     stream = engine.submit(request)
     try:
         for event in stream:
@@ -49,8 +115,6 @@ def run_generate(args: argparse.Namespace, settings: Settings) -> int:
             sys.stdout.write("\n")
         print("interrupted", file=sys.stderr)
         return 130
-    finally:
-        engine.shutdown()
     result = stream.result
     assert result is not None
     if result.finish_reason == "error":
@@ -76,100 +140,267 @@ def run_generate(args: argparse.Namespace, settings: Settings) -> int:
 def run_embed(args: argparse.Namespace, settings: Settings) -> int:
     from influence_tui.engine import Engine
 
+    try:
+        texts = _embed_texts(list(args.texts))
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     engine = Engine(settings)
-    result = engine.embed(list(args.texts), model=getattr(args, "model_path", None))
+    try:
+        result = engine.embed(texts, model=getattr(args, "model_path", None))
+    finally:
+        engine.shutdown()
     print(json.dumps({"model": result.model, "prompt_tokens": result.prompt_tokens, "embeddings": result.embeddings}))
     return 0
 
 
+def _embed_texts(args: list[str]) -> list[str]:
+    """The texts to embed: '-' is standard input (one text, read once); none may be blank,
+    since a blank text still gets a vector that means nothing."""
+    if args.count("-") > 1:
+        raise InputError("'-' (standard input) can be given only once")
+    texts = [_read_text("-") if a == "-" else _arg_text(a, f"text {n}") for n, a in enumerate(args, 1)]
+    for n, text in enumerate(texts, 1):
+        if not text.strip():
+            raise InputError(f"text {n} is empty")
+    return texts
+
+
 # --- batch ----------------------------------------------------------------------------------------
+
+# What a JSONL line may hold: anything else is most likely a typo ("temprature") that would
+# otherwise be ignored without a word, leaving the default in force.
+BATCH_FIELDS = ("id", "prompt", "messages", "system", "format", *PARAM_NAMES)
 
 
 @dataclass
 class BatchItem:
-    index: int
+    line: int  # the 1-based line of the input: unique, and what an editor shows
     id: Any
     request: GenerationRequest | None
     error: str | None = None
 
 
-def parse_batch_line(index: int, line: str, base: GenerationParams, system: str | None) -> BatchItem:
-    """A plain line is a prompt; a line starting with '{' is JSON: {"id"?, "prompt"|"messages", "format"?, …params}."""
-    text = line.strip()
+def _check_text(value: Any, what: str) -> str:
+    """A JSON string the tokenizer can take: a "\\udcce" escape decodes to a lone surrogate."""
+    if not isinstance(value, str):
+        raise ParamError(f"{what} must be a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ParamError(f"{what} is not valid Unicode text (it holds a lone surrogate)") from None
+    return value
+
+
+def _check_fields(obj: dict[str, Any]) -> None:
+    for key in obj:
+        if key not in BATCH_FIELDS:
+            close = difflib.get_close_matches(key, BATCH_FIELDS, n=1)
+            raise ParamError(f"unknown field {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    if "ignore_eos" in obj and not isinstance(obj["ignore_eos"], bool):
+        raise ParamError("ignore_eos must be true or false")  # bool("false") would be True
+    if "prompt" in obj and "messages" in obj:
+        raise ParamError("give either \"prompt\" or \"messages\", not both")
+    for s in obj.get("stop") or []:
+        if isinstance(s, str):
+            _check_text(s, "stop")
+
+
+def _messages(value: Any) -> list[ChatMessage]:
+    if not isinstance(value, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ("system", "user", "assistant") for m in value):
+        raise ParamError("messages must be a list of {role: system|user|assistant, content: string}")
+    return [ChatMessage(m["role"], _check_text(m["content"], "a message's content")) for m in value]
+
+
+def _json_request(obj: dict[str, Any], base: GenerationParams, system: str | None) -> GenerationRequest:
+    """The request of one JSON line (ParamError with a user-facing message when it is wrong)."""
+    _check_fields(obj)
+    params = params_from_mapping({k: v for k, v in obj.items() if k in PARAM_NAMES}, base)
+    fmt = obj.get("format")
+    if fmt not in (None, "", "json"):
+        raise ParamError("format must be \"json\" (the answer is one JSON object)")
+    if "system" in obj:
+        system = _check_text(obj["system"], "system")
+    if obj.get("messages") is not None:
+        return GenerationRequest(messages=_messages(obj["messages"]), system=system, params=params, format=fmt or None)
+    prompt = obj.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ParamError("needs a non-empty \"prompt\" string or a \"messages\" list")
+    return GenerationRequest(prompt=_check_text(prompt, "prompt"), system=system, params=params, format=fmt or None)
+
+
+def parse_batch_line(line: int, text: str, base: GenerationParams, system: str | None) -> BatchItem:
+    """A plain line is a prompt; a line starting with '{' is JSON: {"id"?, "prompt"|"messages", "format"?, …params}.
+    `line` is the 1-based line number in the file: errors name it, and it is the default id."""
+    text = text.strip()
     if not text.startswith("{"):
-        return BatchItem(index, index + 1, GenerationRequest(prompt=text, system=system, params=base))
+        return BatchItem(line, line, GenerationRequest(prompt=text, system=system, params=base))
     try:
         obj = json.loads(text)
     except ValueError as exc:
-        return BatchItem(index, index + 1, None, f"line {index + 1}: invalid JSON ({exc.msg})")
-    item_id = obj.get("id", index + 1) if isinstance(obj, dict) else index + 1
+        return BatchItem(line, line, None, f"line {line}: invalid JSON ({exc.msg})")
     if not isinstance(obj, dict):
-        return BatchItem(index, item_id, None, f"line {index + 1}: expected a JSON object")
+        return BatchItem(line, line, None, f"line {line}: expected a JSON object")
+    item_id = obj.get("id", line)
     try:
-        params = params_from_mapping({k: v for k, v in obj.items() if k not in ("id", "prompt", "messages", "system", "format")}, base)
-        fmt = obj.get("format")
-        if fmt not in (None, "", "json"):
-            raise ParamError("format must be \"json\" (the answer is one JSON object)")
-        fmt = fmt or None
-        messages = obj.get("messages")
-        if messages is not None:
-            if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ("system", "user", "assistant") for m in messages):
-                raise ParamError("messages must be a list of {role: system|user|assistant, content: string}")
-            msgs = [ChatMessage(m["role"], m["content"]) for m in messages]
-            return BatchItem(index, item_id, GenerationRequest(messages=msgs, system=obj.get("system", system), params=params,
-                                                               format=fmt))
-        prompt = obj.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ParamError("needs a non-empty \"prompt\" string or a \"messages\" list")
-        return BatchItem(index, item_id, GenerationRequest(prompt=prompt, system=obj.get("system", system), params=params,
-                                                           format=fmt))
+        return BatchItem(line, item_id, _json_request(obj, base, system))
     except ParamError as exc:
-        return BatchItem(index, item_id, None, f"line {index + 1}: {exc}")
+        return BatchItem(line, item_id, None, f"line {line}: {exc}")
 
 
-def read_batch(source: TextIO, base: GenerationParams, system: str | None) -> list[BatchItem]:
-    lines = [ln for ln in source.read().splitlines() if ln.strip()]
-    return [parse_batch_line(i, ln, base, system) for i, ln in enumerate(lines)]
+def read_batch(text: str, base: GenerationParams, system: str | None) -> list[BatchItem]:
+    """One item per non-blank line. Split on '\\n' only: str.splitlines() also breaks at \\x0c,
+    \\u2028 and the like (valid inside a JSON string), which would shift every later line number."""
+    lines = text.split("\n")
+    return [parse_batch_line(n, ln, base, system) for n, ln in enumerate(lines, 1) if ln.strip()]
 
 
 def run_batch(args: argparse.Namespace, settings: Settings) -> int:
-    if args.batch == "-":
-        items = read_batch(sys.stdin, _params(args, settings), settings.system_prompt)
-    else:
-        try:
-            with open(args.batch, encoding="utf-8") as fh:
-                items = read_batch(fh, _params(args, settings), settings.system_prompt)
-        except OSError as exc:
-            print(f"error: cannot read {args.batch}: {exc.strerror}", file=sys.stderr)
-            return 2
-    out: TextIO = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        items = _read_items(args, settings)
+        out = _output(args.output)  # before the model loads: a bad output path is reported at once
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         failed = _run_batch_items(items, settings, out)
-    finally:
-        if args.output:
-            out.close()
-    return 1 if failed == len(items) and items else 0
+    except KeyboardInterrupt:
+        out.close(keep=out.rows > 0)  # the answers that finished are kept
+        raise
+    except BaseException:
+        out.close(keep=False)
+        raise
+    if failed < len(items):
+        out.close(keep=True)
+        return 0
+    # every prompt failed: rows made only of errors must not replace an earlier good output
+    first = next(item.error for item in items if item.error)
+    which = "the prompt" if len(items) == 1 else f"all {len(items)} prompts"
+    kept = f"; {args.output} was left as it was" if isinstance(out, _AtomicOutput) else ""
+    print(f"error: {which} failed (first: {first}){kept}", file=sys.stderr)
+    out.close(keep=False)
+    return 1
 
 
-def _run_batch_items(items: list[BatchItem], settings: Settings, out: TextIO) -> int:
-    from influence_tui.engine import Engine, QueueFull
+def _read_items(args: argparse.Namespace, settings: Settings) -> list[BatchItem]:
+    items = read_batch(_read_text(args.batch), _params(args, settings), _system(settings))
+    if not items:
+        raise InputError(f"no prompts in {'standard input' if args.batch == '-' else args.batch}")
+    return items
 
+
+class _Sink:
+    """Where result rows go, one JSON line each, flushed as each completes (`tail -f` works)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.rows = 0
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.stream.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.stream.flush()
+        self.rows += 1
+
+    def close(self, keep: bool) -> None:
+        """What was written stays written (stdout, a pipe): nothing to undo."""
+        if self.stream is not sys.stdout:
+            self.stream.close()
+
+
+def _output(path: str | None) -> _Sink:
+    if not path:
+        return _Sink(sys.stdout)
+    if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+        try:  # a pipe or a device (/dev/stderr, a FIFO): nothing there to keep, write straight to it
+            return _Sink(open(path, "w", encoding="utf-8"))
+        except OSError as exc:
+            raise InputError(f"cannot write {path}: {exc.strerror}") from None
+    return _AtomicOutput(path)
+
+
+class _AtomicOutput(_Sink):
+    """--output: rows go to a temp file beside OUTPUT, which replaces OUTPUT only when the run
+    keeps its results, so a run that fails (model not found, Ctrl-C before any answer) leaves the
+    old file's bytes as they were."""
+
+    def __init__(self, path: str) -> None:
+        # write through a symlink to its target rather than replacing the link with a file
+        self.path = os.path.realpath(path)
+        if os.path.isdir(self.path):
+            raise InputError(f"cannot write {path}: it is a folder")
+        if os.path.exists(self.path) and not os.access(self.path, os.W_OK):  # a read-only file stays protected
+            raise InputError(f"cannot write {path}: Permission denied")
+        folder, name = os.path.split(self.path)
+        try:
+            fd, self.tmp = tempfile.mkstemp(prefix=f"{name}.", suffix=".partial", dir=folder)
+        except OSError as exc:
+            raise InputError(f"cannot write {path}: {exc.strerror}") from None
+        super().__init__(os.fdopen(fd, "w", encoding="utf-8"))
+
+    def close(self, keep: bool) -> None:
+        if not keep:
+            self.stream.close()
+            os.unlink(self.tmp)
+            return
+        self.stream.flush()
+        os.fsync(self.stream.fileno())  # the bytes are on disk before the name moves
+        self.stream.close()
+        try:
+            os.chmod(self.tmp, self._mode())
+            os.replace(self.tmp, self.path)
+        except OSError as exc:  # the results stay where they are rather than being lost
+            raise OSError(f"cannot replace {self.path} ({exc.strerror}): the results are in {self.tmp}") from None
+
+    def _mode(self) -> int:
+        """mkstemp makes the file 0600: keep the old file's mode, or use what open() would give."""
+        try:
+            return stat.S_IMODE(os.stat(self.path).st_mode)
+        except OSError:
+            umask = os.umask(0)
+            os.umask(umask)
+            return 0o666 & ~umask
+
+
+def _run_batch_items(items: list[BatchItem], settings: Settings, out: _Sink) -> int:
+    from influence_tui.engine import Engine
+
+    if all(item.request is None for item in items):
+        return _write_results(items, {}, out)  # every line is wrong: no model to load
     engine = Engine(settings, max_batch=8, max_queue=max(64, len(items) + 1))
-    engine.load(settings.model_path, device=settings.device)
-    # Submit everything at once: the engine starts up to 8 together (a shared system prompt is
-    # prefilled once) and refills slots as answers finish.
+    try:
+        engine.load(settings.model_path, device=settings.device)
+        streams = _submit_all(engine, items)
+        try:
+            return _write_results(items, streams, out)
+        finally:
+            for stream in streams.values():  # on Ctrl-C: stop what is still generating
+                stream.cancel()
+    finally:
+        engine.shutdown()
+
+
+def _submit_all(engine: Any, items: list[BatchItem]) -> dict[int, Any]:
+    """Submit everything at once: the engine starts up to 8 together (a shared system prompt is
+    prefilled once) and refills slots as answers finish. Keyed by line number."""
+    from influence_tui.engine import QueueFull
+
     valid = [item for item in items if item.request is not None]
     try:
-        streams = dict(zip((i.index for i in valid), engine.submit_many([i.request for i in valid])))
+        return dict(zip((i.line for i in valid), engine.submit_many([i.request for i in valid])))
     except QueueFull as exc:
-        streams = {}
         for item in valid:
             item.error = str(exc)
+        return {}
+
+
+def _write_results(items: list[BatchItem], streams: dict[int, Any], out: _Sink) -> int:
+    """Rows in input order, each written as soon as its turn comes; returns how many failed."""
     failed = 0
     with _Progress(len(items)) as progress:
-        for item in items:  # results in input order, each written as soon as its turn comes
-            if item.index in streams:
-                result = streams[item.index].wait()
+        for item in items:
+            row: dict[str, Any] = {}
+            if item.line in streams:
+                result = streams[item.line].wait()
                 if result.finish_reason == "error":
                     item.error = result.error
                 else:
@@ -179,10 +410,8 @@ def _run_batch_items(items: list[BatchItem], settings: Settings, out: TextIO) ->
             if item.error:
                 failed += 1
                 row = {"id": item.id, "error": item.error}
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
-            out.flush()
+            out.write(row)
             progress.advance()
-    engine.shutdown()
     return failed
 
 

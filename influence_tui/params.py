@@ -144,7 +144,9 @@ def params_from_mapping(data: dict[str, Any], base: GenerationParams | None = No
         if key == "stop":
             changes["stop"] = normalize_stop(value)
         elif key == "ignore_eos":
-            changes["ignore_eos"] = bool(value)
+            if not isinstance(value, bool):  # bool("false") is True
+                raise ParamError("ignore_eos must be true or false")
+            changes["ignore_eos"] = value
         elif key in RANGES:
             changes[key] = coerce(key, value)
     return replace(base, **changes)

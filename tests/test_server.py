@@ -719,3 +719,15 @@ def test_openai_error_codes_are_strings_or_null(client):
     typed = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "stream": True,
                                                       "stream_options": {"include_usage": "yes"}})
     assert typed.status_code == 400 and typed.json()["error"]["param"] == "stream_options.include_usage"
+
+
+def test_a_request_with_a_lone_surrogate_fails_alone(client):
+    """JSON may escape a lone surrogate; the tokenizer cannot take it. That request gets a 400, and
+    requests admitted with it in the same step still answer."""
+    good = {"model": "smollm2", "stream": False, "options": {"num_predict": 3, "temperature": 0}}
+    with ThreadPoolExecutor(4) as pool:
+        bad = pool.submit(client.post, "/api/generate", content='{"model": "smollm2", "prompt": "hi \\udcce", "stream": false}',
+                          headers={"content-type": "application/json"})
+        fine = [pool.submit(client.post, "/api/generate", json={**good, "prompt": f"Say {i}"}) for i in range(3)]
+        assert bad.result().status_code == 400 and "lone surrogate" in bad.result().json()["error"]
+        assert all(f.result().status_code == 200 and f.result().json()["done"] for f in fine)

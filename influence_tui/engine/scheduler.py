@@ -108,6 +108,18 @@ class Sequence:
     admitted: float = 0.0
 
 
+def _check_unicode(request: GenerationRequest) -> None:
+    """A lone surrogate (JSON's "\udcce", undecodable bytes read with surrogateescape) makes the
+    tokenizer raise a TypeError, which would fail every request admitted with this one."""
+    texts = [request.prompt or "", request.system or ""] + [m.content for m in request.messages or []]
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise RequestError(f"the text holds {text[exc.start]!r} at character {exc.start}: not valid Unicode "
+                               "(a lone surrogate)") from None
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -156,6 +168,7 @@ class Scheduler:
     def build_prompt(self, request: GenerationRequest) -> tuple[list[int], int, int]:
         """(prompt ids, tokens dropped to fit, max new tokens). Oldest turns go first; the system
         prompt and the last message always stay."""
+        _check_unicode(request)
         ids, dropped, limit = self._build_prompt(request)
         if request.context:
             ctx = self.context_limit(request)

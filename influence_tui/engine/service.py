@@ -92,6 +92,7 @@ class Engine:
         self._listeners: list[Callable[[EngineStatus], None]] = []
         self._embedder: Any = None
         self._default_threads: int | None = None  # torch's own thread count, before INFLUENCE_THREADS
+        self._loaded_context: int | None = None  # the context_length setting the model was loaded with
         self._ids = itertools.count(1)
         self._stop = threading.Event()
 
@@ -327,7 +328,8 @@ class Engine:
                 slot.forget()
 
     def _load(self, path: str, device: str | None) -> ModelSummary:
-        if self._summary and self._summary.path == path and (device is None or device == self.settings.device):
+        same_context = self._loaded_context == self.settings.context_length  # a changed setting reloads
+        if self._summary and self._summary.path == path and (device is None or device == self.settings.device) and same_context:
             return self._summary
         if self._scheduler and self._scheduler.active:
             self._scheduler.cancel_all()
@@ -352,6 +354,7 @@ class Engine:
                 raise
             raise EngineError(str(exc)) from exc
         self._scheduler = scheduler
+        self._loaded_context = self.settings.context_length
         self._summary = ModelSummary(
             name=loaded.name, path=loaded.path, architecture=loaded.architecture, format=loaded.format,
             quantization=loaded.quantization, dtype=loaded.dtype, device=loaded.device,
@@ -384,8 +387,9 @@ class Engine:
         from influence_tui.engine.base import ModelLoadError
         from influence_tui.engine.native_model import load_native
 
+        ctx = self.settings.context_length  # None: the model's own, capped at 4096 (sources.allocate_and_tokenizer)
         try:  # the kernel's torch-free model where it applies (see native_model), else torch's
-            native = load_native(path, device=device, max_batch=self.max_batch)
+            native = load_native(path, device=device, max_batch=self.max_batch, max_seq=ctx)
         except ModelLoadError as exc:
             raise EngineError(str(exc)) from None
         if native is not None:
@@ -393,14 +397,16 @@ class Engine:
         from influence_tui.engine.loader import UnsupportedArchitecture, load_model
 
         try:
-            return load_model(path, device=device, device_index=self.settings.device_index, max_batch=self.max_batch)
+            return load_model(path, device=device, device_index=self.settings.device_index, max_batch=self.max_batch,
+                              max_seq=ctx)
         except UnsupportedArchitecture:
             if not os.path.isdir(path):
                 raise
             from influence_tui.engine.hf_fallback import load_hf_model
 
             try:
-                return load_hf_model(path, device=device, device_index=self.settings.device_index, max_batch=self.max_batch)
+                return load_hf_model(path, device=device, device_index=self.settings.device_index, max_batch=self.max_batch,
+                                     max_seq=ctx or 4096)
             except ModelLoadError as exc:
                 raise EngineError(str(exc)) from None
         except ModelLoadError as exc:

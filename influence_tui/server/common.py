@@ -152,7 +152,9 @@ def build_params(base: GenerationParams, values: dict[str, Any], labels: dict[st
             if name == "stop":
                 changes["stop"] = normalize_stop(value)
             elif name == "ignore_eos":
-                changes["ignore_eos"] = bool(value)
+                if not isinstance(value, bool):
+                    raise ParamError("ignore_eos must be true or false")
+                changes["ignore_eos"] = value
             else:
                 if isinstance(value, str):  # JSON has numbers: "0.5" is a client bug worth reporting
                     raise ParamError(f"{name} must be a number, not a string")

@@ -28,8 +28,8 @@ FORM: list[tuple[str, list[tuple[str, str]]]] = [
         ("repeat_penalty", "Repeat penalty"), ("max_tokens", "Max tokens"), ("seed", "Seed"),
         ("system_prompt", "System prompt"),
     ]),
-    ("Model", [("model_path", "Default model"), ("device", "Device"), ("output_dir", "Models folder"),
-               ("mirror", "Hub mirror")]),
+    ("Model", [("model_path", "Default model"), ("device", "Device"), ("context_length", "Context length"),
+               ("output_dir", "Models folder"), ("mirror", "Hub mirror")]),
     ("API server", [("host", "Host"), ("port", "Port"), ("api_key", "API key")]),
 ]
 FIELDS = [name for _, rows in FORM for name, _ in rows]
@@ -143,8 +143,8 @@ class SettingsScreen(Screen[None]):
             self.app.notify(f"cannot write the settings file: {exc.strerror or exc}", severity="error")
             return
         note = f"Saved to {path}; the next answer uses them"
-        if {"device", "model_path"} & set(changed):
-            note += " (device/model: on the next model load)"
+        if {"device", "model_path", "context_length"} & set(changed):
+            note += " (device/model/context: on the next model load)"
         if {"host", "port", "api_key"} & set(changed):
             note += " (server: on its next start)"
         self.app.notify(note, title="Settings saved")
