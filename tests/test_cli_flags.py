@@ -93,3 +93,14 @@ def test_temporary_files_of_dead_processes_are_removed(tmp_path: Path):
 def test_debug_off_values_keep_errors_to_one_line(value):
     out = run("generate", "hi", "--model-path", "/no/such/model.gguf", env_extra={"INFLUENCE_DEBUG": value})
     assert out.returncode == 1 and "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_context_length_setting_sizes_what_a_request_can_use():
+    long_prompt = "Tell me about rivers. " * 60  # ~360 tokens
+    out = run("--ctx-size", "128", "generate", long_prompt, "--max-tokens", "2")
+    assert out.returncode == 1 and "the context holds 128" in out.stderr
+    out = run("generate", long_prompt, "--max-tokens", "2", "--temperature", "0", "--json",
+              env_extra={"INFLUENCE_CONTEXT_LENGTH": "1024"})
+    assert out.returncode == 0, out.stderr
+    bad = run("--ctx-size", "12", "generate", "hi")
+    assert bad.returncode == 2 and "64 to 1048576" in bad.stderr
