@@ -138,9 +138,9 @@ async def test_settings_apply_to_the_next_answer(engine: Any) -> None:
         def __init__(self, inner: Any) -> None:
             self.inner, self.requests = inner, []
 
-        def submit(self, request: Any) -> Any:
+        def submit(self, request: Any, model: Any = None) -> Any:
             self.requests.append(request)
-            return self.inner.submit(request)
+            return self.inner.submit(request, model)
 
         def __getattr__(self, name: str) -> Any:
             return getattr(self.inner, name)
