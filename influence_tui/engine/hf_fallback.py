@@ -7,6 +7,7 @@ transformers can run. `trust_remote_code` stays off and only safetensors are rea
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from pathlib import Path
@@ -29,6 +30,8 @@ class HFCausalLM:
     def allocate(self, max_batch: int, max_seq: int) -> None:
         self.caches = [None] * max_batch
         self.max_seq = max_seq
+        # transformers renamed past_key_values to cache (5.x, the old name warns until 5.40)
+        self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
     @torch.inference_mode()
     def prefill(self, slot: int, tokens: torch.Tensor | list[int], start_pos: int, all_logits: bool = False) -> torch.Tensor:
@@ -45,11 +48,11 @@ class HFCausalLM:
         n = tokens.numel()
         out = self.model(
             input_ids=tokens.view(1, n).to(self.device),
-            past_key_values=cache,
             use_cache=True,
             cache_position=torch.arange(start_pos, start_pos + n, device=self.device),
+            **{self._cache_arg: cache},
         )
-        self.caches[slot] = out.past_key_values
+        self.caches[slot] = getattr(out, "cache", None) or out.past_key_values
         logits = out.logits[0].float()
         return logits if all_logits else logits[-1]
 
