@@ -41,7 +41,9 @@ def _gen_flags(p: argparse.ArgumentParser, chat: bool = False, sub: bool = True)
     g.add_argument("--seed", type=str, help="random seed: same seed and input, same text (-1: a new one each time)")
     g.add_argument("--system", help="system prompt")
     if not chat:
-        g.add_argument("--stop", action="append", help="stop string (repeatable; not printed)")
+        # a command's --stop collects apart, then joins the ones given before it (see main)
+        g.add_argument("--stop", action="append", dest="stop_after" if sub else "stop",
+                       help="stop string (repeatable; not printed)")
         g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence (benchmarks)")
 
 
@@ -75,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"influence {__version__}")
     parser.add_argument("--batch", metavar="FILE", help="run every prompt of FILE (plain lines or JSONL; - for stdin) and print JSONL results")
-    parser.add_argument("--output", metavar="FILE", help="with --batch: write results here instead of stdout")
+    parser.add_argument("--output", metavar="FILE", help="with --batch: write results here instead of stdout (- for stdout)")
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     _gen_flags(parser, sub=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -246,6 +248,9 @@ def _warn_threads(settings: Settings) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    after = vars(args).pop("stop_after", None)
+    if after:  # `influence --stop A generate x --stop B`: both
+        args.stop = (getattr(args, "stop", None) or []) + after
     if args.output and not args.batch and args.command != "download":  # (download's own -o/--output)
         parser.error("--output goes with --batch (it names the results file)")
     if args.batch and args.command:

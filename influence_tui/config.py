@@ -79,7 +79,10 @@ def _url(raw: Any) -> str | None:
     if not value:
         return None
     if "://" not in value and re.fullmatch(r"[A-Za-z0-9.-]+(:\d+)?(/\S*)?", value):
-        value = "https://" + value  # a bare host (hf-mirror.com), as the mirror docs write it
+        # a bare host (hf-mirror.com, as the mirror docs write it): https, but plain http for this
+        # machine (a local mirror rarely has a certificate)
+        local = re.match(r"(localhost|127\.\d+\.\d+\.\d+)(:|/|$)", value)
+        value = ("http://" if local else "https://") + value
     if not value.startswith(("http://", "https://")):
         raise ParamError("expected an http:// or https:// URL, or a host name")
     return value
@@ -178,10 +181,10 @@ def env_number(name: str, env: Mapping[str, str] | None = None) -> int | float |
 
 def check_cache_dir(env: Mapping[str, str] | None = None) -> None:
     """ConfigError when INFLUENCE_CACHE_DIR is, or lies under, a file (mkdir would fail later, naming no variable)."""
-    raw = (os.environ if env is None else env).get("INFLUENCE_CACHE_DIR")
+    raw = ((os.environ if env is None else env).get("INFLUENCE_CACHE_DIR") or "").strip()
     if not raw:  # empty = the platform's cache folder, as engine.tokenizer.cache_dir reads it
         return
-    path = Path(raw)
+    path = Path(raw).expanduser()
     for candidate in (path, *path.parents):
         try:
             if not candidate.exists():

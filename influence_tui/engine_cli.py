@@ -308,7 +308,7 @@ class _Sink:
 
 
 def _output(path: str | None) -> _Sink:
-    if not path:
+    if not path or path == "-":  # `--output -`: standard output, as `--batch -` reads standard input
         return _Sink(sys.stdout)
     if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
         try:  # a pipe or a device (/dev/stderr, a FIFO): nothing there to keep, write straight to it

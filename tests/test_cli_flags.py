@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
@@ -49,12 +50,19 @@ def test_config_prints_the_settings_path_whole():
 
 
 def test_a_detached_server_gets_the_settings_given_as_flags():
-    from influence_tui.config import Settings
-    from influence_tui.server.cli import _child_env
+    import argparse
 
-    env = _child_env(Settings.load({"threads": "1", "temperature": "0.2"}, env={}, use_file=False))
-    assert env["INFLUENCE_THREADS"] == "1" and env["INFLUENCE_TEMPERATURE"] == "0.2"
-    assert "INFLUENCE_TOP_P" not in env or env["INFLUENCE_TOP_P"] == os.environ.get("INFLUENCE_TOP_P")
+    from influence_tui.cli import build_parser, settings_from_args
+    from influence_tui.server.cli import _child_argv, _child_env
+
+    args = build_parser().parse_args(["--threads", "1", "--temperature", "0.2", "--system", "", "serve", "--api-key", "k"])
+    settings = settings_from_args(args)
+    argv = _child_argv(argparse.Namespace(cors=None), settings)
+    # the child parses what the parent did: the same values, a cleared system prompt included
+    child = settings_from_args(build_parser().parse_args(argv[3:]))
+    assert (child.threads, child.temperature, child.system_prompt) == (1, 0.2, None)
+    assert child.sources["system_prompt"] == "flag" and "k" not in argv
+    assert _child_env(settings)["INFLUENCE_API_KEY"] == "k"
 
 
 def test_search_against_a_server_without_the_hub_api_says_so():
@@ -83,10 +91,14 @@ def test_temporary_files_of_dead_processes_are_removed(tmp_path: Path):
     orphan = tmp_path / f"decode-abc.{dead}.c"
     mine = tmp_path / f"decode-abc.{os.getpid()}.tmp"
     other = tmp_path / "decode-abc.so"
-    for f in (orphan, mine, other):
+    fresh = tmp_path / f"decode-def.{dead}.c"  # a dead PID, but written a moment ago: maybe another host's
+    for f in (orphan, mine, other, fresh):
         f.write_text("x")
+    hour_ago = time.time() - 3700
+    for f in (orphan, mine, other):
+        os.utime(f, (hour_ago, hour_ago))
     remove_orphans(tmp_path, ("decode-*.*.c", "decode-*.*.tmp"))
-    assert not orphan.exists() and mine.exists() and other.exists()
+    assert not orphan.exists() and mine.exists() and other.exists() and fresh.exists()
 
 
 @pytest.mark.parametrize("value", ["0", "false", "off"])
@@ -104,3 +116,16 @@ def test_context_length_setting_sizes_what_a_request_can_use():
     assert out.returncode == 0, out.stderr
     bad = run("--ctx-size", "12", "generate", "hi")
     assert bad.returncode == 2 and "64 to 1048576" in bad.stderr
+
+
+def test_stop_strings_before_and_after_the_command_add_up():
+    from influence_tui.cli import build_parser
+
+    args = build_parser().parse_args(["--stop", "A", "generate", "x", "--stop", "B"])
+    after = vars(args).pop("stop_after", None)
+    assert args.stop == ["A"] and after == ["B"]
+    ask = ["generate", "What is the capital of France? Answer in one word.", "--temperature", "0", "--max-tokens", "12",
+           "--repeat-penalty", "1.0"]
+    assert "Paris" in run(*ask).stdout  # what it says without the stop string
+    out = run("--stop", "Paris", *ask, "--stop", "zzz")
+    assert out.returncode == 0 and "Paris" not in out.stdout, out.stdout

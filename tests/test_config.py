@@ -324,5 +324,6 @@ def test_cli_bad_environment_only_variable_is_one_line_exit_2(var, value, needle
 def test_a_bare_mirror_host_means_https():
     assert Settings.load({"mirror": "hf-mirror.com"}, env={}, use_file=False).mirror == "https://hf-mirror.com"
     assert Settings.load({"mirror": "http://127.0.0.1:9000/"}, env={}, use_file=False).mirror == "http://127.0.0.1:9000"
+    assert Settings.load({"mirror": "localhost:8080"}, env={}, use_file=False).mirror == "http://localhost:8080"
     with pytest.raises(ConfigError, match="URL, or a host name"):
         Settings.load({"mirror": "ftp://example.org"}, env={}, use_file=False)

@@ -731,3 +731,32 @@ def test_a_request_with_a_lone_surrogate_fails_alone(client):
         fine = [pool.submit(client.post, "/api/generate", json={**good, "prompt": f"Say {i}"}) for i in range(3)]
         assert bad.result().status_code == 400 and "lone surrogate" in bad.result().json()["error"]
         assert all(f.result().status_code == 200 and f.result().json()["done"] for f in fine)
+
+
+def test_keep_alive_out_of_range_values(client):
+    ask = {"model": "smollm2", "prompt": "Hi", "stream": False, "options": {"num_predict": 2}}
+    nan = client.post("/api/generate", content=json.dumps({**ask, "keep_alive": float("nan")}),
+                      headers={"content-type": "application/json"})
+    assert nan.status_code == 400 and "keep_alive" in nan.json()["error"]
+    for forever in ("1e400", "1e12", '"99999999999999h"'):  # JSON's 1e400 parses to infinity
+        body = json.dumps(ask)[:-1] + f', "keep_alive": {forever}}}'
+        assert client.post("/api/generate", content=body, headers={"content-type": "application/json"}).status_code == 200
+        ps = client.get("/api/ps")
+        assert ps.status_code == 200 and ps.json()["models"][0]["expires_at"].startswith("2318")
+
+
+def test_an_explicit_unload_waits_for_the_answers_being_streamed(client):
+    """keep_alive 0 with an empty prompt (ollama stop) while another client streams: that answer
+    finishes whole, then the model goes."""
+    engine, _ = shared_engine()
+    body = {"model": "smollm2", "prompt": "Write a long story about a lighthouse.", "stream": False,
+            "options": {"num_predict": 60, "temperature": 0}}
+    with ThreadPoolExecutor(2) as pool:
+        answer = pool.submit(client.post, "/api/generate", json=body)
+        assert _wait_until(lambda: engine.status().in_flight == 1)
+        unload = client.post("/api/generate", json={"model": "smollm2", "keep_alive": 0})
+        assert unload.json()["done_reason"] == "unload"
+        result = answer.result().json()
+    assert result["eval_count"] == 60 and result["done_reason"] == "length"
+    assert _wait_until(lambda: engine.status().model is None)
+    ensure_loaded(engine)

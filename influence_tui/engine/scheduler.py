@@ -483,9 +483,9 @@ class Scheduler:
     def _sampler(self, req: GenerationRequest) -> Any:
         sampler = Sampler(req.params)
         if req.format == "json":
-            from influence_tui.engine.constrain import JsonSampler, token_texts
+            from influence_tui.engine.constrain import JsonSampler, vocabulary
 
-            return JsonSampler(sampler, token_texts(self.tok), self.eos)
+            return JsonSampler(sampler, vocabulary(self.tok), self.eos)
         return sampler
 
     def _accept(self, seq: Sequence, token: int) -> None:

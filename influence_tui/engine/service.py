@@ -132,14 +132,15 @@ class Engine:
     def unload(self) -> None:
         self._on_worker(self._unload)
 
-    def unload_if_idle(self, path: str) -> bool:
+    def unload_if_idle(self, path: str, allowed: Callable[[], bool] | None = None) -> bool:
         """Unload `path`'s model unless a request is running or waiting for it (an API client's
-        keep_alive ran out). Decided on the worker, where requests are admitted: none is cut off."""
-        return self._on_worker(self._unload_if_idle, path)
+        keep_alive ran out), or `allowed()` says no. Decided on the worker, where requests are
+        admitted: none is cut off."""
+        return self._on_worker(self._unload_if_idle, path, allowed)
 
-    def _unload_if_idle(self, path: str) -> bool:
+    def _unload_if_idle(self, path: str, allowed: Callable[[], bool] | None = None) -> bool:
         busy = bool(self._pending) or bool(self._scheduler and self._scheduler.active)
-        if busy or self._summary is None or self._summary.path != path:
+        if busy or self._summary is None or self._summary.path != path or (allowed is not None and not allowed()):
             return False
         self._unload()
         return True

@@ -32,8 +32,9 @@ def cache_dir() -> Path:
     """Where converted tokenizers and weights are kept: $INFLUENCE_CACHE_DIR or the user cache dir."""
     import os
 
-    if os.environ.get("INFLUENCE_CACHE_DIR"):
-        return Path(os.environ["INFLUENCE_CACHE_DIR"])
+    chosen = os.environ.get("INFLUENCE_CACHE_DIR", "").strip()  # blank: not set, as every setting
+    if chosen:
+        return Path(chosen).expanduser()
     from platformdirs import user_cache_dir
 
     return Path(user_cache_dir("influence-tui"))

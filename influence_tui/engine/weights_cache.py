@@ -16,6 +16,7 @@ import mmap
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -214,14 +215,25 @@ def numpy_tensors(path: Path, mapped: Callable[[str], bool] = lambda name: False
     return out, meta, finish
 
 
+ORPHAN_AGE_S = 3600.0  # untouched this long, a temporary file is not being written
+
+
 def remove_orphans(folder: Path, patterns: tuple[str, ...]) -> None:
-    """Temporary files named NAME.PID.EXT whose process is gone: left by a process killed or
-    interrupted while it wrote them (Ctrl-C exits without the interpreter's cleanup)."""
+    """Temporary files named NAME.PID.EXT left by a process killed or interrupted while it wrote
+    them (Ctrl-C exits without the interpreter's cleanup): its PID is gone and the file has not
+    changed for an hour (a PID seen from another container or host says nothing; an hour of
+    silence does). Best effort: a file we may not remove is left."""
+    now = time.time()
     for pattern in patterns:
         for path in folder.glob(pattern):
             pid = path.name.split(".")[-2]
-            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-                path.unlink(missing_ok=True)
+            if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+                continue
+            try:
+                if now - path.stat().st_mtime > ORPHAN_AGE_S:
+                    path.unlink()
+            except OSError:
+                pass
 
 
 def _alive(pid: int) -> bool:

@@ -111,10 +111,25 @@ def _stop(timeout: float = 15.0) -> int:
     return 0
 
 
+# settings the main parser takes as flags -> the flag (the detached child gets them back as flags:
+# an environment variable could not say "cleared", e.g. --system "" over a saved system prompt)
+CHILD_FLAGS = {
+    "model_path": "--model-path", "device": "--device", "device_index": "--device-index", "threads": "--threads",
+    "context_length": "--ctx-size", "max_tokens": "--max-tokens", "temperature": "--temperature", "top_p": "--top-p",
+    "top_k": "--top-k", "min_p": "--min-p", "repeat_penalty": "--repeat-penalty", "seed": "--seed",
+    "system_prompt": "--system",
+}
+
+
 def _child_argv(args: argparse.Namespace, settings: Settings) -> list[str]:
-    argv = [sys.executable, "-m", "influence_tui", "serve", "--host", settings.host, "--port", str(settings.port),
-            "--device", settings.device, "--device-index", str(settings.device_index)]
-    if settings.model_path:
+    argv = [sys.executable, "-m", "influence_tui"]
+    for name, flag in CHILD_FLAGS.items():
+        if settings.sources.get(name) == "flag":
+            value = getattr(settings, name)
+            argv += [flag, "" if value is None else str(value)]
+    argv += ["serve", "--host", settings.host, "--port", str(settings.port),
+             "--device", settings.device, "--device-index", str(settings.device_index)]
+    if settings.model_path and settings.sources.get("model_path") != "flag":
         argv += ["--model-path", settings.model_path]
     for origin in getattr(args, "cors", None) or []:
         argv += ["--cors", origin]
@@ -122,12 +137,9 @@ def _child_argv(args: argparse.Namespace, settings: Settings) -> list[str]:
 
 
 def _child_env(settings: Settings) -> dict[str, str]:
-    """The detached server's environment: ours, plus every setting given as a flag (--threads,
-    --temperature, --system, ...) as its variable, since the child gets no flags for most of them."""
+    """The detached server's environment: ours, and the API key (not on its command line, which
+    every user of the machine can read)."""
     env = dict(os.environ)
-    for row in settings.rows(reveal=True):
-        if row["source"] == "flag" and row["value"] is not None:
-            env[row["env"]] = str(row["value"])
     if settings.api_key:
         env["INFLUENCE_API_KEY"] = settings.api_key
     return env

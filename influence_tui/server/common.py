@@ -223,9 +223,10 @@ def parse_messages(raw: Any, *, allow_empty: bool = False) -> list[Any]:
 
 class KeepAlive:
     """Ollama's `keep_alive`: how long the model stays loaded after a request. Each Ollama
-    generation request sets it anew (as Ollama's do); without one the model stays loaded (the app
-    and the other routes share it). 0 unloads once the answer is sent, a negative value keeps it forever.
-    An expiry unloads only a model that is still loaded and idle."""
+    generation request sets it anew when it ends (as Ollama's do); without one the model stays
+    loaded (the app and the other routes share it). 0 unloads once the answer is sent, a negative
+    value keeps it forever. An expiry unloads only a model that is still loaded and idle, and not
+    while another Ollama request is being answered (it will set its own when it ends)."""
 
     def __init__(self, engine: "Engine") -> None:
         self.engine = engine
@@ -233,10 +234,30 @@ class KeepAlive:
         self._path: str | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._generation = 0  # bumped by each touch: an expiry in flight yields to a newer request's
+        self._in_flight = 0  # Ollama generation requests begun and not ended
+        self._begun = 0  # tickets handed out by begin()
+        self._stop_through = 0  # requests with tickets up to this end with keep_alive 0 (an explicit unload came)
         self._task: asyncio.Task | None = None  # the unload in flight (asyncio keeps only weak references)
 
+    def begin(self) -> int:
+        """An Ollama generation request starts (before it is submitted); its ticket for end()."""
+        self._in_flight += 1
+        self._begun += 1
+        return self._begun
+
+    def end(self, ticket: int, seconds: float | None) -> None:
+        """That request ended (answered, failed or left), asking for `seconds` (None: it did not ask)."""
+        self._in_flight = max(self._in_flight - 1, 0)
+        self.touch(0 if ticket <= self._stop_through else seconds)
+
+    def stop(self) -> None:
+        """An explicit unload (keep_alive 0, no prompt): now if idle, else once the requests being
+        answered end (theirs does not keep it loaded; a request that comes later does)."""
+        self._stop_through = self._begun
+        self.touch(0)
+
     def touch(self, seconds: float | None) -> None:
-        """A request that asked for `seconds` (None: it did not ask) just ended; on the event loop."""
+        """Set the expiry (on the event loop): `seconds` from now, or never (None, negative)."""
         self._generation += 1
         if self._timer is not None:
             self._timer.cancel()
@@ -248,18 +269,29 @@ class KeepAlive:
         self.expires_at, self._path = time.time() + seconds, model.path
         self._timer = asyncio.get_running_loop().call_later(seconds, self._expire)
 
+    async def settle(self) -> None:
+        """Run an expiry that is due now (an explicit unload answers once the model is gone, if idle)."""
+        if self._timer is not None and self.expires_at is not None and self.expires_at <= time.time():
+            self._timer.cancel()
+            self._timer = None
+            await self._unload(self._generation)
+
     def _expire(self) -> None:
         self._timer = None
         self._task = asyncio.get_running_loop().create_task(self._unload(self._generation))
 
     async def _unload(self, generation: int) -> None:
         path = self._path
-        unloaded = path is not None and await asyncio.to_thread(self.engine.unload_if_idle, path)
+
+        def allowed() -> bool:  # asked on the engine's worker, at the moment it would unload
+            return self._in_flight == 0 and self._generation == generation
+
+        unloaded = path is not None and await asyncio.to_thread(self.engine.unload_if_idle, path, allowed)
         if generation != self._generation:  # a newer request set its own keep_alive meanwhile
             return
         model = self.engine.status().model
         if not unloaded and model is not None and model.path == path:
-            # in use (by the app, or a route without keep_alive that is still answering): retry
+            # in use (the app, or a request still answering): try again shortly
             self._timer = asyncio.get_running_loop().call_later(1.0, self._expire)
             return
         self.expires_at = None
@@ -463,27 +495,45 @@ class EventStream(StreamingResponse):
     Starlette only listens for the disconnect on ASGI < 2.4; this always does, so a client that
     leaves while its request waits in the queue frees its place without waiting for a token."""
 
+    on_close: Callable[[], None] | None = None  # runs however the response ends, iterated or not
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async with anyio.create_task_group() as tg:
+        try:
+            async with anyio.create_task_group() as tg:
 
-            async def run_stream() -> None:
-                try:
-                    await self.stream_response(send)
-                except OSError:  # the socket went away mid-write
-                    pass
-                tg.cancel_scope.cancel()
+                async def run_stream() -> None:
+                    try:
+                        await self.stream_response(send)
+                    except OSError:  # the socket went away mid-write
+                        pass
+                    tg.cancel_scope.cancel()
 
-            async def listen() -> None:
-                await self.listen_for_disconnect(receive)
-                tg.cancel_scope.cancel()
+                async def listen() -> None:
+                    await self.listen_for_disconnect(receive)
+                    tg.cancel_scope.cancel()
 
-            tg.start_soon(run_stream)
-            tg.start_soon(listen)
+                tg.start_soon(run_stream)
+                tg.start_soon(listen)
+        finally:
+            # a generator cancelled before its first step never runs its own `finally`
+            if self.on_close is not None:
+                self.on_close()
 
 
-def stream_response(events: AsyncIterator[str], media_type: str) -> EventStream:
-    return EventStream(events, media_type=media_type,
-                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+def stream_response(events: AsyncIterator[str], media_type: str, gen: "GenerationStream | None" = None,
+                    on_close: Callable[[], None] | None = None) -> EventStream:
+    """A streamed answer; when it ends (sent, failed, or the client left), the generation `gen`
+    is cancelled if still running and `on_close` runs."""
+
+    def close() -> None:
+        if gen is not None and not gen.done:
+            gen.cancel()
+        if on_close is not None:
+            on_close()
+
+    response = EventStream(events, media_type=media_type, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    response.on_close = close
+    return response
 
 
 async def token_texts(stream: "GenerationStream") -> AsyncIterator[str]:

@@ -112,7 +112,7 @@ async def generate(request: Request) -> Response:
         yield "data: [DONE]\n\n"
 
     await begin_stream(request, gen)
-    return stream_response(events(), "text/event-stream")
+    return stream_response(events(), "text/event-stream", gen)
 
 
 async def chat_completions(request: Request) -> Response:

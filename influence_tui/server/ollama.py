@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -84,6 +85,7 @@ def ollama_params(data: dict[str, Any], ctx: ServerContext) -> tuple[GenerationP
     return build_params(ctx.base_params(), values, labels), num_ctx
 
 
+KEEP_ALIVE_MAX_S = 10 * 365 * 86400.0
 _UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
@@ -94,13 +96,17 @@ def keep_alive_s(data: dict[str, Any]) -> float | None:
         return None
     if isinstance(raw, bool):
         raise ApiError(400, "keep_alive must be a number of seconds or a duration like \"5m\"")
+    seconds = None
     if isinstance(raw, (int, float)):
-        return float(raw)
-    if isinstance(raw, str):
+        seconds = float(raw)
+    elif isinstance(raw, str):
         parts = re.findall(r"(-?\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)?", raw.strip())
         if parts and "".join(n + (u or "") for n, u in parts) == raw.strip().replace(" ", ""):
-            return sum(float(n) * _UNIT_S[u or None] for n, u in parts)
-    raise ApiError(400, "keep_alive must be a number of seconds or a duration like \"5m\"")
+            seconds = sum(float(n) * _UNIT_S[u or None] for n, u in parts)
+    if seconds is None or math.isnan(seconds):
+        raise ApiError(400, "keep_alive must be a number of seconds or a duration like \"5m\"")
+    # beyond ten years (or infinite): forever, as a negative value says (a date that far breaks clocks)
+    return -1.0 if seconds > KEEP_ALIVE_MAX_S else seconds
 
 
 def refuse_unsupported(data: dict[str, Any]) -> None:
@@ -153,8 +159,9 @@ async def load_or_unload(request: Request, ctx: ServerContext, name: str | None,
     started = time.perf_counter_ns()
     name = name or ctx.loaded_name() or ""
     if keep_alive is not None and keep_alive == 0:
-        await asyncio.to_thread(ctx.engine.unload)
-        ctx.keep_alive.touch(None)
+        # as Ollama: requests still answering finish first, then the model goes
+        ctx.keep_alive.stop()
+        await ctx.keep_alive.settle()
         reason = "unload"
         load_ns = 0
     else:
@@ -204,8 +211,7 @@ async def generate(request: Request) -> Response:
         raise ApiError(400, "context must be an array of token ids (an earlier answer's context)")
     req = GenerationRequest(prompt=prompt, system=system, params=params, raw=raw, num_ctx=num_ctx,
                             context=context or None, format=answer_format(data))
-    gen = await submit(ctx, req, model)
-    return await answer(request, ctx, gen, name, started, stream, keep_alive, chat=False)
+    return await answer(request, ctx, req, model, name, started, stream, keep_alive, chat=False)
 
 
 async def chat(request: Request) -> Response:
@@ -223,13 +229,35 @@ async def chat(request: Request) -> Response:
     model = await check_chat_model(ctx, name)
     if not messages:
         return await load_or_unload(request, ctx, name, model, keep_alive, chat=True)
-    gen = await submit(ctx, GenerationRequest(messages=messages, params=params, num_ctx=num_ctx,
-                                              format=answer_format(data)), model)
-    return await answer(request, ctx, gen, name, started, stream, keep_alive, chat=True)
+    req = GenerationRequest(messages=messages, params=params, num_ctx=num_ctx, format=answer_format(data))
+    return await answer(request, ctx, req, model, name, started, stream, keep_alive, chat=True)
 
 
-async def answer(request: Request, ctx: ServerContext, gen: Any, name: str | None, started: int, stream: bool,
-                 keep_alive: float | None, chat: bool) -> Response:
+async def answer(request: Request, ctx: ServerContext, req: Any, model: str | None, name: str | None, started: int,
+                 stream: bool, keep_alive: float | None, chat: bool) -> Response:
+    """Submit the request and answer it; its keep_alive starts when the answer is done (however it ends)."""
+    ticket = ctx.keep_alive.begin()
+    ended = False
+
+    def end() -> None:
+        nonlocal ended
+        if not ended:
+            ended = True
+            ctx.keep_alive.end(ticket, keep_alive)
+
+    try:
+        gen = await submit(ctx, req, model)
+        response = await _respond(request, ctx, gen, name, started, stream, chat, end)
+    except BaseException:
+        end()
+        raise
+    if not stream:
+        end()
+    return response
+
+
+async def _respond(request: Request, ctx: ServerContext, gen: Any, name: str | None, started: int, stream: bool,
+                   chat: bool, end: Any) -> Response:
     def piece(text: str, model_name: str) -> dict[str, Any]:
         body: dict[str, Any] = {"model": model_name, "created_at": created_at()}
         if chat:
@@ -239,10 +267,7 @@ async def answer(request: Request, ctx: ServerContext, gen: Any, name: str | Non
         return body
 
     if not stream:
-        try:
-            result = await wait_result(request, gen)
-        finally:
-            ctx.keep_alive.touch(keep_alive)  # the answer is done: its keep_alive starts now
+        result = await wait_result(request, gen)
         check_result(result)
         body = piece(result.text, name or ctx.loaded_name() or result.model)
         body.update(final_fields(result, started, chat))
@@ -259,14 +284,10 @@ async def answer(request: Request, ctx: ServerContext, gen: Any, name: str | Non
                 return
             yield dumps({**piece("", model_name), **final_fields(result, started, chat)}) + "\n"
         finally:
-            ctx.keep_alive.touch(keep_alive)
+            end()
 
-    try:
-        await begin_stream(request, gen)
-    except ApiError:
-        ctx.keep_alive.touch(keep_alive)
-        raise
-    return stream_response(lines(), NDJSON)
+    await begin_stream(request, gen)
+    return stream_response(lines(), NDJSON, gen, on_close=end)
 
 
 # --- models ---------------------------------------------------------------------------------------

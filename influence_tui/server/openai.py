@@ -189,7 +189,7 @@ async def chat_completions(request: Request, default_stream: bool = False) -> Re
         yield "data: [DONE]\n\n"
 
     await begin_stream(request, gen)
-    return stream_response(events(), "text/event-stream")
+    return stream_response(events(), "text/event-stream", gen)
 
 
 def completion_prompt(data: dict[str, Any]) -> str:
@@ -264,7 +264,7 @@ async def completions(request: Request) -> Response:
         yield "data: [DONE]\n\n"
 
     await begin_stream(request, gen)
-    return stream_response(events(), "text/event-stream")
+    return stream_response(events(), "text/event-stream", gen)
 
 
 def embedding_inputs(data: dict[str, Any]) -> list[str]:
