@@ -64,6 +64,21 @@ def _threads(raw: Any) -> int | None:
         raise ParamError("expected auto (empty) or an integer from 1 to 1024") from None
 
 
+def _host(raw: Any) -> str:
+    value = str(raw).strip() or "127.0.0.1"
+    # a host name, an IPv4 or IPv6 address: checked here, not when the server fails to bind
+    if not re.fullmatch(r"[A-Za-z0-9.\-]+|\[?[0-9A-Fa-f:.]+\]?", value):
+        raise ParamError("expected a host name or an IP address, e.g. 127.0.0.1 or 0.0.0.0")
+    return value.strip("[]")
+
+
+def _api_key(raw: Any) -> str | None:
+    value = _text(raw)
+    if value is not None and any(ch.isspace() or not ch.isprintable() for ch in value):
+        raise ParamError("expected a key without spaces (clients send it in an HTTP header)")
+    return value
+
+
 def _context(raw: Any) -> int | None:
     value = str(raw).strip().lower()
     if value in ("", "auto"):
@@ -115,8 +130,8 @@ SPECS: tuple[Spec, ...] = (
     Spec("context_length", "INFLUENCE_CONTEXT_LENGTH", None, _context,
          "context per request, in tokens (empty = the model's, at most 4096)"),
     Spec("port", "INFLUENCE_PORT", 8080, _int_range(1, 65535), "API server port"),
-    Spec("host", "INFLUENCE_HOST", "127.0.0.1", lambda raw: _text(raw) or "127.0.0.1", "API server bind address"),
-    Spec("api_key", "INFLUENCE_API_KEY", None, _text, "require 'Authorization: Bearer <key>' on the API"),
+    Spec("host", "INFLUENCE_HOST", "127.0.0.1", _host, "API server bind address"),
+    Spec("api_key", "INFLUENCE_API_KEY", None, _api_key, "require 'Authorization: Bearer <key>' on the API"),
     Spec("warmup_tokens", "INFLUENCE_WARMUP_TOKENS", 6, _int_range(0, 1024), "tokens generated after load to warm up (0 = off)"),
     Spec("mirror", "INFLUENCE_MIRROR", None, _url, "Hugging Face Hub endpoint or mirror"),
     Spec("output_dir", "INFLUENCE_OUTPUT_DIR", "./models", lambda raw: _text(raw) or "./models", "where models are downloaded"),
@@ -349,7 +364,8 @@ def _parse(spec: Spec, raw: Any, label: str) -> Any:
         reason = str(exc)
         if ": expected" in reason:
             reason = "expected" + reason.split(": expected", 1)[1]
-        raise ConfigError(f"{label}={raw!r} is not valid: {reason}") from None
+        shown = "'********'" if spec.name in SENSITIVE else repr(raw)  # a secret is not echoed, even a bad one
+        raise ConfigError(f"{label}={shown} is not valid: {reason}") from None
 
 
 def validate_value(name: str, raw: Any) -> Any:

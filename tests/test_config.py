@@ -327,3 +327,12 @@ def test_a_bare_mirror_host_means_https():
     assert Settings.load({"mirror": "localhost:8080"}, env={}, use_file=False).mirror == "http://localhost:8080"
     with pytest.raises(ConfigError, match="URL, or a host name"):
         Settings.load({"mirror": "ftp://example.org"}, env={}, use_file=False)
+
+
+def test_host_and_api_key_are_checked_when_set_and_a_bad_key_is_not_echoed():
+    assert Settings.load({"host": "[::1]"}, env={}, use_file=False).host == "::1"
+    with pytest.raises(ConfigError, match="host name or an IP address"):
+        Settings.load({"host": "bad host!"}, env={}, use_file=False)
+    with pytest.raises(ConfigError, match="without spaces") as err:
+        Settings.load({"api_key": "my secret"}, env={}, use_file=False)
+    assert "my secret" not in str(err.value)

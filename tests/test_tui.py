@@ -229,6 +229,12 @@ async def test_slash_commands() -> None:
         assert app.last_copied == "print('hi')"
         await send(pilot, "/copy")
         assert app.last_copied is not None and app.last_copied.startswith("Here:")
+        app.last_copied = None
+        app.screen.query_one(PromptInput).focus()
+        await pilot.press("ctrl+y")  # the key the help lists, over the prompt's own redo
+        assert app.last_copied is not None and app.last_copied.startswith("Here:")
+        await send(pilot, "/hist")  # a prefix the hint shows as one command runs it
+        assert "2 messages" in notes(app)[-1]
         await send(pilot, "/history")
         assert "2 messages" in notes(app)[-1]
         await send(pilot, "/model no-such-model")
@@ -241,6 +247,11 @@ async def test_slash_commands() -> None:
         prompt.move_cursor(prompt.document.end)
         await pilot.press("tab")
         assert prompt.text == "/history "
+        prompt.text = ""  # on an empty prompt Tab moves on instead of typing "/"
+        prompt.focus()
+        await pilot.press("tab")
+        assert prompt.text == "" and not prompt.has_focus
+        prompt.focus()
         # a newline key adds a line instead of sending
         prompt.text = "line one"
         prompt.move_cursor(prompt.document.end)
@@ -498,6 +509,14 @@ async def test_hub_failure_is_a_notification(online: None) -> None:
         await pilot.press(*"x", "enter")
         await wait_until(pilot, lambda: any(n.severity == "error" for n in app._notifications), timeout=30,
                          what="an error notification")
+        # what the user types is shown as typed, markup-like or not (a `[/]` crashed the app)
+        search = app.screen.query_one("#hub-search")
+        search.value = "foo[/]bar [b]"
+        search.focus()
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: sum(n.severity == "error" for n in app._notifications) >= 2, timeout=30,
+                         what="the second error notification")
+        assert app.is_running  # (Textual stops the app on an exception in a handler: run_test re-raises it)
 
 
 # -- start-up -----------------------------------------------------------------------------------
@@ -595,3 +614,43 @@ async def test_a_model_unloaded_by_an_api_client_loads_again_with_the_next_messa
         await wait_until(pilot, lambda: app.answers_done == 1, what="the answer")
         assert last_answer(app).text and engine.status().model.path == path
         await wait_until(pilot, lambda: "unloaded" not in str(bar.render()), what="the status bar")
+
+
+@pytest.mark.slow
+async def test_a_load_is_refused_while_an_answer_streams_and_a_too_long_question_comes_back(engine: Any) -> None:
+    app = make_app(engine, settings=make_settings(max_tokens=1500))
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, VERY_LONG_PROMPT)
+        await wait_until(pilot, lambda: app.screen.query(AssistantMessage) and last_answer(app).text, what="streaming")
+        assert not app.switch_model(app.model_summary.path)  # what the Library's load and /model do
+        await wait_until(pilot, lambda: any("being written" in str(n.message) for n in app._notifications),
+                         what="the refusal")
+        assert engine.status().in_flight == 1 and not last_answer(app).finished  # still streaming
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: app.answers_done == 1, timeout=60, what="the stop")
+        assert "stopped (Esc)" in str(last_answer(app).stats.render())
+        # a question longer than the context: an error, out of the history, back in the prompt
+        question = "word " * 6000
+        await send(pilot, question)
+        await wait_until(pilot, lambda: app.answers_done == 2, timeout=60, what="the refusal")
+        assert "context holds" in str(last_answer(app).stats.render())
+        assert [m.role for m in app.conversation.messages] == ["user", "assistant"]
+        assert app.screen.query_one(PromptInput).text == question
+
+
+async def test_the_settings_form_follows_set_from_the_chat() -> None:
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f5")
+        await pilot.pause()
+        assert app.screen.query_one("#set-temperature").value == "0.0"
+        await pilot.press("f2")
+        await pilot.pause()
+        await send(pilot, "/set temperature 0.9")
+        await pilot.press("f5")
+        await pilot.pause()
+        assert app.screen.query_one("#set-temperature").value == "0.9"
+        app.screen.query_one("#set-max_tokens").value = "33"  # an edit in progress survives a visit
+        await pilot.press("f2", "f5")
+        await pilot.pause()
+        assert app.screen.query_one("#set-max_tokens").value == "33"

@@ -138,6 +138,12 @@ class InfluenceApp(App[int]):
             print(f"error: {exc}", file=sys.stderr)
             return None
 
+    def notify(self, message: str, *, title: str = "", severity: Any = "information", timeout: float | None = None,
+               markup: bool = False) -> None:
+        """Notifications are plain text here: they carry model names, paths, queries and error
+        messages, and a `[/]` in any of them made Textual's markup parser raise (a crash)."""
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)
+
     async def action_quit(self) -> None:
         self.exit(0)
 
@@ -156,6 +162,22 @@ class InfluenceApp(App[int]):
 
             self.engine = Engine(self.settings)
         return self.engine
+
+    def answers_in_flight(self) -> int:
+        """Answers the engine is writing now (this chat's, and the API server's)."""
+        return self.engine.status().in_flight if self.engine is not None else 0
+
+    def switch_model(self, model: str | None = None) -> bool:
+        """A load the user asked for (Library, /model, the palette): refused while answers are
+        being written, since a load cancels them (a chat answer was cut off, marked "stopped")."""
+        busy = self.answers_in_flight()
+        if busy:
+            what = "an answer is" if busy == 1 else f"{busy} answers are"
+            self.notify(f"{what} being written (here or through the API): let it finish or press Esc, then load",
+                        title="Model not loaded", severity="warning")
+            return False
+        self.load_model(model)
+        return True
 
     def load_model(self, model: str | None = None) -> None:
         self.model_state = "loading"
@@ -320,7 +342,7 @@ class InfluenceApp(App[int]):
             yield SystemCommand(f"{title} screen", f"Go to the {title} screen", lambda m=mode: self.run_action(f"switch_mode('{m}')"))
         yield SystemCommand("Keys and commands", "Show every key binding and slash command (F1)", self.action_help)
         yield SystemCommand("API server on/off", "Start or stop the local API server (F6)", self.action_toggle_server)
-        yield SystemCommand("Reload model", "Load the current model again", lambda: self.load_model(self.model_request))
+        yield SystemCommand("Reload model", "Load the current model again", lambda: self.switch_model(self.model_request))
         chat = screen if isinstance(screen, ChatScreen) else None
         if chat is not None:
             yield SystemCommand("Stop answer", "Stop the answer being written (Esc)", chat.action_stop)

@@ -35,9 +35,11 @@ WELCOME = (
 )
 
 
-def format_stats(result: Any) -> str:
+def format_stats(result: Any, stopped_by_user: bool = True) -> str:
     """The line under an answer: tokens, speed, time to first token, context used, drops."""
     u = result.usage
+    if result.finish_reason == "error" and not u.completion_tokens:  # nothing was generated: no figures
+        return f"✗ error: {result.error}"
     parts = [f"{u.completion_tokens} tokens", f"{u.decode_tokens_per_s:.1f} tok/s", f"first token {u.ttft_s:.2f}s"]
     if u.context_length:
         used = u.prompt_tokens + u.completion_tokens
@@ -46,7 +48,8 @@ def format_stats(result: Any) -> str:
         parts.append(f"{u.cached_tokens} cached")
     text = " · ".join(parts)
     if result.finish_reason == "cancelled":
-        text = "⏹ stopped (Esc): partial answer · " + text
+        why = "(Esc)" if stopped_by_user else "(the model was unloaded or switched)"
+        text = f"⏹ stopped {why}: partial answer · " + text
     elif result.finish_reason == "length":
         text += " · stopped at max_tokens"
     elif result.finish_reason == "error":
@@ -61,13 +64,14 @@ class ChatScreen(Screen[None]):
         Binding("escape", "stop", "Stop answer"),
         Binding("ctrl+r", "retry", "Retry", show=False),
         Binding("ctrl+l", "clear", "Clear", show=False),
-        Binding("ctrl+y", "copy", "Copy answer", show=False),
+        Binding("ctrl+y", "copy", "Copy answer", show=False, priority=True),  # over the prompt's redo
     ]
 
     def __init__(self) -> None:
         super().__init__(id="chat")
         self._stream: Any = None
         self._current: AssistantMessage | None = None
+        self._stopped_by_user = False  # Esc, not an unload or a model switch, ended the answer
 
     @property
     def influence(self) -> "InfluenceApp":
@@ -187,15 +191,24 @@ class ChatScreen(Screen[None]):
             await bubble.finish(f"✗ {exc}", error=str(exc))
             return
         self._stream = stream
+        self._stopped_by_user = False
         bubble.set_status("writing… (Esc stops)")
         bubble.start()
         async for event in stream:
             bubble.feed(event.text)
         result = stream.result
         stopped = result.finish_reason == "cancelled"
-        await bubble.finish(format_stats(result), stopped=stopped, error=result.error if result.finish_reason == "error" else None)
+        await bubble.finish(format_stats(result, self._stopped_by_user), stopped=stopped, error=result.error if result.finish_reason == "error" else None)
         if result.finish_reason != "error" or bubble.text:
             self.conversation.add("assistant", bubble.text, stopped=stopped)
+        elif result.error_kind == "request":
+            # the question cannot be answered as it is (too long for the context): out of the
+            # history, so it is not resent with every later message, and back in the prompt to edit
+            question = self.conversation.messages[-1].content if self.conversation.messages else ""
+            self._drop_unanswered()
+            prompt = self.query_one(PromptInput)
+            if question and not prompt.text:
+                prompt.text = question
         app.answers_done += 1
 
     async def _wait_for_model(self, bubble: AssistantMessage) -> bool:
@@ -225,6 +238,7 @@ class ChatScreen(Screen[None]):
         return True
 
     def action_stop(self) -> None:
+        self._stopped_by_user = True
         if self._stream is not None and not self._stream.done:
             self._stream.cancel()
         elif self._current is not None:
@@ -318,8 +332,8 @@ class ChatScreen(Screen[None]):
             raise slash.SlashError(str(exc)) from None
         if not info.usable:
             raise slash.SlashError(f"{info.name} cannot be used: {info.reason}")
-        self.influence.load_model(info.path)
-        await self.note(f"Loading {info.name}…")
+        if self.influence.switch_model(info.path):
+            await self.note(f"Loading {info.name}…")
 
     async def _cmd_retry(self, arg: str) -> None:
         if self.busy:

@@ -48,6 +48,7 @@ class SettingsScreen(Screen[None]):
     def __init__(self) -> None:
         super().__init__(id="settings")
         self.errors: dict[str, str] = {}
+        self._shown: dict[str, str] = {}  # what each field was last set to from the settings
 
     @property
     def influence(self) -> "InfluenceApp":
@@ -80,10 +81,19 @@ class SettingsScreen(Screen[None]):
     def on_mount(self) -> None:
         self.action_revert()
 
+    def on_screen_resume(self) -> None:
+        """Back on this screen: fields the user has not edited show the settings in use now
+        (`/set`, `/load` change them from the chat); edits in progress stay."""
+        for name in FIELDS:
+            field = self.query_one(f"#set-{name}", Input)
+            if field.value == self._shown.get(name):
+                field.value = self._shown[name] = _shown(getattr(self.influence.settings, name))
+
     def action_revert(self) -> None:
         """Show the settings in use (also what a Revert does)."""
         for name in FIELDS:
-            self.query_one(f"#set-{name}", Input).value = _shown(getattr(self.influence.settings, name))
+            self._shown[name] = _shown(getattr(self.influence.settings, name))
+            self.query_one(f"#set-{name}", Input).value = self._shown[name]
         self.errors.clear()
 
     def on_input_changed(self, event: Input.Changed) -> None:
@@ -135,6 +145,7 @@ class SettingsScreen(Screen[None]):
         changed = [name for name in FIELDS if getattr(settings, name) != values[name]]
         for name in FIELDS:
             setattr(settings, name, values[name])
+            self._shown[name] = self.query_one(f"#set-{name}", Input).value  # the form now matches them
         if "system_prompt" in changed:
             self.influence.conversation.system_prompt = values["system_prompt"]
         try:

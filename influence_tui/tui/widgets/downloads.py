@@ -59,7 +59,7 @@ class DownloadRow(Vertical):
             yield Static(f"[b]{self.repo_id}[/b]" + (f" {self.quant}" if self.quant else ""), classes="download-name")
             yield Button("Cancel", classes="download-cancel", compact=True)
         yield ProgressBar(total=None, show_eta=False, classes="download-bar")
-        yield Static("waiting…", classes="download-info")
+        yield Static("waiting…", classes="download-info", markup=False)  # Hub errors ("[Errno 2] …") as they are
 
     def set_queued(self, ahead: int) -> None:
         self.query_one(".download-info", Static).update("queued" + (f" ({ahead} ahead)" if ahead else ""))

@@ -61,9 +61,9 @@ class AssistantMessage(Vertical):
         self.writes = 0  # stream writes so far: more than one means the answer was shown as it grew
 
     def compose(self) -> Any:
-        yield Static(self.model or "Assistant", classes="role")
+        yield Static(self.model or "Assistant", classes="role", markup=False)
         yield Markdown(self.text, classes="body")
-        yield Static(self._history_stats(), classes="stats")
+        yield Static(self._history_stats(), classes="stats", markup=False)  # may carry an error message
 
     def _history_stats(self) -> str:
         return "⏹ stopped: partial answer" if self.stopped else ""

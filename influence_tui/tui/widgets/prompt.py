@@ -56,11 +56,19 @@ class PromptInput(TextArea):
         text = self.text
         if not text.strip():
             return
+        word = text.strip()
+        if word.startswith("/") and " " not in word:  # `/se` that the hint showed as `/set` only: run it
+            matches = slash.complete(word)
+            if len(matches) == 1:
+                text = matches[0].rstrip()
         self.sent.append(text)
         self.clear()
         self.post_message(self.Submitted(self, text))
 
     def action_complete(self) -> None:
+        if not self.text.startswith("/"):  # nothing to complete: Tab moves on (an empty prompt typed "/")
+            self.screen.focus_next()
+            return
         matches = slash.complete(self.text)
         if len(matches) == 1:
             value = matches[0] if matches[0].endswith(" ") else matches[0] + " "

@@ -20,10 +20,10 @@ class StatusBar(Horizontal):
 
     def compose(self) -> Any:
         yield Static(f"Influence · {self.screen_title}", classes="status-title")
-        yield Static("", classes="model-status")
+        yield Static("", classes="model-status", markup=False)  # model names and errors, shown as they are
         yield Label("API", classes="server-label")
         yield Switch(False, classes="server-switch", tooltip="API server on/off (F6)")
-        yield Static("", classes="server-status")
+        yield Static("", classes="server-status", markup=False)
 
     @property
     def influence(self) -> "InfluenceApp":
