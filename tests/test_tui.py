@@ -238,7 +238,7 @@ async def test_slash_commands() -> None:
         await send(pilot, "/history")
         assert "2 messages" in notes(app)[-1]
         await send(pilot, "/model no-such-model")
-        assert "not found" in notes(app)[-1]
+        assert "not found" in notes(app)[-1] and "F4" in notes(app)[-1]
         await send(pilot, "/clear")
         assert app.conversation.messages == [] and app.conversation.system_prompt == "You are terse."
         # completion: Tab completes a unique prefix
@@ -289,6 +289,7 @@ async def test_save_load_round_trip_original_file_and_broken_file(tmp_path: Path
         assert [m.content for m in app.conversation.messages] == ["Ahoy?", "Arr!"]
         assert (app.settings.temperature, app.settings.max_tokens, app.settings.top_k) == (0.5, 128, 40)
         assert "TinyLlama" in notes(app)[-1]  # says which model the session was recorded with
+        assert "its settings apply: max_tokens 128, temperature 0.5" in notes(app)[-1]  # and what it changed
 
         before = list(app.conversation.messages)
         (tmp_path / "broken.json").write_text('{"messages": [{"role": "user", "content": "x"}')
@@ -636,6 +637,11 @@ async def test_a_load_is_refused_while_an_answer_streams_and_a_too_long_question
         assert "context holds" in str(last_answer(app).stats.render())
         assert [m.role for m in app.conversation.messages] == ["user", "assistant"]
         assert app.screen.query_one(PromptInput).text == question
+        # /retry sends the question on screen that got no answer (it said "nothing to retry")
+        app.screen.query_one(PromptInput).text = ""
+        await send(pilot, "/retry")
+        await wait_until(pilot, lambda: app.answers_done == 3, timeout=60, what="the retried question")
+        assert "context holds" in str(last_answer(app).stats.render())
 
 
 async def test_the_settings_form_follows_set_from_the_chat() -> None:

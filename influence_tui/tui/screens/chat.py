@@ -20,7 +20,7 @@ from textual.widgets import Footer, Static
 from influence_tui.config import ConfigError, validate_value
 from influence_tui.sessions import SessionError, load_session, save_session
 from influence_tui.tui import slash
-from influence_tui.tui.conversation import Conversation, apply_session_params
+from influence_tui.tui.conversation import SESSION_PARAMS, Conversation, apply_session_params
 from influence_tui.tui.widgets.messages import AssistantMessage, NoteMessage, UserMessage
 from influence_tui.tui.widgets.prompt import PromptInput
 from influence_tui.tui.widgets.status import StatusBar
@@ -72,6 +72,7 @@ class ChatScreen(Screen[None]):
         self._stream: Any = None
         self._current: AssistantMessage | None = None
         self._stopped_by_user = False  # Esc, not an unload or a model switch, ended the answer
+        self._unanswered: str | None = None  # the last question dropped without an answer (for /retry)
 
     @property
     def influence(self) -> "InfluenceApp":
@@ -143,6 +144,7 @@ class ChatScreen(Screen[None]):
             self.app.notify("An answer is still being written: Esc stops it.", severity="warning")
             self.query_one(PromptInput).text = text
             return
+        self._unanswered = None
         self.conversation.add("user", text)
         container = self.query_one("#messages", VerticalScroll)
         await container.mount(UserMessage(text))
@@ -226,9 +228,10 @@ class ChatScreen(Screen[None]):
         return True
 
     def _drop_unanswered(self) -> None:
-        # The question stays on screen but not in the history, so a retry does not send it twice.
+        # The question stays on screen but not in the history, so a retry does not send it twice;
+        # /retry with nothing else to answer sends it again.
         if self.conversation.messages and self.conversation.messages[-1].role == "user":
-            self.conversation.messages.pop()
+            self._unanswered = self.conversation.messages.pop().content
 
     # -- actions ---------------------------------------------------------------------------------
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
@@ -271,6 +274,7 @@ class ChatScreen(Screen[None]):
         if self.busy:
             raise slash.SlashError("wait for the answer to finish (or press Esc) before /clear")
         self.conversation.clear()
+        self._unanswered = None
         await self.render_conversation()
         self.app.notify("Conversation cleared" + (" (system prompt kept)" if self.conversation.system_prompt else ""))
 
@@ -299,9 +303,14 @@ class ChatScreen(Screen[None]):
         session = load_session(path)  # raises SessionError before anything changes
         app = self.influence
         app.conversation = Conversation.from_session(session)
+        before = {name: getattr(app.settings, name) for name in SESSION_PARAMS}
         apply_session_params(app.settings, session)
+        changed = [f"{name} {getattr(app.settings, name)}" for name in SESSION_PARAMS
+                   if getattr(app.settings, name) != before[name]]
         await self.render_conversation()
         note = f"Loaded `{path}`: {len(app.conversation.messages)} messages"
+        if changed:  # the file's generation settings now apply: say which
+            note += f"; its settings apply: {', '.join(changed)}"
         if session.model_path and not app.is_loaded(session.model_path):
             note += f"\n\nIt was recorded with `{session.model_path}`; `/model NAME` switches model."
         await self.note(note)
@@ -328,8 +337,8 @@ class ChatScreen(Screen[None]):
 
         try:
             info = find_model(arg, self.influence.models())
-        except ModelNotFound as exc:
-            raise slash.SlashError(str(exc)) from None
+        except ModelNotFound as exc:  # the library's hint names the CLI; here the Library screen lists them
+            raise slash.SlashError(str(exc).replace("see `influence list`", "the Library, F4, lists them")) from None
         if not info.usable:
             raise slash.SlashError(f"{info.name} cannot be used: {info.reason}")
         if self.influence.switch_model(info.path):
@@ -339,6 +348,11 @@ class ChatScreen(Screen[None]):
         if self.busy:
             raise slash.SlashError("an answer is being written; Esc stops it first")
         msgs = self.conversation.messages
+        if (not msgs or msgs[-1].role == "assistant") and self._unanswered:
+            self.conversation.add("user", self._unanswered)  # the question on screen that got no answer
+            self._unanswered = None
+            await self._start_answer()
+            return
         if not any(m.role == "user" for m in msgs):
             raise slash.SlashError("nothing to retry: send a message first")
         while msgs and msgs[-1].role == "assistant":
