@@ -601,3 +601,38 @@ def test_asyncio_consumers_are_woken_once_per_step_and_get_every_token():
         loop.close()
     assert not thread.is_alive()
     assert got == {i: [f"{i}.{step} " for step in range(4)] for i in range(3)}
+
+
+def test_fitting_a_long_chat_drops_the_same_turns_as_one_at_a_time():
+    """The scheduler finds how many oldest turns to drop by a binary search; it must pick what
+    dropping them one at a time (one render each) picked."""
+    import random
+
+    from influence_tui.engine.scheduler import Scheduler
+
+    def render(msgs):  # a stand-in for template + tokenizer: a few tokens per message, more per character
+        return [0] * sum(3 + len(m["content"]) for m in msgs)
+
+    def one_at_a_time(msgs, room):
+        msgs, ids = list(msgs), render(msgs)
+        while len(ids) > room:
+            droppable = [i for i, m in enumerate(msgs[:-1]) if m["role"] != "system"]
+            if not droppable:
+                break
+            i = droppable[0]
+            msgs.pop(i)
+            if i < len(msgs) - 1 and msgs[i]["role"] == "assistant":
+                msgs.pop(i)
+            ids = render(msgs)
+        return ids
+
+    fake = Scheduler.__new__(Scheduler)
+    fake._render = render
+    rng = random.Random(0)
+    for _ in range(300):
+        msgs = [{"role": "system", "content": "s" * rng.randint(0, 20)}] if rng.random() < 0.5 else []
+        for _ in range(rng.randint(1, 40)):
+            msgs.append({"role": rng.choice(["user", "user", "assistant"]), "content": "x" * rng.randint(0, 50)})
+        room = rng.randint(0, len(render(msgs)))
+        if len(render(msgs)) > room:
+            assert len(fake._fit(msgs, room)) == len(one_at_a_time(msgs, room))

@@ -120,6 +120,20 @@ def _check_unicode(request: GenerationRequest) -> None:
                                "(a lone surrogate)") from None
 
 
+def _drop_turns(msgs: list[dict[str, str]], k: int) -> tuple[list[dict[str, str]], int]:
+    """`msgs` after up to k drops of the oldest turn that is not a system message and not the
+    last message (a user turn goes together with the answer that followed it); the drops done."""
+    out = list(msgs)
+    for done in range(k):
+        i = next((j for j, m in enumerate(out[:-1]) if m["role"] != "system"), None)
+        if i is None:
+            return out, done
+        out.pop(i)
+        if i < len(out) - 1 and out[i]["role"] == "assistant":
+            out.pop(i)
+    return out, k
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -191,6 +205,24 @@ class Scheduler:
             raise RequestError(f"the prompt is {len(ids)} tokens but the context holds {ctx}: shorten it")
         return list(kept) + ids, len(context) - len(kept)
 
+    def _fit(self, msgs: list[dict[str, str]], room: int) -> list[int]:
+        """The prompt with the fewest oldest turns dropped that fits in `room` tokens (or with all
+        droppable ones gone). A binary search over how many drops: one render per drop took ~400
+        renders of a 40k-token chat, seconds before its first token."""
+        most, steps = _drop_turns(msgs, len(msgs))
+        best = self._render(most)
+        if len(best) > room:  # even with every droppable turn gone
+            return best
+        lo, hi = 0, steps  # `lo` drops do not fit (the caller checked 0), `hi` drops do: `best`
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            ids = self._render(_drop_turns(msgs, mid)[0])
+            if len(ids) <= room:
+                hi, best = mid, ids
+            else:
+                lo = mid
+        return best
+
     def _build_prompt(self, request: GenerationRequest) -> tuple[list[int], int, int]:
         ctx = self.context_limit(request)
         want = request.params.max_tokens
@@ -208,16 +240,8 @@ class Scheduler:
             raise RequestError("nothing to generate from: give a prompt or messages")
         ids = self._render(msgs)
         full = len(ids)
-        while len(ids) + want > ctx:
-            droppable = [i for i, m in enumerate(msgs[:-1]) if m["role"] != "system"]
-            if not droppable:
-                break
-            # drop a user turn together with the answer that followed it
-            i = droppable[0]
-            msgs.pop(i)
-            if i < len(msgs) - 1 and msgs[i]["role"] == "assistant":
-                msgs.pop(i)
-            ids = self._render(msgs)
+        if len(ids) + want > ctx:
+            ids = self._fit(msgs, ctx - want)
         if len(ids) >= ctx:
             raise RequestError(f"the prompt is {len(ids)} tokens but the context holds {ctx}: shorten it")
         return ids, full - len(ids), min(want, ctx - len(ids))
