@@ -660,3 +660,22 @@ async def test_the_settings_form_follows_set_from_the_chat() -> None:
         await pilot.press("f2", "f5")
         await pilot.pause()
         assert app.screen.query_one("#set-max_tokens").value == "33"
+
+
+async def test_a_long_session_loads_quickly_showing_its_newest_messages(tmp_path: Path) -> None:
+    from influence_tui.tui.screens.chat import SHOWN_MESSAGES
+    from influence_tui.tui.widgets.messages import UserMessage
+
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i}"} for i in range(1000)]
+    (tmp_path / "long.json").write_text(json.dumps({"messages": messages}))
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        started = time.monotonic()
+        await send(pilot, f"/load {tmp_path / 'long.json'}")
+        took = time.monotonic() - started
+        assert len(app.conversation.messages) == 1000  # all of it is the conversation
+        shown = len(app.screen.query(UserMessage)) + len(app.screen.query(AssistantMessage))
+        assert shown == SHOWN_MESSAGES and took < 30
+        assert any("900 earlier messages" in n for n in notes(app))
+        await send(pilot, "/history")
+        assert "1000 messages" in notes(app)[-1] and "message 999" in notes(app)[-1]

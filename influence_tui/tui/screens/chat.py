@@ -35,6 +35,10 @@ WELCOME = (
 )
 
 
+SHOWN_MESSAGES = 100  # messages of a loaded conversation mounted as widgets (the newest)
+HISTORY_LINES = 200  # messages /history lists (the newest)
+
+
 def format_stats(result: Any, stopped_by_user: bool = True) -> str:
     """The line under an answer: tokens, speed, time to first token, context used, drops."""
     u = result.usage
@@ -114,7 +118,13 @@ class ChatScreen(Screen[None]):
         widgets: list[Any] = [NoteMessage(WELCOME, "welcome")]
         if self.conversation.system_prompt:
             widgets.append(NoteMessage(f"System prompt: {self.conversation.system_prompt}"))
-        for m in self.conversation.messages:
+        messages = self.conversation.messages
+        if len(messages) > SHOWN_MESSAGES:
+            # each message is a Markdown widget: 400 took 5 s to mount, 10,000 over two minutes
+            widgets.append(NoteMessage(f"{len(messages) - SHOWN_MESSAGES} earlier messages are in the conversation "
+                                       f"but not shown (`/history` lists them)"))
+            messages = messages[-SHOWN_MESSAGES:]
+        for m in messages:
             if m.role == "user":
                 widgets.append(UserMessage(m.content))
             else:
@@ -284,7 +294,10 @@ class ChatScreen(Screen[None]):
             await self.note("The conversation is empty.")
             return
         lines = [f"**History** ({len(msgs)} messages)", ""]
-        for i, m in enumerate(msgs, 1):
+        first = max(len(msgs) - HISTORY_LINES, 0)
+        if first:
+            lines.append(f"… {first} earlier messages (in the conversation and in `/save`)")
+        for i, m in enumerate(msgs[first:], first + 1):
             preview = " ".join(m.content.split())[:80]
             mark = " (stopped)" if m.stopped else ""
             lines.append(f"{i}. **{m.role}**{mark} `{m.timestamp}`: {preview}")
