@@ -54,14 +54,23 @@ def _text(raw: Any) -> str | None:
     return value or None
 
 
-def _threads(raw: Any) -> int | None:
-    value = str(raw).strip().lower()
-    if value in ("", "auto"):
-        return None
-    try:
-        return _int_range(1, 1024)(value)
-    except ParamError:
-        raise ParamError("expected auto (empty) or an integer from 1 to 1024") from None
+def _auto_int(lo: int, hi: int) -> Callable[[Any], int | None]:
+    """An integer from lo to hi, or auto (empty): the engine picks."""
+
+    def parse(raw: Any) -> int | None:
+        value = str(raw).strip().lower()
+        if value in ("", "auto"):
+            return None
+        try:
+            return _int_range(lo, hi)(value)
+        except ParamError:
+            raise ParamError(f"expected auto (empty) or an integer from {lo} to {hi}") from None
+
+    return parse
+
+
+_threads = _auto_int(1, 1024)
+_context = _auto_int(64, 1_048_576)
 
 
 def _host(raw: Any) -> str:
@@ -77,16 +86,6 @@ def _api_key(raw: Any) -> str | None:
     if value is not None and any(ch.isspace() or not ch.isprintable() for ch in value):
         raise ParamError("expected a key without spaces (clients send it in an HTTP header)")
     return value
-
-
-def _context(raw: Any) -> int | None:
-    value = str(raw).strip().lower()
-    if value in ("", "auto"):
-        return None
-    try:
-        return _int_range(64, 1_048_576)(value)
-    except ParamError:
-        raise ParamError("expected auto (empty) or an integer from 64 to 1048576") from None
 
 
 def _url(raw: Any) -> str | None:

@@ -46,3 +46,15 @@ def bundled_gguf() -> Path:
     path = bundled_gguf_path()
     assert path is not None, "the bundled model is missing: run ./setup.sh"
     return path
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """An engine with the bundled model, default settings, 8 slots: one per test module that uses it."""
+    from influence_tui.config import Settings
+    from influence_tui.engine import Engine
+
+    eng = Engine(Settings.load(env={}, use_file=False), max_batch=8)
+    eng.load()
+    yield eng
+    eng.shutdown()

@@ -16,14 +16,6 @@ from influence_tui.params import GenerationParams
 GREEDY = GenerationParams(temperature=0, max_tokens=24, repeat_penalty=1.0)
 
 
-@pytest.fixture(scope="module")
-def engine():
-    eng = Engine(Settings.load(env={}, use_file=False), max_batch=8)
-    eng.load()
-    yield eng
-    eng.shutdown()
-
-
 def ask(engine, prompt, params=GREEDY, **kw):
     return engine.submit(GenerationRequest(prompt=prompt, params=params, **kw)).wait(timeout=120)
 

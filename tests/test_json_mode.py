@@ -118,15 +118,7 @@ def test_greedy_json_takes_the_best_token_after_penalties():
 # -- the real model -------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def engine():
-    from influence_tui.config import Settings
-    from influence_tui.engine import Engine
-
-    eng = Engine(Settings.load(env={}, use_file=False), max_batch=8)
-    eng.load()
-    yield eng
-    eng.shutdown()
+# `engine`: the bundled model, from conftest.py
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
