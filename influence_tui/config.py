@@ -83,8 +83,8 @@ def _host(raw: Any) -> str:
 
 def _api_key(raw: Any) -> str | None:
     value = _text(raw)
-    if value is not None and any(ch.isspace() or not ch.isprintable() for ch in value):
-        raise ParamError("expected a key without spaces (clients send it in an HTTP header)")
+    if value is not None and (not value.isascii() or any(ch.isspace() or not ch.isprintable() for ch in value)):
+        raise ParamError("expected a key of ASCII characters without spaces (clients send it in an HTTP header)")
     return value
 
 

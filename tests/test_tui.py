@@ -512,7 +512,7 @@ async def test_hub_failure_is_a_notification(online: None) -> None:
                          what="an error notification")
         # what the user types is shown as typed, markup-like or not (a `[/]` crashed the app)
         search = app.screen.query_one("#hub-search")
-        search.value = "foo[/]bar [b]"
+        search.value = "foo[/]bar [b] x[y='z"
         search.focus()
         await pilot.press("enter")
         await wait_until(pilot, lambda: sum(n.severity == "error" for n in app._notifications) >= 2, timeout=30,

@@ -223,6 +223,18 @@ class Scheduler:
                 lo = mid
         return best
 
+    def _fit_one_at_a_time(self, msgs: list[dict[str, str]], room: int) -> list[int]:
+        """The same drops as _fit, rendering only the shapes reached one drop after another."""
+        ids = self._render(msgs)
+        for k in range(1, len(msgs) + 1):
+            if len(ids) <= room:
+                break
+            shorter, done = _drop_turns(msgs, k)
+            if done < k:
+                break
+            ids = self._render(shorter)
+        return ids
+
     def _build_prompt(self, request: GenerationRequest) -> tuple[list[int], int, int]:
         ctx = self.context_limit(request)
         want = request.params.max_tokens
@@ -241,7 +253,10 @@ class Scheduler:
         ids = self._render(msgs)
         full = len(ids)
         if len(ids) + want > ctx:
-            ids = self._fit(msgs, ctx - want)
+            try:
+                ids = self._fit(msgs, ctx - want)
+            except RequestError:  # a probe's shape the template rejects (alternation): one drop at a time
+                ids = self._fit_one_at_a_time(msgs, ctx - want)
         if len(ids) >= ctx:
             raise RequestError(f"the prompt is {len(ids)} tokens but the context holds {ctx}: shorten it")
         return ids, full - len(ids), min(want, ctx - len(ids))

@@ -248,6 +248,8 @@ class KeepAlive:
     def end(self, ticket: int, seconds: float | None) -> None:
         """That request ended (answered, failed or left), asking for `seconds` (None: it did not ask)."""
         self._in_flight = max(self._in_flight - 1, 0)
+        if ticket <= self._stop_through and self._begun > self._stop_through:
+            return  # a request that came after the unload set (or will set) its own keep_alive
         self.touch(0 if ticket <= self._stop_through else seconds)
 
     def stop(self) -> None:

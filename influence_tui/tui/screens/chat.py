@@ -316,6 +316,7 @@ class ChatScreen(Screen[None]):
         session = load_session(path)  # raises SessionError before anything changes
         app = self.influence
         app.conversation = Conversation.from_session(session)
+        self._unanswered = None  # a question of the previous conversation is not this one's to retry
         before = {name: getattr(app.settings, name) for name in SESSION_PARAMS}
         apply_session_params(app.settings, session)
         changed = [f"{name} {getattr(app.settings, name)}" for name in SESSION_PARAMS

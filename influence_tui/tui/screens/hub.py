@@ -17,7 +17,7 @@ from textual.app import SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
-from textual.markup import escape
+from rich.text import Text
 from textual.widgets import Button, DataTable, Footer, Input, Select, Static
 
 from influence_tui.library import human_size
@@ -110,7 +110,7 @@ class HubScreen(Screen[None]):
     # -- search ----------------------------------------------------------------------------------
     def on_input_submitted(self, event: Input.Submitted) -> None:
         if event.input.id == "hub-search":
-            self.query_one("#hub-repo", Static).update(escape(f"Searching for {event.value!r}…"))
+            self.query_one("#hub-repo", Static).update(Text(f"Searching for {event.value!r}…"))
             self._search(event.value.strip())
 
     @work(thread=True, exclusive=True, group="hub-search")
@@ -123,7 +123,7 @@ class HubScreen(Screen[None]):
         self.app.call_from_thread(self._show_results, query, results)
 
     def _failed(self, title: str, message: str) -> None:
-        self.query_one("#hub-repo", Static).update(f"[red]{escape(message)}[/red]")
+        self.query_one("#hub-repo", Static).update(Text(message, style="red"))
         self.app.notify(message, title=title, severity="error", timeout=10)
 
     def _show_results(self, query: str, results: list[Any]) -> None:
@@ -132,9 +132,9 @@ class HubScreen(Screen[None]):
         table.clear()
         for m in results:
             updated = m.last_modified.strftime("%Y-%m-%d") if m.last_modified else ""
-            table.add_row(m.repo_id, _count(m.downloads), _count(m.likes), updated, ", ".join(sorted(m.formats)), key=m.repo_id)
+            table.add_row(Text(m.repo_id), _count(m.downloads), _count(m.likes), updated, ", ".join(sorted(m.formats)), key=m.repo_id)
         found = f"{len(results)} models for {query!r}" if results else f"Nothing found for {query!r}"
-        self.query_one("#hub-repo", Static).update(escape(found + (": pick one (↑/↓) to see its files" if results else "")))
+        self.query_one("#hub-repo", Static).update(Text(found + (": pick one (↑/↓) to see its files" if results else "")))
         if results:
             table.focus()
 
@@ -142,7 +142,7 @@ class HubScreen(Screen[None]):
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         if event.data_table.id == "hub-results" and 0 <= event.cursor_row < len(self.results):
             repo = self.results[event.cursor_row].repo_id
-            self.query_one("#hub-repo", Static).update(f"[b]{escape(repo)}[/b]: reading files…")
+            self.query_one("#hub-repo", Static).update(Text.assemble((repo, "bold"), ": reading files…"))
             self._files(repo)
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
@@ -164,7 +164,7 @@ class HubScreen(Screen[None]):
         table = self.query_one("#hub-files", DataTable)
         table.clear()
         for e in sorted(listing.files, key=lambda e: e.path):
-            table.add_row(e.path, human_size(e.size), gguf_quant(e.path) or "")
+            table.add_row(Text(e.path), human_size(e.size), Text(gguf_quant(e.path) or ""))
         quants = sorted(listing.quants)
         select = self.query_one("#hub-quant", Select)
         select.set_options([(AUTO_LABEL if quants else "all model files", AUTO)] + [(f"{q} ({human_size(sum(e.size for e in listing.quants[q]))})", q) for q in quants])
@@ -172,7 +172,7 @@ class HubScreen(Screen[None]):
         total = human_size(sum(e.size for e in listing.files))
         kinds = f"{len(quants)} GGUF quantization(s)" if quants else "safetensors / other files"
         self.query_one("#hub-repo", Static).update(
-            f"[b]{escape(listing.repo_id)}[/b] · {len(listing.files)} files · {total} · {escape(kinds)}")
+            Text.assemble((listing.repo_id, "bold"), f" · {len(listing.files)} files · {total} · {kinds}"))
         self.query_one("#hub-download", Button).disabled = False
 
     # -- downloads -------------------------------------------------------------------------------

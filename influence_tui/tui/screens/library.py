@@ -14,7 +14,6 @@ from rich.text import Text
 from textual import work
 from textual.app import SystemCommand
 from textual.binding import Binding
-from textual.markup import escape
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
@@ -28,19 +27,18 @@ if TYPE_CHECKING:
 COLUMNS = ("", "name", "format", "quant", "params", "size", "source", "status")
 
 
-def model_details(m: Any, loaded: bool) -> str:
-    # names, paths and reasons come from the disk: escaped, so a `[` in a folder name is shown as is
-    rows = [
-        f"[b]{escape(m.name)}[/b]" + ("  [green]● loaded for chat[/green]" if loaded else ""),
-        escape(f"format        {m.format:<14}  architecture  {m.architecture}"),
-        escape(f"quantization  {m.quantization:<14}  parameters    {human_params(m.parameters)}"),
-        escape(f"context       {str(m.context_length or '?'):<14}  size          {human_size(m.size_bytes)} in {m.file_count} file(s)"),
-        escape(f"kind          {m.kind:<14}  source        {m.source}"),
-        escape(f"path          {m.path}"),
-    ]
+def model_details(m: Any, loaded: bool) -> Text:
+    # names, paths and reasons come from the disk: plain Text, never parsed as markup
+    text = Text.assemble((m.name, "bold"), ("  ● loaded for chat", "green") if loaded else "")
+    for line in (f"format        {m.format:<14}  architecture  {m.architecture}",
+                 f"quantization  {m.quantization:<14}  parameters    {human_params(m.parameters)}",
+                 f"context       {str(m.context_length or '?'):<14}  size          {human_size(m.size_bytes)} in {m.file_count} file(s)",
+                 f"kind          {m.kind:<14}  source        {m.source}",
+                 f"path          {m.path}"):
+        text.append("\n" + line)
     if not m.usable:
-        rows += ["", f"[red]unusable: {escape(m.reason)}[/red]"]
-    return "\n".join(rows)
+        text.append(f"\n\nunusable: {m.reason}", style="red")
+    return text
 
 
 class LibraryScreen(Screen[None]):
@@ -97,7 +95,7 @@ class LibraryScreen(Screen[None]):
         for m in models:
             mark = "●" if self.influence.is_loaded(m.path) else ""
             status = "ok" if m.usable else "unusable"
-            table.add_row(mark, Text(m.name), m.format, m.quantization, human_params(m.parameters),
+            table.add_row(mark, Text(m.name), m.format, Text(m.quantization), human_params(m.parameters),
                           human_size(m.size_bytes), m.source, status, key=m.path)
         if models:
             table.move_cursor(row=min(keep, len(models) - 1))

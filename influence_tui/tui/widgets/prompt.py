@@ -59,7 +59,8 @@ class PromptInput(TextArea):
         word = text.strip()
         if word.startswith("/") and " " not in word:  # `/se` that the hint showed as `/set` only: run it
             matches = slash.complete(word)
-            if len(matches) == 1:
+            # never for what cannot be undone (quitting, clearing, replacing the last answer)
+            if len(matches) == 1 and matches[0].rstrip() not in ("/quit", "/exit", "/clear", "/retry"):
                 text = matches[0].rstrip()
         self.sent.append(text)
         self.clear()
