@@ -76,7 +76,7 @@ _context = _auto_int(64, 1_048_576)
 def _host(raw: Any) -> str:
     value = str(raw).strip() or "127.0.0.1"
     # a host name, an IPv4 or IPv6 address: checked here, not when the server fails to bind
-    if not re.fullmatch(r"[A-Za-z0-9.\-]+|\[?[0-9A-Fa-f:.]+\]?", value):
+    if not re.fullmatch(r"[A-Za-z0-9._\-]+|\[?[0-9A-Fa-f:.]+(%[A-Za-z0-9_.\-]+)?\]?", value):  # Docker names, fe80::1%eth0
         raise ParamError("expected a host name or an IP address, e.g. 127.0.0.1 or 0.0.0.0")
     return value.strip("[]")
 

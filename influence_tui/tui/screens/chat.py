@@ -122,7 +122,7 @@ class ChatScreen(Screen[None]):
         if len(messages) > SHOWN_MESSAGES:
             # each message is a Markdown widget: 400 took 5 s to mount, 10,000 over two minutes
             widgets.append(NoteMessage(f"{len(messages) - SHOWN_MESSAGES} earlier messages are in the conversation "
-                                       f"but not shown (`/history` lists them)"))
+                                       f"but not shown (`/save` keeps them all)"))
             messages = messages[-SHOWN_MESSAGES:]
         for m in messages:
             if m.role == "user":
