@@ -628,3 +628,23 @@ def test_fitting_a_long_chat_drops_the_same_turns_as_one_at_a_time():
         room = rng.randint(0, len(render(msgs)))
         if len(render(msgs)) > room:
             assert len(fake._fit(msgs, room)) == len(one_at_a_time(msgs, room))
+
+
+def test_the_one_at_a_time_fallback_drops_as_the_binary_search_does():
+    import random
+
+    from influence_tui.engine.scheduler import Scheduler
+
+    def render(msgs):
+        return [0] * sum(3 + len(m["content"]) for m in msgs)
+
+    fake = Scheduler.__new__(Scheduler)
+    fake._render = render
+    rng = random.Random(1)
+    for _ in range(200):
+        msgs = [{"role": "system", "content": "s" * rng.randint(0, 20)}] if rng.random() < 0.5 else []
+        for _ in range(rng.randint(1, 30)):
+            msgs.append({"role": rng.choice(["user", "user", "assistant"]), "content": "x" * rng.randint(0, 50)})
+        room = rng.randint(0, len(render(msgs)))
+        if len(render(msgs)) > room:
+            assert len(fake._fit_one_at_a_time(msgs, room)) == len(fake._fit(msgs, room))

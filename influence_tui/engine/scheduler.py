@@ -224,16 +224,16 @@ class Scheduler:
         return best
 
     def _fit_one_at_a_time(self, msgs: list[dict[str, str]], room: int) -> list[int]:
-        """The same drops as _fit, rendering only the shapes reached one drop after another."""
-        ids = self._render(msgs)
-        for k in range(1, len(msgs) + 1):
-            if len(ids) <= room:
-                break
-            shorter, done = _drop_turns(msgs, k)
-            if done < k:
-                break
+        """The same drops as _fit, rendering only the shapes reached one drop after another
+        (the caller found the whole chat too long)."""
+        shorter, ids = list(msgs), []
+        while True:
+            shorter, done = _drop_turns(shorter, 1)  # one more drop from where the last one left it
+            if not done and ids:
+                return ids
             ids = self._render(shorter)
-        return ids
+            if len(ids) <= room or not done:
+                return ids
 
     def _build_prompt(self, request: GenerationRequest) -> tuple[list[int], int, int]:
         ctx = self.context_limit(request)
