@@ -175,3 +175,50 @@ def write_tiny_gguf(path: str | Path, arch: str = "llama", qtype: str = "F32", s
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+# A reasoning model in the DeepSeek-R1 style: the template opens <think> in the generation prompt
+# and strips earlier answers' reasoning. Its weights are built, not random, so that greedy decoding
+# always gives the same reasoning and answer: every layer's output projections are zero (each
+# position's hidden state is its token's embedding) and the head maps each token of a fixed chain
+# to the next one.
+THINKER_TEMPLATE = (
+    "{% for message in messages %}{% set content = message['content'] %}"
+    "{% if message['role'] == 'assistant' and '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + content + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n<think>\n' }}{% endif %}"
+)
+THINKER_REASONING = "Hmm, let me think."
+THINKER_ANSWER = "The answer is 42."
+
+
+def write_tiny_thinker(dir: str | Path) -> Path:
+    """A tiny Llama whose greedy answer to anything is <think>THINKER_REASONING</think> then
+    THINKER_ANSWER; told not to think (an empty block closes the prompt) it gives the answer alone."""
+    import torch
+    from tokenizers import AddedToken
+
+    folder = Path(dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = tiny_tokenizer()
+    tok.add_tokens([AddedToken(t, normalized=False) for t in ("<think>", "</think>", "\n\n", THINKER_REASONING, THINKER_ANSWER)])
+    ids = [tok.token_to_id(t) for t in ("Ċ", THINKER_REASONING, "</think>", "\n\n", THINKER_ANSWER, "<|im_end|>")]
+    model = _hf_model("llama", tok.get_vocab_size(), seed=3)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.norm.weight.fill_(1.0)
+        emb = model.model.embed_tokens.weight
+        head = model.lm_head.weight
+        head.normal_(0.0, 0.02)
+        for src, dst in zip(ids, ids[1:]):  # the chain "\n" -> reasoning -> </think> -> "\n\n" -> answer -> end
+            head[dst] = 4.0 * emb[src] / emb[src].norm()
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": None, "pad_token": "<|endoftext|>",
+        "add_bos_token": False, "chat_template": THINKER_TEMPLATE, "model_max_length": 256,
+    }))
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    return folder

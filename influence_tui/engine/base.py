@@ -86,8 +86,13 @@ class TextTokenizer(Protocol):
 
     def decode(self, ids: list[int]) -> str: ...
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                            **options: Any) -> str:
         """Render the model's own chat template (jinja2); a ValueError when the template rejects the messages."""
+
+    @property
+    def thinks(self) -> bool:
+        """A reasoning model (engine.reasoning)."""
 
     @property
     def has_chat_template(self) -> bool: ...

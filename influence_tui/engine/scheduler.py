@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from influence_tui.engine.base import LoadedModel
+from influence_tui.engine.reasoning import ThinkSplitter, opens_thinking, without_thinking
 from influence_tui.engine.sampling import Sampler, StopMatcher, greedy
 from influence_tui.engine.tokenizer import IncrementalDecoder
 from influence_tui.engine.types import GenerationRequest, GenerationStream, Result, TokenEvent, Usage
@@ -103,6 +104,8 @@ class Sequence:
     last_token: int = -1
     generated: int = 0
     text: list[str] = field(default_factory=list)
+    thinking: list[str] = field(default_factory=list)
+    splitter: ThinkSplitter | None = None  # a reasoning model's answer: reasoning apart from the text
     limit: int = 0  # max new tokens after context fitting
     filling: bool = False  # its prompt is still being prefilled, PIECE rows per step
     admitted: float = 0.0
@@ -152,6 +155,7 @@ class Scheduler:
         self.slots = [Slot(i) for i in range(max_batch)]
         self.active: list[Sequence] = []
         self.eos = set(self.tok.eos_token_ids)
+        self.thinks = bool(getattr(self.tok, "thinks", False))
 
     # --- prompt building -----------------------------------------------------------------------
     def context_limit(self, request: GenerationRequest) -> int:
@@ -168,12 +172,16 @@ class Scheduler:
             msgs.insert(0, {"role": "system", "content": request.system})
         return msgs
 
-    def _render(self, msgs: list[dict[str, str]]) -> list[int]:
+    def _render(self, msgs: list[dict[str, str]], no_think: bool = False) -> list[int]:
+        """`no_think`: a reasoning model is told to answer without thinking (an empty block)."""
         if self.tok.has_chat_template:
+            options = {"enable_thinking": False} if no_think else {}
             try:
-                text = self.tok.apply_chat_template(msgs, add_generation_prompt=True)
+                text = self.tok.apply_chat_template(msgs, add_generation_prompt=True, **options)
             except Exception as exc:  # a template's raise_exception (e.g. roles must alternate)
                 raise RequestError(f"the model's chat template rejected the messages: {exc}") from None
+            if no_think:
+                text = without_thinking(text)
             return self.tok.encode(text, add_special_tokens=False)
         # No template: plain "role: content" lines, so at least the text reaches the model.
         text = "\n".join(f"{m['role']}: {m['content']}" for m in msgs) + "\nassistant:"
@@ -205,25 +213,25 @@ class Scheduler:
             raise RequestError(f"the prompt is {len(ids)} tokens but the context holds {ctx}: shorten it")
         return list(kept) + ids, len(context) - len(kept)
 
-    def _fit(self, msgs: list[dict[str, str]], room: int) -> list[int]:
+    def _fit(self, msgs: list[dict[str, str]], room: int, no_think: bool = False) -> list[int]:
         """The prompt with the fewest oldest turns dropped that fits in `room` tokens (or with all
         droppable ones gone). A binary search over how many drops: one render per drop took ~400
         renders of a 40k-token chat, seconds before its first token."""
         most, steps = _drop_turns(msgs, len(msgs))
-        best = self._render(most)
+        best = self._render(most, no_think)
         if len(best) > room:  # even with every droppable turn gone
             return best
         lo, hi = 0, steps  # `lo` drops do not fit (the caller checked 0), `hi` drops do: `best`
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            ids = self._render(_drop_turns(msgs, mid)[0])
+            ids = self._render(_drop_turns(msgs, mid)[0], no_think)
             if len(ids) <= room:
                 hi, best = mid, ids
             else:
                 lo = mid
         return best
 
-    def _fit_one_at_a_time(self, msgs: list[dict[str, str]], room: int) -> list[int]:
+    def _fit_one_at_a_time(self, msgs: list[dict[str, str]], room: int, no_think: bool = False) -> list[int]:
         """The same drops as _fit, rendering only the shapes reached one drop after another
         (the caller found the whole chat too long)."""
         shorter, ids = list(msgs), []
@@ -231,7 +239,7 @@ class Scheduler:
             shorter, done = _drop_turns(shorter, 1)  # one more drop from where the last one left it
             if not done and ids:
                 return ids
-            ids = self._render(shorter)
+            ids = self._render(shorter, no_think)
             if len(ids) <= room or not done:
                 return ids
 
@@ -250,13 +258,14 @@ class Scheduler:
         msgs = self._messages(request)
         if not msgs:
             raise RequestError("nothing to generate from: give a prompt or messages")
-        ids = self._render(msgs)
+        no_think = self.thinks and (request.think is False or request.format == "json")  # JSON: no room to think
+        ids = self._render(msgs, no_think)
         full = len(ids)
         if len(ids) + want > ctx:
             try:
-                ids = self._fit(msgs, ctx - want)
+                ids = self._fit(msgs, ctx - want, no_think)
             except RequestError:  # a probe's shape the template rejects (alternation): one drop at a time
-                ids = self._fit_one_at_a_time(msgs, ctx - want)
+                ids = self._fit_one_at_a_time(msgs, ctx - want, no_think)
         if len(ids) >= ctx:
             raise RequestError(f"the prompt is {len(ids)} tokens but the context holds {ctx}: shorten it")
         return ids, full - len(ids), min(want, ctx - len(ids))
@@ -443,6 +452,7 @@ class Scheduler:
             job=job, slot=slot, prompt=prompt, sampler=self._sampler(req),
             decoder=IncrementalDecoder(self.tok, skip_special_tokens=True),
             stopper=StopMatcher(req.params.stop), usage=usage, history=list(prompt), limit=limit,
+            splitter=self._splitter(req, prompt),
         )
         if limit <= 0:
             self._finish(seq, "length")
@@ -519,6 +529,28 @@ class Scheduler:
                 self._accept(seq, seq.sampler(logits[row], seq.history))
                 row += 1
 
+    def _splitter(self, req: GenerationRequest, prompt: list[int]) -> ThinkSplitter | None:
+        """A reasoning model's answer is split; a raw prompt's is the caller's to read."""
+        if not self.thinks or req.raw:
+            return None
+        return ThinkSplitter(inside=opens_thinking(self.tok.decode(prompt[-8:])))
+
+    def _emit(self, seq: Sequence, text: str, token: int, final: bool = False) -> None:
+        """New text of an answer to its stream, the reasoning apart where the model reasons
+        (`final`: the answer ends, and what the splitter held back comes out)."""
+        thinking = ""
+        if seq.splitter is not None:
+            thinking, text = seq.splitter.feed(text)
+            if final:
+                more = seq.splitter.flush()
+                thinking, text = thinking + more[0], text + more[1]
+        if thinking:
+            seq.thinking.append(thinking)
+        if text:
+            seq.text.append(text)
+        if text or thinking:
+            seq.job.stream._put(TokenEvent(text, token, thinking))
+
     def _sampler(self, req: GenerationRequest) -> Any:
         sampler = Sampler(req.params)
         if req.format == "json":
@@ -537,8 +569,7 @@ class Scheduler:
             return
         text = seq.stopper.feed(seq.decoder.push(token))
         if text:
-            seq.text.append(text)
-            seq.job.stream._put(TokenEvent(text, token))
+            self._emit(seq, text, token)
         if seq.usage.ttft_s == 0.0:
             seq.usage.ttft_s = time.perf_counter() - seq.job.submitted
         if seq.stopper.stopped or getattr(seq.sampler, "complete", False):  # JSON mode: the object closed
@@ -551,15 +582,16 @@ class Scheduler:
             # an answer cut off mid-character (length, cancel) drops the partial bytes, not shows U+FFFD
             tail = seq.stopper.feed(seq.decoder.flush().rstrip("\ufffd")) + seq.stopper.flush()
             if tail:
-                seq.text.append(tail)
-                seq.job.stream._put(TokenEvent(tail, -1))
+                self._emit(seq, tail, -1)
+        if seq.splitter is not None:
+            self._emit(seq, "", -1, final=True)
         seq.usage.completion_tokens = seq.generated
         seq.slot.busy = False
         seq.slot.last_used = time.perf_counter()
         if seq in self.active:
             self.active.remove(seq)
         seq.job.stream._finish(Result("".join(seq.text), reason, seq.usage, model=self.lm.name,  # type: ignore[arg-type]
-                                      context=list(seq.history)))
+                                      context=list(seq.history), thinking="".join(seq.thinking)))
 
     def cancel_all(self, reason: str = "cancelled") -> None:
         for seq in list(self.active):

@@ -160,7 +160,16 @@ class HFTokenizer:
     def has_chat_template(self) -> bool:
         return bool(self.chat_template)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    @property
+    def thinks(self) -> bool:
+        """A reasoning model: it writes <think> blocks (see engine.reasoning)."""
+        from influence_tui.engine.reasoning import OPEN, template_thinks
+
+        return template_thinks(self.chat_template, self.tok.token_to_id(OPEN) is not None)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                            **options: Any) -> str:
+        """`options` reach the template as variables (Qwen3's `enable_thinking`)."""
         import jinja2
 
         for m in messages:
@@ -175,6 +184,7 @@ class HFTokenizer:
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
                 **self.extra_tokens,
+                **options,
             )
         except jinja2.exceptions.TemplateError as exc:
             raise ValueError(f"chat template error: {exc}") from exc

@@ -37,6 +37,9 @@ class GenerationRequest:
     num_ctx: int | None = None  # cap the context below the model's own maximum
     context: list[int] | None = None  # token ids to continue from (an earlier Result.context, Ollama's `context`)
     format: str | None = None  # "json": the answer is one JSON object (constrained as it is sampled)
+    # reasoning models: None lets the model think (its reasoning comes apart from the answer, see
+    # engine.reasoning), False asks it not to (an empty think block ends the prompt)
+    think: bool | None = None
 
 
 @dataclass
@@ -68,6 +71,7 @@ class Usage:
 class TokenEvent:
     text: str  # the new text (may be "" while a multi-byte character or a stop string is pending)
     token_id: int
+    thinking: str = ""  # new reasoning text of a reasoning model (never part of `text`)
 
 
 @dataclass
@@ -79,6 +83,7 @@ class Result:
     model: str = ""
     error_kind: str | None = None  # "request" (the request cannot run as asked) | "engine"
     context: list[int] = field(default_factory=list)  # prompt and answer token ids (Ollama's `context`)
+    thinking: str = ""  # a reasoning model's reasoning (`text` is the answer after it)
 
 
 class StreamClosed(Exception):

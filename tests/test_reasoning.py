@@ -1,0 +1,101 @@
+"""Reasoning models: their <think> text comes apart from the answer, in the engine, for every client."""
+
+from __future__ import annotations
+
+import pytest
+
+from influence_tui.engine.reasoning import ThinkSplitter, opens_thinking, without_thinking
+
+pytest.importorskip("torch")  # the tiny thinker is written with transformers
+
+from influence_tui.config import Settings  # noqa: E402
+from influence_tui.engine import ChatMessage, Engine, GenerationRequest  # noqa: E402
+from influence_tui.params import GenerationParams  # noqa: E402
+from tokenizers import Tokenizer  # noqa: E402
+from tests.tiny_models import THINKER_ANSWER, THINKER_REASONING, write_tiny_thinker  # noqa: E402
+
+GREEDY = GenerationParams().with_(temperature=0.0, max_tokens=20)
+
+
+def _split(text: str, inside: bool, step: int) -> tuple[str, str]:
+    splitter, thinking, answer = ThinkSplitter(inside), "", ""
+    for i in range(0, len(text), step):
+        t, a = splitter.feed(text[i : i + step])
+        thinking, answer = thinking + t, answer + a
+    t, a = splitter.flush()
+    return thinking + t, answer + a
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 7, 1000])  # tags split across tokens anywhere
+@pytest.mark.parametrize(("text", "inside", "expected"), [
+    ("\nHmm.\n</think>\n\nThe answer.", True, ("Hmm.", "The answer.")),  # R1: the prompt opened the block
+    ("<think>\nweigh a, b\n</think>\n\nB.", False, ("weigh a, b", "B.")),  # the model opens it itself
+    ("  \n<think>x</think>y", False, ("x", "y")),
+    ("Plain text with <think> in it", False, ("", "Plain text with <think> in it")),  # only at the start
+    ("a </thinking> and </thin", True, ("a </thinking> and </thin", "")),  # cut off while thinking
+    ("<thi", False, ("", "<thi")),  # a tag's start that never finished is text
+    (" Hello", False, ("", " Hello")),
+])
+def test_the_splitter_finds_the_block_wherever_tokens_cut_it(text, inside, expected, step):
+    assert _split(text, inside, step) == expected
+
+
+def test_a_prompt_opens_or_closes_the_block():
+    assert opens_thinking("<|Assistant|><think>\n") and not opens_thinking("<|Assistant|>")
+    assert without_thinking("A<think>\n") == "A<think>\n\n</think>\n\n"
+    assert without_thinking("A<think>\n\n</think>\n\n") == "A<think>\n\n</think>\n\n"  # Qwen3 closed it already
+    assert without_thinking("A: ") == "A: <think>\n\n</think>\n\n"
+
+
+@pytest.fixture(scope="module")
+def thinker(tmp_path_factory):
+    folder = write_tiny_thinker(tmp_path_factory.mktemp("thinker"))
+    engine = Engine(Settings(warmup_tokens=0), max_batch=2)
+    engine.load(str(folder))
+    yield engine
+    engine.shutdown()
+
+
+def _ask(engine, **kwargs):
+    stream = engine.submit(GenerationRequest(messages=[ChatMessage("user", "What is six times seven?")],
+                                             params=kwargs.pop("params", GREEDY), **kwargs))
+    events = list(stream)
+    return events, stream.result
+
+
+def test_a_reasoning_models_thinking_streams_apart_from_its_answer(thinker):
+    events, result = _ask(thinker)
+    assert (result.thinking, result.text, result.finish_reason) == (THINKER_REASONING, THINKER_ANSWER, "stop")
+    assert "".join(e.thinking for e in events) == THINKER_REASONING
+    assert "".join(e.text for e in events) == THINKER_ANSWER
+    first_answer = next(i for i, e in enumerate(events) if e.text)
+    assert all(not e.thinking for e in events[first_answer:])  # the reasoning came first, the tags never
+
+
+def test_told_not_to_think_it_answers_straight_away(thinker):
+    _, result = _ask(thinker, think=False)
+    assert (result.thinking, result.text) == ("", THINKER_ANSWER)
+    assert result.usage.completion_tokens == 2  # the answer and the end of turn: no reasoning tokens
+
+
+def test_an_answer_cut_off_while_thinking_keeps_its_reasoning(thinker):
+    _, result = _ask(thinker, params=GREEDY.with_(max_tokens=1))
+    assert (result.thinking, result.text, result.finish_reason) == (THINKER_REASONING, "", "length")
+
+
+def test_a_raw_prompt_is_the_callers_to_read(thinker):
+    result = thinker.submit(GenerationRequest(prompt="<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n",
+                                              raw=True, params=GREEDY)).wait()
+    assert result.thinking == "" and result.text == f"{THINKER_REASONING}</think>\n\n{THINKER_ANSWER}"
+
+
+def test_earlier_reasoning_does_not_go_back_to_the_model(thinker, tmp_path):
+    """The template drops an earlier answer's reasoning, as DeepSeek-R1's does: the next turn's
+    prompt holds the answer only."""
+    _, first = _ask(thinker)
+    history = [ChatMessage("user", "What is six times seven?"),
+               ChatMessage("assistant", f"<think>{first.thinking}</think>{first.text}"), ChatMessage("user", "Sure?")]
+    second = thinker.submit(GenerationRequest(messages=history, params=GREEDY)).wait()
+    reasoning = Tokenizer.from_file(str(write_tiny_thinker(tmp_path / "t") / "tokenizer.json")).token_to_id(THINKER_REASONING)
+    assert second.context.count(reasoning) == 1  # this answer's, not the first's
+    assert (second.thinking, second.text) == (THINKER_REASONING, THINKER_ANSWER)
