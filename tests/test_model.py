@@ -312,3 +312,20 @@ def test_read_huge_reads_all_but_the_skipped_ranges_and_stays_mapped_where_memor
     raw = f.read_bytes()
     assert bytes(data[:1000]) == raw[:1000] and bytes(data[5000:]) == raw[5000:]
     assert not data[1000:5000].any()  # not read: zero pages, no memory
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_a_vocabulary_of_odd_size_loads_from_the_cache(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        quant: str) -> None:
+    """33 extra tokens (a vocabulary of 417, as 32001 is): the converted file then holds tensors at
+    addresses that are not multiples of 64, which crashed torch's int8 kernel (a segfault on the
+    second load of such a model)."""
+    monkeypatch.setenv("INFLUENCE_CACHE_DIR", str(tmp_path / "cache"))
+    path = write_tiny_gguf(tiny_dir / f"odd-{quant}.gguf", arch="llama", qtype="Q8_0", extra_tokens=33)
+    first = load_model(str(path), device="cpu", dtype="bfloat16", quant=quant, max_batch=1, max_seq=64)
+    second = load_model(str(path), device="cpu", dtype="bfloat16", quant=quant, max_batch=1, max_seq=64)
+    assert second.extra["cached"] and second.model.vocab_size == 417
+    for ids in (TOKENS[:1], TOKENS[:5]):  # one token (the int8/int4 kernels) and a few
+        assert torch.equal(first.model.prefill(0, torch.tensor(ids), 0), second.model.prefill(0, torch.tensor(ids), 0))
+    assert torch.equal(first.model.decode(torch.tensor([0]), torch.tensor([9]), torch.tensor([5])),
+                       second.model.decode(torch.tensor([0]), torch.tensor([9]), torch.tensor([5])))

@@ -341,6 +341,7 @@ class _Builder:
 
 
 # -- converted-weights cache (see weights_cache) ----------------------------------------------
+ALIGN = 64  # bytes: what a weight's address must be a multiple of (cache lines, AVX-512 loads)
 _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I8": torch.int8,
               "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64}
 
@@ -373,12 +374,19 @@ def save_converted(path: Path, model: LlamaModel, info: dict, identity: str = ""
 
 
 def read_safetensors_mmap(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Zero-copy tensors over a memory map (safetensors' own reader copies into RAM)."""
+    """Zero-copy tensors over a memory map (safetensors' own reader copies into RAM).
+
+    safetensors packs tensors back to back: after one whose size is not a multiple of 64 bytes (the
+    scales of a vocabulary of 32001), the next ones start unaligned, and torch's int8/int4 CPU
+    kernels crash on an unaligned weight. Those are copied into (aligned) memory of their own."""
     mm, entries, meta = weights_cache.read_mmap(path)
     with warnings.catch_warnings():  # read-only memory: the weights are never written
         warnings.simplefilter("ignore", UserWarning)
         whole = torch.from_numpy(mm)  # slicing a tensor is ~50x cheaper than slicing a memmap
-    out = {name: whole[a:b].view(_ST_DTYPES[dt]).reshape(shape) for name, (dt, shape, a, b) in entries.items()}
+    out = {}
+    for name, (dt, shape, a, b) in entries.items():
+        raw = whole[a:b] if a % ALIGN == 0 else whole[a:b].clone()
+        out[name] = raw.view(_ST_DTYPES[dt]).reshape(shape)
     return out, meta
 
 
