@@ -40,6 +40,8 @@ def _gen_flags(p: argparse.ArgumentParser, chat: bool = False, sub: bool = True)
     g.add_argument("--repeat-penalty", type=str, help="repetition penalty, 1 or 0 = off (default 1.1)")
     g.add_argument("--seed", type=str, help="random seed: same seed and input, same text (-1: a new one each time)")
     g.add_argument("--system", help="system prompt")
+    g.add_argument("--think", metavar="on|off",
+                   help="reasoning models (DeepSeek-R1 and kin) think before they answer, their reasoning kept apart (default on)")
     if not chat:
         # a command's --stop collects apart, then joins the ones given before it (see main)
         g.add_argument("--stop", action="append", dest="stop_after" if sub else "stop",
@@ -111,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     _gen_flags(p)
     p.add_argument("--raw", action="store_true", help="send the prompt as-is, without the chat template")
     p.add_argument("--format", choices=["json"], help="answer with one JSON object (each token checked as it is picked)")
+    p.add_argument("--hide-thinking", action="store_true",
+                   help="do not show a reasoning model's thinking (shown on stderr, apart from the answer on stdout)")
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON object with the text and timings")
 
     p = sub.add_parser("chat", help="open the app on the chat screen", epilog=EPILOG)
@@ -149,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _FLAG_SETTINGS = (
     "model_path", "device", "device_index", "threads", "context_length", "max_tokens", "temperature", "top_p", "top_k", "min_p",
-    "repeat_penalty", "seed", "host", "port", "api_key",
+    "repeat_penalty", "seed", "think", "host", "port", "api_key",
 )
 
 

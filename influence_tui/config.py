@@ -102,6 +102,18 @@ def _url(raw: Any) -> str | None:
     return value
 
 
+_ON_WORDS, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _switch(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    word = str(raw).strip().lower()
+    if word in _ON_WORDS or word in _OFF:
+        return word in _ON_WORDS
+    raise ParamError("expected on or off (true/false, yes/no, 1/0)")
+
+
 @dataclass(frozen=True)
 class Spec:
     name: str  # attribute name
@@ -123,6 +135,8 @@ SPECS: tuple[Spec, ...] = (
     Spec("min_p", "INFLUENCE_MIN_P", _D.min_p, _param("min_p"), "min-p sampling, 0-1 (0 = off)"),
     Spec("seed", "INFLUENCE_SEED", None, _param("seed"), "random seed (empty = random)"),
     Spec("system_prompt", "INFLUENCE_SYSTEM_PROMPT", None, _text, "system prompt for chat"),
+    Spec("think", "INFLUENCE_THINK", True, _switch,
+         "reasoning models think before they answer, their reasoning shown apart: on | off"),
     Spec("device", "INFLUENCE_DEVICE", "auto", _device, "auto | cpu | cuda | mps"),
     Spec("device_index", "INFLUENCE_DEVICE_INDEX", 0, _int_range(0, 64), "GPU index when several"),
     Spec("threads", "INFLUENCE_THREADS", None, _threads, "CPU threads for inference (empty = one per core)"),
@@ -154,7 +168,7 @@ def settings_file() -> Path:
     return config_dir() / "settings.json"
 
 
-_OFF_WORDS = ("", "0", "false", "no", "off")
+_OFF_WORDS = ("", *_OFF)
 
 
 def env_flag(name: str, env: Mapping[str, str] | None = None, default: bool = False) -> bool:
@@ -273,6 +287,7 @@ class Settings:
     min_p: float = _D.min_p
     seed: int | None = None
     system_prompt: str | None = None
+    think: bool = True  # reasoning models (engine.reasoning); off: they answer without thinking
     device: str = "auto"
     device_index: int = 0
     threads: int | None = None

@@ -84,7 +84,7 @@ def run_generate(args: argparse.Namespace, settings: Settings) -> int:
     try:
         prompt = _read_text("-") if args.prompt == "-" else _arg_text(args.prompt, "the prompt")
         request = GenerationRequest(prompt=prompt, system=_system(settings), params=_params(args, settings), raw=args.raw,
-                                    format=getattr(args, "format", None))
+                                    format=getattr(args, "format", None), think=settings.think)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -103,20 +103,26 @@ def _stream_generate(engine: Any, request: GenerationRequest, args: argparse.Nam
     summary = engine.load(settings.model_path, device=settings.device)
     load_s = time.perf_counter() - t0
     stream = engine.submit(request)
+    shown = _Reasoning(hidden=args.json or getattr(args, "hide_thinking", False))
     try:
         for event in stream:
+            shown.write(event.thinking)
             if not args.json:
+                if event.text:
+                    shown.end()
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
     except KeyboardInterrupt:
         stream.cancel()
         stream.wait()
+        shown.end()
         if not args.json:
             sys.stdout.write("\n")
         print("interrupted", file=sys.stderr)
         return 130
     result = stream.result
     assert result is not None
+    shown.end()
     if result.finish_reason == "error":
         print(f"error: {result.error}", file=sys.stderr)
         return 1
@@ -129,12 +135,38 @@ def _stream_generate(engine: Any, request: GenerationRequest, args: argparse.Nam
             "load_s": round(load_s, 4), "ttft_s": round(u.ttft_s, 4),
             "prefill_tokens_per_s": round(u.prefill_tokens_per_s, 2),
             "decode_tokens_per_s": round(u.decode_tokens_per_s, 2),
+            **({"thinking": result.thinking} if result.thinking else {}),
         }))
     else:
         sys.stdout.write("\n")
         if u.dropped_tokens:
             print(f"note: {u.dropped_tokens} tokens of the prompt did not fit the context and were dropped", file=sys.stderr)
     return 0
+
+
+class _Reasoning:
+    """A reasoning model's thinking, on stderr as it comes (dim on a terminal), so that stdout holds
+    the answer alone: `influence generate … > answer.txt` keeps the file clean, and a person at the
+    terminal still sees the model think (Ollama's CLI shows it too; --hide-thinking hides it)."""
+
+    def __init__(self, hidden: bool) -> None:
+        self.hidden, self.open = hidden, False
+        self.tty = sys.stderr.isatty()
+
+    def write(self, text: str) -> None:
+        if not text or self.hidden:
+            return
+        if not self.open:
+            self.open = True
+            sys.stderr.write("\x1b[2mThinking...\n" if self.tty else "Thinking...\n")
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+    def end(self) -> None:
+        if self.open:
+            self.open = False
+            sys.stderr.write("\n...done thinking.\x1b[0m\n\n" if self.tty else "\n...done thinking.\n\n")
+            sys.stderr.flush()
 
 
 def run_embed(args: argparse.Namespace, settings: Settings) -> int:
@@ -170,7 +202,7 @@ def _embed_texts(args: list[str]) -> list[str]:
 
 # What a JSONL line may hold: anything else is most likely a typo ("temprature") that would
 # otherwise be ignored without a word, leaving the default in force.
-BATCH_FIELDS = ("id", "prompt", "messages", "system", "format", *PARAM_NAMES)
+BATCH_FIELDS = ("id", "prompt", "messages", "system", "format", "think", *PARAM_NAMES)
 
 
 @dataclass
@@ -197,8 +229,9 @@ def _check_fields(obj: dict[str, Any]) -> None:
         if key not in BATCH_FIELDS:
             close = difflib.get_close_matches(key, BATCH_FIELDS, n=1)
             raise ParamError(f"unknown field {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    if "ignore_eos" in obj and not isinstance(obj["ignore_eos"], bool):
-        raise ParamError("ignore_eos must be true or false")  # bool("false") would be True
+    for flag in ("ignore_eos", "think"):
+        if flag in obj and not isinstance(obj[flag], bool):
+            raise ParamError(f"{flag} must be true or false")  # bool("false") would be True
     if "prompt" in obj and "messages" in obj:
         raise ParamError("give either \"prompt\" or \"messages\", not both")
     for s in obj.get("stop") or []:
@@ -221,12 +254,13 @@ def _json_request(obj: dict[str, Any], base: GenerationParams, system: str | Non
         raise ParamError("format must be \"json\" (the answer is one JSON object)")
     if "system" in obj:
         system = _check_text(obj["system"], "system")
+    shared: dict[str, Any] = dict(system=system, params=params, format=fmt or None, think=obj.get("think"))
     if obj.get("messages") is not None:
-        return GenerationRequest(messages=_messages(obj["messages"]), system=system, params=params, format=fmt or None)
+        return GenerationRequest(messages=_messages(obj["messages"]), **shared)
     prompt = obj.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise ParamError("needs a non-empty \"prompt\" string or a \"messages\" list")
-    return GenerationRequest(prompt=_check_text(prompt, "prompt"), system=system, params=params, format=fmt or None)
+    return GenerationRequest(prompt=_check_text(prompt, "prompt"), **shared)
 
 
 def parse_batch_line(line: int, text: str, base: GenerationParams, system: str | None) -> BatchItem:
@@ -286,6 +320,9 @@ def _read_items(args: argparse.Namespace, settings: Settings) -> list[BatchItem]
     items = read_batch(_read_text(args.batch), _params(args, settings), _system(settings))
     if not items:
         raise InputError(f"no prompts in {'standard input' if args.batch == '-' else args.batch}")
+    for item in items:  # a line's own "think" wins over the setting
+        if item.request is not None and item.request.think is None:
+            item.request.think = settings.think
     return items
 
 
@@ -407,6 +444,8 @@ def _write_results(items: list[BatchItem], streams: dict[int, Any], out: _Sink) 
                     row = {"id": item.id, "text": result.text, "prompt_tokens": result.usage.prompt_tokens,
                            "completion_tokens": result.usage.completion_tokens, "cached_tokens": result.usage.cached_tokens,
                            "finish_reason": result.finish_reason}
+                    if result.thinking:  # a reasoning model's reasoning, apart from its answer
+                        row["thinking"] = result.thinking
             if item.error:
                 failed += 1
                 row = {"id": item.id, "error": item.error}

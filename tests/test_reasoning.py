@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 
 from influence_tui.engine.reasoning import ThinkSplitter, opens_thinking, without_thinking
@@ -48,10 +52,14 @@ def test_a_prompt_opens_or_closes_the_block():
 
 
 @pytest.fixture(scope="module")
-def thinker(tmp_path_factory):
-    folder = write_tiny_thinker(tmp_path_factory.mktemp("thinker"))
+def thinker_dir(tmp_path_factory):
+    return write_tiny_thinker(tmp_path_factory.mktemp("thinker"))
+
+
+@pytest.fixture(scope="module")
+def thinker(thinker_dir):
     engine = Engine(Settings(warmup_tokens=0), max_batch=2)
-    engine.load(str(folder))
+    engine.load(str(thinker_dir))
     yield engine
     engine.shutdown()
 
@@ -89,13 +97,52 @@ def test_a_raw_prompt_is_the_callers_to_read(thinker):
     assert result.thinking == "" and result.text == f"{THINKER_REASONING}</think>\n\n{THINKER_ANSWER}"
 
 
-def test_earlier_reasoning_does_not_go_back_to_the_model(thinker, tmp_path):
+def test_earlier_reasoning_does_not_go_back_to_the_model(thinker, thinker_dir):
     """The template drops an earlier answer's reasoning, as DeepSeek-R1's does: the next turn's
     prompt holds the answer only."""
     _, first = _ask(thinker)
     history = [ChatMessage("user", "What is six times seven?"),
                ChatMessage("assistant", f"<think>{first.thinking}</think>{first.text}"), ChatMessage("user", "Sure?")]
     second = thinker.submit(GenerationRequest(messages=history, params=GREEDY)).wait()
-    reasoning = Tokenizer.from_file(str(write_tiny_thinker(tmp_path / "t") / "tokenizer.json")).token_to_id(THINKER_REASONING)
+    reasoning = Tokenizer.from_file(str(thinker_dir / "tokenizer.json")).token_to_id(THINKER_REASONING)
     assert second.context.count(reasoning) == 1  # this answer's, not the first's
     assert (second.thinking, second.text) == (THINKER_REASONING, THINKER_ANSWER)
+
+
+# --- the command line ------------------------------------------------------------------------------
+def _influence(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "influence_tui", *args], input=stdin, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_generate_prints_the_answer_on_stdout_and_the_thinking_on_stderr(thinker_dir):
+    """`influence generate … > answer.txt` keeps the answer alone; the person at the terminal sees
+    the model think."""
+    out = _influence("generate", "-m", str(thinker_dir), "--temperature", "0", "What is six times seven?")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == THINKER_ANSWER + "\n"
+    assert f"Thinking...\n{THINKER_REASONING}\n...done thinking." in out.stderr
+    hidden = _influence("generate", "-m", str(thinker_dir), "--temperature", "0", "--hide-thinking", "Hi")
+    assert hidden.stdout == THINKER_ANSWER + "\n" and THINKER_REASONING not in hidden.stderr
+    off = _influence("--think", "off", "generate", "-m", str(thinker_dir), "--temperature", "0", "--json", "Hi")
+    row = json.loads(off.stdout)
+    assert row["text"] == THINKER_ANSWER and "thinking" not in row and row["completion_tokens"] == 2
+    on = json.loads(_influence("generate", "-m", str(thinker_dir), "--temperature", "0", "--json", "Hi").stdout)
+    assert (on["thinking"], on["text"]) == (THINKER_REASONING, THINKER_ANSWER)
+
+
+def test_batch_rows_carry_the_thinking_and_a_line_may_turn_it_off(thinker_dir):
+    lines = '{"id": "a", "prompt": "Hi"}\n{"id": "b", "prompt": "Hi", "think": false}\n'
+    out = _influence("-m", str(thinker_dir), "--temperature", "0", "--batch", "-", stdin=lines)
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [(r["id"], r.get("thinking"), r["text"]) for r in rows] == [
+        ("a", THINKER_REASONING, THINKER_ANSWER), ("b", None, THINKER_ANSWER)]
+    bad = _influence("-m", str(thinker_dir), "--batch", "-", stdin='{"prompt": "Hi", "think": "no"}\n')
+    assert bad.returncode == 1 and "line 1: think must be true or false" in bad.stderr
+
+
+def test_a_bad_think_setting_is_one_line():
+    out = _influence("--think", "maybe", "generate", "Hi")
+    assert out.returncode == 2 and out.stderr.strip() == (
+        "error: --think='maybe' is not valid: expected on or off (true/false, yes/no, 1/0)")
