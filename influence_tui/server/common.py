@@ -549,6 +549,36 @@ async def token_texts(stream: "GenerationStream") -> AsyncIterator[str]:
             stream.cancel()
 
 
+async def token_deltas(stream: "GenerationStream") -> AsyncIterator[tuple[str, str]]:
+    """(answer, reasoning) deltas of a stream, at least one non-empty: a reasoning model's events
+    may carry reasoning only. Cancels the generation if the consumer stops early."""
+    try:
+        async for event in stream:
+            thinking = getattr(event, "thinking", "")
+            if event.text or thinking:
+                yield event.text, thinking
+    finally:
+        if not stream.done:
+            stream.cancel()
+
+
+# --- reasoning models ---------------------------------------------------------------------------
+
+
+def think_for(ctx: ServerContext, asked: bool | None) -> bool | None:
+    """A request's wish to think -> GenerationRequest.think. Unasked, the user's default
+    (Settings.think) decides; True becomes None, the engine's "as the model does" (it thinks)."""
+    if asked is None:
+        asked = bool(getattr(ctx.settings, "think", True))
+    return None if asked else False
+
+
+def loaded_model_thinks(ctx: ServerContext, path: str) -> bool:
+    """Whether the loaded model is `path` and a reasoning model (its tokenizer knows)."""
+    loaded = ctx.engine.status().model
+    return loaded is not None and loaded.thinks and Path(loaded.path).resolve() == Path(path).resolve()
+
+
 def now_ns() -> int:
     return time.perf_counter_ns()
 

@@ -2,9 +2,14 @@
 
 /generate takes our own field names (`max_tokens`, `temperature`, ... as in GenerationParams) and
 streams Server-Sent Events `data: {"text": "..."}`, then one `data: {"done": true, ...}` with the
-finish reason and usage, then `data: [DONE]`. /chat/completions is the OpenAI chat route without
-the /v1 prefix (many tools call it that way), in the same wire format; without a `stream` field it
-streams, as the original tool's did, unless the client accepts only JSON.
+finish reason and usage, then `data: [DONE]`. A reasoning model's reasoning streams as
+`data: {"text": "", "thinking": "..."}` (a client that reads only `text` sees the answer alone) and
+the final object and the non-streamed answer carry it whole in `thinking`, present only when there
+is some; `"think": false` asks the model not to think.
+
+/chat/completions is the OpenAI chat route without the /v1 prefix (many tools call it that way), in
+the same wire format; without a `stream` field it streams, as the original tool's did, unless the
+client accepts only JSON.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from starlette.routing import Route
 
 from influence_tui.server.common import (
     ApiError,
+    ServerContext,
     begin_stream,
     build_params,
     check_chat_model,
@@ -28,7 +34,8 @@ from influence_tui.server.common import (
     read_json,
     stream_response,
     submit,
-    token_texts,
+    think_for,
+    token_deltas,
     wait_result,
 )
 
@@ -75,6 +82,16 @@ def usage_dict(usage: Any) -> dict[str, Any]:
     }
 
 
+def final_body(ctx: ServerContext, result: Any) -> dict[str, Any]:
+    """The whole answer: the non-streamed response, and the streamed one's `done` event."""
+    body: dict[str, Any] = {"text": result.text}
+    if result.thinking:  # only when there is some, as the other dialects do
+        body["thinking"] = result.thinking
+    body.update({"model": ctx.loaded_name() or result.model, "finish_reason": result.finish_reason,
+                 "usage": usage_dict(result.usage)})
+    return body
+
+
 async def generate(request: Request) -> Response:
     from influence_tui.engine.types import GenerationRequest
 
@@ -93,22 +110,23 @@ async def generate(request: Request) -> Response:
     fmt = get_field(data, "format", str)
     if fmt not in (None, "", "json"):
         raise ApiError(400, "format must be \"json\" (the answer is one JSON object)", param="format")
-    req = GenerationRequest(prompt=prompt, system=system, params=params, raw=raw, format=fmt or None)
+    think = think_for(ctx, get_field(data, "think", bool))
+    req = GenerationRequest(prompt=prompt, system=system, params=params, raw=raw, format=fmt or None, think=think)
     gen = await submit(ctx, req, model)
     if not stream:
         result = await wait_result(request, gen)
         check_result(result)
-        return JSONResponse({"text": result.text, "model": ctx.loaded_name() or result.model, "finish_reason": result.finish_reason,
-                             "usage": usage_dict(result.usage)})
+        return JSONResponse(final_body(ctx, result))
 
     async def events() -> AsyncIterator[str]:
-        async for text in token_texts(gen):
-            yield f"data: {dumps({'text': text})}\n\n"
+        async for text, thinking in token_deltas(gen):
+            # every event keeps `text` (maybe ""): old clients read event["text"] and nothing else
+            yield f"data: {dumps({'text': text, 'thinking': thinking} if thinking else {'text': text})}\n\n"
         result = gen.result
         if result.finish_reason == "error":
             yield f"data: {dumps({'error': {'message': result.error or 'generation failed', 'type': 'server_error'}})}\n\n"
         else:
-            yield f"data: {dumps({'done': True, 'text': result.text, 'model': ctx.loaded_name() or result.model, 'finish_reason': result.finish_reason, 'usage': usage_dict(result.usage)})}\n\n"
+            yield f"data: {dumps({'done': True, **final_body(ctx, result)})}\n\n"
         yield "data: [DONE]\n\n"
 
     await begin_stream(request, gen)

@@ -2,7 +2,9 @@
 
 Streaming routes send NDJSON (`application/x-ndjson`, one JSON object a line) unless
 `"stream": false`; all durations are nanoseconds; errors are `{"error": "..."}`. Model names are
-the library's (`influence list`), its aliases, and `name:latest`.
+the library's (`influence list`), its aliases, and `name:latest`. A reasoning model's reasoning
+comes apart from its answer, as Ollama gives it: `message.thinking` (chat) or `thinking`
+(generate), present only when there is some; `think: false` asks it not to think.
 """
 
 from __future__ import annotations
@@ -40,11 +42,13 @@ from influence_tui.server.common import (
     embed,
     engine_error,
     get_field,
+    loaded_model_thinks,
     parse_messages,
     read_json,
     stream_response,
     submit,
-    token_texts,
+    think_for,
+    token_deltas,
     wait_result,
 )
 
@@ -118,6 +122,19 @@ def refuse_unsupported(data: dict[str, Any]) -> None:
         raise ApiError(400, "tools are not supported by this server")
     if data.get("template"):
         raise ApiError(400, "template overrides are not supported: the model's own chat template is used")
+
+
+THINK_LEVELS = ("low", "medium", "high")  # gpt-oss's levels; a model here either thinks or not
+
+
+def think_field(data: dict[str, Any]) -> bool | None:
+    """`think`: true, false, or a level (which just means think); None when absent or null."""
+    raw = data.get("think")
+    if raw is None or isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw in THINK_LEVELS:
+        return True
+    raise ApiError(400, "think must be true, false, \"low\", \"medium\" or \"high\"")
 
 
 def answer_format(data: dict[str, Any]) -> str | None:
@@ -201,6 +218,7 @@ async def generate(request: Request) -> Response:
     raw = get_field(data, "raw", bool, False)
     stream = get_field(data, "stream", bool, True)
     keep_alive = keep_alive_s(data)
+    think = think_for(ctx, think_field(data))
     refuse_unsupported(data)
     params, num_ctx = ollama_params(data, ctx)
     model = await check_chat_model(ctx, name)
@@ -210,7 +228,7 @@ async def generate(request: Request) -> Response:
     if context is not None and not all(isinstance(t, int) and not isinstance(t, bool) for t in context):
         raise ApiError(400, "context must be an array of token ids (an earlier answer's context)")
     req = GenerationRequest(prompt=prompt, system=system, params=params, raw=raw, num_ctx=num_ctx,
-                            context=context or None, format=answer_format(data))
+                            context=context or None, format=answer_format(data), think=think)
     return await answer(request, ctx, req, model, name, started, stream, keep_alive, chat=False)
 
 
@@ -224,12 +242,14 @@ async def chat(request: Request) -> Response:
     messages = parse_messages(data.get("messages"), allow_empty=True)
     stream = get_field(data, "stream", bool, True)
     keep_alive = keep_alive_s(data)
+    think = think_for(ctx, think_field(data))
     refuse_unsupported(data)
     params, num_ctx = ollama_params(data, ctx)
     model = await check_chat_model(ctx, name)
     if not messages:
         return await load_or_unload(request, ctx, name, model, keep_alive, chat=True)
-    req = GenerationRequest(messages=messages, params=params, num_ctx=num_ctx, format=answer_format(data))
+    req = GenerationRequest(messages=messages, params=params, num_ctx=num_ctx, format=answer_format(data),
+                            think=think)
     return await answer(request, ctx, req, model, name, started, stream, keep_alive, chat=True)
 
 
@@ -258,31 +278,36 @@ async def answer(request: Request, ctx: ServerContext, req: Any, model: str | No
 
 async def _respond(request: Request, ctx: ServerContext, gen: Any, name: str | None, started: int, stream: bool,
                    chat: bool, end: Any) -> Response:
-    def piece(text: str, model_name: str) -> dict[str, Any]:
+    def piece(text: str, thinking: str, model_name: str) -> dict[str, Any]:
+        # `thinking` only when there is some: clients test for the key (as Ollama omits it)
         body: dict[str, Any] = {"model": model_name, "created_at": created_at()}
         if chat:
             body["message"] = {"role": "assistant", "content": text}
+            if thinking:
+                body["message"]["thinking"] = thinking
         else:
             body["response"] = text
+            if thinking:
+                body["thinking"] = thinking
         return body
 
     if not stream:
         result = await wait_result(request, gen)
         check_result(result)
-        body = piece(result.text, name or ctx.loaded_name() or result.model)
+        body = piece(result.text, result.thinking, name or ctx.loaded_name() or result.model)
         body.update(final_fields(result, started, chat))
         return JSONResponse(body)
 
     async def lines() -> AsyncIterator[str]:
         model_name = name or ctx.loaded_name() or ""
         try:
-            async for text in token_texts(gen):
-                yield dumps({**piece(text, model_name), "done": False}) + "\n"
+            async for text, thinking in token_deltas(gen):
+                yield dumps({**piece(text, thinking, model_name), "done": False}) + "\n"
             result = gen.result
             if result.finish_reason == "error":
                 yield dumps({"error": result.error or "generation failed"}) + "\n"
                 return
-            yield dumps({**piece("", model_name), **final_fields(result, started, chat)}) + "\n"
+            yield dumps({**piece("", "", model_name), **final_fields(result, started, chat)}) + "\n"
         finally:
             end()
 
@@ -374,6 +399,16 @@ def chat_template_of(info: ModelInfo) -> str:
     return ""
 
 
+def capabilities_of(ctx: ServerContext, info: ModelInfo, template: str) -> list[str]:
+    """Ollama's capabilities: clients offer a thinking toggle only for "thinking" models."""
+    from influence_tui.engine.reasoning import template_thinks  # pure text: no torch
+
+    if info.kind == "embedding":
+        return ["embedding"]
+    thinks = template_thinks(template) or loaded_model_thinks(ctx, info.path)
+    return ["completion", "thinking"] if thinks else ["completion"]
+
+
 async def show(request: Request) -> Response:
     ctx = ctx_of(request)
     data = await read_json(request)
@@ -388,14 +423,15 @@ async def show(request: Request) -> Response:
     parameters = "\n".join(f"{k:<16}{v}" for k, v in (("temperature", base.temperature), ("top_p", base.top_p),
                                                          ("repeat_penalty", base.repeat_penalty),
                                                          ("num_predict", base.max_tokens)))
+    template = await asyncio.to_thread(chat_template_of, info)
     return JSONResponse({
         "license": "",
         "modelfile": f"# Modelfile generated by influence\nFROM {info.path}\n",
         "parameters": parameters,
-        "template": await asyncio.to_thread(chat_template_of, info),
+        "template": template,
         "details": details_of(info),
         "model_info": model_info,
-        "capabilities": ["embedding"] if info.kind == "embedding" else ["completion"],
+        "capabilities": capabilities_of(ctx, info, template),
         "modified_at": modified_at(info),
     })
 

@@ -4,6 +4,9 @@ Wire format as OpenAI sends it: `chat.completion` objects with `usage`, and for 
 Server-Sent Events of `chat.completion.chunk` objects ending with `data: [DONE]`; with
 `stream_options.include_usage` a last chunk carries `"choices": []` and the usage. Like
 llama-server, answers also carry `timings` (with `cache_n`, the prompt tokens reused from the cache).
+A reasoning model's reasoning comes apart from the answer in `reasoning_content` (llama-server's and
+DeepSeek's field: `message.reasoning_content`, streamed as `delta.reasoning_content`), present only
+when there is some; `reasoning_effort: "none"` asks it not to think.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from influence_tui.server.common import (
     read_json,
     stream_response,
     submit,
+    think_for,
+    token_deltas,
     token_texts,
     wait_result,
 )
@@ -94,6 +99,35 @@ def answer_format(data: dict[str, Any]) -> str | None:
     raise ApiError(400, "response_format.type must be text or json_object", param="response_format.type")
 
 
+EFFORTS = ("minimal", "low", "medium", "high", "xhigh")  # OpenAI's levels: each just means "think" here
+
+
+def _effort(value: Any, label: str) -> bool | None:
+    """A reasoning effort -> think or not ("none": not); None when absent."""
+    if value is None:
+        return None
+    if value == "none":
+        return False
+    if isinstance(value, str) and value in EFFORTS:
+        return True
+    raise ApiError(400, f"{label} must be one of none, {', '.join(EFFORTS)}", param=label)
+
+
+def think_field(data: dict[str, Any]) -> bool | None:
+    """Whether a chat asks a reasoning model to think, None when it does not say: our own `think`,
+    OpenAI's `reasoning_effort`, Ollama's `reasoning.effort` or vLLM's and llama-server's
+    `chat_template_kwargs.enable_thinking`, the first given wins."""
+    reasoning = get_field(data, "reasoning", dict, {})
+    template_kwargs = get_field(data, "chat_template_kwargs", dict, {})
+    asked = (
+        get_field(data, "think", bool),
+        _effort(data.get("reasoning_effort"), "reasoning_effort"),
+        _effort(reasoning.get("effort"), "reasoning.effort"),
+        get_field(template_kwargs, "enable_thinking", bool, label="chat_template_kwargs.enable_thinking"),
+    )
+    return next((a for a in asked if a is not None), None)
+
+
 def include_usage(data: dict[str, Any]) -> bool:
     options = get_field(data, "stream_options", dict, {})
     return bool(get_field(options, "include_usage", bool, False, label="stream_options.include_usage"))
@@ -125,6 +159,15 @@ def timings_of(usage: Any) -> dict[str, Any]:
     }
 
 
+def delta_of(text: str, thinking: str) -> dict[str, Any]:
+    """A stream chunk's delta: answer text as `content`, reasoning as `reasoning_content` (a
+    reasoning-only chunk has no `content`, as llama-server sends it)."""
+    delta: dict[str, Any] = {"content": text} if text else {}
+    if thinking:
+        delta["reasoning_content"] = thinking
+    return delta
+
+
 def finish_reason(result: Any) -> str:
     return "length" if result.finish_reason == "length" else "stop"
 
@@ -148,17 +191,22 @@ async def chat_completions(request: Request, default_stream: bool = False) -> Re
     stream = get_field(data, "stream", bool, default_stream)
     usage_chunk = include_usage(data) if stream else False
     params = openai_params(data, ctx.base_params())
+    think = think_for(ctx, think_field(data))
     name = get_field(data, "model", str)
     model = await check_chat_model(ctx, name)
-    gen = await submit(ctx, GenerationRequest(messages=messages, params=params, format=answer_format(data)), model)
+    req = GenerationRequest(messages=messages, params=params, format=answer_format(data), think=think)
+    gen = await submit(ctx, req, model)
     ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     if not stream:
         result = await wait_result(request, gen)
         check_result(result)
+        message = {"role": "assistant", "content": result.text}
+        if result.thinking:  # only when there is some: clients test for the field
+            message["reasoning_content"] = result.thinking
         return JSONResponse({
             "id": ident, "object": "chat.completion", "created": created, "model": name or ctx.loaded_name() or result.model,
             "system_fingerprint": None,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
+            "choices": [{"index": 0, "message": message, "logprobs": None,
                          "finish_reason": finish_reason(result)}],
             "usage": usage_of(result.usage), "timings": timings_of(result.usage),
         })
@@ -175,8 +223,8 @@ async def chat_completions(request: Request, default_stream: bool = False) -> Re
     async def events() -> AsyncIterator[str]:
         model_name = name or ctx.loaded_name() or ""
         yield chunk({"role": "assistant", "content": ""}, None, model_name)
-        async for text in token_texts(gen):
-            yield chunk({"content": text}, None, model_name)
+        async for text, thinking in token_deltas(gen):
+            yield chunk(delta_of(text, thinking), None, model_name)
         result = gen.result
         if result.finish_reason == "error":
             yield _error_chunk(result)

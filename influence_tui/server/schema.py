@@ -79,6 +79,17 @@ OLLAMA_OPTIONS = {"type": "object", "properties": {
 JSON_FORMAT = {"type": "string", "enum": ["json"], "description": "the answer is one JSON object"}
 RESPONSE_FORMAT = {"type": "object", "required": ["type"],
                    "properties": {"type": {"type": "string", "enum": ["text", "json_object"]}}}
+THINK = {"type": "boolean", "description": "a reasoning model thinks first, its reasoning kept apart (default: the server's setting)"}
+OLLAMA_THINK = {"oneOf": [THINK, {"type": "string", "enum": ["low", "medium", "high"], "description": "think (any level)"}]}
+EFFORT = {"type": "string", "enum": ["none", "minimal", "low", "medium", "high", "xhigh"],
+          "description": "none: a reasoning model answers without thinking; any other level: it thinks"}
+OPENAI_REASONING = {
+    "reasoning_effort": EFFORT,
+    "reasoning": {"type": "object", "properties": {"effort": EFFORT}, "description": "Ollama's form of reasoning_effort"},
+    "chat_template_kwargs": {"type": "object", "properties": {"enable_thinking": {"type": "boolean"}},
+                             "description": "vLLM's and llama-server's: only enable_thinking is read"},
+    "think": THINK,
+}
 KEEP_ALIVE = {"oneOf": [{"type": "number"}, {"type": "string", "pattern": r"^-?\d+(\.\d+)?(ns|us|ms|s|m|h)?$"}]}
 MODEL = {"type": "string", "description": "a name from /api/tags (default: the loaded model)"}
 
@@ -96,11 +107,12 @@ def _paths() -> dict[str, Any]:
                                                      **_sampling(("max_tokens", "temperature", "top_p", "top_k", "min_p",
                                                                   "repeat_penalty", "presence_penalty", "frequency_penalty",
                                                                   "repeat_last_n")),
-                                                     "seed": {"type": "integer"}, "stop": STOP, "format": JSON_FORMAT}, ["prompt"]),
+                                                     "seed": {"type": "integer"}, "stop": STOP, "format": JSON_FORMAT,
+                                                     "think": THINK}, ["prompt"]),
                                "responses": _responses(json_ok)}},
         "/chat/completions": {"post": {"summary": "chat (same wire format as /v1/chat/completions; streams unless stream is false or the client accepts only JSON)", "operationId": "nativeChat",
                                        "requestBody": _body({"messages": {"type": "array", "items": MESSAGE, "minItems": 1},
-                                                             "response_format": RESPONSE_FORMAT, **OPENAI_SAMPLING}, ["messages"]),
+                                                             "response_format": RESPONSE_FORMAT, **OPENAI_SAMPLING, **OPENAI_REASONING}, ["messages"]),
                                        "responses": _responses(json_ok)}},
         "/v1/models": {"get": {"summary": "usable models", "operationId": "openaiModels", "responses": _responses("model list", errors=())}},
         "/v1/models/{model}": {"get": {"summary": "one model", "operationId": "openaiModel",
@@ -108,7 +120,7 @@ def _paths() -> dict[str, Any]:
                                        "responses": _responses("model", errors=(404,))}},
         "/v1/chat/completions": {"post": {"summary": "OpenAI chat completions (SSE when stream is true)", "operationId": "openaiChat",
                                           "requestBody": _body({"messages": {"type": "array", "items": MESSAGE, "minItems": 1},
-                                                                "response_format": RESPONSE_FORMAT, **OPENAI_SAMPLING}, ["messages"]),
+                                                                "response_format": RESPONSE_FORMAT, **OPENAI_SAMPLING, **OPENAI_REASONING}, ["messages"]),
                                           "responses": _responses(json_ok)}},
         "/v1/completions": {"post": {"summary": "OpenAI text completions (no chat template)", "operationId": "openaiCompletions",
                                      "requestBody": _body({"prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1}]},
@@ -129,14 +141,14 @@ def _paths() -> dict[str, Any]:
                                    "requestBody": _body({"model": MODEL, "prompt": {"type": "string"}, "system": {"type": "string"},
                                                          "raw": {"type": "boolean"}, "stream": {"type": "boolean"},
                                                          "context": {"type": "array", "items": {"type": "integer"}},
-                                                         "format": JSON_FORMAT,
+                                                         "format": JSON_FORMAT, "think": OLLAMA_THINK,
                                                          "keep_alive": KEEP_ALIVE, "options": OLLAMA_OPTIONS}),
                                    "responses": _responses(json_ok, dialect="ollama")}},
         "/api/chat": {"post": {"summary": "Ollama chat (NDJSON stream by default; empty messages loads, keep_alive 0 unloads)",
                                "operationId": "ollamaChat",
                                "requestBody": _body({"model": MODEL, "messages": {"type": "array", "items": MESSAGE},
                                                      "stream": {"type": "boolean"}, "keep_alive": KEEP_ALIVE, "format": JSON_FORMAT,
-                                                     "options": OLLAMA_OPTIONS}),
+                                                     "think": OLLAMA_THINK, "options": OLLAMA_OPTIONS}),
                                "responses": _responses(json_ok, dialect="ollama")}},
         "/api/tags": {"get": {"summary": "every usable model in the library", "operationId": "ollamaTags",
                               "responses": _responses("models", errors=(), dialect="ollama")},

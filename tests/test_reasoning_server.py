@@ -1,0 +1,248 @@
+"""A reasoning model behind the real server: its reasoning reaches each dialect's clients where they
+look for it (Ollama's `thinking`, OpenAI's `reasoning_content`, the native `thinking`), apart from
+the answer, and a model that does not reason sends no such field at all."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+pytest.importorskip("torch")  # the tiny thinker is written with transformers
+
+from influence_tui.config import Settings  # noqa: E402
+from server_support import running_server  # noqa: E402
+from tests.tiny_models import THINKER_ANSWER, THINKER_REASONING, write_tiny_thinker  # noqa: E402
+
+pytestmark = pytest.mark.slow
+NAME = "tiny-thinker"
+QUESTION = [{"role": "user", "content": "What is six times seven?"}]
+OPTIONS = {"temperature": 0, "num_predict": 20}
+
+
+@pytest.fixture(scope="module")
+def thinker(tmp_path_factory):
+    """(url, engine, settings): the tiny thinker in a models folder of its own (so /api/show finds it)."""
+    from influence_tui.engine import Engine
+    from influence_tui.server import ServerRunner
+
+    models = tmp_path_factory.mktemp("models")
+    folder = write_tiny_thinker(models / NAME)
+    settings = Settings(warmup_tokens=0, output_dir=str(models), temperature=0.0, max_tokens=20)
+    engine = Engine(settings, max_batch=2, models_dir=str(models))
+    engine.load(str(folder))
+    runner = ServerRunner(engine, settings, host="127.0.0.1", port=0)
+    url = runner.start()
+    yield url, engine, settings
+    runner.stop()
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def url(thinker) -> str:
+    return thinker[0]
+
+
+@pytest.fixture()
+def client(url):
+    with httpx.Client(base_url=url, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def ollama_client(url):
+    import ollama
+
+    return ollama.Client(host=url)
+
+
+@pytest.fixture(scope="module")
+def openai_client(url):
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+
+
+def sse_data(resp: httpx.Response) -> list[Any]:
+    """The JSON of each `data:` event, up to `[DONE]`."""
+    out = []
+    for line in resp.iter_lines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            out.append(json.loads(line[len("data: "):]))
+    return out
+
+
+# --- Ollama ---------------------------------------------------------------------------------------
+
+
+def test_ollama_chat_gives_thinking_apart_from_the_answer(ollama_client):
+    resp = ollama_client.chat(model=NAME, messages=QUESTION, options=OPTIONS)
+    assert (resp.message.thinking, resp.message.content) == (THINKER_REASONING, THINKER_ANSWER)
+    parts = list(ollama_client.chat(model=NAME, messages=QUESTION, options=OPTIONS, stream=True))
+    assert "".join(p.message.thinking or "" for p in parts) == THINKER_REASONING
+    assert "".join(p.message.content for p in parts) == THINKER_ANSWER
+    assert all(p.message.content == "" for p in parts if p.message.thinking)  # Ollama's reasoning chunks
+    assert parts[-1].done and parts[-1].message.thinking is None
+    assert parts[-1].eval_count == resp.eval_count  # the reasoning's tokens count as Ollama counts them
+
+
+def test_ollama_told_not_to_think_answers_alone(ollama_client):
+    resp = ollama_client.chat(model=NAME, messages=QUESTION, options=OPTIONS, think=False)
+    assert resp.message.thinking is None and resp.message.content == THINKER_ANSWER
+    assert resp.eval_count == 2  # the answer and the end of turn: no reasoning tokens
+    leveled = ollama_client.chat(model=NAME, messages=QUESTION, options=OPTIONS, think="high")  # gpt-oss's levels
+    assert leveled.message.thinking == THINKER_REASONING
+
+
+def test_ollama_generate_gives_top_level_thinking(ollama_client, client):
+    resp = ollama_client.generate(model=NAME, prompt="What is six times seven?", options=OPTIONS, think=True)
+    assert (resp.thinking, resp.response) == (THINKER_REASONING, THINKER_ANSWER)
+    parts = list(ollama_client.generate(model=NAME, prompt="What is six times seven?", options=OPTIONS, stream=True))
+    assert "".join(p.thinking or "" for p in parts) == THINKER_REASONING
+    assert "".join(p.response for p in parts) == THINKER_ANSWER
+    raw = client.post("/api/generate", json={"model": NAME, "prompt": "Hi", "stream": False, "think": False,
+                                             "options": OPTIONS}).json()
+    assert "thinking" not in raw and raw["response"] == THINKER_ANSWER
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/api/chat", {"messages": QUESTION, "think": "max"}),
+    ("/api/generate", {"prompt": "Hi", "think": 1}),
+    ("/api/chat", {"messages": [], "think": "yes"}),  # checked before an empty chat loads the model
+])
+def test_a_bad_think_is_an_ollama_400(client, path, body):
+    resp = client.post(path, json={"model": NAME, "stream": False, **body})
+    assert resp.status_code == 400
+    assert resp.json() == {"error": "think must be true, false, \"low\", \"medium\" or \"high\""}
+
+
+def test_show_reports_the_thinking_capability(client):
+    body = client.post("/api/show", json={"model": NAME}).json()
+    assert body["capabilities"] == ["completion", "thinking"]
+
+
+def test_the_servers_setting_is_the_default(thinker):
+    """INFLUENCE_THINK=off: a request that does not say gets no reasoning; one that asks does."""
+    import ollama
+
+    from influence_tui.server import ServerRunner
+
+    _, engine, settings = thinker
+    runner = ServerRunner(engine, dataclasses.replace(settings, think=False), host="127.0.0.1", port=0)
+    off = ollama.Client(host=runner.start())
+    try:
+        plain = off.chat(model=NAME, messages=QUESTION, options=OPTIONS)
+        asked = off.chat(model=NAME, messages=QUESTION, options=OPTIONS, think=True)
+    finally:
+        runner.stop()
+    assert plain.message.thinking is None and plain.message.content == THINKER_ANSWER
+    assert asked.message.thinking == THINKER_REASONING
+
+
+# --- OpenAI ---------------------------------------------------------------------------------------
+
+
+def test_openai_chat_gives_reasoning_content(openai_client):
+    resp = openai_client.chat.completions.create(model=NAME, messages=QUESTION, temperature=0)
+    message = resp.choices[0].message
+    assert (message.reasoning_content, message.content) == (THINKER_REASONING, THINKER_ANSWER)
+    assert message.model_extra == {"reasoning_content": THINKER_REASONING}
+    chunks = list(openai_client.chat.completions.create(model=NAME, messages=QUESTION, temperature=0, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == THINKER_REASONING
+    assert "".join(d.content or "" for d in deltas) == THINKER_ANSWER
+    assert resp.usage.completion_tokens == 5  # reasoning, </think>, blank line, answer, end of turn
+
+
+@pytest.mark.parametrize("ask", [{"reasoning_effort": "none"}, {"extra_body": {"reasoning": {"effort": "none"}}},
+                                 {"extra_body": {"chat_template_kwargs": {"enable_thinking": False}}}])
+def test_openai_reasoning_effort_none_answers_alone(openai_client, ask):
+    resp = openai_client.chat.completions.create(model=NAME, messages=QUESTION, temperature=0, **ask)
+    message = resp.choices[0].message
+    assert message.content == THINKER_ANSWER and "reasoning_content" not in (message.model_extra or {})
+    thought = openai_client.chat.completions.create(model=NAME, messages=QUESTION, temperature=0, reasoning_effort="low")
+    assert thought.choices[0].message.reasoning_content == THINKER_REASONING
+
+
+@pytest.mark.parametrize(("body", "param"), [({"reasoning_effort": "max"}, "reasoning_effort"),
+                                             ({"reasoning": {"effort": 3}}, "reasoning.effort"),
+                                             ({"reasoning": "high"}, "reasoning")])
+def test_a_bad_reasoning_effort_is_an_openai_400(client, body, param):
+    resp = client.post("/v1/chat/completions", json={"messages": QUESTION, **body})
+    assert resp.status_code == 400
+    error = resp.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error" and param in error["message"]
+
+
+def test_a_raw_completion_is_unchanged(client):
+    body = client.post("/v1/completions", json={"prompt": "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n",
+                                                "temperature": 0}).json()
+    assert body["choices"][0]["text"] == f"{THINKER_REASONING}</think>\n\n{THINKER_ANSWER}"
+
+
+# --- native ---------------------------------------------------------------------------------------
+
+
+def test_native_generate_reports_thinking(client):
+    body = client.post("/generate", json={"prompt": "What is six times seven?"}).json()
+    assert (body["thinking"], body["text"]) == (THINKER_REASONING, THINKER_ANSWER)
+    with client.stream("POST", "/generate", json={"prompt": "What is six times seven?", "stream": True}) as resp:
+        events = sse_data(resp)
+    *pieces, done = events
+    assert "".join(e["text"] for e in pieces) == THINKER_ANSWER  # an old client that reads `text` only
+    assert "".join(e.get("thinking", "") for e in pieces) == THINKER_REASONING
+    assert done["done"] and (done["thinking"], done["text"]) == (THINKER_REASONING, THINKER_ANSWER)
+    plain = client.post("/generate", json={"prompt": "What is six times seven?", "think": False}).json()
+    assert "thinking" not in plain and plain["text"] == THINKER_ANSWER
+    bad = client.post("/generate", json={"prompt": "Hi", "think": "yes"})
+    assert bad.status_code == 400 and bad.json()["error"]["message"] == "think must be a boolean"
+
+
+def test_native_chat_route_is_openai_shaped(client):
+    with client.stream("POST", "/chat/completions", json={"messages": QUESTION}) as resp:
+        deltas = [e["choices"][0]["delta"] for e in sse_data(resp) if e.get("choices")]
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == THINKER_REASONING
+    assert "".join(d.get("content", "") for d in deltas) == THINKER_ANSWER
+    plain = client.post("/chat/completions", json={"messages": QUESTION, "stream": False, "think": False}).json()
+    assert plain["choices"][0]["message"] == {"role": "assistant", "content": THINKER_ANSWER}
+
+
+# --- a model that does not reason -----------------------------------------------------------------
+
+
+def _keys(obj: Any) -> set[str]:
+    """Every key anywhere in a JSON value."""
+    if isinstance(obj, dict):
+        return set(obj) | {k for v in obj.values() for k in _keys(v)}
+    if isinstance(obj, list):
+        return {k for v in obj for k in _keys(v)}
+    return set()
+
+
+@pytest.fixture(scope="module")
+def plain_url():
+    """The shared engine with the bundled model (SmolLM2: no think blocks)."""
+    for url, _, _ in running_server():
+        yield url
+
+
+def test_a_model_that_does_not_reason_sends_no_reasoning_fields(plain_url):
+    short = {"temperature": 0, "num_predict": 4}
+    with httpx.Client(base_url=plain_url, timeout=120) as c:
+        bodies = [c.post("/api/chat", json={"messages": QUESTION, "stream": False, "options": short}).json(),
+                  c.post("/api/generate", json={"prompt": "Hi", "stream": False, "options": short}).json(),
+                  c.post("/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 4}).json(),
+                  c.post("/generate", json={"prompt": "Hi", "max_tokens": 4}).json()]
+        lines = c.post("/api/chat", json={"messages": QUESTION, "options": short}).text.splitlines()
+        bodies += [json.loads(line) for line in lines if line]
+        with c.stream("POST", "/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 4, "stream": True}) as resp:
+            bodies += sse_data(resp)
+        with c.stream("POST", "/generate", json={"prompt": "Hi", "max_tokens": 4, "stream": True}) as resp:
+            bodies += sse_data(resp)
+        show = c.post("/api/show", json={"model": "smollm2"}).json()
+    assert all("error" not in b for b in bodies)
+    assert not _keys(bodies) & {"thinking", "reasoning_content"}
+    assert show["capabilities"] == ["completion"]
