@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 from influence_tui.engine.base import ModelLoadError  # noqa: E402
 from influence_tui.engine.loader import UnsupportedArchitecture, load_model  # noqa: E402
-from tests.tiny_models import write_tiny_gguf, write_tiny_llama_safetensors  # noqa: E402
+from tests.tiny_models import _hf_model, write_tiny_gguf, write_tiny_llama_safetensors  # noqa: E402
 
 TOKENS = [5, 17, 42, 99, 3, 250, 300, 7, 64, 128, 11, 200, 33, 1, 77, 150, 180, 190, 260, 21]
 
@@ -27,7 +27,7 @@ def tiny_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tiny")
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
 def test_safetensors_float_matches_transformers(tiny_dir: Path, arch: str) -> None:
     folder = write_tiny_llama_safetensors(tiny_dir / f"st-{arch}", arch=arch)
     lm = load_model(str(folder), device="cpu", dtype="float32", quant="none", max_batch=2, max_seq=64)
@@ -37,12 +37,16 @@ def test_safetensors_float_matches_transformers(tiny_dir: Path, arch: str) -> No
     assert (ours - _hf_logits(ref, TOKENS)).abs().max().item() < 1e-3
 
 
-@pytest.mark.parametrize("arch,qtype", [("llama", "F32"), ("llama", "Q8_0"), ("llama", "Q4_0"), ("qwen2", "F16")])
+@pytest.mark.parametrize("arch,qtype", [("llama", "F32"), ("llama", "Q8_0"), ("llama", "Q4_0"), ("qwen2", "F16"),
+                                        ("qwen3", "F32")])
 def test_gguf_float_matches_transformers(tiny_dir: Path, arch: str, qtype: str) -> None:
     path = write_tiny_gguf(tiny_dir / f"{arch}-{qtype}.gguf", arch=arch, qtype=qtype)
     lm = load_model(str(path), device="cpu", dtype="float32", quant="none", max_batch=1, max_seq=64)
     assert lm.format == "gguf" and lm.quantization == qtype
-    ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    if arch == "qwen3":  # transformers' GGUF reader ignores qwen3's key_length: the model it was written from
+        ref = _hf_model(arch, lm.model.vocab_size, seed=0)
+    else:
+        ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     ours = lm.model.prefill(0, torch.tensor(TOKENS), 0, all_logits=True)
     assert (ours - _hf_logits(ref, TOKENS)).abs().max().item() < 1e-3
 
@@ -329,3 +333,25 @@ def test_a_vocabulary_of_odd_size_loads_from_the_cache(tiny_dir: Path, tmp_path:
         assert torch.equal(first.model.prefill(0, torch.tensor(ids), 0), second.model.prefill(0, torch.tensor(ids), 0))
     assert torch.equal(first.model.decode(torch.tensor([0]), torch.tensor([9]), torch.tensor([5])),
                        second.model.decode(torch.tensor([0]), torch.tensor([9]), torch.tensor([5])))
+
+
+def test_qwen3_head_norms_on_every_path(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Qwen3's per-head q/k norms run on the prefill, one-sequence decode and batched decode paths
+    alike, and survive the converted-weights cache of a quantized GGUF."""
+    folder = write_tiny_llama_safetensors(tiny_dir / "st-qwen3-paths", arch="qwen3", seed=2)
+    m = load_model(str(folder), device="cpu", dtype="float32", quant="none", max_batch=3, max_seq=64).model
+    full = m.prefill(0, torch.tensor(TOKENS[:10]), 0, all_logits=True)
+    m.prefill(1, torch.tensor(TOKENS[:9]), 0)
+    one = m.decode(torch.tensor([1]), torch.tensor([TOKENS[9]]), torch.tensor([9]))[0]
+    assert torch.allclose(one, full[-1], atol=1e-4)
+    m.prefill(1, torch.tensor(TOKENS[:9]), 0)
+    m.prefill(2, torch.tensor(TOKENS[:4]), 0)
+    both = m.decode(torch.tensor([1, 2]), torch.tensor([TOKENS[9], TOKENS[4]]), torch.tensor([9, 4]))
+    assert torch.allclose(both[0], full[-1], atol=1e-4) and torch.allclose(both[1], full[4], atol=1e-4)
+
+    monkeypatch.setenv("INFLUENCE_CACHE_DIR", str(tmp_path / "cache"))
+    path = write_tiny_gguf(tiny_dir / "qwen3-q4.gguf", arch="qwen3", qtype="Q4_1")
+    first = load_model(str(path), device="cpu", dtype="bfloat16", quant="int4", max_batch=1, max_seq=64)
+    second = load_model(str(path), device="cpu", dtype="bfloat16", quant="int4", max_batch=1, max_seq=64)
+    assert second.extra["cached"] and second.model.layers[0].q_norm is not None
+    assert torch.equal(first.model.prefill(0, torch.tensor(TOKENS[:9]), 0), second.model.prefill(0, torch.tensor(TOKENS[:9]), 0))

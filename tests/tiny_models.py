@@ -1,7 +1,7 @@
 """Tiny random Llama-family models written to disk, for fast format and engine tests.
 
-    write_tiny_llama_safetensors(dir, arch="llama" | "mistral" | "qwen2", seed=0) -> folder Path
-    write_tiny_gguf(path, arch="llama" | "qwen2", qtype="F32" | "F16" | "Q8_0" | "Q4_0" | "Q4_1") -> file Path
+    write_tiny_llama_safetensors(dir, arch="llama" | "mistral" | "qwen2" | "qwen3", seed=0) -> folder Path
+    write_tiny_gguf(path, arch="llama" | "qwen2" | "qwen3", qtype="F32" | "F16" | "Q8_0" | "Q4_0" | "Q4_1") -> file Path
 
 Both come with a small byte-level BPE tokenizer (trained here on a few sentences) with ChatML
 special tokens and a ChatML chat template. Dimensions are multiples of 64 so the int4 kernel
@@ -53,8 +53,11 @@ def _hf_model(arch: str, vocab: int, seed: int):
         "llama": ("LlamaConfig", "LlamaForCausalLM"),
         "mistral": ("MistralConfig", "MistralForCausalLM"),
         "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+        "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
     }[arch]
-    extra = {"sliding_window": None} if arch in ("mistral", "qwen2") else {}
+    extra = {"sliding_window": None} if arch in ("mistral", "qwen2", "qwen3") else {}
+    if arch == "qwen3":  # heads wider than hidden_size / heads, as Qwen3-0.6B's (128 x 16 > 1024)
+        extra["head_dim"] = 32
     cfg = getattr(transformers, cls_cfg)(
         vocab_size=vocab, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
         rope_theta=10000.0, **DIMS, **extra,
@@ -112,7 +115,10 @@ def write_tiny_gguf(path: str | Path, arch: str = "llama", qtype: str = "F32", s
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w.add_rope_dimension_count(head_dim)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(vocab)
@@ -163,6 +169,9 @@ def write_tiny_gguf(path: str | Path, arch: str = "llama", qtype: str = "F32", s
         for b in ("q", "k", "v"):
             if p + f"self_attn.{b}_proj.bias" in sd:
                 add(f"blk.{i}.attn_{b}.bias", sd[p + f"self_attn.{b}_proj.bias"])
+        for b in ("q", "k"):  # qwen3's per-head norms
+            if p + f"self_attn.{b}_norm.weight" in sd:
+                add(f"blk.{i}.attn_{b}_norm.weight", sd[p + f"self_attn.{b}_norm.weight"])
         add(f"blk.{i}.attn_output.weight", sd[p + "self_attn.o_proj.weight"])
         add(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
         add(f"blk.{i}.ffn_gate.weight", sd[p + "mlp.gate_proj.weight"])

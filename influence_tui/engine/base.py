@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class ModelConfig:
-    architecture: str  # llama | mistral | qwen2
+    architecture: str  # llama | mistral | qwen2 | qwen3
     vocab_size: int
     dim: int
     n_layers: int
@@ -31,6 +31,7 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = None
     tie_embeddings: bool = False
     qkv_bias: bool = False
+    qk_norm: bool = False  # Qwen3: an RMSNorm over each q and k head before RoPE
     sliding_window: int | None = None  # ignored: contexts are capped at it by the loader
     rope_freq_factors: list[float] | None = field(default=None, repr=False)  # GGUF rope_freqs
 

@@ -1,7 +1,7 @@
 """Path -> LoadedModel: GGUF files and safetensors folders onto the fast Llama-family model.
 
 Only local files are read (the offline switches are on while loading) and never pickle: `.bin`/`.pt`
-weights are refused. Architectures other than llama/mistral/qwen2 raise `UnsupportedArchitecture`
+weights are refused. Architectures other than llama/mistral/qwen2/qwen3 raise `UnsupportedArchitecture`
 so that the scheduler can hand a safetensors folder to the transformers fallback.
 """
 
@@ -28,7 +28,7 @@ from influence_tui.engine.model import Embedding, Layer, LlamaModel, ModelConfig
 from influence_tui.engine.quant import FloatLinear, Int4Linear, Int8Linear, Q4Linear, make_linear, native_int4, quantize_int4
 from influence_tui.formats.gguf_tensors import GGUFTensors, Q4Blocks
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 
 
 class UnsupportedArchitecture(ModelLoadError):
@@ -121,6 +121,8 @@ _HF_LAYER = {
     "attn_q.bias": "self_attn.q_proj.bias",
     "attn_k.bias": "self_attn.k_proj.bias",
     "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
     "attn_output.weight": "self_attn.o_proj.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
@@ -203,6 +205,7 @@ def config_from_hf(cfg: dict, path: str) -> ModelConfig:
         rope_scaling=scaling,
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
+        qk_norm=arch == "qwen3",
         sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", arch == "mistral") else None,
     )
 
@@ -238,6 +241,7 @@ def config_from_gguf(t: GGUFTensors, path: str) -> ModelConfig:
         rope_scaling=scaling,
         tie_embeddings="output.weight" not in t,
         qkv_bias="blk.0.attn_q.bias" in t,
+        qk_norm="blk.0.attn_q_norm.weight" in t,
         sliding_window=get("attention.sliding_window"),
         rope_freq_factors=factors,
     )
@@ -300,6 +304,13 @@ class _Builder:
     def norm(self, name: str) -> torch.Tensor:
         return self.src.float(name).to(self.device, self.dtype)
 
+    def head_norm(self, name: str) -> torch.Tensor | None:
+        """A per-head q/k norm's weight (Qwen3), in the layout the q/k rows are brought to."""
+        if not self.cfg.qk_norm:
+            return None
+        w = self.src.float(name).float()
+        return (w if self.src.interleaved_qk else to_interleaved(w, 1)).to(self.device)
+
     def build(self) -> LlamaModel:
         cfg = self.cfg
         layers = []
@@ -313,6 +324,8 @@ class _Builder:
                     ffn_norm=self.norm(f"{p}.ffn_norm.weight"),
                     gate_up=self.linear(p, ["ffn_gate", "ffn_up"]),
                     down=self.linear(p, ["ffn_down"]),
+                    q_norm=self.head_norm(f"{p}.attn_q_norm.weight"),
+                    k_norm=self.head_norm(f"{p}.attn_k_norm.weight"),
                 )
             )
         embed_w = self.src.float("token_embd.weight")
@@ -487,7 +500,7 @@ def _build(
         except (ValueError, OSError) as exc:
             raise ModelLoadError(f"{loc.file.name}: cannot read GGUF ({exc})") from exc
         cfg = config_from_gguf(tensors, str(loc.file))
-        # llama.cpp stores llama/mistral q/k interleaved; qwen2 keeps Hugging Face's layout
+        # llama.cpp stores llama/mistral q/k interleaved; qwen2 and qwen3 keep Hugging Face's layout
         src: WeightSource = GGUFSource(tensors, interleaved_qk=cfg.architecture in ("llama", "mistral"))
         md = tensors.header.metadata
         info.update(

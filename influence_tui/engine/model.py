@@ -1,4 +1,4 @@
-"""A small Llama-family decoder (llama, mistral, qwen2) with a static, slot-based KV cache.
+"""A small Llama-family decoder (llama, mistral, qwen2, qwen3) with a static, slot-based KV cache.
 
 In the style of gpt-fast: few ops per layer (fused QKV and gate/up projections, one SDPA call over
 the cache), activations kept 2-D ([tokens, features]) so the weight-only quantised linears of
@@ -50,6 +50,8 @@ class Layer:
     ffn_norm: torch.Tensor
     gate_up: Linear
     down: Linear
+    q_norm: torch.Tensor | None = None  # Qwen3's per-head norms of q and k (float32 [head_dim])
+    k_norm: torch.Tensor | None = None
 
 
 class Embedding:
@@ -199,6 +201,19 @@ class LlamaModel:
         r = torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), self._norm_eps)
         return (x * w).div_(r).to(self.dtype)
 
+    def _head_norms(self, i: int, qkv: torch.Tensor) -> torch.Tensor:
+        """Qwen3: each q and k head of the fused QKV output [N, (H + 2 KV) D] RMS-normed (in float32,
+        as transformers does) before RoPE; other models' qkv as it is."""
+        layer = self.layers[i]
+        if layer.q_norm is None or layer.k_norm is None:
+            return qkv
+        cfg = self.cfg
+        n, heads = qkv.shape[0], cfg.n_heads + cfg.n_kv_heads
+        qk = qkv[:, : cfg.q_size + cfg.kv_size].float().view(n, heads, cfg.head_dim)
+        w = torch.cat((layer.q_norm.expand(cfg.n_heads, -1), layer.k_norm.expand(cfg.n_kv_heads, -1)))
+        qk = qk * torch.rsqrt(qk.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * w
+        return torch.cat((qk.view(n, -1).to(qkv.dtype), qkv[:, cfg.q_size + cfg.kv_size :]), dim=1)
+
     def _forward(
         self,
         ids: torch.Tensor,
@@ -219,7 +234,7 @@ class LlamaModel:
         attn_norm, ffn_norm = self._norm_weights()[i]
         layer = self.layers[i]
         n = x.shape[0]
-        qkv = layer.qkv(self._rms_norm(x, attn_norm))
+        qkv = self._head_norms(i, layer.qkv(self._rms_norm(x, attn_norm)))
         qk = self._rope_apply(qkv[:, : qs + ks].view(n, nq + nkv, hd), rot)
         k = qk[:, nq:]
         v = qkv[:, qs + ks :].view(n, nkv, hd)
@@ -478,7 +493,7 @@ class LlamaModel:
         norms = self._norm_weights()
         x = self.embed(ids).float()
         for i, (layer, (attn_norm, ffn_norm)) in enumerate(zip(self.layers, norms)):
-            x += layer.o(attend(i, layer.qkv(self._rms_norm(x, attn_norm))))
+            x += layer.o(attend(i, self._head_norms(i, layer.qkv(self._rms_norm(x, attn_norm)))))
             g, u = layer.gate_up(self._rms_norm(x, ffn_norm)).chunk(2, dim=-1)
             x += layer.down(F.silu(g).mul_(u))
         return self._rms_norm(x, self._final_norm)
@@ -508,6 +523,8 @@ class LlamaModel:
         for i, layer in enumerate(self.layers):
             out[f"layers.{i}.attn_norm"] = layer.attn_norm
             out[f"layers.{i}.ffn_norm"] = layer.ffn_norm
+            if layer.q_norm is not None and layer.k_norm is not None:
+                out[f"layers.{i}.q_norm"], out[f"layers.{i}.k_norm"] = layer.q_norm, layer.k_norm
             for name in self._LAYER_LINEARS:
                 out.update(linear_tensors(getattr(layer, name), f"layers.{i}.{name}"))
         if self.kernel_shaped():
@@ -530,6 +547,7 @@ class LlamaModel:
                 ffn_norm=t[f"layers.{i}.ffn_norm"],
                 gate_up=linear_from_tensors(t, f"layers.{i}.gate_up", dtype),
                 down=linear_from_tensors(t, f"layers.{i}.down", dtype),
+                q_norm=t.get(f"layers.{i}.q_norm"), k_norm=t.get(f"layers.{i}.k_norm"),
             )
             for i in range(cfg.n_layers)
         ]

@@ -275,7 +275,7 @@ class NativeStep:
     @staticmethod
     def fits(cfg: "ModelConfig") -> bool:
         """Shapes the kernel takes (besides its weights' formats)."""
-        return not (cfg.head_dim % 2 or cfg.n_heads % cfg.n_kv_heads or cfg.dim % 64)
+        return not (cfg.head_dim % 2 or cfg.n_heads % cfg.n_kv_heads or cfg.dim % 64 or cfg.qk_norm)
 
     @classmethod
     def for_model(cls, model: "LlamaModel") -> "NativeStep | None":
