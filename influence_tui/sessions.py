@@ -7,6 +7,10 @@ Format (the original tool's keys, plus ``version``)::
      "messages": [{"role": "user", "content": "...", "timestamp": "2026-01-29 14:30:15"}, ...],
      "created_at": "2026-01-29 14:30:15"}
 
+A message may also carry ``"stopped": true`` (an answer stopped with Esc) and ``"thinking"`` (a
+reasoning model's reasoning; ``content`` is the answer alone). Both are written only when set, and
+files without them (the original tool's, older ones of ours) load as before.
+
 Files without ``version`` are the original tool's and load as version 0. Saving is atomic (temp
 file + rename): a crash or a full disk mid-save leaves the old file whole. Loading validates every
 field and raises ``SessionError`` with one line, so a broken or foreign file changes nothing.
@@ -44,9 +48,15 @@ class SessionMessage:
     # Not in the original format: an answer stopped with Esc is kept and marked (extra keys are
     # ignored by the original tool, which reads role/content only).
     stopped: bool = False
+    # A reasoning model's reasoning before the answer in `content`: kept for the reader, never
+    # sent back to the model (content is the answer alone).
+    thinking: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"role": self.role, "content": self.content, "timestamp": self.timestamp}
+        d: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.thinking:
+            d["thinking"] = self.thinking
+        d["timestamp"] = self.timestamp
         if self.stopped:
             d["stopped"] = True
         return d
@@ -167,8 +177,11 @@ def _messages(raw: Any, where: str) -> list[SessionMessage]:
             raise SessionError(f"{where}: message {i} has role {role!r}; expected one of {', '.join(ROLES)}")
         if not isinstance(content, str):
             raise SessionError(f"{where}: message {i} has no text \"content\"")
+        thinking = item.get("thinking")
+        if thinking is not None and not isinstance(thinking, str):
+            raise SessionError(f"{where}: message {i} has \"thinking\" that is not text")
         stamp = item.get("timestamp")
         if stamp is not None and not isinstance(stamp, str):
             stamp = str(stamp)
-        out.append(SessionMessage(role, content, stamp or "", bool(item.get("stopped", False))))
+        out.append(SessionMessage(role, content, stamp or "", bool(item.get("stopped", False)), thinking or ""))
     return out

@@ -24,8 +24,8 @@ class Conversation:
     messages: list[SessionMessage] = field(default_factory=list)
     created_at: str | None = None
 
-    def add(self, role: str, content: str, stopped: bool = False) -> SessionMessage:
-        message = SessionMessage(role, content, stopped=stopped)
+    def add(self, role: str, content: str, stopped: bool = False, thinking: str = "") -> SessionMessage:
+        message = SessionMessage(role, content, stopped=stopped, thinking=thinking)
         self.messages.append(message)
         return message
 
@@ -34,6 +34,8 @@ class Conversation:
         self.messages.clear()
 
     def engine_messages(self) -> list[Any]:
+        """The turns as the model gets them: answers without their reasoning (as reasoning
+        models' own templates strip it; resent, it would fill the context for nothing)."""
         from influence_tui.engine.types import ChatMessage  # no torch: types only
 
         return [ChatMessage(m.role, m.content) for m in self.messages if m.role in ("user", "assistant")]

@@ -14,7 +14,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "/history": ("", "show the conversation so far"),
     "/save": ("FILE", "save the session as JSON"),
     "/load": ("FILE", "load a session file (this tool's or the original tool's)"),
-    "/set": ("NAME VALUE", "set temperature, top_p, top_k, min_p, repeat_penalty, max_tokens or seed"),
+    "/set": ("NAME VALUE", "set temperature, top_p, top_k, min_p, repeat_penalty, max_tokens, seed, "
+                           "or think on/off (whether a reasoning model thinks first)"),
     "/system": ("[TEXT]", "set the system prompt (no text: show it)"),
     "/model": ("NAME", "load another model (a name from the Library, an alias or a path)"),
     "/retry": ("", "answer the last message again"),
@@ -22,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "/quit": ("", "leave the app"),
     "/exit": ("", "leave the app"),
 }
-SETTABLE = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "max_tokens", "seed")
+SETTABLE = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "max_tokens", "seed", "think")
 NEEDS_ARG = {"/save", "/load", "/set", "/model"}
 NO_ARG = {"/help", "/clear", "/history", "/retry", "/quit", "/exit"}
 

@@ -128,7 +128,7 @@ class ChatScreen(Screen[None]):
             if m.role == "user":
                 widgets.append(UserMessage(m.content))
             else:
-                widgets.append(AssistantMessage(m.content, stopped=m.stopped))
+                widgets.append(AssistantMessage(m.content, stopped=m.stopped, thinking=m.thinking))
         await container.mount_all(widgets)
         container.anchor()
 
@@ -194,6 +194,7 @@ class ChatScreen(Screen[None]):
             messages=self.conversation.engine_messages(),
             system=self.conversation.system_prompt,
             params=app.settings.generation_params(),
+            think=app.settings.think,  # off: a reasoning model answers straight away
         )
         # an API client's keep_alive may have unloaded the model meanwhile: this chat's model loads again
         model = app.model_summary.path if app.engine.status().model is None and app.model_summary else None
@@ -207,12 +208,12 @@ class ChatScreen(Screen[None]):
         bubble.set_status("writing… (Esc stops)")
         bubble.start()
         async for event in stream:
-            bubble.feed(event.text)
+            bubble.feed(event.text, event.thinking)
         result = stream.result
         stopped = result.finish_reason == "cancelled"
         await bubble.finish(format_stats(result, self._stopped_by_user), stopped=stopped, error=result.error if result.finish_reason == "error" else None)
-        if result.finish_reason != "error" or bubble.text:
-            self.conversation.add("assistant", bubble.text, stopped=stopped)
+        if result.finish_reason != "error" or bubble.text or bubble.thinking:
+            self.conversation.add("assistant", bubble.text, stopped=stopped, thinking=bubble.thinking)
         elif result.error_kind == "request":
             # the question cannot be answered as it is (too long for the context): out of the
             # history, so it is not resent with every later message, and back in the prompt to edit
@@ -278,7 +279,9 @@ class ChatScreen(Screen[None]):
             self.app.notify(str(exc), severity="error")
 
     async def _cmd_help(self, arg: str) -> None:
-        await self.note("**Commands**\n\n" + slash.help_text() + "\n\nKeys: Enter sends · ctrl+j / alt+enter newline · Esc stops · F1 all keys")
+        await self.note("**Commands**\n\n" + slash.help_text() + "\n\nKeys: Enter sends · ctrl+j / alt+enter newline · Esc stops · F1 all keys"
+                        "\n\nA reasoning model's thinking is folded above its answer (▶ Thought): click it, "
+                        "or shift+Tab to it and press Enter.")
 
     async def _cmd_clear(self, arg: str) -> None:
         if self.busy:
@@ -298,8 +301,10 @@ class ChatScreen(Screen[None]):
         if first:
             lines.append(f"… {first} earlier messages (in the conversation and in `/save`)")
         for i, m in enumerate(msgs[first:], first + 1):
-            preview = " ".join(m.content.split())[:80]
+            preview = " ".join(m.content.split())[:80]  # the answer; its reasoning only counted
             mark = " (stopped)" if m.stopped else ""
+            if m.thinking:
+                mark += f" (after {len(m.thinking.split())} words of reasoning)"
             lines.append(f"{i}. **{m.role}**{mark} `{m.timestamp}`: {preview}")
         await self.note("\n".join(lines))
 
@@ -333,7 +338,7 @@ class ChatScreen(Screen[None]):
         name, raw = slash.parse_set(arg)
         value = validate_value(name, raw)
         setattr(self.influence.settings, name, value)
-        shown = "off" if value is None else value
+        shown = "off" if value is None or value is False else "on" if value is True else value
         await self.note(f"{name} = {shown} (for the next answers; the Settings screen saves it)")
 
     async def _cmd_system(self, arg: str) -> None:

@@ -26,7 +26,7 @@ FORM: list[tuple[str, list[tuple[str, str]]]] = [
     ("Generation", [
         ("temperature", "Temperature"), ("top_p", "Top-p"), ("top_k", "Top-k"), ("min_p", "Min-p"),
         ("repeat_penalty", "Repeat penalty"), ("max_tokens", "Max tokens"), ("seed", "Seed"),
-        ("system_prompt", "System prompt"),
+        ("think", "Think first"), ("system_prompt", "System prompt"),
     ]),
     ("Model", [("model_path", "Default model"), ("device", "Device"), ("context_length", "Context length"),
                ("output_dir", "Models folder"), ("mirror", "Hub mirror")]),
@@ -36,6 +36,8 @@ FIELDS = [name for _, rows in FORM for name, _ in rows]
 
 
 def _shown(value: Any) -> str:
+    if isinstance(value, bool):  # a switch: on/off, as `/set think` and INFLUENCE_THINK spell it
+        return "on" if value else "off"
     return "" if value is None else str(value)
 
 

@@ -11,17 +11,24 @@ more with a longer conversation on screen (2 cores, 256 tokens). Each append run
 frame: through `MarkdownStream` (whose task appends after the write returns) a write cost ~1.5
 frames of ~20 ms, here ~1.2 of ~14 ms, and answers came 6-16% faster (3 alternated pairs of 6
 answers, 2 cores).
+
+A reasoning model's reasoning streams the same way into a `ThinkingSection` above the answer: a
+Collapsible, open while the model thinks, folded ("Thought for 2.1 s") once the answer begins.
+Answers without reasoning get no section at all.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 from textual.containers import Vertical
 from textual.timer import Timer
-from textual.widgets import Markdown, Static
+from textual.widgets import Collapsible, Markdown, Static
 
 FLUSH_HZ = 10
+THINKING_TITLE = "Thinking…"
 
 
 class UserMessage(Vertical):
@@ -45,24 +52,69 @@ class NoteMessage(Vertical):
         yield Markdown(self.text, classes="body")
 
 
-class AssistantMessage(Vertical):
-    """An answer: streamed markdown plus a statistics line under it."""
+def thought_title(seconds: float | None) -> str:
+    """The folded section's title: how long the model thought, when this run saw it think."""
+    return "Thought" if seconds is None else f"Thought for {seconds:.1f} s"
 
-    def __init__(self, text: str = "", model: str = "", stopped: bool = False) -> None:
+
+class ThinkingSection(Collapsible):
+    """A reasoning model's reasoning, dim, foldable; the user opens it with a click or Enter."""
+
+    def __init__(self, text: str = "", collapsed: bool = True, title: str = THINKING_TITLE) -> None:
+        self.body = Markdown(text, classes="thinking-body")
+        self._folding = False  # the app folds it, not the user (set before the watcher can run)
+        self.folded = collapsed  # folded by the app once: the user's own toggles are theirs
+        super().__init__(self.body, title=title, collapsed=collapsed, classes="thinking")
+
+    def fold(self, title: str) -> None:
+        """Close it and retitle it without moving the view (see `_watch_collapsed`)."""
+        self.title, self.folded = title, True
+        self._folding = True
+        try:
+            self.collapsed = True
+        finally:
+            self._folding = False
+
+    def _watch_collapsed(self, collapsed: bool) -> None:
+        # Collapsible scrolls itself into view on every toggle: right for the user's own click,
+        # wrong when the answer's start folds it while they read further up the conversation.
+        if not self._folding:
+            super()._watch_collapsed(collapsed)
+            return
+        self._update_collapsed(collapsed)
+        self.post_message(self.Collapsed(self))
+
+
+class AssistantMessage(Vertical):
+    """An answer: (a reasoning model's folded reasoning,) streamed markdown, a statistics line."""
+
+    def __init__(self, text: str = "", model: str = "", stopped: bool = False, thinking: str = "") -> None:
         super().__init__(classes="message assistant")
         self.text = text
+        self.thinking = thinking
         self.model = model
         self.stopped = stopped
-        self.finished = bool(text)
+        self.finished = bool(text or thinking)
         self.finish_reason: str | None = None
         self._pending: list[str] = []
+        self._pending_thinking: list[str] = []
         self._streaming = False
         self._timer: Timer | None = None
+        # the timer's flush and finish()'s (another task) must not append or mount at once
+        self._flush_lock = asyncio.Lock()
+        self._body = Markdown(self.text, classes="body")
+        self._section: ThinkingSection | None = None
+        if thinking:  # from a session: folded, as after a live answer
+            self._section = ThinkingSection(thinking, collapsed=True, title=thought_title(None))
+        self._thinking_since: float | None = None
+        self.thought_s: float | None = None  # set once the answer starts (or ends) after reasoning
         self.writes = 0  # stream writes so far: more than one means the answer was shown as it grew
 
     def compose(self) -> Any:
         yield Static(self.model or "Assistant", classes="role", markup=False)
-        yield Markdown(self.text, classes="body")
+        if self._section is not None:
+            yield self._section
+        yield self._body
         yield Static(self._history_stats(), classes="stats", markup=False)  # may carry an error message
 
     def _history_stats(self) -> str:
@@ -70,7 +122,12 @@ class AssistantMessage(Vertical):
 
     @property
     def markdown(self) -> Markdown:
-        return self.query_one(Markdown)
+        """The answer's markdown (the reasoning has its own, in `thinking_section`)."""
+        return self._body
+
+    @property
+    def thinking_section(self) -> ThinkingSection | None:
+        return self._section
 
     @property
     def stats(self) -> Static:
@@ -84,22 +141,52 @@ class AssistantMessage(Vertical):
         self._streaming = True
         self._timer = self.set_interval(1 / FLUSH_HZ, self._flush)
 
-    def feed(self, text: str) -> None:
-        """Queue new text (called per token; cheap: the timer writes it out, the first at once)."""
+    def feed(self, text: str, thinking: str = "") -> None:
+        """Queue new answer text and reasoning (called per token; cheap: the timer writes them
+        out, the first of each at once so that the section opens and folds without delay)."""
+        first = False
+        if thinking:
+            if not self.thinking:
+                first, self._thinking_since = True, time.monotonic()
+            self.thinking += thinking
+            self._pending_thinking.append(thinking)
         if text:
-            first = not self.text
+            first = first or not self.text
+            if not self.text and self._thinking_since is not None:
+                self.thought_s = time.monotonic() - self._thinking_since
             self.text += text
             self._pending.append(text)
-            if first:
-                self.call_next(self._flush)
+        if first:
+            self.call_next(self._flush)
 
     async def _flush(self) -> None:
-        if self._pending and self._streaming:
-            chunk = "".join(self._pending)
+        async with self._flush_lock:
+            if not self._streaming or not (self._pending or self._pending_thinking):
+                return
+            thinking, chunk = "".join(self._pending_thinking), "".join(self._pending)
+            self._pending_thinking.clear()
             self._pending.clear()
             self.writes += 1
             with self.app.batch_update():  # the block's update and any new blocks: one frame
-                await self.markdown.append(chunk)
+                if thinking:
+                    await self._write_thinking(thinking)
+                if chunk:
+                    self._fold_thinking()
+                    await self.markdown.append(chunk)
+
+    async def _write_thinking(self, chunk: str) -> None:
+        if self._section is None:  # the first reasoning: the section opens above the answer
+            self._section = ThinkingSection(collapsed=False)
+            await self.mount(self._section, before=self._body)
+        await self._section.body.append(chunk)
+
+    def _fold_thinking(self) -> None:
+        section = self._section
+        if section is None or section.folded:
+            return  # no reasoning, or folded already
+        if self.thought_s is None and self._thinking_since is not None:  # ended while still thinking
+            self.thought_s = time.monotonic() - self._thinking_since
+        section.fold(thought_title(self.thought_s))
 
     async def finish(self, stats: str, stopped: bool = False, error: str | None = None) -> None:
         """Stop streaming, render the full text once, and show the statistics."""
@@ -109,6 +196,9 @@ class AssistantMessage(Vertical):
         self._streaming = False
         self.stopped = stopped
         self.finished = True
+        self._fold_thinking()
+        if self._section is not None:
+            await self._section.body.update(self.thinking)
         await self.markdown.update(self.text)
         if error:
             self.add_class("error")
