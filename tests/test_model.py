@@ -338,7 +338,7 @@ def test_a_vocabulary_of_odd_size_loads_from_the_cache(tiny_dir: Path, tmp_path:
 def test_qwen3_head_norms_on_every_path(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Qwen3's per-head q/k norms run on the prefill, one-sequence decode and batched decode paths
     alike, and survive the converted-weights cache of a quantized GGUF."""
-    folder = write_tiny_llama_safetensors(tiny_dir / "st-qwen3-paths", arch="qwen3", seed=2)
+    folder = write_tiny_llama_safetensors(tiny_dir / "st-qwen3-paths", arch="qwen3", seed=2)  # float: the torch path
     m = load_model(str(folder), device="cpu", dtype="float32", quant="none", max_batch=3, max_seq=64).model
     full = m.prefill(0, torch.tensor(TOKENS[:10]), 0, all_logits=True)
     m.prefill(1, torch.tensor(TOKENS[:9]), 0)

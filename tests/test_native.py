@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -284,3 +285,24 @@ def test_the_kernel_samples_what_numpy_samples(tmp_path: Path) -> None:
         half[::2] = -np.inf
         picks = {native.sample(half, {}, 1.0, 0, 1.0, 0.0, float(u), lib) for u in rng.random(300)}
         assert picks and all(i % 2 == 1 for i in picks)
+
+
+def test_qwen3_head_norms_run_in_the_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Qwen3 (per-head q/k norms, heads wider than dim / heads): the kernel decodes what the torch
+    path decodes, and the torch-free model computes the same bits as the torch model's kernel."""
+    from influence_tui.engine.native_model import KernelLlama, load_native
+
+    monkeypatch.setenv("INFLUENCE_CACHE_DIR", str(tmp_path / "cache"))
+    path = write_tiny_gguf(tmp_path / "qwen3.gguf", arch="qwen3", qtype="Q4_1")
+    lm = load_model(str(path), device="cpu", max_batch=2, max_seq=64)  # the defaults: what load_native reads
+    model = lm.model
+    assert model.native and model.cfg.qk_norm and model.cfg.head_dim * model.cfg.n_heads != model.cfg.dim
+    ids = [5, 17, 42, 99, 3, 250]
+    got, got_logits = _greedy(model, 0, ids, 8)
+    model.use_native(False)
+    ref, ref_logits = _greedy(model, 1, ids, 8)
+    model.use_native(True)
+    assert got == ref and _rel_err(got_logits, ref_logits) < 0.02
+    kernel_lm = load_native(str(path), max_batch=2, max_seq=64)
+    assert kernel_lm is not None and isinstance(kernel_lm.model, KernelLlama)
+    assert np.array_equal(kernel_lm.model.prefill(0, ids, 0), model.prefill_chunked(0, torch.tensor(ids), 0, 128).numpy())

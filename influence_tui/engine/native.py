@@ -202,7 +202,8 @@ class Q4Mat(ctypes.Structure):
 
 class LayerT(ctypes.Structure):
     _fields_ = [("qkv", Q4Mat), ("o", Q4Mat), ("gate_up", Q4Mat), ("down", Q4Mat),
-                ("attn_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p), ("kv", ctypes.c_void_p)]
+                ("attn_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p), ("kv", ctypes.c_void_p),
+                ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p)]
 
 
 class ModelT(ctypes.Structure):
@@ -211,7 +212,8 @@ class ModelT(ctypes.Structure):
         ("norm_eps", ctypes.c_float), ("layers", ctypes.c_void_p),
         ("emb_q", ctypes.c_void_p), ("emb_scale", ctypes.c_void_p),
         ("head_lanes", ctypes.c_void_p), ("head_scale", ctypes.c_void_p),
-        ("final_norm", ctypes.c_void_p), ("rope_cos", ctypes.c_void_p), ("rope_sin", ctypes.c_void_p)]
+        ("final_norm", ctypes.c_void_p), ("rope_cos", ctypes.c_void_p), ("rope_sin", ctypes.c_void_p),
+        ("head_eps", ctypes.c_float)]
 
 
 class _Scratch(threading.local):
@@ -270,12 +272,13 @@ class NativeStep:
             cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.vocab_size,
             max_seq, max_batch, norm_eps, ctypes.addressof(self._layers),
             *(ptrs[k] for k in ("emb_q", "emb_scale", "head_lanes", "head_scale", "final_norm", "rope_cos", "rope_sin")),
+            cfg.norm_eps,
         )
 
     @staticmethod
     def fits(cfg: "ModelConfig") -> bool:
         """Shapes the kernel takes (besides its weights' formats)."""
-        return not (cfg.head_dim % 2 or cfg.n_heads % cfg.n_kv_heads or cfg.dim % 64 or cfg.qk_norm)
+        return not (cfg.head_dim % 2 or cfg.n_heads % cfg.n_kv_heads or cfg.dim % 64)
 
     @classmethod
     def for_model(cls, model: "LlamaModel") -> "NativeStep | None":
@@ -297,10 +300,14 @@ class NativeStep:
         except NativeUnavailable:
             return None
         norms = model._norm_weights()
+        head_norms = [[None if w is None else w.float().contiguous() for w in (layer.q_norm, layer.k_norm)]
+                      for layer in model.layers]
         layers = [LayerT(layer.qkv.struct(), layer.o.struct(), layer.gate_up.struct(), layer.down.struct(),
-                         attn_norm.data_ptr(), ffn_norm.data_ptr(), model.kv_cache[i].data_ptr())
+                         attn_norm.data_ptr(), ffn_norm.data_ptr(), model.kv_cache[i].data_ptr(),
+                         *(None if w is None else w.data_ptr() for w in head_norms[i]))
                   for i, (layer, (attn_norm, ffn_norm)) in enumerate(zip(model.layers, norms))]
-        keep = [table.q.contiguous(), table.scale.contiguous(), model.head_lanes().contiguous(), head.scale.contiguous()]
+        keep = [table.q.contiguous(), table.scale.contiguous(), model.head_lanes().contiguous(), head.scale.contiguous(),
+                head_norms]
         ptrs = dict(zip(("emb_q", "emb_scale", "head_lanes", "head_scale"), (t.data_ptr() for t in keep)))
         ptrs.update(final_norm=model._final_norm.data_ptr(), rope_cos=model._rope_cos.data_ptr(),
                     rope_sin=model._rope_sin.data_ptr())

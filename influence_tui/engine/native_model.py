@@ -80,6 +80,9 @@ class KernelLlama:
                         "head_lanes": t["head.lanes"].ctypes.data, "head_scale": t[f"{head}.scale"].ctypes.data}
         self._layers = [[self._q4(t, f"layers.{i}.{name}") for name in ("qkv", "o", "gate_up", "down")]
                         for i in range(cfg.n_layers)]
+        # Qwen3's per-head norms (float32), or null pointers
+        self._head_norms = [[t[k].ctypes.data if k in t else None for k in (f"layers.{i}.q_norm", f"layers.{i}.k_norm")]
+                            for i in range(cfg.n_layers)]
         self._governors: dict[int, ThreadGovernor] = {}
         self.kv_cache: list[np.ndarray] = []
         self._buffers: list[mmap.mmap] = []
@@ -104,7 +107,8 @@ class KernelLlama:
                     return False
         head_ok = "lm_head.q8" in t or not any(k.startswith("lm_head.") for k in t)
         return ("embed.q8" in t and "head.lanes" in t and head_ok and "lm_head.bias" not in t and NativeStep.fits(cfg)
-                and all(f"layers.{i}.{n}" in t for i in range(cfg.n_layers) for n in ("attn_norm", "ffn_norm")))
+                and all(f"layers.{i}.{n}" in t for i in range(cfg.n_layers)
+                        for n in ("attn_norm", "ffn_norm", *(("q_norm", "k_norm") if cfg.qk_norm else ()))))
 
     # -- cache ------------------------------------------------------------------------------
     def allocate(self, max_batch: int, max_seq: int) -> None:
@@ -117,8 +121,8 @@ class KernelLlama:
         self.kv_cache = [np.frombuffer(b, dtype=np.uint16, count=math.prod(shape)).reshape(shape) for b in self._buffers]
         self.max_batch, self.max_seq = max_batch, max_seq
         self._rope_cos, self._rope_sin = rope.kernel_tables(cfg, max_seq)
-        layers = [LayerT(*mats, attn.ctypes.data, ffn.ctypes.data, kv.ctypes.data)
-                  for mats, (attn, ffn), kv in zip(self._layers, self._norms, self.kv_cache)]
+        layers = [LayerT(*mats, attn.ctypes.data, ffn.ctypes.data, kv.ctypes.data, *heads)
+                  for mats, (attn, ffn), kv, heads in zip(self._layers, self._norms, self.kv_cache, self._head_norms)]
         ptrs = {**self._tables, "final_norm": self._final_norm.ctypes.data, "rope_cos": self._rope_cos.ctypes.data,
                 "rope_sin": self._rope_sin.ctypes.data}
         self._step = NativeStep(self._lib, cfg, max_batch, max_seq, self._norm_eps, layers, ptrs, [self._keep])

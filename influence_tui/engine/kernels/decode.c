@@ -48,6 +48,7 @@ typedef struct {
     q4mat qkv, o, gate_up, down;
     const float *attn_norm, *ffn_norm; /* float32 [dim], pre-multiplied by sqrt(dim) */
     uint16_t *kv;                      /* bf16 [slots, 2, n_kv, max_seq, head_dim] */
+    const float *q_norm, *k_norm;      /* float32 [head_dim]: Qwen3's per-head norms, or NULL */
 } layer_t;
 
 typedef struct {
@@ -60,6 +61,7 @@ typedef struct {
     const uint16_t *head_scale; /* bf16 [vocab] */
     const float *final_norm;   /* float32 [dim], pre-multiplied */
     const float *rope_cos, *rope_sin; /* float32 [max_seq, head_dim/2] */
+    float head_eps; /* the per-head norms' epsilon */
 } model_t;
 
 #define MAXB 8 /* tokens per pass over a weight matrix */
@@ -675,6 +677,20 @@ static inline void rope(const float *in, float *out, const float *cs, const floa
     }
 }
 
+/* Qwen3: each q and k head of one token's qkv RMS-normed in place before RoPE, rounded to bf16 as
+ * the torch path's are (model.py _head_norms) */
+static void head_norms(const model_t *M, const layer_t *L, float *qkv) {
+    const int64_t hd = M->head_dim;
+    for (int64_t h = 0; h < M->n_heads + M->n_kv; h++) {
+        float *x = qkv + h * hd;
+        const float *w = h < M->n_heads ? L->q_norm : L->k_norm;
+        float ss = 0.f;
+        for (int64_t i = 0; i < hd; i++) ss = fmaf(x[i], x[i], ss);
+        const float r = 1.f / sqrtf(ss / (float)hd + M->head_eps);
+        for (int64_t i = 0; i < hd; i++) x[i] = rbf(x[i] * r * w[i]);
+    }
+}
+
 /* one token's k (roped) and v, written to its slot's cache at its position */
 static void store_kv(const model_t *M, const layer_t *L, int64_t slot, int64_t pos, const float *qkv, float *tmp) {
     const int64_t hd = M->head_dim, nq = M->n_heads, nkv = M->n_kv, S = M->max_seq;
@@ -1130,7 +1146,10 @@ static int decode_pass(const model_t *M, int B, const int64_t *slots, const int6
                 barrier_wait(&bar, nt);
                 /* K/V first (rows of one slot may attend to each other: a prompt run as rows), then attention */
                 split(B, tid, nt, &a0, &a1);
-                for (int64_t b = a0; b < a1; b++) store_kv(M, L, slots[b], positions[b], qkv + b * QKV, tmp);
+                for (int64_t b = a0; b < a1; b++) {
+                    if (L->q_norm) head_norms(M, L, qkv + b * QKV); /* q too: attention reads it after the barrier */
+                    store_kv(M, L, slots[b], positions[b], qkv + b * QKV, tmp);
+                }
                 barrier_wait(&bar, nt);
 #if VEC
                 if (grouped && sh.units) { /* a prompt's rows: their slot's cache transformed once */
