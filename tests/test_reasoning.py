@@ -91,6 +91,21 @@ def test_an_answer_cut_off_while_thinking_keeps_its_reasoning(thinker):
     assert (result.thinking, result.text, result.finish_reason) == (THINKER_REASONING, "", "length")
 
 
+def test_a_model_that_opens_the_block_itself_as_qwen3_does(tmp_path):
+    """Qwen3's template leaves "<think>" to the model and takes enable_thinking=False to close an
+    empty block itself (not closed twice)."""
+    engine = Engine(Settings(warmup_tokens=0), max_batch=1)
+    try:
+        engine.load(str(write_tiny_thinker(tmp_path / "qwen3-style", style="qwen3")))
+        _, result = _ask(engine)
+        assert (result.thinking, result.text) == (THINKER_REASONING, THINKER_ANSWER)
+        _, quiet = _ask(engine, think=False)
+        assert (quiet.thinking, quiet.text, quiet.usage.completion_tokens) == ("", THINKER_ANSWER, 2)
+        assert quiet.usage.prompt_tokens == result.usage.prompt_tokens + 4  # <think> "\n\n" </think> "\n\n", once
+    finally:
+        engine.shutdown()
+
+
 def test_a_raw_prompt_is_the_callers_to_read(thinker):
     result = thinker.submit(GenerationRequest(prompt="<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n",
                                               raw=True, params=GREEDY)).wait()

@@ -197,13 +197,22 @@ THINKER_TEMPLATE = (
     "{{ '<|im_start|>' + message['role'] + '\n' + content + '<|im_end|>' + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n<think>\n' }}{% endif %}"
 )
+# Qwen3's way: the model opens the block itself; enable_thinking=False closes an empty one
+QWEN3_THINKER_TEMPLATE = (
+    "{% for message in messages %}{% set content = message['content'] %}"
+    "{% if message['role'] == 'assistant' and '</think>' in content %}{% set content = content.split('</think>')[-1].lstrip('\n') %}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + content + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\n\n</think>\n\n' }}{% endif %}{% endif %}"
+)
 THINKER_REASONING = "Hmm, let me think."
 THINKER_ANSWER = "The answer is 42."
 
 
-def write_tiny_thinker(dir: str | Path) -> Path:
+def write_tiny_thinker(dir: str | Path, style: str = "r1") -> Path:
     """A tiny Llama whose greedy answer to anything is <think>THINKER_REASONING</think> then
-    THINKER_ANSWER; told not to think (an empty block closes the prompt) it gives the answer alone."""
+    THINKER_ANSWER; told not to think (an empty block closes the prompt) it gives the answer alone.
+    style "r1": the template opens the block; "qwen3": the model does (after "assistant\n")."""
     import torch
     from tokenizers import AddedToken
 
@@ -211,7 +220,10 @@ def write_tiny_thinker(dir: str | Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tok = tiny_tokenizer()
     tok.add_tokens([AddedToken(t, normalized=False) for t in ("<think>", "</think>", "\n\n", THINKER_REASONING, THINKER_ANSWER)])
-    ids = [tok.token_to_id(t) for t in ("Ċ", THINKER_REASONING, "</think>", "\n\n", THINKER_ANSWER, "<|im_end|>")]
+    chain = ("Ċ", THINKER_REASONING, "</think>", "\n\n", THINKER_ANSWER, "<|im_end|>")
+    if style == "qwen3":
+        chain = ("Ċ", "<think>", *chain[1:])
+    ids = [tok.token_to_id(t) for t in chain]
     model = _hf_model("llama", tok.get_vocab_size(), seed=3)
     with torch.no_grad():
         for layer in model.model.layers:
@@ -227,7 +239,8 @@ def write_tiny_thinker(dir: str | Path) -> Path:
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": None, "pad_token": "<|endoftext|>",
-        "add_bos_token": False, "chat_template": THINKER_TEMPLATE, "model_max_length": 256,
+        "add_bos_token": False, "chat_template": QWEN3_THINKER_TEMPLATE if style == "qwen3" else THINKER_TEMPLATE,
+        "model_max_length": 256,
     }))
     (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     return folder
