@@ -58,7 +58,7 @@ def assert_folded_reasoning(bubble: AssistantMessage, title_start: str) -> Think
     section = bubble.thinking_section
     assert section is not None and section.is_mounted
     assert section.collapsed and section.title.startswith(title_start)
-    assert section.body.source == THINKER_REASONING
+    assert section.source == THINKER_REASONING
     assert not section.body.region  # folded: nothing of it is drawn
     assert bubble.markdown.source == THINKER_ANSWER  # the answer's own markdown, without the reasoning
     return section
@@ -134,9 +134,11 @@ async def test_a_saved_session_keeps_the_reasoning_and_shows_it_folded_again(thi
         await send(pilot, "/history")
         history = notes(app)[-1]
         assert THINKER_ANSWER in history and THINKER_REASONING not in history and "reasoning" in history
+        assert section.body.source == ""  # folded and never opened: not parsed (long sessions load fast)
         section.query_one("CollapsibleTitle").focus()
         await pilot.press("enter")
         await wait_until(pilot, lambda: section.body.region.height > 0, timeout=10, what="the section to open")
+        assert section.body.source == THINKER_REASONING
 
 
 async def test_the_settings_screen_switches_thinking(thinker: Any) -> None:
@@ -212,6 +214,17 @@ async def test_the_widget_opens_the_section_while_thinking_and_folds_it_at_the_a
         await plain.finish("3 tokens")
         assert plain.thinking_section is None and not plain.query(ThinkingSection)
         assert not AssistantMessage("from a file").thinking_section  # history without reasoning: none either
+        # an answer cut off while thinking: the reasoning is all there is, so it stays open
+        cut = AssistantMessage()
+        await pilot.app.mount(cut)
+        cut.start()
+        cut.feed("", "First, the ")
+        await wait_until(pilot, lambda: cut.thinking_section is not None and cut.thinking_section.is_mounted,
+                         timeout=10, what="the cut answer's section")
+        cut.feed("", "numbers")
+        await cut.finish("2 tokens (length)")
+        assert not cut.thinking_section.collapsed and cut.thinking_section.title.startswith("Thought for ")
+        assert cut.thinking_section.body.source == "First, the numbers" and cut.text == ""
 
 
 # -- session files --------------------------------------------------------------------------------

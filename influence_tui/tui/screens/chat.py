@@ -386,6 +386,8 @@ class ChatScreen(Screen[None]):
         if last is None:
             raise slash.SlashError("nothing to copy yet")
         text = last.content
+        if not text:
+            raise slash.SlashError("the last answer has no text" + (" (only reasoning)" if last.thinking else ""))
         if arg == "code":
             code = slash.last_code_block(text)
             if code is None:
