@@ -231,8 +231,9 @@ def run_config(args: argparse.Namespace, settings: Settings) -> int:
     for col in ("setting", "value", "source"):
         table.add_column(col)
     for row in rows:
-        value = "" if row["value"] is None else str(row["value"])
-        table.add_row(row["env"], value, row["source"])
+        value = row["value"]
+        shown = "" if value is None else ("on" if value else "off") if isinstance(value, bool) else str(value)
+        table.add_row(row["env"], shown, row["source"])
     console = Console()
     console.print(table)
     # on its own line, never wrapped: a path to copy

@@ -141,6 +141,9 @@ def _stream_generate(engine: Any, request: GenerationRequest, args: argparse.Nam
         sys.stdout.write("\n")
         if u.dropped_tokens:
             print(f"note: {u.dropped_tokens} tokens of the prompt did not fit the context and were dropped", file=sys.stderr)
+    if result.finish_reason == "length" and result.thinking and not result.text:
+        print(f"note: the model was still thinking after {u.completion_tokens} tokens, so there is no answer: "
+              "raise --max-tokens, or --think off", file=sys.stderr)
     return 0
 
 

@@ -321,9 +321,10 @@ def test_read_huge_reads_all_but_the_skipped_ranges_and_stays_mapped_where_memor
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_a_vocabulary_of_odd_size_loads_from_the_cache(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                         quant: str) -> None:
-    """33 extra tokens (a vocabulary of 417, as 32001 is): the converted file then holds tensors at
+    """33 extra tokens (a vocabulary of 417, as 32001 is): safetensors' writer then put tensors at
     addresses that are not multiples of 64, which crashed torch's int8 kernel (a segfault on the
-    second load of such a model)."""
+    second load of such a model). The cache starts every tensor at a multiple of 64, and stays a
+    file the safetensors library reads."""
     monkeypatch.setenv("INFLUENCE_CACHE_DIR", str(tmp_path / "cache"))
     path = write_tiny_gguf(tiny_dir / f"odd-{quant}.gguf", arch="llama", qtype="Q8_0", extra_tokens=33)
     first = load_model(str(path), device="cpu", dtype="bfloat16", quant=quant, max_batch=1, max_seq=64)
@@ -333,6 +334,20 @@ def test_a_vocabulary_of_odd_size_loads_from_the_cache(tiny_dir: Path, tmp_path:
         assert torch.equal(first.model.prefill(0, torch.tensor(ids), 0), second.model.prefill(0, torch.tensor(ids), 0))
     assert torch.equal(first.model.decode(torch.tensor([0]), torch.tensor([9]), torch.tensor([5])),
                        second.model.decode(torch.tensor([0]), torch.tensor([9]), torch.tensor([5])))
+    from safetensors import safe_open
+
+    from influence_tui.engine import weights_cache
+    from influence_tui.engine.loader import read_safetensors_mmap
+
+    (cached,) = (tmp_path / "cache" / "weights").glob("*.safetensors")
+    entries, _ = weights_cache.read_header(cached)
+    assert entries and all(start % 64 == 0 for _, _, start, _ in entries.values())
+    ours, _ = read_safetensors_mmap(cached)
+    with safe_open(str(cached), framework="pt") as f:
+        theirs = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(weights_cache.PAD)}
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert all(t.data_ptr() % 64 == 0 for t in ours.values())
+    assert len({t.untyped_storage().data_ptr() for t in ours.values()}) == 1  # all views of the mapping: no copy
 
 
 def test_qwen3_head_norms_on_every_path(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -106,6 +106,18 @@ def test_a_model_that_opens_the_block_itself_as_qwen3_does(tmp_path):
         engine.shutdown()
 
 
+def test_think_tags_marked_special_still_split(tmp_path):
+    """A vocabulary may mark the tags special (a GGUF's CONTROL type): decoding skips special
+    tokens, but not those two, or the whole answer would read as reasoning."""
+    engine = Engine(Settings(warmup_tokens=0), max_batch=1)
+    try:
+        engine.load(str(write_tiny_thinker(tmp_path / "special", special_tags=True)))
+        _, result = _ask(engine)
+        assert (result.thinking, result.text) == (THINKER_REASONING, THINKER_ANSWER)
+    finally:
+        engine.shutdown()
+
+
 def test_a_raw_prompt_is_the_callers_to_read(thinker):
     result = thinker.submit(GenerationRequest(prompt="<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n",
                                               raw=True, params=GREEDY)).wait()
@@ -144,6 +156,13 @@ def test_generate_prints_the_answer_on_stdout_and_the_thinking_on_stderr(thinker
     assert row["text"] == THINKER_ANSWER and "thinking" not in row and row["completion_tokens"] == 2
     on = json.loads(_influence("generate", "-m", str(thinker_dir), "--temperature", "0", "--json", "Hi").stdout)
     assert (on["thinking"], on["text"]) == (THINKER_REASONING, THINKER_ANSWER)
+
+
+def test_an_answer_cut_off_while_thinking_says_why_it_is_empty(thinker_dir):
+    out = _influence("generate", "-m", str(thinker_dir), "--temperature", "0", "--max-tokens", "1", "--hide-thinking", "Hi")
+    assert out.returncode == 0 and out.stdout == "\n"
+    assert out.stderr.strip() == ("note: the model was still thinking after 1 tokens, so there is no answer: "
+                                  "raise --max-tokens, or --think off")
 
 
 def test_batch_rows_carry_the_thinking_and_a_line_may_turn_it_off(thinker_dir):

@@ -209,17 +209,19 @@ THINKER_REASONING = "Hmm, let me think."
 THINKER_ANSWER = "The answer is 42."
 
 
-def write_tiny_thinker(dir: str | Path, style: str = "r1") -> Path:
+def write_tiny_thinker(dir: str | Path, style: str = "r1", special_tags: bool = False) -> Path:
     """A tiny Llama whose greedy answer to anything is <think>THINKER_REASONING</think> then
     THINKER_ANSWER; told not to think (an empty block closes the prompt) it gives the answer alone.
-    style "r1": the template opens the block; "qwen3": the model does (after "assistant\n")."""
+    style "r1": the template opens the block; "qwen3": the model does (after "assistant\n").
+    special_tags: the vocabulary marks <think> and </think> special (as some GGUFs' CONTROL type)."""
     import torch
     from tokenizers import AddedToken
 
     folder = Path(dir)
     folder.mkdir(parents=True, exist_ok=True)
     tok = tiny_tokenizer()
-    tok.add_tokens([AddedToken(t, normalized=False) for t in ("<think>", "</think>", "\n\n", THINKER_REASONING, THINKER_ANSWER)])
+    tags = [AddedToken(t, normalized=False, special=special_tags) for t in ("<think>", "</think>")]
+    tok.add_tokens(tags + [AddedToken(t, normalized=False) for t in ("\n\n", THINKER_REASONING, THINKER_ANSWER)])
     chain = ("Ċ", THINKER_REASONING, "</think>", "\n\n", THINKER_ANSWER, "<|im_end|>")
     if style == "qwen3":
         chain = ("Ċ", "<think>", *chain[1:])

@@ -354,9 +354,9 @@ class _Builder:
 
 
 # -- converted-weights cache (see weights_cache) ----------------------------------------------
-ALIGN = 64  # bytes: what a weight's address must be a multiple of (cache lines, AVX-512 loads)
 _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I8": torch.int8,
               "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 
 def weights_cache_key(sources: list[Path], quant: str, dtype: torch.dtype) -> tuple[Path, str]:
@@ -369,16 +369,15 @@ def weights_cache_key(sources: list[Path], quant: str, dtype: torch.dtype) -> tu
 def save_converted(path: Path, model: LlamaModel, info: dict, identity: str = "") -> None:
     """Write the converted weights to `path` (atomically), then remove the cache files they
     replace (`weights_cache.prune`)."""
-    from safetensors.torch import save_file
-
-    tensors = {k: v.contiguous() for k, v in model.state_tensors().items()}
+    tensors = {k: (_ST_NAMES[v.dtype], list(v.shape), v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+               for k, v in model.state_tensors().items()}
     meta = {"config": json.dumps(dataclasses.asdict(model.cfg)), "info": json.dumps(info),
             "version": str(weights_cache.WEIGHTS_CACHE_VERSION), "identity": identity}
     path.parent.mkdir(parents=True, exist_ok=True)
     weights_cache.remove_orphans(path.parent, ("*.*.tmp",))  # an earlier save that was interrupted
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     try:
-        save_file(tensors, str(tmp), metadata=meta)
+        weights_cache.write_aligned(tmp, tensors, meta)
         tmp.replace(path)
     except OSError:
         tmp.unlink(missing_ok=True)  # a full or read-only disk only costs speed
@@ -389,16 +388,16 @@ def save_converted(path: Path, model: LlamaModel, info: dict, identity: str = ""
 def read_safetensors_mmap(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Zero-copy tensors over a memory map (safetensors' own reader copies into RAM).
 
-    safetensors packs tensors back to back: after one whose size is not a multiple of 64 bytes (the
-    scales of a vocabulary of 32001), the next ones start unaligned, and torch's int8/int4 CPU
-    kernels crash on an unaligned weight. Those are copied into (aligned) memory of their own."""
+    `weights_cache.write_aligned` starts every tensor at a multiple of 64 bytes: torch's int8/int4
+    CPU kernels crash on an unaligned weight. A tensor that is not (a file written otherwise) is
+    copied into (aligned) memory of its own."""
     mm, entries, meta = weights_cache.read_mmap(path)
     with warnings.catch_warnings():  # read-only memory: the weights are never written
         warnings.simplefilter("ignore", UserWarning)
         whole = torch.from_numpy(mm)  # slicing a tensor is ~50x cheaper than slicing a memmap
     out = {}
     for name, (dt, shape, a, b) in entries.items():
-        raw = whole[a:b] if a % ALIGN == 0 else whole[a:b].clone()
+        raw = whole[a:b] if a % weights_cache.ALIGN == 0 else whole[a:b].clone()
         out[name] = raw.view(_ST_DTYPES[dt]).reshape(shape)
     return out, meta
 

@@ -98,6 +98,7 @@ class LlamaModel:
         self.kv_cache: list[torch.Tensor] = []
         self._arange = torch.arange(0)
         self._norms: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._qk_weights: dict[int, torch.Tensor] = {}  # Qwen3's head norms, per layer (see _head_norms)
         self._final_norm = norm
         self._norm_eps = torch.tensor(0.0)
         self._governors: dict[int, ThreadGovernor] = {}
@@ -210,7 +211,9 @@ class LlamaModel:
         cfg = self.cfg
         n, heads = qkv.shape[0], cfg.n_heads + cfg.n_kv_heads
         qk = qkv[:, : cfg.q_size + cfg.kv_size].float().view(n, heads, cfg.head_dim)
-        w = torch.cat((layer.q_norm.expand(cfg.n_heads, -1), layer.k_norm.expand(cfg.n_kv_heads, -1)))
+        w = self._qk_weights.get(i)
+        if w is None:  # every head's weight, q heads then k heads: made once
+            w = self._qk_weights[i] = torch.cat((layer.q_norm.expand(cfg.n_heads, -1), layer.k_norm.expand(cfg.n_kv_heads, -1)))
         qk = qk * torch.rsqrt(qk.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * w
         return torch.cat((qk.view(n, -1).to(qkv.dtype), qkv[:, cfg.q_size + cfg.kv_size :]), dim=1)
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from influence_tui.engine.base import LoadedModel
-from influence_tui.engine.reasoning import ThinkSplitter, opens_thinking, without_thinking
+from influence_tui.engine.reasoning import CLOSE, OPEN, ThinkSplitter, opens_thinking, without_thinking
 from influence_tui.engine.sampling import Sampler, StopMatcher, greedy
 from influence_tui.engine.tokenizer import IncrementalDecoder
 from influence_tui.engine.types import GenerationRequest, GenerationStream, Result, TokenEvent, Usage
@@ -156,6 +156,8 @@ class Scheduler:
         self.active: list[Sequence] = []
         self.eos = set(self.tok.eos_token_ids)
         self.thinks = bool(getattr(self.tok, "thinks", False))
+        # a reasoning model's think tags come out as text even where its vocabulary marks them special
+        self._hidden = self.tok.special_ids_but((OPEN, CLOSE)) if self.thinks else None
 
     # --- prompt building -----------------------------------------------------------------------
     def context_limit(self, request: GenerationRequest) -> int:
@@ -450,7 +452,7 @@ class Scheduler:
         )
         seq = Sequence(
             job=job, slot=slot, prompt=prompt, sampler=self._sampler(req),
-            decoder=IncrementalDecoder(self.tok, skip_special_tokens=True),
+            decoder=IncrementalDecoder(self.tok, skip_special_tokens=True, hidden=self._hidden),
             stopper=StopMatcher(req.params.stop), usage=usage, history=list(prompt), limit=limit,
             splitter=self._splitter(req, prompt),
         )

@@ -160,6 +160,14 @@ class HFTokenizer:
     def has_chat_template(self) -> bool:
         return bool(self.chat_template)
 
+    def special_ids_but(self, texts: tuple[str, ...]) -> frozenset[int] | None:
+        """The special token ids other than those of `texts`; None when none of `texts` is special
+        (decoding with skip_special_tokens then keeps them already)."""
+        specials = {i: t.content for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
+        if not any(content in texts for content in specials.values()):
+            return None
+        return frozenset(i for i, content in specials.items() if content not in texts)
+
     @property
     def thinks(self) -> bool:
         """A reasoning model: it writes <think> blocks (see engine.reasoning)."""
@@ -320,15 +328,21 @@ class IncrementalDecoder:
     token; byte-level BPE may split a character over several tokens).
     """
 
-    def __init__(self, tokenizer: HFTokenizer | Any, skip_special_tokens: bool = False) -> None:
+    def __init__(self, tokenizer: HFTokenizer | Any, skip_special_tokens: bool = False,
+                 hidden: frozenset[int] | None = None) -> None:
+        """`hidden`: with skip_special_tokens, the special ids to drop, where some special ones
+        must come out as text (a reasoning model's think tags, see `special_ids_but`)."""
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self.hidden = hidden
         self.ids: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
 
     def _decode(self, ids: list[int]) -> str:
         if isinstance(self.tokenizer, HFTokenizer):
+            if self.hidden is not None and self.skip_special_tokens:
+                return self.tokenizer.decode([i for i in ids if i not in self.hidden])
             return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
         return self.tokenizer.decode(ids)
 

@@ -24,7 +24,9 @@ import numpy as np
 
 from influence_tui.engine.native import torch_package_dir
 
-WEIGHTS_CACHE_VERSION = 7
+WEIGHTS_CACHE_VERSION = 8  # 8: every tensor starts at a multiple of ALIGN in the file
+ALIGN = 64  # bytes: torch's int8/int4 CPU kernels crash on a weight at an unaligned address
+PAD = "__pad."  # the name prefix of filler entries between tensors (safetensors allows no holes)
 # safetensors dtypes as numpy sees them (bf16 has no numpy type: its raw 16 bits)
 NP_DTYPES = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "I8": np.int8, "U8": np.uint8,
              "I32": np.int32, "I64": np.int64}
@@ -72,11 +74,36 @@ def cache_identity(sources: list[Path], quant: str, dtype: str, torch_version: s
 
 def _parse_header(header: bytes, base: int) -> tuple[dict[str, tuple[str, list[int], int, int]], dict[str, str]]:
     """A safetensors header's {name: (dtype, shape, start, end)}, byte offsets into the file (its
-    data starting at `base`), and its metadata."""
+    data starting at `base`), and its metadata; `write_aligned`'s fillers left out."""
     entries = json.loads(header)
     meta = entries.pop("__metadata__", {}) or {}
     return ({name: (info["dtype"], list(info["shape"]), base + info["data_offsets"][0], base + info["data_offsets"][1])
-             for name, info in entries.items()}, meta)
+             for name, info in entries.items() if not name.startswith(PAD)}, meta)
+
+
+def write_aligned(path: Path, tensors: dict[str, tuple[str, list[int], np.ndarray]], metadata: dict[str, str]) -> None:
+    """A safetensors file (`name: (dtype, shape, bytes as uint8)`) in which every tensor starts at a
+    multiple of ALIGN bytes: the header is padded with spaces (as the format allows) and the gaps
+    between tensors are filler entries (it allows no holes). safetensors' own writer packs tensors
+    back to back after a header of any length, so most of them started unaligned; a mapped weight
+    must be copied before torch's low-bit kernels may read it."""
+    entries: dict[str, object] = {"__metadata__": metadata}
+    layout, end = [], 0
+    for name, (dtype, shape, data) in tensors.items():
+        start = -(-end // ALIGN) * ALIGN
+        if start > end:
+            entries[f"{PAD}{len(layout)}"] = {"dtype": "U8", "shape": [start - end], "data_offsets": [end, start]}
+            layout.append(np.zeros(start - end, dtype=np.uint8))
+        entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [start, start + data.nbytes]}
+        layout.append(data)
+        end = start + data.nbytes
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    header += b" " * (-(8 + len(header)) % ALIGN)
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little"))
+        f.write(header)
+        for data in layout:
+            f.write(memoryview(np.ascontiguousarray(data)).cast("B"))
 
 
 def read_header(path: Path) -> tuple[dict[str, tuple[str, list[int], int, int]], dict[str, str]]:
