@@ -602,7 +602,7 @@ def test_fitting_a_long_chat_drops_the_same_turns_as_one_at_a_time():
 
     from influence_tui.engine.scheduler import Scheduler
 
-    def render(msgs, no_think=False):  # a stand-in for template + tokenizer: a few tokens per message, more per character
+    def render(msgs, options=None):  # a stand-in for template + tokenizer: a few tokens per message, more per character
         return [0] * sum(3 + len(m["content"]) for m in msgs)
 
     def one_at_a_time(msgs, room):
@@ -635,7 +635,7 @@ def test_the_one_at_a_time_fallback_drops_as_the_binary_search_does():
 
     from influence_tui.engine.scheduler import Scheduler
 
-    def render(msgs, no_think=False):
+    def render(msgs, options=None):
         return [0] * sum(3 + len(m["content"]) for m in msgs)
 
     fake = Scheduler.__new__(Scheduler)

@@ -45,7 +45,7 @@ def tiny_tokenizer():
     return tok
 
 
-def _hf_model(arch: str, vocab: int, seed: int):
+def _hf_model(arch: str, vocab: int, seed: int, context: int = DIMS["max_position_embeddings"]):
     import torch
     import transformers
 
@@ -60,7 +60,7 @@ def _hf_model(arch: str, vocab: int, seed: int):
         extra["head_dim"] = 32
     cfg = getattr(transformers, cls_cfg)(
         vocab_size=vocab, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-        rope_theta=10000.0, **DIMS, **extra,
+        rope_theta=10000.0, **{**DIMS, "max_position_embeddings": context}, **extra,
     )
     torch.manual_seed(seed)
     model = getattr(transformers, cls_model)(cfg).eval()
@@ -214,19 +214,61 @@ def write_tiny_thinker(dir: str | Path, style: str = "r1", special_tags: bool = 
     THINKER_ANSWER; told not to think (an empty block closes the prompt) it gives the answer alone.
     style "r1": the template opens the block; "qwen3": the model does (after "assistant\n").
     special_tags: the vocabulary marks <think> and </think> special (as some GGUFs' CONTROL type)."""
-    import torch
     from tokenizers import AddedToken
+
+    tags = [AddedToken(t, normalized=False, special=special_tags) for t in ("<think>", "</think>")]
+    added = tags + [AddedToken(t, normalized=False) for t in ("\n\n", THINKER_REASONING, THINKER_ANSWER)]
+    chain = ("Ċ", THINKER_REASONING, "</think>", "\n\n", THINKER_ANSWER, "<|im_end|>")
+    if style == "qwen3":
+        chain = ("Ċ", "<think>", *chain[1:])
+    return write_chain_model(dir, added, chain, QWEN3_THINKER_TEMPLATE if style == "qwen3" else THINKER_TEMPLATE)
+
+
+# A tool-calling model in the Hermes / Qwen2.5 style: the template lists the tools in the system
+# turn, renders earlier calls and their results; the model answers with one call.
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n{% endif %}"
+    "# Tools\n<tools>{% for tool in tools %}\n{{ tool | tojson }}{% endfor %}\n</tools>\n"
+    "Answer a call as <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call><|im_end|>\n"
+    "{% elif messages[0]['role'] == 'system' %}<|im_start|>system\n{{ messages[0]['content'] }}<|im_end|>\n{% endif %}"
+    "{% for message in messages %}{% if message['role'] == 'system' and loop.first %}"
+    "{% elif message['role'] == 'assistant' and message.tool_calls %}<|im_start|>assistant\n{{ message['content'] or '' }}"
+    "{% for call in message.tool_calls %}\n<tool_call>\n{\"name\": \"{{ call.function.name }}\", \"arguments\": "
+    "{{ call.function.arguments | tojson }}}\n</tool_call>{% endfor %}<|im_end|>\n"
+    "{% elif message['role'] == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message['content'] }}\n</tool_response><|im_end|>\n"
+    "{% else %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TOOL_CALL_JSON = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}'
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city now",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string"}},
+                   "required": ["city"]}}}
+
+
+def write_tiny_tool_caller(dir: str | Path) -> Path:
+    """A tiny Llama whose greedy answer to anything is <tool_call>TOOL_CALL_JSON</tool_call>."""
+    from tokenizers import AddedToken
+
+    added = [AddedToken(t, normalized=False) for t in ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",
+                                                       f"\n{TOOL_CALL_JSON}\n")]
+    chain = ("Ċ", "<tool_call>", f"\n{TOOL_CALL_JSON}\n", "</tool_call>", "<|im_end|>")
+    return write_chain_model(dir, added, chain, TOOLS_TEMPLATE)
+
+
+def write_chain_model(dir: str | Path, added: list, chain: tuple[str, ...], template: str) -> Path:
+    """A tiny Llama (safetensors folder) whose greedy output after the token chain[0] is always the
+    rest of `chain`: every layer's output projections are zero (each position's hidden state is its
+    token's embedding) and the head maps each token of the chain to the next. `added`: tokens
+    (tokenizers.AddedToken) the chain needs beyond the trained vocabulary."""
+    import torch
 
     folder = Path(dir)
     folder.mkdir(parents=True, exist_ok=True)
     tok = tiny_tokenizer()
-    tags = [AddedToken(t, normalized=False, special=special_tags) for t in ("<think>", "</think>")]
-    tok.add_tokens(tags + [AddedToken(t, normalized=False) for t in ("\n\n", THINKER_REASONING, THINKER_ANSWER)])
-    chain = ("Ċ", THINKER_REASONING, "</think>", "\n\n", THINKER_ANSWER, "<|im_end|>")
-    if style == "qwen3":
-        chain = ("Ċ", "<think>", *chain[1:])
+    tok.add_tokens(added)
     ids = [tok.token_to_id(t) for t in chain]
-    model = _hf_model("llama", tok.get_vocab_size(), seed=3)
+    model = _hf_model("llama", tok.get_vocab_size(), seed=3, context=1024)  # room for a tools preamble
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight.zero_()
@@ -235,14 +277,13 @@ def write_tiny_thinker(dir: str | Path, style: str = "r1", special_tags: bool = 
         emb = model.model.embed_tokens.weight
         head = model.lm_head.weight
         head.normal_(0.0, 0.02)
-        for src, dst in zip(ids, ids[1:]):  # the chain "\n" -> reasoning -> </think> -> "\n\n" -> answer -> end
+        for src, dst in zip(ids, ids[1:]):
             head[dst] = 4.0 * emb[src] / emb[src].norm()
     model.save_pretrained(folder, safe_serialization=True)
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": None, "pad_token": "<|endoftext|>",
-        "add_bos_token": False, "chat_template": QWEN3_THINKER_TEMPLATE if style == "qwen3" else THINKER_TEMPLATE,
-        "model_max_length": 256,
+        "add_bos_token": False, "chat_template": template, "model_max_length": 1024,
     }))
     (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     return folder

@@ -20,6 +20,7 @@ from influence_tui.engine.types import (
     TokenEvent,
     Usage,
 )
+from influence_tui.engine.tools import ToolCall
 from influence_tui.engine.service import (
     EmbeddingResult,
     Engine,
@@ -41,5 +42,6 @@ __all__ = [
     "QueueFull",
     "Result",
     "TokenEvent",
+    "ToolCall",
     "Usage",
 ]

@@ -24,6 +24,7 @@ import numpy as np
 from influence_tui.engine.base import LoadedModel
 from influence_tui.engine.reasoning import CLOSE, OPEN, ThinkSplitter, opens_thinking, without_thinking
 from influence_tui.engine.sampling import Sampler, StopMatcher, greedy
+from influence_tui.engine.tools import ToolCallParser, template_takes_tools
 from influence_tui.engine.tokenizer import IncrementalDecoder
 from influence_tui.engine.types import GenerationRequest, GenerationStream, Result, TokenEvent, Usage
 
@@ -106,6 +107,7 @@ class Sequence:
     text: list[str] = field(default_factory=list)
     thinking: list[str] = field(default_factory=list)
     splitter: ThinkSplitter | None = None  # a reasoning model's answer: reasoning apart from the text
+    tool_parser: ToolCallParser | None = None  # a request with tools: calls read out of the answer
     limit: int = 0  # max new tokens after context fitting
     filling: bool = False  # its prompt is still being prefilled, PIECE rows per step
     admitted: float = 0.0
@@ -156,6 +158,7 @@ class Scheduler:
         self.active: list[Sequence] = []
         self.eos = set(self.tok.eos_token_ids)
         self.thinks = bool(getattr(self.tok, "thinks", False))
+        self.takes_tools = template_takes_tools(getattr(self.tok, "chat_template", None))
         # a reasoning model's think tags come out as text even where its vocabulary marks them special
         self._hidden = self.tok.special_ids_but((OPEN, CLOSE)) if self.thinks else None
 
@@ -166,7 +169,7 @@ class Scheduler:
             limit = min(limit, max(int(request.num_ctx), 16))
         return limit
 
-    def _messages(self, request: GenerationRequest) -> list[dict[str, str]]:
+    def _messages(self, request: GenerationRequest) -> list[dict[str, Any]]:
         msgs = [m.to_dict() for m in (request.messages or [])]
         if request.prompt is not None:
             msgs.append({"role": "user", "content": request.prompt})
@@ -174,10 +177,11 @@ class Scheduler:
             msgs.insert(0, {"role": "system", "content": request.system})
         return msgs
 
-    def _render(self, msgs: list[dict[str, str]], no_think: bool = False) -> list[int]:
-        """`no_think`: a reasoning model is told to answer without thinking (an empty block)."""
+    def _render(self, msgs: list[dict[str, Any]], options: dict[str, Any] | None = None) -> list[int]:
+        """`options`: the template's variables for this request (see `_template_options`)."""
+        options = options or {}
+        no_think = options.get("enable_thinking") is False
         if self.tok.has_chat_template:
-            options = {"enable_thinking": False} if no_think else {}
             try:
                 text = self.tok.apply_chat_template(msgs, add_generation_prompt=True, **options)
             except Exception as exc:  # a template's raise_exception (e.g. roles must alternate)
@@ -215,25 +219,25 @@ class Scheduler:
             raise RequestError(f"the prompt is {len(ids)} tokens but the context holds {ctx}: shorten it")
         return list(kept) + ids, len(context) - len(kept)
 
-    def _fit(self, msgs: list[dict[str, str]], room: int, no_think: bool = False) -> list[int]:
+    def _fit(self, msgs: list[dict[str, Any]], room: int, options: dict[str, Any] | None = None) -> list[int]:
         """The prompt with the fewest oldest turns dropped that fits in `room` tokens (or with all
         droppable ones gone). A binary search over how many drops: one render per drop took ~400
         renders of a 40k-token chat, seconds before its first token."""
         most, steps = _drop_turns(msgs, len(msgs))
-        best = self._render(most, no_think)
+        best = self._render(most, options)
         if len(best) > room:  # even with every droppable turn gone
             return best
         lo, hi = 0, steps  # `lo` drops do not fit (the caller checked 0), `hi` drops do: `best`
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            ids = self._render(_drop_turns(msgs, mid)[0], no_think)
+            ids = self._render(_drop_turns(msgs, mid)[0], options)
             if len(ids) <= room:
                 hi, best = mid, ids
             else:
                 lo = mid
         return best
 
-    def _fit_one_at_a_time(self, msgs: list[dict[str, str]], room: int, no_think: bool = False) -> list[int]:
+    def _fit_one_at_a_time(self, msgs: list[dict[str, Any]], room: int, options: dict[str, Any] | None = None) -> list[int]:
         """The same drops as _fit, rendering only the shapes reached one drop after another
         (the caller found the whole chat too long)."""
         shorter, ids = list(msgs), []
@@ -241,9 +245,22 @@ class Scheduler:
             shorter, done = _drop_turns(shorter, 1)  # one more drop from where the last one left it
             if not done and ids:
                 return ids
-            ids = self._render(shorter, no_think)
+            ids = self._render(shorter, options)
             if len(ids) <= room or not done:
                 return ids
+
+    def _template_options(self, request: GenerationRequest) -> dict[str, Any]:
+        """The chat template's variables beyond the messages: `tools` (RequestError where the
+        template has no place for them: they would vanish from the prompt), and
+        `enable_thinking=False` for a reasoning model told not to think (JSON mode: no room to)."""
+        options: dict[str, Any] = {}
+        if request.tools:
+            if not self.takes_tools:
+                raise RequestError(f"{self.lm.name} does not support tools (its chat template has no place for them)")
+            options["tools"] = request.tools
+        if self.thinks and (request.think is False or request.format == "json"):
+            options["enable_thinking"] = False
+        return options
 
     def _build_prompt(self, request: GenerationRequest) -> tuple[list[int], int, int]:
         ctx = self.context_limit(request)
@@ -260,14 +277,14 @@ class Scheduler:
         msgs = self._messages(request)
         if not msgs:
             raise RequestError("nothing to generate from: give a prompt or messages")
-        no_think = self.thinks and (request.think is False or request.format == "json")  # JSON: no room to think
-        ids = self._render(msgs, no_think)
+        options = self._template_options(request)
+        ids = self._render(msgs, options)
         full = len(ids)
         if len(ids) + want > ctx:
             try:
-                ids = self._fit(msgs, ctx - want, no_think)
+                ids = self._fit(msgs, ctx - want, options)
             except RequestError:  # a probe's shape the template rejects (alternation): one drop at a time
-                ids = self._fit_one_at_a_time(msgs, ctx - want, no_think)
+                ids = self._fit_one_at_a_time(msgs, ctx - want, options)
         if len(ids) >= ctx:
             raise RequestError(f"the prompt is {len(ids)} tokens but the context holds {ctx}: shorten it")
         return ids, full - len(ids), min(want, ctx - len(ids))
@@ -455,6 +472,7 @@ class Scheduler:
             decoder=IncrementalDecoder(self.tok, skip_special_tokens=True, hidden=self._hidden),
             stopper=StopMatcher(req.params.stop), usage=usage, history=list(prompt), limit=limit,
             splitter=self._splitter(req, prompt),
+            tool_parser=ToolCallParser() if req.tools and req.format != "json" else None,
         )
         if limit <= 0:
             self._finish(seq, "length")
@@ -546,6 +564,8 @@ class Scheduler:
             if final:
                 more = seq.splitter.flush()
                 thinking, text = thinking + more[0], text + more[1]
+        if seq.tool_parser is not None:
+            text = seq.tool_parser.feed(text) + (seq.tool_parser.flush() if final else "")
         if thinking:
             seq.thinking.append(thinking)
         if text:
@@ -585,7 +605,7 @@ class Scheduler:
             tail = seq.stopper.feed(seq.decoder.flush().rstrip("\ufffd")) + seq.stopper.flush()
             if tail:
                 self._emit(seq, tail, -1)
-        if seq.splitter is not None:
+        if seq.splitter is not None or seq.tool_parser is not None:
             self._emit(seq, "", -1, final=True)
         seq.usage.completion_tokens = seq.generated
         seq.slot.busy = False
@@ -593,7 +613,8 @@ class Scheduler:
         if seq in self.active:
             self.active.remove(seq)
         seq.job.stream._finish(Result("".join(seq.text), reason, seq.usage, model=self.lm.name,  # type: ignore[arg-type]
-                                      context=list(seq.history), thinking="".join(seq.thinking)))
+                                      context=list(seq.history), thinking="".join(seq.thinking),
+                                      tool_calls=seq.tool_parser.calls if seq.tool_parser else []))
 
     def cancel_all(self, reason: str = "cancelled") -> None:
         for seq in list(self.active):

@@ -47,6 +47,7 @@ class ModelSummary:
     load_s: float
     weights: str = ""  # how weights are held: int4 / int8 / none (float)
     thinks: bool = False  # a reasoning model: answers come with their reasoning apart (engine.reasoning)
+    tools: bool = False  # its chat template takes tools (engine.tools)
 
 
 @dataclass
@@ -364,7 +365,7 @@ class Engine:
             context_length=min(loaded.context_length, int(loaded.extra.get("max_seq") or loaded.context_length)),
             parameters=loaded.parameters,
             size_bytes=_file_size(loaded.path), load_s=time.perf_counter() - t0,
-            weights=str(loaded.extra.get("weights", "")), thinks=scheduler.thinks,
+            weights=str(loaded.extra.get("weights", "")), thinks=scheduler.thinks, tools=scheduler.takes_tools,
         )
         self._state, self._loading = "ready", None
         self._notify()

@@ -9,8 +9,9 @@ import asyncio
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Iterator, Literal
+from typing import Any, AsyncIterator, Iterator, Literal
 
+from influence_tui.engine.tools import ToolCall
 from influence_tui.params import GenerationParams
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
@@ -18,11 +19,24 @@ FinishReason = Literal["stop", "length", "cancelled", "error"]
 
 @dataclass
 class ChatMessage:
-    role: str  # system | user | assistant
+    role: str  # system | user | assistant | tool
     content: str
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls (their results follow as "tool" messages)
+    tool_call_id: str | None = None  # a tool message: which call it answers
+    name: str | None = None  # a tool message: the tool's name
 
-    def to_dict(self) -> dict[str, str]:
-        return {"role": self.role, "content": self.content}
+    def to_dict(self) -> dict[str, Any]:
+        """As chat templates read messages (transformers' convention)."""
+        d: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            d["tool_calls"] = [{"id": c.id or f"call_{i}", "type": "function",
+                                "function": {"name": c.name, "arguments": c.arguments}}
+                               for i, c in enumerate(self.tool_calls)]
+        if self.tool_call_id:
+            d["tool_call_id"] = self.tool_call_id
+        if self.name:
+            d["name"] = self.name
+        return d
 
 
 @dataclass
@@ -40,6 +54,10 @@ class GenerationRequest:
     # reasoning models: None lets the model think (its reasoning comes apart from the answer, see
     # engine.reasoning), False asks it not to (an empty think block ends the prompt)
     think: bool | None = None
+    # tools the model may call, as OpenAI and Ollama describe them ({"type": "function", "function":
+    # {"name", "description", "parameters"}}): into the prompt through the chat template; the calls
+    # come back in Result.tool_calls (see engine.tools)
+    tools: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -84,6 +102,7 @@ class Result:
     error_kind: str | None = None  # "request" (the request cannot run as asked) | "engine"
     context: list[int] = field(default_factory=list)  # prompt and answer token ids (Ollama's `context`)
     thinking: str = ""  # a reasoning model's reasoning (`text` is the answer after it)
+    tool_calls: list[ToolCall] = field(default_factory=list)  # calls the answer made (their text is not in `text`)
 
 
 class StreamClosed(Exception):
