@@ -37,6 +37,19 @@ def _greedy(model, slot: int, ids: list[int], steps: int) -> tuple[list[int], "t
     return out, torch.stack(rows)
 
 
+def _assert_kernel_decodes_like_torch(model, ids: list[int], tolerance: float) -> None:
+    """8 greedy steps in the kernel (slot 0) and on the torch path (slot 1): the same tokens, and
+    logits within `tolerance` (relative: int8 activations)."""
+    got, got_logits = _greedy(model, 0, ids, 8)
+    model.use_native(False)
+    try:
+        ref, ref_logits = _greedy(model, 1, ids, 8)
+    finally:
+        model.use_native(True)
+    assert got_logits.shape[-1] == model.vocab_size
+    assert got == ref and _rel_err(got_logits, ref_logits) < tolerance
+
+
 @pytest.fixture(scope="module")
 def fast(bundled_gguf: Path):
     lm = load_model(str(bundled_gguf), device="cpu", max_batch=8, max_seq=512)
@@ -150,11 +163,7 @@ def test_tiny_model_runs_the_kernel_and_rejects_bad_positions(tmp_path: Path) ->
     model = lm.model
     assert model.native
     ids = [5, 17, 42, 99, 3, 250]
-    got, got_logits = _greedy(model, 0, ids, 8)
-    model.use_native(False)
-    ref, ref_logits = _greedy(model, 1, ids, 8)
-    model.use_native(True)
-    assert got == ref and _rel_err(got_logits, ref_logits) < 0.02
+    _assert_kernel_decodes_like_torch(model, ids, 0.02)
     with pytest.raises(ValueError, match="outside"):
         model.decode(torch.tensor([0]), torch.tensor([1]), torch.tensor([64]))
     with pytest.raises(ValueError, match="outside"):
@@ -169,12 +178,7 @@ def test_a_vocabulary_not_in_blocks_of_16_rows(tmp_path: Path) -> None:
     model = lm.model
     assert model.native and model.vocab_size % 16 != 0
     ids = [5, 17, 42, 99, 3, 250]
-    got, got_logits = _greedy(model, 0, ids, 8)
-    model.use_native(False)
-    ref, ref_logits = _greedy(model, 1, ids, 8)
-    model.use_native(True)
-    assert got_logits.shape[-1] == model.vocab_size
-    assert got == ref and _rel_err(got_logits, ref_logits) < 0.03
+    _assert_kernel_decodes_like_torch(model, ids, 0.03)
     lanes = native.head_lanes(model.lm_head.q.numpy())
     assert lanes.size == 400 * model.cfg.dim  # 25 blocks of 16 rows
     vectors = model.cfg.dim // 64
@@ -298,11 +302,7 @@ def test_qwen3_head_norms_run_in_the_kernel(tmp_path: Path, monkeypatch: pytest.
     model = lm.model
     assert model.native and model.cfg.qk_norm and model.cfg.head_dim * model.cfg.n_heads != model.cfg.dim
     ids = [5, 17, 42, 99, 3, 250]
-    got, got_logits = _greedy(model, 0, ids, 8)
-    model.use_native(False)
-    ref, ref_logits = _greedy(model, 1, ids, 8)
-    model.use_native(True)
-    assert got == ref and _rel_err(got_logits, ref_logits) < 0.02
+    _assert_kernel_decodes_like_torch(model, ids, 0.02)
     kernel_lm = load_native(str(path), max_batch=2, max_seq=64)
     assert kernel_lm is not None and isinstance(kernel_lm.model, KernelLlama)
     assert np.array_equal(kernel_lm.model.prefill(0, ids, 0), model.prefill_chunked(0, torch.tensor(ids), 0, 128).numpy())

@@ -12,11 +12,10 @@ from influence_tui.engine.reasoning import ThinkSplitter, opens_thinking, withou
 
 pytest.importorskip("torch")  # the tiny thinker is written with transformers
 
-from influence_tui.config import Settings  # noqa: E402
-from influence_tui.engine import ChatMessage, Engine, GenerationRequest  # noqa: E402
+from influence_tui.engine import ChatMessage, GenerationRequest  # noqa: E402
 from influence_tui.params import GenerationParams  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
-from tests.tiny_models import THINKER_ANSWER, THINKER_REASONING, write_tiny_thinker  # noqa: E402
+from tests.tiny_models import THINKER_ANSWER, THINKER_REASONING, engine_on, write_tiny_thinker  # noqa: E402
 
 GREEDY = GenerationParams().with_(temperature=0.0, max_tokens=20)
 
@@ -58,10 +57,8 @@ def thinker_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def thinker(thinker_dir):
-    engine = Engine(Settings(warmup_tokens=0), max_batch=2)
-    engine.load(str(thinker_dir))
-    yield engine
-    engine.shutdown()
+    with engine_on(thinker_dir) as engine:
+        yield engine
 
 
 def _ask(engine, **kwargs):
@@ -94,28 +91,20 @@ def test_an_answer_cut_off_while_thinking_keeps_its_reasoning(thinker):
 def test_a_model_that_opens_the_block_itself_as_qwen3_does(tmp_path):
     """Qwen3's template leaves "<think>" to the model and takes enable_thinking=False to close an
     empty block itself (not closed twice)."""
-    engine = Engine(Settings(warmup_tokens=0), max_batch=1)
-    try:
-        engine.load(str(write_tiny_thinker(tmp_path / "qwen3-style", style="qwen3")))
+    with engine_on(write_tiny_thinker(tmp_path / "qwen3-style", style="qwen3"), max_batch=1) as engine:
         _, result = _ask(engine)
         assert (result.thinking, result.text) == (THINKER_REASONING, THINKER_ANSWER)
         _, quiet = _ask(engine, think=False)
         assert (quiet.thinking, quiet.text, quiet.usage.completion_tokens) == ("", THINKER_ANSWER, 2)
         assert quiet.usage.prompt_tokens == result.usage.prompt_tokens + 4  # <think> "\n\n" </think> "\n\n", once
-    finally:
-        engine.shutdown()
 
 
 def test_think_tags_marked_special_still_split(tmp_path):
     """A vocabulary may mark the tags special (a GGUF's CONTROL type): decoding skips special
     tokens, but not those two, or the whole answer would read as reasoning."""
-    engine = Engine(Settings(warmup_tokens=0), max_batch=1)
-    try:
-        engine.load(str(write_tiny_thinker(tmp_path / "special", special_tags=True)))
+    with engine_on(write_tiny_thinker(tmp_path / "special", special_tags=True), max_batch=1) as engine:
         _, result = _ask(engine)
         assert (result.thinking, result.text) == (THINKER_REASONING, THINKER_ANSWER)
-    finally:
-        engine.shutdown()
 
 
 def test_a_raw_prompt_is_the_callers_to_read(thinker):

@@ -20,21 +20,15 @@ from tests.test_tui import make_settings, notes, send, wait_until
 
 pytest.importorskip("torch")  # the tiny thinker is written with transformers
 
-from tests.tiny_models import THINKER_ANSWER, THINKER_REASONING, write_tiny_thinker  # noqa: E402
+from tests.tiny_models import THINKER_ANSWER, THINKER_REASONING, engine_on, write_tiny_thinker  # noqa: E402
 
 SIZE = (100, 32)
 
 
 @pytest.fixture(scope="module")
 def thinker(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from influence_tui.config import Settings
-    from influence_tui.engine import Engine
-
-    folder = write_tiny_thinker(tmp_path_factory.mktemp("thinker"))
-    engine = Engine(Settings(warmup_tokens=0), max_batch=2)
-    engine.load(str(folder))
-    yield engine
-    engine.shutdown()
+    with engine_on(write_tiny_thinker(tmp_path_factory.mktemp("thinker"))) as engine:
+        yield engine
 
 
 def make_app(engine: Any, **changes: Any) -> InfluenceApp:

@@ -10,10 +10,9 @@ pytest.importorskip("torch")  # the tiny tool caller is written with transformer
 
 from tokenizers import Tokenizer  # noqa: E402
 
-from influence_tui.config import Settings  # noqa: E402
-from influence_tui.engine import ChatMessage, Engine, GenerationRequest, ToolCall  # noqa: E402
+from influence_tui.engine import ChatMessage, GenerationRequest, ToolCall  # noqa: E402
 from influence_tui.params import GenerationParams  # noqa: E402
-from tests.tiny_models import WEATHER_TOOL, write_tiny_tool_caller  # noqa: E402
+from tests.tiny_models import WEATHER_TOOL, engine_on, write_tiny_tool_caller  # noqa: E402
 
 GREEDY = GenerationParams().with_(temperature=0.0, max_tokens=30)
 PARIS = {"city": "Paris", "unit": "celsius"}
@@ -51,10 +50,8 @@ def caller_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def caller(caller_dir):
-    engine = Engine(Settings(warmup_tokens=0), max_batch=2)
-    engine.load(str(caller_dir))
-    yield engine
-    engine.shutdown()
+    with engine_on(caller_dir) as engine:
+        yield engine
 
 
 QUESTION = ChatMessage("user", "What is the weather in Paris?")

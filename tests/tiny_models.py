@@ -12,6 +12,8 @@ for llama), so transformers can read it back with `gguf_file=`.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 CHATML = (
@@ -77,12 +79,16 @@ def write_tiny_llama_safetensors(dir: str | Path, arch: str = "llama", seed: int
     folder = Path(dir)
     folder.mkdir(parents=True, exist_ok=True)
     tok = tiny_tokenizer()
-    model = _hf_model(arch, tok.get_vocab_size(), seed)
+    return _save(folder, _hf_model(arch, tok.get_vocab_size(), seed), tok, CHATML, 256)
+
+
+def _save(folder: Path, model, tok, template: str, context: int) -> Path:
+    """A model folder as Hugging Face writes one: weights, tokenizer, ChatML specials, template."""
     model.save_pretrained(folder, safe_serialization=True)
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": None, "pad_token": "<|endoftext|>",
-        "add_bos_token": False, "chat_template": CHATML, "model_max_length": 256,
+        "add_bos_token": False, "chat_template": template, "model_max_length": context,
     }))
     (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     return folder
@@ -279,11 +285,18 @@ def write_chain_model(dir: str | Path, added: list, chain: tuple[str, ...], temp
         head.normal_(0.0, 0.02)
         for src, dst in zip(ids, ids[1:]):
             head[dst] = 4.0 * emb[src] / emb[src].norm()
-    model.save_pretrained(folder, safe_serialization=True)
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": None, "pad_token": "<|endoftext|>",
-        "add_bos_token": False, "chat_template": template, "model_max_length": 1024,
-    }))
-    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
-    return folder
+    return _save(folder, model, tok, template, 1024)
+
+
+@contextmanager
+def engine_on(folder: str | Path, max_batch: int = 2) -> Iterator:
+    """An Engine (no warm-up) with the model at `folder` loaded; shut down after."""
+    from influence_tui.config import Settings
+    from influence_tui.engine import Engine
+
+    engine = Engine(Settings(warmup_tokens=0), max_batch=max_batch)
+    try:
+        engine.load(str(folder))
+        yield engine
+    finally:
+        engine.shutdown()
