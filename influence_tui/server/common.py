@@ -194,7 +194,12 @@ ROLES = ("system", "user", "assistant", "tool", "developer")
 
 
 def parse_messages(raw: Any, *, allow_empty: bool = False) -> list[Any]:
-    """A messages array -> ChatMessage list (developer -> system, as OpenAI defines it)."""
+    """A messages array -> ChatMessage list (developer -> system, as OpenAI defines it).
+
+    Both dialects' tool turns are read: an assistant's `tool_calls` (OpenAI's arguments are a JSON
+    string, Ollama's an object) and "tool" messages (OpenAI's `tool_call_id`, Ollama's
+    `tool_name`). A tool message without a name gets the one of the earlier call it answers: some
+    chat templates show the tool's name with its result."""
     from influence_tui.engine.types import ChatMessage
 
     if raw is None:
@@ -204,6 +209,7 @@ def parse_messages(raw: Any, *, allow_empty: bool = False) -> list[Any]:
     if not raw and not allow_empty:
         raise ApiError(400, "messages must not be empty", param="messages")
     out = []
+    names_by_id: dict[str, str] = {}  # call id -> tool name, from the assistant turns read so far
     for i, msg in enumerate(raw):
         where = f"messages[{i}]"
         if not isinstance(msg, dict):
@@ -213,9 +219,116 @@ def parse_messages(raw: Any, *, allow_empty: bool = False) -> list[Any]:
             raise ApiError(400, f"{where}.role must be one of {', '.join(ROLES)}", param="messages")
         if msg.get("images"):
             raise ApiError(400, f"{where}: images are not supported by this server", param="messages")
-        content = text_of_content(msg.get("content"), f"{where}.content")
-        out.append(ChatMessage("system" if role == "developer" else role, content))
+        message = ChatMessage("system" if role == "developer" else role, text_of_content(msg.get("content"), f"{where}.content"))
+        calls = _tool_calls_of(msg.get("tool_calls"), where)
+        if calls:
+            if role != "assistant":
+                raise ApiError(400, f"{where}.tool_calls: only assistant messages carry tool calls", param="messages")
+            message.tool_calls = calls
+            names_by_id.update((c.id, c.name) for c in calls if c.id)
+        if role == "tool":
+            message.tool_call_id = _optional_str(msg, "tool_call_id", where)
+            message.name = (_optional_str(msg, "tool_name", where) or _optional_str(msg, "name", where)
+                            or names_by_id.get(message.tool_call_id or ""))
+        out.append(message)
     return out
+
+
+def _optional_str(msg: dict[str, Any], key: str, where: str) -> str | None:
+    value = msg.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ApiError(400, f"{where}.{key} must be a string", param="messages")
+    return value or None
+
+
+def _tool_calls_of(raw: Any, where: str) -> list[Any]:
+    """An assistant message's `tool_calls` (either dialect's shape) -> ToolCall list."""
+    from influence_tui.engine.tools import ToolCall
+
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ApiError(400, f"{where}.tool_calls must be an array", param="messages")
+    calls = []
+    for j, item in enumerate(raw):
+        at = f"{where}.tool_calls[{j}]"
+        fn = item.get("function") if isinstance(item, dict) else None
+        if not isinstance(fn, dict):
+            raise ApiError(400, f"{at}.function must be an object", param="messages")
+        if item.get("type", "function") != "function":
+            raise ApiError(400, f"{at}.type must be \"function\"", param="messages")
+        name = fn.get("name")
+        if not isinstance(name, str) or not name:
+            raise ApiError(400, f"{at}.function.name must be a non-empty string", param="messages")
+        call_id = item.get("id")
+        if call_id is not None and not isinstance(call_id, str):
+            raise ApiError(400, f"{at}.id must be a string", param="messages")
+        calls.append(ToolCall(name, _arguments_of(fn.get("arguments"), f"{at}.function.arguments"), call_id or ""))
+    return calls
+
+
+def _arguments_of(raw: Any, where: str) -> dict[str, Any]:
+    """A call's arguments: an object (Ollama), or that object as a JSON string (OpenAI)."""
+    if raw is None or raw == "":
+        return {}
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            raise ApiError(400, f"{where} must be a JSON object (as a string): it is not valid JSON",
+                           param="messages") from None
+    if not isinstance(raw, dict):
+        raise ApiError(400, f"{where} must be a JSON object", param="messages")
+    return raw
+
+
+# --- tools ----------------------------------------------------------------------------------------
+
+
+def parse_tools(raw: Any, *, type_required: bool = True) -> list[dict[str, Any]] | None:
+    """`tools` -> the engine's list ({"type": "function", "function": {name, description?,
+    parameters?}}), None when absent or empty. Unknown keys (OpenAI's `strict`, …) are dropped:
+    only these reach the chat template. `type_required`: OpenAI requires `type`; Ollama's Go
+    struct does not, so its clients may leave it out."""
+    if raw is None:
+        return None
+    if not isinstance(raw, list):
+        raise ApiError(400, "tools must be an array", param="tools")
+    return [_tool_of(tool, f"tools[{i}]", type_required) for i, tool in enumerate(raw)] or None
+
+
+def _tool_of(tool: Any, where: str, type_required: bool) -> dict[str, Any]:
+    if not isinstance(tool, dict):
+        raise ApiError(400, f"{where} must be an object like {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}",
+                       param=where)
+    kind = tool.get("type", None if type_required else "function")
+    if kind != "function":
+        raise ApiError(400, f"{where}.type must be \"function\"", param=f"{where}.type")
+    fn = tool.get("function")
+    if not isinstance(fn, dict):
+        raise ApiError(400, f"{where}.function must be an object", param=f"{where}.function")
+    name = fn.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise ApiError(400, f"{where}.function.name must be a non-empty string", param=f"{where}.function.name")
+    out: dict[str, Any] = {"name": name}
+    for key, kind_, label in (("description", str, "a string"), ("parameters", dict, "an object")):
+        value = fn.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, kind_):
+            raise ApiError(400, f"{where}.function.{key} must be {label}", param=f"{where}.function.{key}")
+        out[key] = value
+    return {"type": "function", "function": out}
+
+
+def check_takes_tools(ctx: "ServerContext", tools: list[dict[str, Any]] | None, path: str | None,
+                      name: str | None) -> None:
+    """Refuse tools up front (400, as Ollama words it) when the model that would answer is loaded
+    and its template has no place for them. A model not loaded yet is checked by the engine when
+    it builds the prompt (a request error, a 400 as well)."""
+    loaded = loaded_model(ctx, path) if tools else None
+    if loaded is not None and not getattr(loaded, "tools", False):
+        raise ApiError(400, f"{name or loaded.name} does not support tools", param="tools")
 
 
 # --- the shared state and the engine bridge -------------------------------------------------------
@@ -573,10 +686,18 @@ def think_for(ctx: ServerContext, asked: bool | None) -> bool | None:
     return None if asked else False
 
 
+def loaded_model(ctx: ServerContext, path: str | None) -> Any:
+    """The loaded model's summary if it is `path` (None: whichever is loaded), else None."""
+    loaded = ctx.engine.status().model
+    if loaded is None or (path is not None and Path(loaded.path).resolve() != Path(path).resolve()):
+        return None
+    return loaded
+
+
 def loaded_model_thinks(ctx: ServerContext, path: str) -> bool:
     """Whether the loaded model is `path` and a reasoning model (its tokenizer knows)."""
-    loaded = ctx.engine.status().model
-    return loaded is not None and loaded.thinks and Path(loaded.path).resolve() == Path(path).resolve()
+    loaded = loaded_model(ctx, path)
+    return loaded is not None and loaded.thinks
 
 
 def now_ns() -> int:

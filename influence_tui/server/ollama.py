@@ -5,6 +5,10 @@ Streaming routes send NDJSON (`application/x-ndjson`, one JSON object a line) un
 the library's (`influence list`), its aliases, and `name:latest`. A reasoning model's reasoning
 comes apart from its answer, as Ollama gives it: `message.thinking` (chat) or `thinking`
 (generate), present only when there is some; `think: false` asks it not to think.
+Tools (`/api/chat`'s `tools`) go into the prompt through the model's chat template (a model whose
+template has no place for them is a 400, "<model> does not support tools", as Ollama says it); the
+calls come back in `message.tool_calls` (arguments as an object), streamed in a chunk of their own
+before the final one (they are known only when the answer ends); `done_reason` stays "stop".
 """
 
 from __future__ import annotations
@@ -37,13 +41,16 @@ from influence_tui.server.common import (
     check_chat_model,
     check_embedding_model,
     check_result,
+    check_takes_tools,
     ctx_of,
     dumps,
     embed,
     engine_error,
     get_field,
+    loaded_model,
     loaded_model_thinks,
     parse_messages,
+    parse_tools,
     read_json,
     stream_response,
     submit,
@@ -118,8 +125,6 @@ def refuse_unsupported(data: dict[str, Any]) -> None:
         raise ApiError(400, "images are not supported by this server")
     if data.get("suffix"):
         raise ApiError(400, "suffix (fill-in-the-middle) is not supported by this server")
-    if data.get("tools"):
-        raise ApiError(400, "tools are not supported by this server")
     if data.get("template"):
         raise ApiError(400, "template overrides are not supported: the model's own chat template is used")
 
@@ -220,6 +225,8 @@ async def generate(request: Request) -> Response:
     keep_alive = keep_alive_s(data)
     think = think_for(ctx, think_field(data))
     refuse_unsupported(data)
+    if data.get("tools"):  # as Ollama: a prompt has no turns for calls and their results
+        raise ApiError(400, "tools are taken by /api/chat, not /api/generate")
     params, num_ctx = ollama_params(data, ctx)
     model = await check_chat_model(ctx, name)
     if not prompt:
@@ -240,6 +247,7 @@ async def chat(request: Request) -> Response:
     data = await read_json(request)
     name = get_field(data, "model", str)
     messages = parse_messages(data.get("messages"), allow_empty=True)
+    tools = parse_tools(data.get("tools"), type_required=False)
     stream = get_field(data, "stream", bool, True)
     keep_alive = keep_alive_s(data)
     think = think_for(ctx, think_field(data))
@@ -248,8 +256,9 @@ async def chat(request: Request) -> Response:
     model = await check_chat_model(ctx, name)
     if not messages:
         return await load_or_unload(request, ctx, name, model, keep_alive, chat=True)
+    check_takes_tools(ctx, tools, model, name)
     req = GenerationRequest(messages=messages, params=params, num_ctx=num_ctx, format=answer_format(data),
-                            think=think)
+                            think=think, tools=tools)
     return await answer(request, ctx, req, model, name, started, stream, keep_alive, chat=True)
 
 
@@ -276,15 +285,22 @@ async def answer(request: Request, ctx: ServerContext, req: Any, model: str | No
     return response
 
 
+def tool_calls_of(calls: list[Any]) -> list[dict[str, Any]]:
+    """The calls as Ollama sends them: arguments as an object."""
+    return [{"function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+
+
 async def _respond(request: Request, ctx: ServerContext, gen: Any, name: str | None, started: int, stream: bool,
                    chat: bool, end: Any) -> Response:
-    def piece(text: str, thinking: str, model_name: str) -> dict[str, Any]:
-        # `thinking` only when there is some: clients test for the key (as Ollama omits it)
+    def piece(text: str, thinking: str, model_name: str, calls: list[Any] | None = None) -> dict[str, Any]:
+        # `thinking` and `tool_calls` only when there are some: clients test for the keys (as Ollama omits them)
         body: dict[str, Any] = {"model": model_name, "created_at": created_at()}
         if chat:
             body["message"] = {"role": "assistant", "content": text}
             if thinking:
                 body["message"]["thinking"] = thinking
+            if calls:
+                body["message"]["tool_calls"] = tool_calls_of(calls)
         else:
             body["response"] = text
             if thinking:
@@ -294,7 +310,7 @@ async def _respond(request: Request, ctx: ServerContext, gen: Any, name: str | N
     if not stream:
         result = await wait_result(request, gen)
         check_result(result)
-        body = piece(result.text, result.thinking, name or ctx.loaded_name() or result.model)
+        body = piece(result.text, result.thinking, name or ctx.loaded_name() or result.model, result.tool_calls)
         body.update(final_fields(result, started, chat))
         return JSONResponse(body)
 
@@ -307,6 +323,8 @@ async def _respond(request: Request, ctx: ServerContext, gen: Any, name: str | N
             if result.finish_reason == "error":
                 yield dumps({"error": result.error or "generation failed"}) + "\n"
                 return
+            if result.tool_calls:  # known only now: a chunk of their own, as Ollama streams them
+                yield dumps({**piece("", "", model_name, result.tool_calls), "done": False}) + "\n"
             yield dumps({**piece("", "", model_name), **final_fields(result, started, chat)}) + "\n"
         finally:
             end()
@@ -400,13 +418,20 @@ def chat_template_of(info: ModelInfo) -> str:
 
 
 def capabilities_of(ctx: ServerContext, info: ModelInfo, template: str) -> list[str]:
-    """Ollama's capabilities: clients offer a thinking toggle only for "thinking" models."""
+    """Ollama's capabilities (in its order): clients offer a thinking toggle only for "thinking"
+    models, and tools only to "tools" models."""
     from influence_tui.engine.reasoning import template_thinks  # pure text: no torch
+    from influence_tui.engine.tools import template_takes_tools
 
     if info.kind == "embedding":
         return ["embedding"]
-    thinks = template_thinks(template) or loaded_model_thinks(ctx, info.path)
-    return ["completion", "thinking"] if thinks else ["completion"]
+    loaded = loaded_model(ctx, info.path)
+    out = ["completion"]
+    if template_takes_tools(template) or (loaded is not None and loaded.tools):
+        out.append("tools")
+    if template_thinks(template) or loaded_model_thinks(ctx, info.path):
+        out.append("thinking")
+    return out
 
 
 async def show(request: Request) -> Response:

@@ -7,6 +7,14 @@ llama-server, answers also carry `timings` (with `cache_n`, the prompt tokens re
 A reasoning model's reasoning comes apart from the answer in `reasoning_content` (llama-server's and
 DeepSeek's field: `message.reasoning_content`, streamed as `delta.reasoning_content`), present only
 when there is some; `reasoning_effort: "none"` asks it not to think.
+
+Tools (`tools`, OpenAI's function tools) go into the prompt through the model's chat template (a
+model whose template has no place for them is a 400). Calls come back as `message.tool_calls`
+(arguments as a JSON string) with `finish_reason: "tool_calls"`; streamed, the calls are known only
+when the answer ends, so they come whole in one chunk (each with its `index`) after the text.
+`tool_choice`: "none" sends no tools (the model answers in text); "auto", "required" and a named
+function send the tools but do not force a call: the model decides, as with "auto" (nothing here
+constrains its output). `parallel_tool_calls` is accepted and ignored (a model may make several).
 """
 
 from __future__ import annotations
@@ -30,11 +38,13 @@ from influence_tui.server.common import (
     check_chat_model,
     check_embedding_model,
     check_result,
+    check_takes_tools,
     ctx_of,
     dumps,
     embed,
     get_field,
     parse_messages,
+    parse_tools,
     read_json,
     stream_response,
     submit,
@@ -75,8 +85,6 @@ def openai_params(data: dict[str, Any], base: GenerationParams) -> GenerationPar
 
 
 def refuse_unsupported(data: dict[str, Any]) -> None:
-    if data.get("tools"):
-        raise ApiError(400, "tools are not supported by this server", param="tools")
     if data.get("logprobs"):
         raise ApiError(400, "logprobs are not supported by this server", param="logprobs")
 
@@ -97,6 +105,37 @@ def answer_format(data: dict[str, Any]) -> str | None:
         raise ApiError(400, "response_format json_schema is not supported by this server: use json_object (any JSON object)",
                        param="response_format")
     raise ApiError(400, "response_format.type must be text or json_object", param="response_format.type")
+
+
+def tools_field(data: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """`tools` as the engine takes them, after `tool_choice` (None: no tools for this answer)."""
+    tools = parse_tools(data.get("tools"))
+    choice = data.get("tool_choice")
+    get_field(data, "parallel_tool_calls", bool)  # accepted (type-checked) and ignored
+    if choice is None or choice in ("auto", "required"):
+        return tools
+    if choice == "none":
+        return None
+    fn = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(name, str) or not name:
+        raise ApiError(400, "tool_choice must be \"none\", \"auto\", \"required\" or "
+                       "{\"type\": \"function\", \"function\": {\"name\": ...}}", param="tool_choice")
+    if not any(t["function"]["name"] == name for t in tools or ()):
+        raise ApiError(400, f"tool_choice names the function {name!r}, which is not in tools", param="tool_choice")
+    return tools  # the named tool is not forced: see the module's docstring
+
+
+def tool_calls_of(calls: list[Any], streamed: bool = False) -> list[dict[str, Any]]:
+    """The calls as OpenAI sends them: arguments as a JSON string, each with a fresh id (a stream's
+    deltas also carry their `index`, by which clients put the pieces together)."""
+    out = []
+    for i, call in enumerate(calls):
+        item: dict[str, Any] = {"index": i} if streamed else {}
+        item.update({"id": call.id or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                     "function": {"name": call.name, "arguments": dumps(call.arguments)}})
+        out.append(item)
+    return out
 
 
 EFFORTS = ("minimal", "low", "medium", "high", "xhigh")  # OpenAI's levels: each just means "think" here
@@ -169,6 +208,8 @@ def delta_of(text: str, thinking: str) -> dict[str, Any]:
 
 
 def finish_reason(result: Any) -> str:
+    if getattr(result, "tool_calls", None):
+        return "tool_calls"
     return "length" if result.finish_reason == "length" else "stop"
 
 
@@ -188,21 +229,26 @@ async def chat_completions(request: Request, default_stream: bool = False) -> Re
     data = await read_json(request)
     messages = parse_messages(data.get("messages"))
     refuse_unsupported(data)
+    tools = tools_field(data)
     stream = get_field(data, "stream", bool, default_stream)
     usage_chunk = include_usage(data) if stream else False
     params = openai_params(data, ctx.base_params())
     think = think_for(ctx, think_field(data))
     name = get_field(data, "model", str)
     model = await check_chat_model(ctx, name)
-    req = GenerationRequest(messages=messages, params=params, format=answer_format(data), think=think)
+    check_takes_tools(ctx, tools, model, name)
+    req = GenerationRequest(messages=messages, params=params, format=answer_format(data), think=think, tools=tools)
     gen = await submit(ctx, req, model)
     ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     if not stream:
         result = await wait_result(request, gen)
         check_result(result)
-        message = {"role": "assistant", "content": result.text}
+        message: dict[str, Any] = {"role": "assistant", "content": result.text}
         if result.thinking:  # only when there is some: clients test for the field
             message["reasoning_content"] = result.thinking
+        if result.tool_calls:  # OpenAI's content is null beside calls when there is no text
+            message["content"] = result.text or None
+            message["tool_calls"] = tool_calls_of(result.tool_calls)
         return JSONResponse({
             "id": ident, "object": "chat.completion", "created": created, "model": name or ctx.loaded_name() or result.model,
             "system_fingerprint": None,
@@ -229,6 +275,8 @@ async def chat_completions(request: Request, default_stream: bool = False) -> Re
         if result.finish_reason == "error":
             yield _error_chunk(result)
         else:
+            if result.tool_calls:  # known only now: all of them in one delta
+                yield chunk({"tool_calls": tool_calls_of(result.tool_calls, streamed=True)}, None, model_name)
             yield chunk({}, finish_reason(result), model_name, timings=timings_of(result.usage))
             if usage_chunk:
                 body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model_name,

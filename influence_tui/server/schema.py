@@ -50,11 +50,41 @@ _REASONS = {400: "bad request (malformed JSON, wrong type, out-of-range value)",
             403: "the model is not in the models folder", 404: "unknown model", 413: "body too large",
             502: "the Hub download failed", 503: "queue full or model loading (see Retry-After)"}
 
+TOOL_CALL = {"type": "object", "required": ["function"], "properties": {
+    "id": {"type": "string"}, "type": {"type": "string", "enum": ["function"]},
+    "function": {"type": "object", "required": ["name"], "properties": {
+        "name": {"type": "string", "minLength": 1},
+        "arguments": {"oneOf": [{"type": "object"}, {"type": "string", "description": "OpenAI's: the object as JSON"}]}}}}}
 MESSAGE = {"type": "object", "required": ["role"], "properties": {
     "role": {"type": "string", "enum": ["system", "user", "assistant", "tool", "developer"]},
-    "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object", "properties": {
+    "content": {"oneOf": [{"type": "string"}, {"type": "null"}, {"type": "array", "items": {"type": "object", "properties": {
         "type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}}, "required": ["type", "text"]}}]},
+    "tool_calls": {"type": "array", "items": TOOL_CALL, "description": "an assistant's calls"},
+    "tool_call_id": {"type": "string", "description": "a tool message: the call it answers (OpenAI)"},
+    "tool_name": {"type": "string", "description": "a tool message: the tool's name (Ollama)"},
+    "name": {"type": "string"},
 }}
+
+
+def _tool(type_required: bool) -> dict[str, Any]:
+    return {"type": "object", "required": ["type", "function"] if type_required else ["function"], "properties": {
+        "type": {"type": "string", "enum": ["function"]},
+        "function": {"type": "object", "required": ["name"], "properties": {
+            "name": {"type": "string", "minLength": 1}, "description": {"type": "string"},
+            "parameters": {"type": "object", "description": "JSON Schema of the arguments"}}}}}
+
+
+TOOLS_DOC = "tools the model may call (a 400 where its chat template has no place for them)"
+OPENAI_TOOLS = {
+    "tools": {"type": "array", "items": _tool(True), "description": TOOLS_DOC},
+    "tool_choice": {"oneOf": [{"type": "string", "enum": ["none", "auto", "required"]},
+                              {"type": "object", "required": ["type", "function"], "properties": {
+                                  "type": {"type": "string", "enum": ["function"]},
+                                  "function": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}}}],
+                    "description": "none: no tools; any other: tools sent, calls not forced"},
+    "parallel_tool_calls": {"type": "boolean", "description": "accepted and ignored"},
+}
+OLLAMA_TOOLS = {"type": "array", "items": _tool(False), "description": TOOLS_DOC}
 
 OPENAI_SAMPLING = {
     "model": {"type": "string", "description": "a name from /v1/models (default: the loaded model)"},
@@ -112,7 +142,8 @@ def _paths() -> dict[str, Any]:
                                "responses": _responses(json_ok)}},
         "/chat/completions": {"post": {"summary": "chat (same wire format as /v1/chat/completions; streams unless stream is false or the client accepts only JSON)", "operationId": "nativeChat",
                                        "requestBody": _body({"messages": {"type": "array", "items": MESSAGE, "minItems": 1},
-                                                             "response_format": RESPONSE_FORMAT, **OPENAI_SAMPLING, **OPENAI_REASONING}, ["messages"]),
+                                                             "response_format": RESPONSE_FORMAT, **OPENAI_SAMPLING, **OPENAI_REASONING,
+                                                             **OPENAI_TOOLS}, ["messages"]),
                                        "responses": _responses(json_ok)}},
         "/v1/models": {"get": {"summary": "usable models", "operationId": "openaiModels", "responses": _responses("model list", errors=())}},
         "/v1/models/{model}": {"get": {"summary": "one model", "operationId": "openaiModel",
@@ -120,7 +151,8 @@ def _paths() -> dict[str, Any]:
                                        "responses": _responses("model", errors=(404,))}},
         "/v1/chat/completions": {"post": {"summary": "OpenAI chat completions (SSE when stream is true)", "operationId": "openaiChat",
                                           "requestBody": _body({"messages": {"type": "array", "items": MESSAGE, "minItems": 1},
-                                                                "response_format": RESPONSE_FORMAT, **OPENAI_SAMPLING, **OPENAI_REASONING}, ["messages"]),
+                                                                "response_format": RESPONSE_FORMAT, **OPENAI_SAMPLING, **OPENAI_REASONING,
+                                                             **OPENAI_TOOLS}, ["messages"]),
                                           "responses": _responses(json_ok)}},
         "/v1/completions": {"post": {"summary": "OpenAI text completions (no chat template)", "operationId": "openaiCompletions",
                                      "requestBody": _body({"prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1}]},
@@ -148,7 +180,7 @@ def _paths() -> dict[str, Any]:
                                "operationId": "ollamaChat",
                                "requestBody": _body({"model": MODEL, "messages": {"type": "array", "items": MESSAGE},
                                                      "stream": {"type": "boolean"}, "keep_alive": KEEP_ALIVE, "format": JSON_FORMAT,
-                                                     "think": OLLAMA_THINK, "options": OLLAMA_OPTIONS}),
+                                                     "think": OLLAMA_THINK, "options": OLLAMA_OPTIONS, "tools": OLLAMA_TOOLS}),
                                "responses": _responses(json_ok, dialect="ollama")}},
         "/api/tags": {"get": {"summary": "every usable model in the library", "operationId": "ollamaTags",
                               "responses": _responses("models", errors=(), dialect="ollama")},
