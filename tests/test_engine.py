@@ -613,7 +613,7 @@ def test_fitting_a_long_chat_drops_the_same_turns_as_one_at_a_time():
                 break
             i = droppable[0]
             msgs.pop(i)
-            if i < len(msgs) - 1 and msgs[i]["role"] == "assistant":
+            while i < len(msgs) - 1 and msgs[i]["role"] in ("assistant", "tool"):
                 msgs.pop(i)
             ids = render(msgs)
         return ids
@@ -624,7 +624,7 @@ def test_fitting_a_long_chat_drops_the_same_turns_as_one_at_a_time():
     for _ in range(300):
         msgs = [{"role": "system", "content": "s" * rng.randint(0, 20)}] if rng.random() < 0.5 else []
         for _ in range(rng.randint(1, 40)):
-            msgs.append({"role": rng.choice(["user", "user", "assistant"]), "content": "x" * rng.randint(0, 50)})
+            msgs.append({"role": rng.choice(["user", "user", "assistant", "tool"]), "content": "x" * rng.randint(0, 50)})
         room = rng.randint(0, len(render(msgs)))
         if len(render(msgs)) > room:
             assert len(fake._fit(msgs, room)) == len(one_at_a_time(msgs, room))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from influence_tui.engine.tools import ToolCallParser
+from influence_tui.engine.tools import HERMES, JSON, ToolCallParser, formats_of, mistral_ids
 
 pytest.importorskip("torch")  # the tiny tool caller is written with transformers
 
@@ -18,8 +18,11 @@ GREEDY = GenerationParams().with_(temperature=0.0, max_tokens=30)
 PARIS = {"city": "Paris", "unit": "celsius"}
 
 
-def _parse(text: str, step: int) -> tuple[str, list[tuple[str, dict]]]:
-    parser, out = ToolCallParser(), ""
+NAMES = frozenset({"w", "a", "b", "get"})
+
+
+def _parse(text: str, step: int, formats: frozenset[str] = formats_of(None)) -> tuple[str, list[tuple[str, dict]]]:
+    parser, out = ToolCallParser(NAMES, formats), ""
     for i in range(0, len(text), step):
         out += parser.feed(text[i : i + step])
     out += parser.flush()
@@ -29,8 +32,12 @@ def _parse(text: str, step: int) -> tuple[str, list[tuple[str, dict]]]:
 @pytest.mark.parametrize("step", [1, 3, 1000])  # tags and JSON cut across tokens anywhere
 @pytest.mark.parametrize(("text", "expected"), [
     ('<tool_call>\n{"name": "w", "arguments": {"c": "P"}}\n</tool_call>', ("", [("w", {"c": "P"})])),  # Hermes, Qwen
-    ('Checking.\n<tool_call>{"name": "a", "arguments": {}}</tool_call><tool_call>{"name": "b", "arguments": "{\\"x\\": 1}"}'
-     '</tool_call>', ("Checking.\n", [("a", {}), ("b", {"x": 1})])),  # text first; arguments as a JSON string
+    ('Checking.\n<tool_call>{"name": "a", "arguments": {}}</tool_call>\n<tool_call>{"name": "b", "arguments": "{\\"x\\": 1}"}'
+     '</tool_call>\n', ("Checking.", [("a", {}), ("b", {"x": 1})])),  # text first; arguments as a JSON string; no blank content
+    ('<tool_call>{"name": "w", "arguments": {"s": "a </tool_call> b"}}</tool_call>', ("", [("w", {"s": "a </tool_call> b"})])),
+    ('<tool_call>{"name": "w", "arguments": null}', ("", [("w", {})])),  # never closed (max_tokens): still a call
+    ('{"name": "Alice", "age": 30}', ('{"name": "Alice", "age": 30}', [])),  # JSON with a "name" is not a call
+    ('{"name": "nope", "arguments": {}}', ('{"name": "nope", "arguments": {}}', [])),  # not a tool that was given
     ('{"name": "get", "parameters": {"q": 1}}', ("", [("get", {"q": 1})])),  # Llama 3.x
     ('[TOOL_CALLS] [{"name": "a", "arguments": {"k": [1]}}]', ("", [("a", {"k": [1]})])),  # Mistral
     ("Just text.", ("Just text.", [])),
@@ -41,6 +48,26 @@ def _parse(text: str, step: int) -> tuple[str, list[tuple[str, dict]]]:
 ])
 def test_calls_are_read_out_of_the_answer_wherever_tokens_cut_it(text, expected, step):
     assert _parse(text, step) == expected
+
+
+def test_the_template_tells_the_format():
+    qwen = "{% for tool in tools %}{{ tool | tojson }}{% endfor %} <tool_call>"
+    assert formats_of(qwen) == {HERMES} and formats_of('tools "parameters"') == {JSON}
+    # a Hermes model's answer that starts with a bracket streams at once: it cannot be a call
+    parser = ToolCallParser(NAMES, formats_of(qwen))
+    assert parser.feed("[Paris](https://en.wikipedia.org/wiki/Paris) is") == "[Paris](https://en.wikipedia.org/wiki/Paris) is"
+
+
+def test_mistral_call_ids_become_nine_letters_and_digits():
+    msgs = [{"role": "user", "content": "q"},
+            {"role": "assistant", "content": "", "tool_calls": [{"id": "call_abcdefabcdef", "function": {"name": "a"}},
+                                                              {"id": "", "function": {"name": "b"}}]},
+            {"role": "tool", "content": "1", "tool_call_id": "call_abcdefabcdef"}, {"role": "tool", "content": "2"}]
+    out = mistral_ids(msgs)
+    ids = [c["id"] for c in out[1]["tool_calls"]]
+    assert all(len(i) == 9 and i.isalnum() for i in ids) and len(set(ids)) == 2
+    assert [out[2]["tool_call_id"], out[3]["tool_call_id"]] == ids  # each result answers its call
+    assert msgs[1]["tool_calls"][0]["id"] == "call_abcdefabcdef"  # the caller's messages are left alone
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +102,12 @@ def test_the_tools_and_a_calls_result_reach_the_prompt(caller, caller_dir):
     assert '"name": "get_weather"' in prompt and "The weather in a city now" in prompt  # the tool's description
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}' in prompt
     assert "<tool_response>\n18 C and sunny\n</tool_response>" in prompt
+
+
+def test_call_tags_marked_special_are_still_read(tmp_path):
+    with engine_on(write_tiny_tool_caller(tmp_path / "special", special_tags=True), max_batch=1) as engine:
+        result = engine.submit(GenerationRequest(messages=[QUESTION], params=GREEDY, tools=[WEATHER_TOOL])).wait()
+    assert [(c.name, c.arguments) for c in result.tool_calls] == [("get_weather", PARIS)] and result.text == ""
 
 
 def test_without_tools_the_call_is_plain_text(caller):

@@ -252,12 +252,13 @@ WEATHER_TOOL = {"type": "function", "function": {
                    "required": ["city"]}}}
 
 
-def write_tiny_tool_caller(dir: str | Path) -> Path:
-    """A tiny Llama whose greedy answer to anything is <tool_call>TOOL_CALL_JSON</tool_call>."""
+def write_tiny_tool_caller(dir: str | Path, special_tags: bool = False) -> Path:
+    """A tiny Llama whose greedy answer to anything is <tool_call>TOOL_CALL_JSON</tool_call>
+    (`special_tags`: the vocabulary marks the two tags special, as some do)."""
     from tokenizers import AddedToken
 
-    added = [AddedToken(t, normalized=False) for t in ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",
-                                                       f"\n{TOOL_CALL_JSON}\n")]
+    added = [AddedToken(t, normalized=False, special=special_tags) for t in ("<tool_call>", "</tool_call>")]
+    added += [AddedToken(t, normalized=False) for t in ("<tool_response>", "</tool_response>", f"\n{TOOL_CALL_JSON}\n")]
     chain = ("Ċ", "<tool_call>", f"\n{TOOL_CALL_JSON}\n", "</tool_call>", "<|im_end|>")
     return write_chain_model(dir, added, chain, TOOLS_TEMPLATE)
 

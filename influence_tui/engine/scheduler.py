@@ -24,7 +24,8 @@ import numpy as np
 from influence_tui.engine.base import LoadedModel
 from influence_tui.engine.reasoning import CLOSE, OPEN, ThinkSplitter, opens_thinking, without_thinking
 from influence_tui.engine.sampling import Sampler, StopMatcher, greedy
-from influence_tui.engine.tools import ToolCallParser, template_takes_tools
+from influence_tui.engine.tools import TAGS as TOOL_TAGS
+from influence_tui.engine.tools import MISTRAL, ToolCallParser, formats_of, mistral_ids, template_takes_tools
 from influence_tui.engine.tokenizer import IncrementalDecoder
 from influence_tui.engine.types import GenerationRequest, GenerationStream, Result, TokenEvent, Usage
 
@@ -127,14 +128,15 @@ def _check_unicode(request: GenerationRequest) -> None:
 
 def _drop_turns(msgs: list[dict[str, str]], k: int) -> tuple[list[dict[str, str]], int]:
     """`msgs` after up to k drops of the oldest turn that is not a system message and not the
-    last message (a user turn goes together with the answer that followed it); the drops done."""
+    last message (a user turn goes together with what answered it: the assistant's messages and
+    tool results up to the next user turn, so no tool result is left without its call); the drops done."""
     out = list(msgs)
     for done in range(k):
         i = next((j for j, m in enumerate(out[:-1]) if m["role"] != "system"), None)
         if i is None:
             return out, done
         out.pop(i)
-        if i < len(out) - 1 and out[i]["role"] == "assistant":
+        while i < len(out) - 1 and out[i]["role"] in ("assistant", "tool"):
             out.pop(i)
     return out, k
 
@@ -158,9 +160,14 @@ class Scheduler:
         self.active: list[Sequence] = []
         self.eos = set(self.tok.eos_token_ids)
         self.thinks = bool(getattr(self.tok, "thinks", False))
-        self.takes_tools = template_takes_tools(getattr(self.tok, "chat_template", None))
-        # a reasoning model's think tags come out as text even where its vocabulary marks them special
+        template = getattr(self.tok, "chat_template", None)
+        self.takes_tools = template_takes_tools(template)
+        self._tool_formats = formats_of(template)
+        self._mistral_ids = bool(template) and MISTRAL in template  # its call ids: 9 letters and digits
+        # a reasoning model's think tags, and with tools the call tags, come out as text even where
+        # the vocabulary marks them special: the splitter and the call parser read them
         self._hidden = self.tok.special_ids_but((OPEN, CLOSE)) if self.thinks else None
+        self._hidden_tools = self.tok.special_ids_but((OPEN, CLOSE, *TOOL_TAGS)) if self.takes_tools else None
 
     # --- prompt building -----------------------------------------------------------------------
     def context_limit(self, request: GenerationRequest) -> int:
@@ -175,7 +182,7 @@ class Scheduler:
             msgs.append({"role": "user", "content": request.prompt})
         if request.system and not any(m["role"] == "system" for m in msgs):
             msgs.insert(0, {"role": "system", "content": request.system})
-        return msgs
+        return mistral_ids(msgs) if self._mistral_ids else msgs
 
     def _render(self, msgs: list[dict[str, Any]], options: dict[str, Any] | None = None) -> list[int]:
         """`options`: the template's variables for this request (see `_template_options`)."""
@@ -469,10 +476,11 @@ class Scheduler:
         )
         seq = Sequence(
             job=job, slot=slot, prompt=prompt, sampler=self._sampler(req),
-            decoder=IncrementalDecoder(self.tok, skip_special_tokens=True, hidden=self._hidden),
+            decoder=IncrementalDecoder(self.tok, skip_special_tokens=True,
+                                       hidden=self._hidden_tools if req.tools else self._hidden),
             stopper=StopMatcher(req.params.stop), usage=usage, history=list(prompt), limit=limit,
             splitter=self._splitter(req, prompt),
-            tool_parser=ToolCallParser() if req.tools and req.format != "json" else None,
+            tool_parser=self._tool_parser(req),
         )
         if limit <= 0:
             self._finish(seq, "length")
@@ -548,6 +556,12 @@ class Scheduler:
                 seq.usage.prefill_s = time.perf_counter() - seq.admitted
                 self._accept(seq, seq.sampler(logits[row], seq.history))
                 row += 1
+
+    def _tool_parser(self, req: GenerationRequest) -> ToolCallParser | None:
+        """Calls of the request's tools, in the formats the template shows (JSON mode: none)."""
+        if not req.tools or req.format == "json":
+            return None
+        return ToolCallParser(frozenset(t["function"]["name"] for t in req.tools), self._tool_formats)
 
     def _splitter(self, req: GenerationRequest, prompt: list[int]) -> ThinkSplitter | None:
         """A reasoning model's answer is split; a raw prompt's is the caller's to read."""

@@ -6,22 +6,27 @@ llama-server read back the same way:
 
 - Hermes / Qwen2.5 / Qwen3 / SmolLM3: `<tool_call>{"name": …, "arguments": {…}}</tool_call>`, one
   block a call, possibly after some text;
-- Llama 3.1+: the whole answer is one JSON object `{"name": …, "parameters": {…}}` (or a list);
+- Llama 3.1+: the whole answer is one JSON object `{"name": …, "parameters": {…}}`;
 - Mistral: `[TOOL_CALLS] [{"name": …, "arguments": {…}}]`.
 
-`ToolCallParser` is fed the answer's text deltas (after any reasoning is split off) and lets plain
-text through as it comes; what may be a call is held until it is known. Text that looked like a
-call but does not parse as one is given back as text. Pure text, no torch.
+The template tells which format its model writes (`formats_of`). `ToolCallParser` is fed the
+answer's text deltas (after any reasoning is split off) and lets plain text through as it comes;
+what may be a call is held until it is known. Only calls of the tools the request gave count (as
+Ollama matches them): a JSON answer that happens to have a "name" key stays an answer. Text that
+looked like a call but is not one is given back as text. Pure text, no torch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 MISTRAL = "[TOOL_CALLS]"
+TAGS = (OPEN, CLOSE, MISTRAL)
+HERMES, JSON, MISTRAL_LIST = "hermes", "json", "mistral"
 
 
 @dataclass
@@ -36,26 +41,41 @@ def template_takes_tools(template: str | None) -> bool:
     return bool(template) and "tools" in template  # type: ignore[operator]
 
 
-def _call_of(obj: Any) -> ToolCall | None:
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
+def formats_of(template: str | None) -> frozenset[str]:
+    """The call formats a template's model writes: what its template shows it (a template that
+    shows none of them: any)."""
+    t = template or ""
+    found = {fmt for fmt, mark in ((HERMES, OPEN), (MISTRAL_LIST, MISTRAL), (JSON, '"parameters"')) if mark in t}
+    return frozenset(found or (HERMES, JSON, MISTRAL_LIST))
+
+
+def _call_of(obj: Any, names: frozenset[str] | None) -> ToolCall | None:
+    """A call object: the name of a tool given (any, where `names` is None) and its arguments."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
-    args = obj.get("arguments", obj.get("parameters", {}))
+    if names is not None and obj["name"] not in names:
+        return None
+    if "arguments" not in obj and "parameters" not in obj:
+        return None
+    args = obj.get("arguments", obj.get("parameters"))
+    if args is None:
+        args = {}
     if isinstance(args, str):  # some models write the arguments as a JSON string
         try:
-            args = json.loads(args)
+            args = json.loads(args) if args.strip() else {}
         except ValueError:
             return None
     return ToolCall(obj["name"], args) if isinstance(args, dict) else None
 
 
-def calls_in_json(text: str) -> list[ToolCall] | None:
-    """A JSON call or list of calls (Llama's and Mistral's form); None when `text` is not one."""
+def calls_in_json(text: str, names: frozenset[str] | None = None) -> list[ToolCall] | None:
+    """A JSON call or list of calls; None when `text` is not one (every call must be valid)."""
     try:
         obj = json.loads(text)
     except ValueError:
         return None
     items = obj if isinstance(obj, list) else [obj]
-    calls = [_call_of(item) for item in items]
+    calls = [_call_of(item, names) for item in items]
     if not calls or any(c is None for c in calls):
         return None
     return calls  # type: ignore[return-value]
@@ -68,13 +88,31 @@ def _partial_suffix(text: str, tag: str) -> int:
     return 0
 
 
-class ToolCallParser:
-    """Answer text deltas in, (text deltas out, `calls` at the end)."""
+def _block_call(body: str, names: frozenset[str] | None) -> list[ToolCall] | None:
+    """What follows a `<tool_call>` up to some `</tool_call>`: one call object (the first closing
+    tag may lie inside one of its strings: the caller tries the next one)."""
+    return calls_in_json(body.strip(), names)
 
-    def __init__(self) -> None:
+
+class ToolCallParser:
+    """Answer text deltas in, text deltas out; `calls` at the end.
+
+    `names`: the tools the request gave (None: any name); `formats`: see `formats_of`."""
+
+    def __init__(self, names: frozenset[str] | None = None, formats: frozenset[str] = frozenset((HERMES, JSON, MISTRAL_LIST))) -> None:
+        self.names, self.formats = names, formats
         self.state = "start"  # start | text | block (inside <tool_call>) | json (the whole answer may be calls)
         self.held = ""
         self.calls: list[ToolCall] = []
+
+    def _json_start(self, body: str) -> bool:
+        if JSON in self.formats and body.startswith(("{", "[")):
+            return True
+        return MISTRAL_LIST in self.formats and body.startswith(MISTRAL)
+
+    def _maybe_tag(self, body: str) -> bool:
+        tags = [t for t, fmt in ((OPEN, HERMES), (MISTRAL, MISTRAL_LIST)) if fmt in self.formats]
+        return any(t.startswith(body) and len(body) < len(t) for t in tags)
 
     def feed(self, text: str) -> str:
         self.held += text
@@ -84,36 +122,43 @@ class ToolCallParser:
                 body = self.held.lstrip()
                 if not body:
                     break
-                if body.startswith(("{", "[", MISTRAL)):
+                if self._json_start(body):
                     self.state = "json"  # known only at the end: held whole
                     break
-                if any(tag.startswith(body) for tag in (OPEN, MISTRAL)) and len(body) < len(MISTRAL):
+                if self._maybe_tag(body):
                     break  # maybe the start of a tag
                 self.state = "text"
             elif self.state == "text":
-                at = self.held.find(OPEN)
+                at = self.held.find(OPEN) if HERMES in self.formats else -1
                 if at >= 0:
-                    out.append(self.held[:at])
+                    out.append(self.held[:at].rstrip())  # the blank before a call is not content
                     self.held, self.state = self.held[at:], "block"
                     continue
-                cut = len(self.held) - _partial_suffix(self.held, OPEN)
+                # keep back a tag's possible start and trailing blank space (a call may follow)
+                cut = len(self.held) - (_partial_suffix(self.held, OPEN) if HERMES in self.formats else 0)
+                cut = len(self.held[:cut].rstrip())
                 out.append(self.held[:cut])
                 self.held = self.held[cut:]
                 break
             elif self.state == "block":
-                end = self.held.find(CLOSE)
-                if end < 0:
+                if not self._close_block(out):
                     break
-                block, self.held = self.held[: end + len(CLOSE)], self.held[end + len(CLOSE):]
-                found = calls_in_json(block[len(OPEN): end].strip())
-                if found:
-                    self.calls += found
-                else:
-                    out.append(block)  # not a call after all: the model's text
-                self.state = "text"
             else:  # json
                 break
         return "".join(out)
+
+    def _close_block(self, out: list[str]) -> bool:
+        """A `<tool_call>` block at the start of `held`: its call, once some `</tool_call>` closes
+        a valid one; False while none does yet."""
+        end = self.held.find(CLOSE)
+        while end >= 0:
+            found = _block_call(self.held[len(OPEN): end], self.names)
+            if found:
+                self.calls += found
+                self.held, self.state = self.held[end + len(CLOSE):].lstrip(), "text"
+                return True
+            end = self.held.find(CLOSE, end + 1)
+        return False
 
     def flush(self) -> str:
         """The end of the answer: what was held is a call, or text after all."""
@@ -122,8 +167,39 @@ class ToolCallParser:
             body = held.strip()
             if body.startswith(MISTRAL):
                 body = body[len(MISTRAL):].strip()
-            found = calls_in_json(body)
+            found = calls_in_json(body, self.names)
             if found:
                 self.calls += found
                 return ""
-        return held  # an unclosed block, a tag's start, JSON that is not a call
+        elif self.state == "block":  # never closed (max_tokens, a stop string): a whole call still counts
+            found = _block_call(held[len(OPEN):].removesuffix(CLOSE), self.names)
+            if found:
+                self.calls += found
+                return ""
+        return "" if self.calls and not held.strip() else held
+
+
+def mistral_ids(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mistral's templates take only call ids of 9 letters and digits: others (OpenAI's
+    "call_…", none from Ollama clients) are mapped to such, each tool result to the id of the call
+    it answers (by its id, else in order)."""
+    out, pending = [], []
+
+    def short(key: str) -> str:
+        return hashlib.sha1(key.encode()).hexdigest()[:9]
+
+    for turn, m in enumerate(messages):
+        m = dict(m)
+        if m.get("tool_calls"):
+            calls = []
+            for i, call in enumerate(m["tool_calls"]):
+                call = {**call, "id": short(call.get("id") or f"{turn}:{i}")}
+                calls.append(call)
+            m["tool_calls"], pending = calls, [c["id"] for c in calls]
+        elif m.get("role") == "tool":
+            given = m.get("tool_call_id")
+            m["tool_call_id"] = short(given) if given else (pending.pop(0) if pending else short(f"{turn}"))
+            if given and m["tool_call_id"] in pending:
+                pending.remove(m["tool_call_id"])
+        out.append(m)
+    return out
