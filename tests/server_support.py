@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import atexit
 import functools
+import json
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 from influence_tui.config import Settings
@@ -47,3 +51,36 @@ def running_server(**kwargs: Any) -> Iterator[tuple[str, Any, Any]]:
         yield url, runner, engine
     finally:
         runner.stop()
+
+
+@dataclass
+class BuiltServer:
+    url: str
+    engine: Any
+    settings: Settings
+    folder: Path
+
+
+def built_model_server(models: Path, name: str, write: Callable[[Path], Path], max_tokens: int) -> Iterator[BuiltServer]:
+    """A server on a free port over an engine of its own with a model that `write` builds (tests'
+    tiny_models) in `models/name`, a models folder of its own so /api/show finds it by name;
+    greedy, `max_tokens` at most. Stopped after."""
+    from influence_tui.engine import Engine
+    from influence_tui.server import ServerRunner
+
+    folder = write(models / name)
+    settings = Settings(warmup_tokens=0, output_dir=str(models), temperature=0.0, max_tokens=max_tokens)
+    engine = Engine(settings, max_batch=2, models_dir=str(models))
+    engine.load(str(folder))
+    runner = ServerRunner(engine, settings, host="127.0.0.1", port=0)
+    try:
+        yield BuiltServer(runner.start(), engine, settings, folder)
+    finally:
+        runner.stop()
+        engine.shutdown()
+
+
+def sse_data(resp: Any) -> list[Any]:
+    """The JSON of each `data:` event of a streamed response, up to `[DONE]`."""
+    return [json.loads(line[len("data: "):]) for line in resp.iter_lines()
+            if line.startswith("data: ") and line != "data: [DONE]"]

@@ -13,8 +13,7 @@ import pytest
 
 pytest.importorskip("torch")  # the tiny thinker is written with transformers
 
-from influence_tui.config import Settings  # noqa: E402
-from server_support import running_server  # noqa: E402
+from server_support import built_model_server, running_server, sse_data  # noqa: E402
 from tests.tiny_models import THINKER_ANSWER, THINKER_REASONING, write_tiny_thinker  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -25,25 +24,12 @@ OPTIONS = {"temperature": 0, "num_predict": 20}
 
 @pytest.fixture(scope="module")
 def thinker(tmp_path_factory):
-    """(url, engine, settings): the tiny thinker in a models folder of its own (so /api/show finds it)."""
-    from influence_tui.engine import Engine
-    from influence_tui.server import ServerRunner
-
-    models = tmp_path_factory.mktemp("models")
-    folder = write_tiny_thinker(models / NAME)
-    settings = Settings(warmup_tokens=0, output_dir=str(models), temperature=0.0, max_tokens=20)
-    engine = Engine(settings, max_batch=2, models_dir=str(models))
-    engine.load(str(folder))
-    runner = ServerRunner(engine, settings, host="127.0.0.1", port=0)
-    url = runner.start()
-    yield url, engine, settings
-    runner.stop()
-    engine.shutdown()
+    yield from built_model_server(tmp_path_factory.mktemp("models"), NAME, write_tiny_thinker, 20)
 
 
 @pytest.fixture(scope="module")
 def url(thinker) -> str:
-    return thinker[0]
+    return thinker.url
 
 
 @pytest.fixture()
@@ -64,15 +50,6 @@ def openai_client(url):
     import openai
 
     return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
-
-
-def sse_data(resp: httpx.Response) -> list[Any]:
-    """The JSON of each `data:` event, up to `[DONE]`."""
-    out = []
-    for line in resp.iter_lines():
-        if line.startswith("data: ") and line != "data: [DONE]":
-            out.append(json.loads(line[len("data: "):]))
-    return out
 
 
 # --- Ollama ---------------------------------------------------------------------------------------
@@ -130,7 +107,7 @@ def test_the_servers_setting_is_the_default(thinker):
 
     from influence_tui.server import ServerRunner
 
-    _, engine, settings = thinker
+    engine, settings = thinker.engine, thinker.settings
     runner = ServerRunner(engine, dataclasses.replace(settings, think=False), host="127.0.0.1", port=0)
     off = ollama.Client(host=runner.start())
     try:

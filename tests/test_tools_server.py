@@ -12,8 +12,7 @@ import pytest
 
 pytest.importorskip("torch")  # the tiny tool caller is written with transformers
 
-from influence_tui.config import Settings  # noqa: E402
-from server_support import running_server  # noqa: E402
+from server_support import built_model_server, running_server, sse_data  # noqa: E402
 from tests.tiny_models import WEATHER_TOOL, write_tiny_tool_caller  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -25,25 +24,12 @@ OPTIONS = {"temperature": 0, "num_predict": 30}
 
 @pytest.fixture(scope="module")
 def caller(tmp_path_factory):
-    """(url, folder): the tiny tool caller in a models folder of its own (so /api/show finds it)."""
-    from influence_tui.engine import Engine
-    from influence_tui.server import ServerRunner
-
-    models = tmp_path_factory.mktemp("models")
-    folder = write_tiny_tool_caller(models / NAME)
-    settings = Settings(warmup_tokens=0, output_dir=str(models), temperature=0.0, max_tokens=30)
-    engine = Engine(settings, max_batch=2, models_dir=str(models))
-    engine.load(str(folder))
-    runner = ServerRunner(engine, settings, host="127.0.0.1", port=0)
-    url = runner.start()
-    yield url, folder
-    runner.stop()
-    engine.shutdown()
+    yield from built_model_server(tmp_path_factory.mktemp("models"), NAME, write_tiny_tool_caller, 30)
 
 
 @pytest.fixture(scope="module")
 def url(caller) -> str:
-    return caller[0]
+    return caller.url
 
 
 @pytest.fixture()
@@ -64,11 +50,6 @@ def openai_client(url):
     import openai
 
     return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
-
-
-def sse_data(resp: httpx.Response) -> list[Any]:
-    return [json.loads(line[len("data: "):]) for line in resp.iter_lines()
-            if line.startswith("data: ") and line != "data: [DONE]"]
 
 
 # --- OpenAI ---------------------------------------------------------------------------------------
@@ -130,7 +111,7 @@ def test_openai_round_trip_puts_the_result_in_the_prompt(openai_client, caller):
     short_tokens, answer = _round_trip_usage(openai_client, "ok")
     long_tokens, _ = _round_trip_usage(openai_client, long)
     assert answer.choices[0].finish_reason == "tool_calls"  # the tiny model always calls
-    tok = Tokenizer.from_file(str(caller[1] / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(caller.folder / "tokenizer.json"))
     grown = len(tok.encode(long, add_special_tokens=False).ids) - len(tok.encode("ok", add_special_tokens=False).ids)
     assert long_tokens - short_tokens == grown  # the tool result, and nothing else, made the difference
 
