@@ -58,3 +58,27 @@ def engine():
     eng.load()
     yield eng
     eng.shutdown()
+
+
+# --- clients of a server test module's `url` fixture (a module may define its own instead) --------
+@pytest.fixture()
+def client(url):
+    """httpx on the module's server."""
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def ollama_client(url):
+    import ollama
+
+    return ollama.Client(host=url)
+
+
+@pytest.fixture(scope="module")
+def openai_client(url):
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)

@@ -32,26 +32,6 @@ def url(thinker) -> str:
     return thinker.url
 
 
-@pytest.fixture()
-def client(url):
-    with httpx.Client(base_url=url, timeout=60) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def ollama_client(url):
-    import ollama
-
-    return ollama.Client(host=url)
-
-
-@pytest.fixture(scope="module")
-def openai_client(url):
-    import openai
-
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
-
-
 # --- Ollama ---------------------------------------------------------------------------------------
 
 

@@ -31,12 +31,6 @@ def url(server) -> str:
     return server[0]
 
 
-@pytest.fixture()
-def client(url):
-    with httpx.Client(base_url=url, timeout=120) as c:
-        yield c
-
-
 def sse_events(lines: list[str]) -> list[str]:
     """The data of each event; checks the framing: every event is one `data:` line and a blank line."""
     out = []
