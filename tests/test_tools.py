@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from influence_tui.engine.tools import HERMES, JSON, ToolCallParser, formats_of, mistral_ids
+from influence_tui.engine.tools import HERMES, JSON, ToolCallParser, formats_of, mistral_ids, one_call_per_turn
 
 pytest.importorskip("torch")  # the tiny tool caller is written with transformers
 
@@ -68,6 +68,19 @@ def test_mistral_call_ids_become_nine_letters_and_digits():
     assert all(len(i) == 9 and i.isalnum() for i in ids) and len(set(ids)) == 2
     assert [out[2]["tool_call_id"], out[3]["tool_call_id"]] == ids  # each result answers its call
     assert msgs[1]["tool_calls"][0]["id"] == "call_abcdefabcdef"  # the caller's messages are left alone
+
+
+def test_llama_turns_hold_one_call_each():
+    """Llama 3.x's template raises on an assistant turn with several calls: they go as turns of
+    one call each, each followed by its result."""
+    calls = [{"id": "1", "function": {"name": "a"}}, {"id": "2", "function": {"name": "b"}}]
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "Both.", "tool_calls": calls},
+            {"role": "tool", "content": "ra"}, {"role": "tool", "content": "rb"}, {"role": "user", "content": "next"}]
+    out = one_call_per_turn(msgs)
+    assert [(m["role"], m["content"], [c["id"] for c in m.get("tool_calls", [])]) for m in out] == [
+        ("user", "q", []), ("assistant", "Both.", ["1"]), ("tool", "ra", []), ("assistant", "", ["2"]),
+        ("tool", "rb", []), ("user", "next", [])]
+    assert one_call_per_turn(msgs[:1]) == msgs[:1]
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,14 @@ from influence_tui.engine.base import LoadedModel
 from influence_tui.engine.reasoning import CLOSE, OPEN, ThinkSplitter, opens_thinking, without_thinking
 from influence_tui.engine.sampling import Sampler, StopMatcher, greedy
 from influence_tui.engine.tools import TAGS as TOOL_TAGS
-from influence_tui.engine.tools import MISTRAL, ToolCallParser, formats_of, mistral_ids, template_takes_tools
+from influence_tui.engine.tools import (
+    MISTRAL,
+    ToolCallParser,
+    formats_of,
+    mistral_ids,
+    one_call_per_turn,
+    template_takes_tools,
+)
 from influence_tui.engine.tokenizer import IncrementalDecoder
 from influence_tui.engine.types import GenerationRequest, GenerationStream, Result, TokenEvent, Usage
 
@@ -164,6 +171,7 @@ class Scheduler:
         self.takes_tools = template_takes_tools(template)
         self._tool_formats = formats_of(template)
         self._mistral_ids = bool(template) and MISTRAL in template  # its call ids: 9 letters and digits
+        self._one_call = bool(template) and "single tool-calls" in template  # Llama 3.x: one call a turn
         # a reasoning model's think tags, and with tools the call tags, come out as text even where
         # the vocabulary marks them special: the splitter and the call parser read them
         self._hidden = self.tok.special_ids_but((OPEN, CLOSE)) if self.thinks else None
@@ -182,6 +190,8 @@ class Scheduler:
             msgs.append({"role": "user", "content": request.prompt})
         if request.system and not any(m["role"] == "system" for m in msgs):
             msgs.insert(0, {"role": "system", "content": request.system})
+        if self._one_call:
+            msgs = one_call_per_turn(msgs)
         return mistral_ids(msgs) if self._mistral_ids else msgs
 
     def _render(self, msgs: list[dict[str, Any]], options: dict[str, Any] | None = None) -> list[int]:

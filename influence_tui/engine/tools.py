@@ -203,3 +203,30 @@ def mistral_ids(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 pending.remove(m["tool_call_id"])
         out.append(m)
     return out
+
+
+def one_call_per_turn(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Llama 3.x's templates take one call per assistant turn ("This model only supports single
+    tool-calls at once!"): an answer that made several becomes as many assistant turns, each call
+    followed by its result where the results came in the calls' order."""
+    out: list[dict[str, Any]] = []
+    i = 0
+    while i < len(messages):
+        m = messages[i]
+        calls = m.get("tool_calls") or []
+        if len(calls) < 2:
+            out.append(m)
+            i += 1
+            continue
+        results = []
+        j = i + 1
+        while j < len(messages) and messages[j].get("role") == "tool":
+            results.append(messages[j])
+            j += 1
+        for k, call in enumerate(calls):
+            out.append({**m, "content": m.get("content", "") if k == 0 else "", "tool_calls": [call]})
+            if k < len(results):
+                out.append(results[k])
+        out += results[len(calls):]
+        i = j
+    return out
