@@ -107,6 +107,11 @@ async def test_think_off_answers_without_a_section(thinker: Any) -> None:
         assert (await ask(pilot)).thinking_section is not None
         await send(pilot, "/set think maybe")
         assert app.settings.think is True and "expected on or off" in notes(app)[-1]
+        await pilot.press("ctrl+t")  # the key, with the prompt focused
+        await wait_until(pilot, lambda: app.settings.think is False, timeout=10, what="ctrl+t to turn thinking off")
+        assert "think = off" in notes(app)[-1] and (await ask(pilot)).thinking_section is None
+        await pilot.press("ctrl+t")
+        await wait_until(pilot, lambda: app.settings.think is True, timeout=10, what="ctrl+t to turn it on")
 
 
 async def test_a_saved_session_keeps_the_reasoning_and_shows_it_folded_again(thinker: Any, tmp_path: Path) -> None:

@@ -69,6 +69,7 @@ class ChatScreen(Screen[None]):
         Binding("ctrl+r", "retry", "Retry", show=False),
         Binding("ctrl+l", "clear", "Clear", show=False),
         Binding("ctrl+y", "copy", "Copy answer", show=False, priority=True),  # over the prompt's redo
+        Binding("ctrl+t", "toggle_think", "Thinking on/off", show=False, priority=True),  # as oterm's
     ]
 
     def __init__(self) -> None:
@@ -268,6 +269,10 @@ class ChatScreen(Screen[None]):
     async def action_copy(self) -> None:
         await self.run_command("/copy")
 
+    async def action_toggle_think(self) -> None:
+        """Reasoning models think before the next answers, or not (`/set think`)."""
+        await self.run_command(f"/set think {'off' if self.influence.settings.think else 'on'}")
+
     # -- slash commands --------------------------------------------------------------------------
     async def run_command(self, text: str) -> None:
         try:
@@ -281,7 +286,7 @@ class ChatScreen(Screen[None]):
     async def _cmd_help(self, arg: str) -> None:
         await self.note("**Commands**\n\n" + slash.help_text() + "\n\nKeys: Enter sends · ctrl+j / alt+enter newline · Esc stops · F1 all keys"
                         "\n\nA reasoning model's thinking is folded above its answer (▶ Thought): click it, "
-                        "or shift+Tab to it and press Enter.")
+                        "or shift+Tab to it and press Enter; ctrl+t turns thinking off or on.")
 
     async def _cmd_clear(self, arg: str) -> None:
         if self.busy:
