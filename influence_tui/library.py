@@ -47,6 +47,8 @@ class ModelInfo:
     reason: str = ""
     aliases: list[str] = field(default_factory=list)
     kind: str = "chat"  # "chat" | "embedding"
+    # what it can do, in Ollama's words: completion, tools, thinking (from its chat template), embedding
+    capabilities: list[str] = field(default_factory=list)
 
     @property
     def usable(self) -> bool:
@@ -141,10 +143,37 @@ def _inspect_gguf(path: Path, name: str, source: str) -> ModelInfo:
         info.context_length = header.context_length
         if info.architecture in ("bert", "nomic-bert"):
             info.kind = "embedding"
+        info.capabilities = capabilities(info.kind, header.chat_template)
         header.check_complete()
     except GGUFError as exc:
         info.status, info.reason = "unusable", str(exc)
     return info
+
+
+def capabilities(kind: str, template: str | None) -> list[str]:
+    """Ollama's capabilities of a model (`/api/show`, `influence list`): clients offer a thinking
+    toggle only to "thinking" models and tools only to "tools" ones. Read from the chat template:
+    tools go into the prompt through it, and a reasoning model's template handles think blocks."""
+    from influence_tui.engine.reasoning import template_thinks  # pure text: no torch
+    from influence_tui.engine.tools import template_takes_tools
+
+    if kind == "embedding":
+        return ["embedding"]
+    return ["completion"] + ["tools"] * template_takes_tools(template) + ["thinking"] * template_thinks(template)
+
+
+def folder_chat_template(folder: Path) -> str:
+    """A model folder's chat template (tokenizer_config.json's, or chat_template.jinja); "" if none."""
+    try:
+        config = folder / "tokenizer_config.json"
+        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
+        if isinstance(template, list):  # named templates: the default one
+            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+        if not template and (folder / "chat_template.jinja").is_file():
+            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        return template if isinstance(template, str) else ""
+    except (OSError, ValueError, AttributeError):  # unreadable: no template rather than no listing
+        return ""
 
 
 def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
@@ -228,6 +257,7 @@ def inspect_folder(folder: Path, name: str, source: str) -> ModelInfo | None:
     info.context_length = int(ctx) if isinstance(ctx, int) else None
     if info.architecture == "bert" or any(a.endswith("Model") and "CausalLM" not in a for a in config.get("architectures", []) if isinstance(a, str)):
         info.kind = "embedding" if info.architecture in ("bert", "roberta", "xlm-roberta", "nomic_bert") else info.kind
+    info.capabilities = capabilities(info.kind, folder_chat_template(folder) if info.kind == "chat" else None)
     if not shards:
         info.format = "pickle" if pickles else "unknown"
         _mark(info, "only pickle weights (.bin/.pt), which are never loaded for safety" if pickles else "no weights (*.safetensors)")

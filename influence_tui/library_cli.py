@@ -26,7 +26,7 @@ def run_list(args: argparse.Namespace, settings: Settings) -> int:
     hidden = [] if args.all else [m for m in models if not m.usable]
     models = [m for m in models if m not in hidden]
     table = Table(title=f"models ({settings.output_dir}, Hugging Face cache, Ollama, LM Studio, bundled)")
-    for col in ("name", "source", "format", "quant", "arch", "params", "context", "size", "files", "status"):
+    for col in ("name", "source", "format", "quant", "arch", "params", "context", "size", "files", "can", "status"):
         table.add_column(col, no_wrap=col != "status")
     for m in models:
         status = "[green]ok[/]" if m.usable else f"[red]unusable[/]: {m.reason}"
@@ -40,6 +40,7 @@ def run_list(args: argparse.Namespace, settings: Settings) -> int:
             str(m.context_length or "?"),
             human_size(m.size_bytes),
             str(m.file_count),
+            " ".join(c for c in m.capabilities if c != "completion") or ("chat" if m.kind == "chat" else ""),
             status,
         )
     if models:

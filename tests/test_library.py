@@ -245,3 +245,21 @@ def test_list_command_json_and_no_torch(tmp_path):
     every = subprocess.run([sys.executable, "-m", "influence_tui", "list", "--all", "--models-dir", str(tmp_path / "models")],
                            capture_output=True, text=True)
     assert "broken" in every.stdout and "unusable" in every.stdout and "cannot be used" not in every.stdout
+
+
+def test_capabilities_come_from_the_chat_template(tmp_path: Path) -> None:
+    """What `influence list` and /api/show say a model can do: tools and thinking where its chat
+    template renders tools or handles think blocks (the engine reads the template the same way)."""
+    pytest.importorskip("torch")
+    from influence_tui.library import inspect_folder
+    from tests.tiny_models import write_tiny_thinker, write_tiny_tool_caller
+
+    caller = inspect_folder(write_tiny_tool_caller(tmp_path / "caller"), "caller", "models")
+    thinker = inspect_folder(write_tiny_thinker(tmp_path / "thinker"), "thinker", "models")
+    assert caller.capabilities == ["completion", "tools"] and thinker.capabilities == ["completion", "thinking"]
+
+
+def test_the_bundled_models_capabilities(bundled_gguf: Path) -> None:
+    from influence_tui.library import inspect_gguf
+
+    assert inspect_gguf(bundled_gguf, "smollm2", "bundled").capabilities == ["completion"]  # its template takes no tools

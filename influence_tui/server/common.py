@@ -694,12 +694,6 @@ def loaded_model(ctx: ServerContext, path: str | None) -> Any:
     return loaded
 
 
-def loaded_model_thinks(ctx: ServerContext, path: str) -> bool:
-    """Whether the loaded model is `path` and a reasoning model (its tokenizer knows)."""
-    loaded = loaded_model(ctx, path)
-    return loaded is not None and loaded.thinks
-
-
 def now_ns() -> int:
     return time.perf_counter_ns()
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import math
 import os
 import re
@@ -31,7 +30,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 import influence_tui
-from influence_tui.library import ModelInfo, ModelNotFound, human_params
+from influence_tui.library import ModelInfo, ModelNotFound, folder_chat_template, human_params
 from influence_tui.params import GenerationParams
 from influence_tui.server.common import (
     ApiError,
@@ -48,7 +47,6 @@ from influence_tui.server.common import (
     engine_error,
     get_field,
     loaded_model,
-    loaded_model_thinks,
     parse_messages,
     parse_tools,
     read_json,
@@ -403,33 +401,21 @@ def chat_template_of(info: ModelInfo) -> str:
             from influence_tui.formats.gguf import read_gguf_header
 
             return read_gguf_header(info.path, skip_arrays=True).chat_template or ""
-        folder = Path(info.path)
-        if folder.is_dir():
-            config = folder / "tokenizer_config.json"
-            template = json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
-            if isinstance(template, list):  # named templates: the default one
-                template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-            if not template and (folder / "chat_template.jinja").is_file():
-                template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-            return template if isinstance(template, str) else ""
+        if os.path.isdir(info.path):
+            return folder_chat_template(Path(info.path))
     except (OSError, ValueError):  # an unreadable file: show no template rather than fail the route
         pass
     return ""
 
 
-def capabilities_of(ctx: ServerContext, info: ModelInfo, template: str) -> list[str]:
-    """Ollama's capabilities (in its order): clients offer a thinking toggle only for "thinking"
-    models, and tools only to "tools" models."""
-    from influence_tui.engine.reasoning import template_thinks  # pure text: no torch
-    from influence_tui.engine.tools import template_takes_tools
-
-    if info.kind == "embedding":
-        return ["embedding"]
+def capabilities_of(ctx: ServerContext, info: ModelInfo) -> list[str]:
+    """Ollama's capabilities (in its order), as the library read them from the model's template;
+    the loaded model's own flags too (its tokenizer may know a think tag the template never names)."""
     loaded = loaded_model(ctx, info.path)
-    out = ["completion"]
-    if template_takes_tools(template) or (loaded is not None and loaded.tools):
-        out.append("tools")
-    if template_thinks(template) or loaded_model_thinks(ctx, info.path):
+    out = list(info.capabilities) or ["completion"]
+    if loaded is not None and loaded.tools and "tools" not in out:
+        out.insert(1, "tools")
+    if loaded is not None and loaded.thinks and "thinking" not in out:
         out.append("thinking")
     return out
 
@@ -456,7 +442,7 @@ async def show(request: Request) -> Response:
         "template": template,
         "details": details_of(info),
         "model_info": model_info,
-        "capabilities": capabilities_of(ctx, info, template),
+        "capabilities": capabilities_of(ctx, info),
         "modified_at": modified_at(info),
     })
 

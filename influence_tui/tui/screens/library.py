@@ -34,6 +34,7 @@ def model_details(m: Any, loaded: bool) -> Text:
                  f"quantization  {m.quantization:<14}  parameters    {human_params(m.parameters)}",
                  f"context       {str(m.context_length or '?'):<14}  size          {human_size(m.size_bytes)} in {m.file_count} file(s)",
                  f"kind          {m.kind:<14}  source        {m.source}",
+                 f"capabilities  {', '.join(m.capabilities) or '?'}",
                  f"path          {m.path}"):
         text.append("\n" + line)
     if not m.usable:
