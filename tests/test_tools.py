@@ -123,6 +123,19 @@ def test_call_tags_marked_special_are_still_read(tmp_path):
     assert [(c.name, c.arguments) for c in result.tool_calls] == [("get_weather", PARIS)] and result.text == ""
 
 
+def test_a_model_that_thinks_before_it_calls(tmp_path):
+    """Qwen3's way: reasoning, then the call; each comes apart from the (empty) answer."""
+    from tests.tiny_models import THINKER_REASONING
+
+    with engine_on(write_tiny_tool_caller(tmp_path / "thinks", thinks=True), max_batch=1) as engine:
+        stream = engine.submit(GenerationRequest(messages=[QUESTION], params=GREEDY, tools=[WEATHER_TOOL]))
+        events = list(stream)
+    result = stream.result
+    assert (result.thinking, result.text) == (THINKER_REASONING, "")
+    assert [(c.name, c.arguments) for c in result.tool_calls] == [("get_weather", PARIS)]
+    assert "".join(e.thinking for e in events) == THINKER_REASONING and not any(e.text for e in events)
+
+
 def test_without_tools_the_call_is_plain_text(caller):
     result = caller.submit(GenerationRequest(messages=[QUESTION], params=GREEDY)).wait()
     assert result.tool_calls == [] and result.text.startswith("<tool_call>")

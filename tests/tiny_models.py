@@ -252,15 +252,21 @@ WEATHER_TOOL = {"type": "function", "function": {
                    "required": ["city"]}}}
 
 
-def write_tiny_tool_caller(dir: str | Path, special_tags: bool = False) -> Path:
+def write_tiny_tool_caller(dir: str | Path, special_tags: bool = False, thinks: bool = False) -> Path:
     """A tiny Llama whose greedy answer to anything is <tool_call>TOOL_CALL_JSON</tool_call>
-    (`special_tags`: the vocabulary marks the two tags special, as some do)."""
+    (`special_tags`: the vocabulary marks the two tags special, as some do; `thinks`: it reasons
+    first, as Qwen3 does: <think>THINKER_REASONING</think> then the call)."""
     from tokenizers import AddedToken
 
     added = [AddedToken(t, normalized=False, special=special_tags) for t in ("<tool_call>", "</tool_call>")]
     added += [AddedToken(t, normalized=False) for t in ("<tool_response>", "</tool_response>", f"\n{TOOL_CALL_JSON}\n")]
-    chain = ("Ċ", "<tool_call>", f"\n{TOOL_CALL_JSON}\n", "</tool_call>", "<|im_end|>")
-    return write_chain_model(dir, added, chain, TOOLS_TEMPLATE)
+    chain: tuple[str, ...] = ("Ċ", "<tool_call>", f"\n{TOOL_CALL_JSON}\n", "</tool_call>", "<|im_end|>")
+    template = TOOLS_TEMPLATE
+    if thinks:
+        added += [AddedToken(t, normalized=False) for t in ("<think>", "</think>", "\n\n", THINKER_REASONING)]
+        chain = ("Ċ", "<think>", THINKER_REASONING, "</think>", "\n\n", *chain[1:])
+        template += "{# earlier answers' </think> blocks are the model's own #}"  # marks it a reasoning model
+    return write_chain_model(dir, added, chain, template)
 
 
 def write_chain_model(dir: str | Path, added: list, chain: tuple[str, ...], template: str) -> Path:
