@@ -679,3 +679,15 @@ async def test_a_long_session_loads_quickly_showing_its_newest_messages(tmp_path
         assert any("900 earlier messages" in n for n in notes(app))
         await send(pilot, "/history")
         assert "1000 messages" in notes(app)[-1] and "message 999" in notes(app)[-1]
+
+
+async def test_ctrl_c_says_how_to_quit_in_plain_words() -> None:
+    """Notifications are plain text here: Textual's own hint showed `Press [b]ctrl+q[/b]`."""
+    app = make_app(settings=make_settings())
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f4")  # a screen whose focus does not take ctrl+c as copy
+        await pilot.pause()
+        await pilot.press("ctrl+c")
+        await pilot.pause()
+        shown = [str(n.message) for n in app._notifications]
+        assert "Press ctrl+q to quit the app" in shown and not any("[b]" in m for m in shown)

@@ -144,6 +144,14 @@ class InfluenceApp(App[int]):
         messages, and a `[/]` in any of them made Textual's markup parser raise (a crash)."""
         super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)
 
+    def action_help_quit(self) -> None:
+        """ctrl+c: Textual's hint how to quit, in plain text (its own is markup, which the
+        plain-text notifications above would show as `[b]ctrl+q[/b]`)."""
+        for key, active in self.active_bindings.items():
+            if active.binding.action in ("quit", "app.quit"):
+                self.notify(f"Press {key} to quit the app", title="Do you want to quit?")
+                return
+
     async def action_quit(self) -> None:
         self.exit(0)
 
