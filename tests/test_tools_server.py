@@ -281,3 +281,10 @@ def test_show_reports_no_tools_for_the_bundled_model(plain_url):
 def test_ollama_generate_points_tools_to_chat(client):
     resp = client.post("/api/generate", json={"model": NAME, "prompt": "Hi", "tools": [WEATHER_TOOL], "stream": False})
     assert resp.status_code == 400 and resp.json() == {"error": "tools are taken by /api/chat, not /api/generate"}
+
+
+def test_the_deprecated_functions_are_a_clear_400(client):
+    body = {"model": NAME, "messages": QUESTION, "functions": [WEATHER_TOOL["function"]]}
+    resp = client.post("/v1/chat/completions", json=body)
+    assert resp.status_code == 400
+    assert resp.json()["error"]["param"] == "functions" and "send tools" in resp.json()["error"]["message"]

@@ -109,6 +109,9 @@ def answer_format(data: dict[str, Any]) -> str | None:
 
 def tools_field(data: dict[str, Any]) -> list[dict[str, Any]] | None:
     """`tools` as the engine takes them, after `tool_choice` (None: no tools for this answer)."""
+    for legacy in ("functions", "function_call"):  # ignored, the model would answer without them
+        if data.get(legacy) is not None:
+            raise ApiError(400, f"{legacy} is OpenAI's deprecated form of tools: send tools and tool_choice", param=legacy)
     tools = parse_tools(data.get("tools"))
     choice = data.get("tool_choice")
     get_field(data, "parallel_tool_calls", bool)  # accepted (type-checked) and ignored
