@@ -115,14 +115,14 @@ def _stream_generate(engine: Any, request: GenerationRequest, args: argparse.Nam
     except KeyboardInterrupt:
         stream.cancel()
         stream.wait()
-        shown.end()
+        shown.end(done=False)
         if not args.json:
             sys.stdout.write("\n")
         print("interrupted", file=sys.stderr)
         return 130
     result = stream.result
     assert result is not None
-    shown.end()
+    shown.end(done=bool(result.text))  # reasoning only: cut off while thinking (the note below says so)
     if result.finish_reason == "error":
         print(f"error: {result.error}", file=sys.stderr)
         return 1
@@ -165,10 +165,12 @@ class _Reasoning:
         sys.stderr.write(text)
         sys.stderr.flush()
 
-    def end(self) -> None:
+    def end(self, done: bool = True) -> None:
+        """`done`: the model finished thinking (not: it was cut off or stopped while it thought)."""
         if self.open:
             self.open = False
-            sys.stderr.write("\n...done thinking.\x1b[0m\n\n" if self.tty else "\n...done thinking.\n\n")
+            said = "\n...done thinking." if done else ""
+            sys.stderr.write(said + ("\x1b[0m" if self.tty else "") + ("\n\n" if done else "\n"))
             sys.stderr.flush()
 
 

@@ -478,10 +478,19 @@ def bundled_models() -> list[ModelInfo]:
     return out
 
 
+def _model_at(path: Path, source: str) -> ModelInfo | None:
+    """The model at a path given by the user (a .gguf file or a model folder), if it is one."""
+    if path.is_file():
+        return inspect_gguf(path, path.stem, source)
+    return inspect_folder(path, path.name, source) if path.is_dir() else None
+
+
 def list_models(models_dir: str | Path | None = None, include_hf_cache: bool = True, include_bundled: bool = True,
-                include_other_apps: bool = True) -> list[ModelInfo]:
+                include_other_apps: bool = True, configured: str | None = None) -> list[ModelInfo]:
     """Every model this machine has, output folder first, then the Hugging Face cache, Ollama's
-    and LM Studio's stores, the bundled ones. Never raises for a broken model."""
+    and LM Studio's stores, the bundled ones; and `configured`, the user's default model
+    (INFLUENCE_MODEL_PATH, `-m PATH`), where it lies outside all of them: what `serve -m PATH`
+    serves is listed, shown and asked for by name. Never raises for a broken model."""
     out = scan_models_dir(Path(models_dir or os.environ.get("INFLUENCE_OUTPUT_DIR") or "./models").expanduser())
     if include_hf_cache:
         out.extend(scan_hf_cache())
@@ -490,6 +499,12 @@ def list_models(models_dir: str | Path | None = None, include_hf_cache: bool = T
         out.extend(scan_lmstudio())
     if include_bundled:
         out.extend(bundled_models())
+    if configured and os.path.exists(configured):
+        here = os.path.realpath(configured)
+        if not any(os.path.realpath(m.path) == here for m in out):
+            info = _model_at(Path(configured).expanduser(), "configured")
+            if info is not None:
+                out.append(info)
     return out
 
 
@@ -506,16 +521,15 @@ class ModelNotFound(LookupError):
     pass
 
 
-def find_model(name_or_path: str, models: list[ModelInfo] | None = None, models_dir: str | Path | None = None) -> ModelInfo:
+def find_model(name_or_path: str, models: list[ModelInfo] | None = None, models_dir: str | Path | None = None,
+               configured: str | None = None) -> ModelInfo:
     """Resolve a name from `list` (or an alias, or an Ollama-style `name:latest`, or a path) to a model."""
     candidate = Path(name_or_path).expanduser()
     if candidate.exists():
-        if candidate.is_file():
-            return inspect_gguf(candidate, candidate.stem, "path")
-        info = inspect_folder(candidate, candidate.name, "path")
+        info = _model_at(candidate, "path")
         if info:
             return info
-    models = models if models is not None else list_models(models_dir)
+    models = models if models is not None else list_models(models_dir, configured=configured)
     wanted = name_or_path.strip()
     for key in (wanted, wanted.removesuffix(":latest")):
         key = ALIASES.get(key.lower(), key)

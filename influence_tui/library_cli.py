@@ -10,7 +10,7 @@ from influence_tui.library import human_params, human_size, list_models
 
 
 def run_list(args: argparse.Namespace, settings: Settings) -> int:
-    models = list_models(settings.output_dir)
+    models = list_models(settings.output_dir, configured=settings.model_path)
     if args.json:
         print(json.dumps([m.to_dict() for m in models], indent=2))
         return 0
@@ -40,7 +40,7 @@ def run_list(args: argparse.Namespace, settings: Settings) -> int:
             str(m.context_length or "?"),
             human_size(m.size_bytes),
             str(m.file_count),
-            " ".join(c for c in m.capabilities if c != "completion") or ("chat" if m.kind == "chat" else ""),
+            " ".join("chat" if c == "completion" else c for c in m.capabilities),
             status,
         )
     if models:

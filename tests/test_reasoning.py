@@ -152,6 +152,8 @@ def test_an_answer_cut_off_while_thinking_says_why_it_is_empty(thinker_dir):
     assert out.returncode == 0 and out.stdout == "\n"
     assert out.stderr.strip() == ("note: the model was still thinking after 1 tokens, so there is no answer: "
                                   "raise --max-tokens, or --think off")
+    shown = _influence("generate", "-m", str(thinker_dir), "--temperature", "0", "--max-tokens", "1", "Hi")
+    assert f"Thinking...\n{THINKER_REASONING}\n" in shown.stderr and "done thinking" not in shown.stderr
 
 
 def test_batch_rows_carry_the_thinking_and_a_line_may_turn_it_off(thinker_dir):

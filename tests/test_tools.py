@@ -136,6 +136,11 @@ def test_a_model_that_thinks_before_it_calls(tmp_path):
     assert "".join(e.thinking for e in events) == THINKER_REASONING and not any(e.text for e in events)
 
 
+def test_json_mode_and_tools_are_refused_together(caller):
+    result = caller.submit(GenerationRequest(messages=[QUESTION], params=GREEDY, tools=[WEATHER_TOOL], format="json")).wait()
+    assert result.finish_reason == "error" and result.error_kind == "request" and "JSON mode and tools" in result.error
+
+
 def test_without_tools_the_call_is_plain_text(caller):
     result = caller.submit(GenerationRequest(messages=[QUESTION], params=GREEDY)).wait()
     assert result.tool_calls == [] and result.text.startswith("<tool_call>")

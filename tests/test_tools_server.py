@@ -12,6 +12,7 @@ import pytest
 
 pytest.importorskip("torch")  # the tiny tool caller is written with transformers
 
+from influence_tui.config import Settings  # noqa: E402
 from server_support import built_model_server, running_server, sse_data  # noqa: E402
 from tests.tiny_models import WEATHER_TOOL, write_tiny_tool_caller  # noqa: E402
 
@@ -288,3 +289,27 @@ def test_the_deprecated_functions_are_a_clear_400(client):
     resp = client.post("/v1/chat/completions", json=body)
     assert resp.status_code == 400
     assert resp.json()["error"]["param"] == "functions" and "send tools" in resp.json()["error"]["message"]
+
+
+def test_a_model_served_from_its_own_path_is_listed_and_found_by_name(tmp_path):
+    """`influence serve -m PATH` with PATH outside the models folder: clients see it in /api/tags,
+    /api/show finds it by name, and a request by name loads it again after an unload."""
+    from influence_tui.engine import Engine
+    from influence_tui.server import ServerRunner
+    folder = write_tiny_tool_caller(tmp_path / "elsewhere" / "my-caller")
+    settings = Settings(warmup_tokens=0, output_dir=str(tmp_path / "empty"), model_path=str(folder), max_tokens=30)
+    engine = Engine(settings, max_batch=1)
+    engine.load()
+    runner = ServerRunner(engine, settings, host="127.0.0.1", port=0)
+    url = runner.start()
+    try:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            assert "my-caller:latest" in [m["name"] for m in c.get("/api/tags").json()["models"]]
+            assert c.post("/api/show", json={"model": "my-caller"}).json()["capabilities"] == ["completion", "tools"]
+            c.post("/api/generate", json={"model": "my-caller", "keep_alive": 0})  # unloads it
+            body = {"model": "my-caller", "messages": QUESTION, "tools": [WEATHER_TOOL], "stream": False, "options": OPTIONS}
+            reply = c.post("/api/chat", json=body)
+            assert reply.status_code == 200 and reply.json()["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+    finally:
+        runner.stop()
+        engine.shutdown()

@@ -274,6 +274,9 @@ class Scheduler:
         if request.tools:
             if not self.takes_tools:
                 raise RequestError(f"{self.lm.name} does not support tools (its chat template has no place for them)")
+            if request.format == "json":  # the answer is forced into one object: a call could not be told apart
+                raise RequestError("JSON mode and tools cannot go together: the answer would be forced into one object, "
+                                   "so no tool could be called")
             options["tools"] = request.tools
         if self.thinks and (request.think is False or request.format == "json"):
             options["enable_thinking"] = False
@@ -568,8 +571,8 @@ class Scheduler:
                 row += 1
 
     def _tool_parser(self, req: GenerationRequest) -> ToolCallParser | None:
-        """Calls of the request's tools, in the formats the template shows (JSON mode: none)."""
-        if not req.tools or req.format == "json":
+        """Calls of the request's tools, in the formats the template shows."""
+        if not req.tools:
             return None
         return ToolCallParser(frozenset(t["function"]["name"] for t in req.tools), self._tool_formats)
 

@@ -120,7 +120,7 @@ class Engine:
             return path if os.path.exists(path) else find_model(path, models_dir=self._models_dir()).path
         if self._summary and model in (self._summary.name, self._summary.path):
             return self._summary.path
-        info = find_model(model, models_dir=self._models_dir())
+        info = find_model(model, models_dir=self._models_dir(), configured=self.settings.model_path)
         if info.kind == "embedding":
             raise EngineError(f"{info.name} is an embedding model: it cannot generate text")
         if not info.usable:

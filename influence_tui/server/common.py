@@ -436,7 +436,7 @@ class ServerContext:
         """The library, cached for a second: model lookups happen on every request."""
         now = time.monotonic()
         if fresh or self._models is None or now - self._models[0] > 1.0:
-            self._models = (now, list_models(self.models_dir))
+            self._models = (now, list_models(self.models_dir, configured=self.settings.model_path))
         return self._models[1]
 
     def find(self, name: str) -> ModelInfo:

@@ -252,7 +252,7 @@ class InfluenceApp(App[int]):
             return self._list_models()
         from influence_tui.library import list_models
 
-        return list_models(self.settings.output_dir)
+        return list_models(self.settings.output_dir, configured=self.settings.model_path)
 
     def hub_client(self) -> Any:
         # imported on first use: huggingface_hub is not light. The engine puts the offline

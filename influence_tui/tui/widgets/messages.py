@@ -125,8 +125,8 @@ class AssistantMessage(Vertical):
         self._flush_lock = asyncio.Lock()
         self._body = Markdown(self.text, classes="body")
         self._section: ThinkingSection | None = None
-        if thinking:  # from a session: folded, as after a live answer
-            self._section = ThinkingSection(thinking, collapsed=True, title=thought_title(None))
+        if thinking:  # from a session: folded, as after a live answer (open if it is all there is)
+            self._section = ThinkingSection(thinking, collapsed=bool(text), title=thought_title(None))
         self._thinking_since: float | None = None
         self.thought_s: float | None = None  # set once the answer starts (or ends) after reasoning
         self.writes = 0  # stream writes so far: more than one means the answer was shown as it grew
