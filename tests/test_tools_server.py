@@ -178,7 +178,18 @@ BAD_TOOLS = [
     ([WEATHER_TOOL, {"type": "function", "function": {"name": "f", "parameters": "x"}}], "tools[1].function.parameters",
      "must be an object"),
     ([{"type": "function", "function": {"name": "f", "description": 3}}], "tools[0].function.description", "a string"),
+    ([WEATHER_TOOL, WEATHER_TOOL], "tools[1].function.name", "given twice"),  # a call could not say which
 ]
+
+
+def test_openai_tool_names_follow_openais_rule(client):
+    """OpenAI takes names of 1-64 letters, digits, _ and -; Ollama has no rule (its clients send
+    what they like)."""
+    tools = [{"type": "function", "function": {"name": "get weather"}}]
+    openai = client.post("/v1/chat/completions", json={"model": NAME, "messages": QUESTION, "tools": tools})
+    assert openai.status_code == 400 and openai.json()["error"]["param"] == "tools[0].function.name"
+    assert client.post("/api/chat", json={"model": NAME, "messages": QUESTION, "tools": tools, "stream": False,
+                                          "options": OPTIONS}).status_code == 200
 
 
 @pytest.mark.parametrize(("tools", "param", "says"), BAD_TOOLS)

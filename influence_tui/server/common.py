@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -294,7 +295,15 @@ def parse_tools(raw: Any, *, type_required: bool = True) -> list[dict[str, Any]]
         return None
     if not isinstance(raw, list):
         raise ApiError(400, "tools must be an array", param="tools")
-    return [_tool_of(tool, f"tools[{i}]", type_required) for i, tool in enumerate(raw)] or None
+    tools = [_tool_of(tool, f"tools[{i}]", type_required) for i, tool in enumerate(raw)]
+    names = [t["function"]["name"] for t in tools]
+    for i, name in enumerate(names):
+        if name in names[:i]:  # a call names its tool: two of one name could not be told apart
+            raise ApiError(400, f"tools[{i}].function.name {name!r} is given twice", param=f"tools[{i}].function.name")
+    return tools or None
+
+
+_OPENAI_TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 
 
 def _tool_of(tool: Any, where: str, type_required: bool) -> dict[str, Any]:
@@ -310,6 +319,8 @@ def _tool_of(tool: Any, where: str, type_required: bool) -> dict[str, Any]:
     name = fn.get("name")
     if not isinstance(name, str) or not name.strip():
         raise ApiError(400, f"{where}.function.name must be a non-empty string", param=f"{where}.function.name")
+    if type_required and not _OPENAI_TOOL_NAME.fullmatch(name):  # OpenAI's rule (Ollama has none)
+        raise ApiError(400, f"{where}.function.name must be 1-64 letters, digits, _ or -", param=f"{where}.function.name")
     out: dict[str, Any] = {"name": name}
     for key, kind_, label in (("description", str, "a string"), ("parameters", dict, "an object")):
         value = fn.get(key)
