@@ -595,15 +595,36 @@ def test_asyncio_consumers_are_woken_once_per_step_and_get_every_token():
     assert got == {i: [f"{i}.{step} " for step in range(4)] for i in range(3)}
 
 
-def test_fitting_a_long_chat_drops_the_same_turns_as_one_at_a_time():
-    """The scheduler finds how many oldest turns to drop by a binary search; it must pick what
-    dropping them one at a time (one render each) picked."""
+def _render_stub(msgs, options=None):
+    """A stand-in for template + tokenizer: a few tokens per message, more per character."""
+    return [0] * sum(3 + len(m["content"]) for m in msgs)
+
+
+def _fitting_scheduler_and_chats(seed: int, n: int, most_turns: int, roles: list[str]):
+    """A scheduler that renders with `_render_stub`, and `n` random chats with a room each that
+    the whole chat does not fit."""
     import random
 
     from influence_tui.engine.scheduler import Scheduler
 
-    def render(msgs, options=None):  # a stand-in for template + tokenizer: a few tokens per message, more per character
-        return [0] * sum(3 + len(m["content"]) for m in msgs)
+    fake = Scheduler.__new__(Scheduler)
+    fake._render = _render_stub
+    rng = random.Random(seed)
+    chats = []
+    for _ in range(n):
+        msgs = [{"role": "system", "content": "s" * rng.randint(0, 20)}] if rng.random() < 0.5 else []
+        for _ in range(rng.randint(1, most_turns)):
+            msgs.append({"role": rng.choice(roles), "content": "x" * rng.randint(0, 50)})
+        room = rng.randint(0, len(_render_stub(msgs)))
+        if len(_render_stub(msgs)) > room:
+            chats.append((msgs, room))
+    return fake, chats
+
+
+def test_fitting_a_long_chat_drops_the_same_turns_as_one_at_a_time():
+    """The scheduler finds how many oldest turns to drop by a binary search; it must pick what
+    dropping them one at a time (one render each) picked."""
+    render = _render_stub
 
     def one_at_a_time(msgs, room):
         msgs, ids = list(msgs), render(msgs)
@@ -618,33 +639,14 @@ def test_fitting_a_long_chat_drops_the_same_turns_as_one_at_a_time():
             ids = render(msgs)
         return ids
 
-    fake = Scheduler.__new__(Scheduler)
-    fake._render = render
-    rng = random.Random(0)
-    for _ in range(300):
-        msgs = [{"role": "system", "content": "s" * rng.randint(0, 20)}] if rng.random() < 0.5 else []
-        for _ in range(rng.randint(1, 40)):
-            msgs.append({"role": rng.choice(["user", "user", "assistant", "tool"]), "content": "x" * rng.randint(0, 50)})
-        room = rng.randint(0, len(render(msgs)))
-        if len(render(msgs)) > room:
-            assert len(fake._fit(msgs, room)) == len(one_at_a_time(msgs, room))
+    fake, chats = _fitting_scheduler_and_chats(0, 300, 40, ["user", "user", "assistant", "tool"])
+    assert len(chats) > 200
+    for msgs, room in chats:
+        assert len(fake._fit(msgs, room)) == len(one_at_a_time(msgs, room))
 
 
 def test_the_one_at_a_time_fallback_drops_as_the_binary_search_does():
-    import random
-
-    from influence_tui.engine.scheduler import Scheduler
-
-    def render(msgs, options=None):
-        return [0] * sum(3 + len(m["content"]) for m in msgs)
-
-    fake = Scheduler.__new__(Scheduler)
-    fake._render = render
-    rng = random.Random(1)
-    for _ in range(200):
-        msgs = [{"role": "system", "content": "s" * rng.randint(0, 20)}] if rng.random() < 0.5 else []
-        for _ in range(rng.randint(1, 30)):
-            msgs.append({"role": rng.choice(["user", "user", "assistant"]), "content": "x" * rng.randint(0, 50)})
-        room = rng.randint(0, len(render(msgs)))
-        if len(render(msgs)) > room:
-            assert len(fake._fit_one_at_a_time(msgs, room)) == len(fake._fit(msgs, room))
+    fake, chats = _fitting_scheduler_and_chats(1, 200, 30, ["user", "user", "assistant"])
+    assert len(chats) > 100
+    for msgs, room in chats:
+        assert len(fake._fit_one_at_a_time(msgs, room)) == len(fake._fit(msgs, room))

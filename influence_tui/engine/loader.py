@@ -386,19 +386,15 @@ def save_converted(path: Path, model: LlamaModel, info: dict, identity: str = ""
 
 
 def read_safetensors_mmap(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Zero-copy tensors over a memory map (safetensors' own reader copies into RAM).
-
-    `weights_cache.write_aligned` starts every tensor at a multiple of 64 bytes: torch's int8/int4
-    CPU kernels crash on an unaligned weight. A tensor that is not (a file written otherwise) is
-    copied into (aligned) memory of its own."""
+    """Zero-copy tensors over a memory map (safetensors' own reader copies into RAM). Every cache
+    file of this version comes from `weights_cache.write_aligned`, so every tensor starts at a
+    multiple of 64 bytes, as torch's int8/int4 CPU kernels need (an older file is only read for its
+    version, then rebuilt)."""
     mm, entries, meta = weights_cache.read_mmap(path)
     with warnings.catch_warnings():  # read-only memory: the weights are never written
         warnings.simplefilter("ignore", UserWarning)
         whole = torch.from_numpy(mm)  # slicing a tensor is ~50x cheaper than slicing a memmap
-    out = {}
-    for name, (dt, shape, a, b) in entries.items():
-        raw = whole[a:b] if a % weights_cache.ALIGN == 0 else whole[a:b].clone()
-        out[name] = raw.view(_ST_DTYPES[dt]).reshape(shape)
+    out = {name: whole[a:b].view(_ST_DTYPES[dt]).reshape(shape) for name, (dt, shape, a, b) in entries.items()}
     return out, meta
 
 

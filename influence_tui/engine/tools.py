@@ -88,12 +88,6 @@ def _partial_suffix(text: str, tag: str) -> int:
     return 0
 
 
-def _block_call(body: str, names: frozenset[str] | None) -> list[ToolCall] | None:
-    """What follows a `<tool_call>` up to some `</tool_call>`: one call object (the first closing
-    tag may lie inside one of its strings: the caller tries the next one)."""
-    return calls_in_json(body.strip(), names)
-
-
 class ToolCallParser:
     """Answer text deltas in, text deltas out; `calls` at the end.
 
@@ -149,10 +143,10 @@ class ToolCallParser:
 
     def _close_block(self, out: list[str]) -> bool:
         """A `<tool_call>` block at the start of `held`: its call, once some `</tool_call>` closes
-        a valid one; False while none does yet."""
+        a valid one (the first may lie inside one of its strings); False while none does yet."""
         end = self.held.find(CLOSE)
         while end >= 0:
-            found = _block_call(self.held[len(OPEN): end], self.names)
+            found = calls_in_json(self.held[len(OPEN): end].strip(), self.names)
             if found:
                 self.calls += found
                 self.held, self.state = self.held[end + len(CLOSE):].lstrip(), "text"
@@ -172,7 +166,7 @@ class ToolCallParser:
                 self.calls += found
                 return ""
         elif self.state == "block":  # never closed (max_tokens, a stop string): a whole call still counts
-            found = _block_call(held[len(OPEN):].removesuffix(CLOSE), self.names)
+            found = calls_in_json(held[len(OPEN):].removesuffix(CLOSE).strip(), self.names)
             if found:
                 self.calls += found
                 return ""

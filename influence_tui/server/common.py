@@ -332,16 +332,6 @@ def _tool_of(tool: Any, where: str, type_required: bool) -> dict[str, Any]:
     return {"type": "function", "function": out}
 
 
-def check_takes_tools(ctx: "ServerContext", tools: list[dict[str, Any]] | None, path: str | None,
-                      name: str | None) -> None:
-    """Refuse tools up front (400, as Ollama words it) when the model that would answer is loaded
-    and its template has no place for them. A model not loaded yet is checked by the engine when
-    it builds the prompt (a request error, a 400 as well)."""
-    loaded = loaded_model(ctx, path) if tools else None
-    if loaded is not None and not getattr(loaded, "tools", False):
-        raise ApiError(400, f"{name or loaded.name} does not support tools", param="tools")
-
-
 # --- the shared state and the engine bridge -------------------------------------------------------
 
 

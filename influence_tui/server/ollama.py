@@ -6,7 +6,7 @@ the library's (`influence list`), its aliases, and `name:latest`. A reasoning mo
 comes apart from its answer, as Ollama gives it: `message.thinking` (chat) or `thinking`
 (generate), present only when there is some; `think: false` asks it not to think.
 Tools (`/api/chat`'s `tools`) go into the prompt through the model's chat template (a model whose
-template has no place for them is a 400, "<model> does not support tools", as Ollama says it); the
+template has no place for them is a 400 from the engine, "<model> does not support tools …"); the
 calls come back in `message.tool_calls` (arguments as an object), streamed in a chunk of their own
 before the final one (they are known only when the answer ends); `done_reason` stays "stop".
 """
@@ -40,7 +40,6 @@ from influence_tui.server.common import (
     check_chat_model,
     check_embedding_model,
     check_result,
-    check_takes_tools,
     ctx_of,
     dumps,
     embed,
@@ -254,7 +253,6 @@ async def chat(request: Request) -> Response:
     model = await check_chat_model(ctx, name)
     if not messages:
         return await load_or_unload(request, ctx, name, model, keep_alive, chat=True)
-    check_takes_tools(ctx, tools, model, name)
     req = GenerationRequest(messages=messages, params=params, num_ctx=num_ctx, format=answer_format(data),
                             think=think, tools=tools)
     return await answer(request, ctx, req, model, name, started, stream, keep_alive, chat=True)

@@ -38,7 +38,6 @@ from influence_tui.server.common import (
     check_chat_model,
     check_embedding_model,
     check_result,
-    check_takes_tools,
     ctx_of,
     dumps,
     embed,
@@ -239,7 +238,6 @@ async def chat_completions(request: Request, default_stream: bool = False) -> Re
     think = think_for(ctx, think_field(data))
     name = get_field(data, "model", str)
     model = await check_chat_model(ctx, name)
-    check_takes_tools(ctx, tools, model, name)
     req = GenerationRequest(messages=messages, params=params, format=answer_format(data), think=think, tools=tools)
     gen = await submit(ctx, req, model)
     ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
