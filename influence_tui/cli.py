@@ -112,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", help="the prompt (- reads stdin)")
     _gen_flags(p)
     p.add_argument("--raw", action="store_true", help="send the prompt as-is, without the chat template")
-    p.add_argument("--format", choices=["json"], help="answer with one JSON object (each token checked as it is picked)")
+    p.add_argument("--format", metavar="json|SCHEMA",
+                   help="answer with one JSON object (each token checked as it is picked); a JSON schema "
+                        "(a file, or the JSON itself) makes the answer follow it")
     p.add_argument("--hide-thinking", action="store_true",
                    help="do not show a reasoning model's thinking (shown on stderr, apart from the answer on stdout)")
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON object with the text and timings")

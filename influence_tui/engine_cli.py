@@ -74,6 +74,40 @@ def _system(settings: Settings) -> str | None:
     return _arg_text(system, "the system prompt") if system else system
 
 
+def answer_format(value: Any, label: str = "format") -> dict[str, Any]:
+    """`format`: "json" or a JSON schema (checked now: it is an error before any model loads), as
+    GenerationRequest's fields."""
+    from influence_tui.engine.json_schema import SchemaError, compile_schema
+
+    if value in (None, ""):
+        return {}
+    if value == "json":
+        return {"format": "json"}
+    if not isinstance(value, dict):
+        raise ParamError(f"{label} must be \"json\" (the answer is one JSON object) or a JSON schema (an object)")
+    try:
+        compile_schema(value)
+    except SchemaError as exc:
+        raise ParamError(f"{label}: JSON schema: {exc}") from None
+    return {"format": "json", "json_schema": value}
+
+
+def _format_arg(value: str | None) -> dict[str, Any]:
+    """--format: json, a JSON schema as text ('{...}'), or a file holding one."""
+    if value is None or value == "json":
+        return answer_format(value)
+    text = value if value.lstrip().startswith("{") else _read_text(value)
+    try:
+        schema = json.loads(text)
+    except ValueError as exc:
+        where = "the --format schema" if text is value else value
+        raise InputError(f"{where} is not valid JSON ({exc})") from None
+    try:
+        return answer_format(schema, "--format")
+    except ParamError as exc:
+        raise InputError(str(exc)) from None
+
+
 def _engine(settings: Settings, max_batch: int = 8):
     from influence_tui.engine import Engine
 
@@ -84,7 +118,7 @@ def run_generate(args: argparse.Namespace, settings: Settings) -> int:
     try:
         prompt = _read_text("-") if args.prompt == "-" else _arg_text(args.prompt, "the prompt")
         request = GenerationRequest(prompt=prompt, system=_system(settings), params=_params(args, settings), raw=args.raw,
-                                    format=getattr(args, "format", None), think=settings.think)
+                                    think=settings.think, **_format_arg(getattr(args, "format", None)))
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -254,12 +288,10 @@ def _json_request(obj: dict[str, Any], base: GenerationParams, system: str | Non
     """The request of one JSON line (ParamError with a user-facing message when it is wrong)."""
     _check_fields(obj)
     params = params_from_mapping({k: v for k, v in obj.items() if k in PARAM_NAMES}, base)
-    fmt = obj.get("format")
-    if fmt not in (None, "", "json"):
-        raise ParamError("format must be \"json\" (the answer is one JSON object)")
+    fmt = answer_format(obj.get("format"))
     if "system" in obj:
         system = _check_text(obj["system"], "system")
-    shared: dict[str, Any] = dict(system=system, params=params, format=fmt or None, think=obj.get("think"))
+    shared: dict[str, Any] = dict(system=system, params=params, think=obj.get("think"), **fmt)
     if obj.get("messages") is not None:
         return GenerationRequest(messages=_messages(obj["messages"]), **shared)
     prompt = obj.get("prompt")

@@ -195,9 +195,27 @@ def test_json_mode_through_both_clients(ollama_client, openai_client):
     chat = openai_client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": ask}],
                                                  response_format={"type": "json_object"}, temperature=0, max_tokens=300)
     assert chat.choices[0].finish_reason == "stop" and isinstance(json.loads(chat.choices[0].message.content), dict)
-    schema = {"type": "object", "properties": {"name": {"type": "string"}}}
-    with pytest.raises(ollama.ResponseError, match="JSON schema"):
-        ollama_client.generate(model="smollm2", prompt=ask, format=schema)
-    with pytest.raises(openai.BadRequestError, match="json_schema"):
+    # structured outputs, the way each client's documentation shows them: a Pydantic model's schema
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    class Cat(BaseModel):
+        name: str
+        age: int
+        color: Literal["black", "white", "orange", "grey"]
+        indoor: bool
+
+    resp = ollama_client.chat(model="smollm2", messages=[{"role": "user", "content": "Describe a cat."}],
+                              format=Cat.model_json_schema(), options={"temperature": 0, "num_predict": 200})
+    cat = Cat.model_validate_json(resp.message.content)
+    assert resp.done_reason == "stop" and cat == Cat.model_validate(json.loads(resp.message.content))
+    parsed = openai_client.chat.completions.parse(model="smollm2", messages=[{"role": "user", "content": "Describe a cat."}],
+                                                  response_format=Cat, temperature=0.8, seed=5, max_tokens=200)
+    message = parsed.choices[0].message
+    assert parsed.choices[0].finish_reason == "stop" and isinstance(message.parsed, Cat), message.content
+    with pytest.raises(ollama.ResponseError, match="JSON schema: #/properties/age/type: unknown type 'int'"):
+        ollama_client.generate(model="smollm2", prompt=ask, format={"type": "object", "properties": {"age": {"type": "int"}}})
+    with pytest.raises(openai.BadRequestError, match="json_schema must be an object"):
         openai_client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": ask}],
-                                              response_format={"type": "json_schema", "json_schema": {"name": "cat", "schema": schema}})
+                                              response_format={"type": "json_schema", "json_schema": "cat"})

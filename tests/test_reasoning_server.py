@@ -200,6 +200,14 @@ def test_a_model_that_does_not_reason_sends_no_reasoning_fields(plain_url):
         with c.stream("POST", "/generate", json={"prompt": "Hi", "max_tokens": 4, "stream": True}) as resp:
             bodies += sse_data(resp)
         show = c.post("/api/show", json={"model": "smollm2"}).json()
+        # asked to think, it is a 400 as in Ollama (a client's think toggle reads it as "cannot");
+        # told not to think, it answers (nothing to turn off)
+        asked = [c.post("/api/chat", json={"model": "smollm2", "messages": QUESTION, "think": True, "stream": False}),
+                 c.post("/api/generate", json={"model": "smollm2", "prompt": "Hi", "think": "high", "stream": False})]
+        told_not = c.post("/api/chat", json={"model": "smollm2", "messages": QUESTION, "think": False, "stream": False,
+                                             "options": short})
     assert all("error" not in b for b in bodies)
     assert not _keys(bodies) & {"thinking", "reasoning_content"}
     assert show["capabilities"] == ["completion"]
+    assert [(r.status_code, r.json()) for r in asked] == [(400, {"error": '"smollm2" does not support thinking'})] * 2
+    assert told_not.status_code == 200 and told_not.json()["message"]["content"]

@@ -78,6 +78,17 @@ def test_native_generate_json_and_sse(client):
     assert "".join(pieces) == final["text"] == plain["text"]
 
 
+def test_native_generate_follows_a_json_schema(client):
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "population": {"type": "integer", "minimum": 0}},
+              "required": ["city", "population"]}
+    resp = client.post("/generate", json={"prompt": "Tell me about Paris.", "max_tokens": 100, "format": schema, **GREEDY})
+    answer = json.loads(resp.json()["text"])
+    assert set(answer) == {"city", "population"} and isinstance(answer["population"], int) and answer["population"] >= 0
+    bad = client.post("/generate", json={"prompt": "hi", "format": {"type": "object", "properties": {"n": {"type": "int"}}}})
+    assert bad.status_code == 400 and bad.json()["error"]["message"] == "JSON schema: #/properties/n/type: unknown type 'int'"
+    assert client.post("/generate", json={"prompt": "hi", "format": "yaml"}).status_code == 400
+
+
 def test_native_chat_completions_is_openai_shaped(client):
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, **GREEDY}
     # the original tool's curl example sends no `stream` and gets a stream

@@ -59,6 +59,8 @@ class JsonPrefix:
     def complete(self) -> bool:
         return self.mode == DONE
 
+    can_end = complete  # the object closed: nothing may follow it
+
     def feed(self, text: str) -> bool:
         """Take `text`; False (and the state undefined) at its first character that no JSON object could have."""
         for ch in text:
@@ -230,14 +232,16 @@ class JsonSampler:
     The request's penalties apply before the candidates are ranked (greedy takes the best
     penalised token that fits), then its temperature, top-k/p and seed pick among those that fit."""
 
-    def __init__(self, sampler: "Sampler", vocab: Vocabulary, eos_ids: set[int]) -> None:
+    def __init__(self, sampler: "Sampler", vocab: Vocabulary, eos_ids: set[int], state: Any = None) -> None:
         from influence_tui.engine.sampling import Sampler
 
         self.sampler = sampler
         self.vocab = vocab
         self.texts = vocab.texts
         self.eos_ids = eos_ids
-        self.state = JsonPrefix()
+        # any JSON object, or a JSON schema's values (json_schema.SchemaPrefix: the same interface)
+        self.state = state if state is not None else JsonPrefix()
+        self.stopped = False
         # the final pick without the penalties (already applied), drawing from the request's generator
         self.picker = Sampler(sampler.p.with_(repeat_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0))
         self.picker.rng, self.picker.seed = sampler.rng, sampler.seed
@@ -248,7 +252,7 @@ class JsonSampler:
 
     @property
     def complete(self) -> bool:
-        return self.state.complete
+        return self.stopped or self.state.complete
 
     def __call__(self, logits: Any, history: list[int]) -> int:
         from influence_tui.engine.sampling import _as_numpy, _penalise
@@ -259,18 +263,25 @@ class JsonSampler:
             _penalise(x, self.sampler.p, history, self.sampler.generated)
         allowed = self._allowed(x, greedy=self.sampler.picks_best)
         if not allowed:  # nothing continues the text (a vocabulary without the JSON characters)
-            self.state.mode = DONE
+            self.stopped = True
             return next(iter(self.eos_ids), int(x.argmax()))
         masked = np.full_like(x, -np.inf)
         masked[allowed] = x[allowed]
         token = self.picker(masked, history)
         self.sampler.generated[token] += 1  # what the presence/frequency penalties count
-        self.state.feed(self.texts[token])
+        if token in self.eos_ids:  # a value that could go on (a number at the top) ended here
+            self.stopped = True
+        else:
+            self.state.feed(self.texts[token])
         return token
 
     def _fits(self, token: int, x: np.ndarray) -> bool:
+        if not np.isfinite(x[token]):
+            return False
+        if token in self.eos_ids:
+            return self.state.can_end
         text = self.texts[token]
-        return bool(text) and bool(np.isfinite(x[token])) and self.state.copy().feed(text)
+        return bool(text) and self.state.copy().feed(text)
 
     def _allowed(self, x: np.ndarray, greedy: bool) -> list[int]:
         """Token ids that keep the text valid, in the order of the logits: the first one (greedy)

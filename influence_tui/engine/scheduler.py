@@ -41,6 +41,18 @@ class RequestError(ValueError):
     """The request cannot run on this model (message is user-facing)."""
 
 
+def schema_state(schema: Any) -> Any:
+    """The recognizer of a request's JSON schema (None: any JSON object); RequestError if it cannot be followed."""
+    if schema is None:
+        return None
+    from influence_tui.engine.json_schema import SchemaError, SchemaPrefix, compile_schema
+
+    try:
+        return SchemaPrefix(compile_schema(schema))
+    except SchemaError as exc:
+        raise RequestError(f"JSON schema: {exc}") from None
+
+
 def _inference() -> Any:
     """torch's inference mode around model calls where torch is loaded. The kernel's own model
     (`native_model.KernelLlama`) never imports it: its logits are numpy arrays."""
@@ -476,6 +488,7 @@ class Scheduler:
         req = job.request
         try:
             prompt, dropped, limit = self.build_prompt(req)
+            sampler = self._sampler(req)
         except RequestError as exc:
             job.stream._finish(Result("", "error", Usage(), error=str(exc), model=self.lm.name, error_kind="request"))
             return None
@@ -488,7 +501,7 @@ class Scheduler:
             context_length=self.context_limit(req), queue_s=t0 - job.submitted, load_s=job.load_s,
         )
         seq = Sequence(
-            job=job, slot=slot, prompt=prompt, sampler=self._sampler(req),
+            job=job, slot=slot, prompt=prompt, sampler=sampler,
             decoder=IncrementalDecoder(self.tok, skip_special_tokens=True,
                                        hidden=self._hidden_tools if req.tools else self._hidden),
             stopper=StopMatcher(req.params.stop), usage=usage, history=list(prompt), limit=limit,
@@ -605,7 +618,7 @@ class Scheduler:
         if req.format == "json":
             from influence_tui.engine.constrain import JsonSampler, vocabulary
 
-            return JsonSampler(sampler, vocabulary(self.tok), self.eos)
+            return JsonSampler(sampler, vocabulary(self.tok), self.eos, schema_state(req.json_schema))
         return sampler
 
     def _accept(self, seq: Sequence, token: int) -> None:

@@ -51,6 +51,9 @@ class GenerationRequest:
     num_ctx: int | None = None  # cap the context below the model's own maximum
     context: list[int] | None = None  # token ids to continue from (an earlier Result.context, Ollama's `context`)
     format: str | None = None  # "json": the answer is one JSON object (constrained as it is sampled)
+    # with format "json": a JSON schema the answer follows instead (structured outputs, see
+    # engine.json_schema); RequestError where the schema cannot be followed
+    json_schema: dict[str, Any] | bool | None = None
     # reasoning models: None lets the model think (its reasoning comes apart from the answer, see
     # engine.reasoning), False asks it not to (an empty think block ends the prompt)
     think: bool | None = None

@@ -107,11 +107,13 @@ async def generate(request: Request) -> Response:
     values = {name: get_field(data, name, (int, float)) for name in PARAM_FIELDS}
     values["stop"] = get_field(data, "stop", (str, list))
     params = build_params(ctx.base_params(), values)
-    fmt = get_field(data, "format", str)
-    if fmt not in (None, "", "json"):
-        raise ApiError(400, "format must be \"json\" (the answer is one JSON object)", param="format")
+    fmt = get_field(data, "format", (str, dict))
+    if fmt not in (None, "", "json") and not isinstance(fmt, dict):
+        raise ApiError(400, "format must be \"json\" (the answer is one JSON object) or a JSON schema", param="format")
+    schema = fmt if isinstance(fmt, dict) else None
     think = think_for(ctx, get_field(data, "think", bool))
-    req = GenerationRequest(prompt=prompt, system=system, params=params, raw=raw, format=fmt or None, think=think)
+    req = GenerationRequest(prompt=prompt, system=system, params=params, raw=raw, format="json" if fmt else None,
+                            json_schema=schema, think=think)
     gen = await submit(ctx, req, model)
     if not stream:
         result = await wait_result(request, gen)

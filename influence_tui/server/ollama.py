@@ -139,16 +139,32 @@ def think_field(data: dict[str, Any]) -> bool | None:
     raise ApiError(400, "think must be true, false, \"low\", \"medium\" or \"high\"")
 
 
-def answer_format(data: dict[str, Any]) -> str | None:
-    """`format`: "json" (the answer is one JSON object) or absent; a JSON schema is refused."""
+def answer_format(data: dict[str, Any]) -> dict[str, Any]:
+    """`format`: "json" (the answer is one JSON object), a JSON schema (the answer follows it:
+    structured outputs), or absent; as GenerationRequest's fields."""
     fmt = data.get("format")
     if fmt is None or fmt == "":
-        return None
+        return {}
     if fmt == "json":
-        return "json"
+        return {"format": "json"}
     if isinstance(fmt, dict):
-        raise ApiError(400, "format as a JSON schema is not supported by this server: use \"json\" (any JSON object)")
-    raise ApiError(400, "format must be \"json\"")
+        return {"format": "json", "json_schema": fmt}
+    raise ApiError(400, "format must be \"json\" or a JSON schema")
+
+
+async def refuse_thinking(ctx: ServerContext, name: str | None, path: str | None) -> None:
+    """`think` asked of a model that cannot: a 400, as Ollama answers (its clients' think toggles
+    read it as "this model does not think"); the server's default setting is never an error."""
+    loaded = loaded_model(ctx, path)
+    if loaded is not None:
+        thinks = loaded.thinks
+    elif name:
+        info = await asyncio.to_thread(ctx.find, name)
+        thinks = "thinking" in info.capabilities
+    else:  # the default model, not loaded yet: the engine decides
+        return
+    if not thinks:
+        raise ApiError(400, f'"{name or loaded.name}" does not support thinking')
 
 
 def created_at() -> str:
@@ -226,13 +242,15 @@ async def generate(request: Request) -> Response:
         raise ApiError(400, "tools are taken by /api/chat, not /api/generate")
     params, num_ctx = ollama_params(data, ctx)
     model = await check_chat_model(ctx, name)
+    if think_field(data):
+        await refuse_thinking(ctx, name, model)
     if not prompt:
         return await load_or_unload(request, ctx, name, model, keep_alive, chat=False)
     context = get_field(data, "context", list)  # deprecated by Ollama, still sent by older clients
     if context is not None and not all(isinstance(t, int) and not isinstance(t, bool) for t in context):
         raise ApiError(400, "context must be an array of token ids (an earlier answer's context)")
     req = GenerationRequest(prompt=prompt, system=system, params=params, raw=raw, num_ctx=num_ctx,
-                            context=context or None, format=answer_format(data), think=think)
+                            context=context or None, think=think, **answer_format(data))
     return await answer(request, ctx, req, model, name, started, stream, keep_alive, chat=False)
 
 
@@ -251,10 +269,12 @@ async def chat(request: Request) -> Response:
     refuse_unsupported(data)
     params, num_ctx = ollama_params(data, ctx)
     model = await check_chat_model(ctx, name)
+    if think_field(data):
+        await refuse_thinking(ctx, name, model)
     if not messages:
         return await load_or_unload(request, ctx, name, model, keep_alive, chat=True)
-    req = GenerationRequest(messages=messages, params=params, num_ctx=num_ctx, format=answer_format(data),
-                            think=think, tools=tools)
+    req = GenerationRequest(messages=messages, params=params, num_ctx=num_ctx, think=think, tools=tools,
+                            **answer_format(data))
     return await answer(request, ctx, req, model, name, started, stream, keep_alive, chat=True)
 
 

@@ -88,22 +88,30 @@ def refuse_unsupported(data: dict[str, Any]) -> None:
         raise ApiError(400, "logprobs are not supported by this server", param="logprobs")
 
 
-def answer_format(data: dict[str, Any]) -> str | None:
-    """response_format: text, or json_object (the answer is one JSON object); json_schema is refused."""
+def answer_format(data: dict[str, Any]) -> dict[str, Any]:
+    """response_format: text, json_object (the answer is one JSON object) or json_schema (the
+    answer follows `json_schema.schema`: structured outputs); as GenerationRequest's fields."""
     fmt = data.get("response_format")
     if fmt is None:
-        return None
+        return {}
     kind = fmt.get("type") if isinstance(fmt, dict) else None
     if kind in (None, "text"):
         if not isinstance(fmt, dict):
             raise ApiError(400, "response_format must be an object like {\"type\": \"json_object\"}", param="response_format")
-        return None
+        return {}
     if kind == "json_object":
-        return "json"
+        return {"format": "json"}
     if kind == "json_schema":
-        raise ApiError(400, "response_format json_schema is not supported by this server: use json_object (any JSON object)",
-                       param="response_format")
-    raise ApiError(400, "response_format.type must be text or json_object", param="response_format.type")
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict):
+            raise ApiError(400, "response_format.json_schema must be an object like {\"name\": ..., \"schema\": {...}}",
+                           param="response_format.json_schema")
+        schema = spec.get("schema")
+        if schema is not None and not isinstance(schema, (dict, bool)):
+            raise ApiError(400, "response_format.json_schema.schema must be a JSON schema (an object)",
+                           param="response_format.json_schema.schema")
+        return {"format": "json", "json_schema": schema}
+    raise ApiError(400, "response_format.type must be text, json_object or json_schema", param="response_format.type")
 
 
 def tools_field(data: dict[str, Any]) -> list[dict[str, Any]] | None:
@@ -238,7 +246,7 @@ async def chat_completions(request: Request, default_stream: bool = False) -> Re
     think = think_for(ctx, think_field(data))
     name = get_field(data, "model", str)
     model = await check_chat_model(ctx, name)
-    req = GenerationRequest(messages=messages, params=params, format=answer_format(data), think=think, tools=tools)
+    req = GenerationRequest(messages=messages, params=params, think=think, tools=tools, **answer_format(data))
     gen = await submit(ctx, req, model)
     ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     if not stream:

@@ -106,9 +106,12 @@ OLLAMA_OPTIONS = {"type": "object", "properties": {
     "num_ctx": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
 }, "additionalProperties": True}
 
-JSON_FORMAT = {"type": "string", "enum": ["json"], "description": "the answer is one JSON object"}
-RESPONSE_FORMAT = {"type": "object", "required": ["type"],
-                   "properties": {"type": {"type": "string", "enum": ["text", "json_object"]}}}
+JSON_FORMAT = {"oneOf": [{"type": "string", "enum": ["json"], "description": "the answer is one JSON object"},
+                         {"type": "object", "description": "a JSON schema the answer follows (structured outputs)"}]}
+RESPONSE_FORMAT = {"type": "object", "required": ["type"], "properties": {
+    "type": {"type": "string", "enum": ["text", "json_object", "json_schema"]},
+    "json_schema": {"type": "object", "description": "with type json_schema: the answer follows `schema`",
+                    "properties": {"name": {"type": "string"}, "schema": {"type": "object"}, "strict": {"type": "boolean"}}}}}
 THINK = {"type": "boolean", "description": "a reasoning model thinks first, its reasoning kept apart (default: the server's setting)"}
 OLLAMA_THINK = {"oneOf": [THINK, {"type": "string", "enum": ["low", "medium", "high"], "description": "think (any level)"}]}
 EFFORT = {"type": "string", "enum": ["none", "minimal", "low", "medium", "high", "xhigh"],
