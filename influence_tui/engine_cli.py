@@ -89,6 +89,8 @@ def answer_format(value: Any, label: str = "format") -> dict[str, Any]:
         compile_schema(value)
     except SchemaError as exc:
         raise ParamError(f"{label}: JSON schema: {exc}") from None
+    except Exception as exc:  # a schema no check foresaw: still one line, not a traceback
+        raise ParamError(f"{label}: JSON schema: cannot be followed ({type(exc).__name__}: {exc})") from None
     return {"format": "json", "json_schema": value}
 
 

@@ -69,6 +69,16 @@ ACCEPTED = [
      '{"a": 1, "b": "x"}'),
     ({"allOf": [{"$ref": "#/$defs/A"}], "$defs": {"A": {"type": "object", "properties": {"a": {"type": "boolean"}},
                                                        "required": ["a"]}}}, '{"a": false}'),
+    ({"type": "string"}, '"\\ud83d\\ude00 and \\u00e9"'),  # a surrogate pair
+    ({"type": "number"}, "0.30000000000000004"),  # Python's repr of 0.1 + 0.2
+    ({"type": "integer"}, "9223372036854775807"),
+    ({"const": {"a": [1, "x"]}}, '{"a":[1,"x"]}'),  # however it is spaced
+    ({"const": {"a": [1, "x"]}}, '{"a": [1, "x"]}'),
+    ({"enum": [1.0]}, "1"),
+    ({"enum": ["Zürich"]}, '"Z\\u00fcrich"'),  # as json.dumps writes it by default
+    ({"enum": [f"zone{i}" for i in range(2000)]}, '"zone1999"'),  # a long enum is one matcher
+    ({"$ref": "#/$defs/A", "nullable": True, "$defs": {"A": {"type": "integer"}}}, "null"),
+    ({"type": "object", "additionalProperties": {"type": "integer"}, "propertyNames": {"enum": ["a", "b"]}}, '{"b": 2}'),
 ]
 
 REFUSED = [  # no text that starts this way fits the schema
@@ -90,7 +100,15 @@ REFUSED = [  # no text that starts this way fits the schema
     ({"type": ["string", "null"]}, "1"),
     ({"type": "boolean"}, "tru "),
     ({"type": "array", "prefixItems": [{"type": "integer"}], "items": False}, "[1, 2"),
-    ({"type": "integer"}, "1" * 17),  # a number cannot grow forever
+    ({"type": "integer"}, "1" * 21),  # a number cannot grow forever
+    ({"type": "string"}, '"\\ud800"'),  # a lone surrogate is not Unicode (Pydantic refuses it)
+    ({"type": "string"}, '"\\udc00'),
+    ({"type": "object", "properties": {"a": {"type": "integer"}}, "oneOf": [{"required": ["a"]}]}, '"x"'),  # beside oneOf
+    ({"type": "object", "additionalProperties": {"type": "integer"}, "propertyNames": {"enum": ["a", "b"]}}, '{"c'),
+    ({"type": "object", "properties": {"ab": {"type": "integer"}}, "additionalProperties": {"type": "string"}},
+     '{"ab": 1, "a\\u0062"'),  # the same key, escaped
+    ({"allOf": [{"properties": {"a": {"type": "integer"}}}, {"properties": {"a": {"minimum": 0}}}]}, '{"a": "'),
+    ({"allOf": [{"properties": {"a": {"type": "integer"}}}, {"properties": {"a": {"minimum": 0}}}]}, '{"a": -'),
 ]
 
 
@@ -157,6 +175,15 @@ def test_pydantic_models_and_their_instances(model, instance):
     ({"type": "object", "properties": {}, "required": ["x"], "additionalProperties": False},
      "#/required: 'x' is required but not allowed"),
     ([1], "#: a schema must be an object"),
+    ({"$ref": "#"}, "#: the schema accepts no value (it refers only to itself)"),
+    ({"anyOf": [{"$ref": "#"}]}, "#: the schema accepts no value (it refers only to itself)"),
+    ({"allOf": [{"$ref": 5}]}, "#/allOf/0: $ref must be a string that leads to a schema"),
+    ({"allOf": [{"required": ["a"]}, {"required": [1]}]}, "#/allOf/1/required: must be a list of names"),
+    ({"$ref": "#/anyOf/²", "anyOf": [{}]}, "$ref '#/anyOf/²' points at nothing"),
+    ({"enum": [float("nan")]}, "#/enum: nan is not a JSON value"),
+    ({"type": "array", "minItems": 3, "maxItems": 1}, "#: minItems 3 is more than maxItems 1: no value fits"),
+    ({"type": "string", "minLength": 3, "maxLength": 1}, "#: minLength 3 is more than maxLength 1: no value fits"),
+    ({"allOf": [{"type": "string"}, {"type": "integer"}]}, "#/allOf/1/type: no value is both 'string' and 'integer'"),
 ])
 def test_schemas_that_cannot_be_followed_say_where(schema, message):
     with pytest.raises(SchemaError) as err:

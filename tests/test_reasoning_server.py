@@ -112,6 +112,24 @@ def test_openai_chat_gives_reasoning_content(openai_client):
     assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == THINKER_REASONING
     assert "".join(d.content or "" for d in deltas) == THINKER_ANSWER
     assert resp.usage.completion_tokens == 5  # reasoning, </think>, blank line, answer, end of turn
+    assert resp.usage.completion_tokens_details.reasoning_tokens == 2  # reasoning, </think>
+
+
+def test_responses_api_gives_a_reasoning_item(openai_client):
+    ask = {"model": NAME, "input": "What is six times seven?", "temperature": 0}
+    resp = openai_client.responses.create(**ask)
+    reasoning, message = resp.output
+    assert reasoning.type == "reasoning" and reasoning.content[0].type == "reasoning_text"
+    assert reasoning.content[0].text == THINKER_REASONING and message.type == "message"
+    assert resp.output_text == THINKER_ANSWER and resp.usage.output_tokens_details.reasoning_tokens == 2
+    with openai_client.responses.stream(**ask) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == THINKER_REASONING
+    assert [e.output_index for e in events if e.type == "response.output_item.added"] == [0, 1]
+    assert final.output_text == THINKER_ANSWER and final.output[0].content[0].text == THINKER_REASONING
+    alone = openai_client.responses.create(**ask, reasoning={"effort": "none"})
+    assert [item.type for item in alone.output] == ["message"] and alone.output_text == THINKER_ANSWER
 
 
 @pytest.mark.parametrize("ask", [{"reasoning_effort": "none"}, {"extra_body": {"reasoning": {"effort": "none"}}},

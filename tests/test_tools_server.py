@@ -45,6 +45,25 @@ def test_openai_chat_returns_the_call(openai_client):
     assert call.function.name == "get_weather" and json.loads(call.function.arguments) == PARIS
 
 
+def test_responses_api_returns_the_call_and_takes_its_result(openai_client):
+    tool = {"type": "function", **WEATHER_TOOL["function"]}  # the Responses API's flat shape
+    ask = {"model": NAME, "input": "What is the weather in Paris?", "tools": [tool], "temperature": 0}
+    resp = openai_client.responses.create(**ask)
+    [call] = resp.output  # no text: no message item
+    assert call.type == "function_call" and call.name == "get_weather" and json.loads(call.arguments) == PARIS
+    assert call.call_id and resp.status == "completed"
+    with openai_client.responses.stream(**ask) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    [done] = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert json.loads(done.arguments) == PARIS and final.output[0].name == "get_weather"
+    # the call and its result go back in as items, and reach the prompt
+    again = openai_client.responses.create(**{**ask, "input": [
+        {"role": "user", "content": "What is the weather in Paris?"}, call.model_dump(),
+        {"type": "function_call_output", "call_id": call.call_id, "output": '{"temperature": 21}'}]})
+    assert again.status == "completed" and again.usage.input_tokens > resp.usage.input_tokens + 10
+
+
 def test_openai_stream_accumulates_to_the_call(openai_client):
     chunks = list(openai_client.chat.completions.create(
         model=NAME, messages=QUESTION, tools=[WEATHER_TOOL], temperature=0, stream=True,

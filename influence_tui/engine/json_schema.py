@@ -1,31 +1,34 @@
 """Structured outputs: answers that follow a JSON schema (Ollama's `format: {schema}`, OpenAI's
 `response_format: {"type": "json_schema", ...}`, `influence generate --format schema.json`).
 
-The schema is compiled once into a small tree of matchers (object, array, string, number, literal,
-union). Text is recognized character by character as a set of parse stacks, each a linked tuple of
-immutable frames, so trying a candidate token copies nothing (constrain.JsonSampler tries a few per
-step) and a union (`anyOf`, `enum`, a type list) is simply several stacks until a character tells
-them apart.
+The schema is compiled once into a small tree of matchers (object, array, string, number, a set of
+exact texts, union). Text is recognized character by character as a set of parse stacks, each a
+linked tuple of immutable frames, so trying a candidate token copies nothing (constrain.JsonSampler
+tries a few per step) and a union (`anyOf`, a type list) is simply several stacks until a character
+tells them apart. An `enum` is one matcher however long (a sorted list of its texts).
 
 What a schema constrains, as llama.cpp's json-schema-to-grammar does (the converter Ollama uses):
 `type` (one or a list), `properties` / `required` / `additionalProperties` (an object with
 `properties` takes only those keys unless `additionalProperties` says otherwise; keys may come in
-any order, each once, the required ones before it closes), `items` / `prefixItems` / `minItems` /
-`maxItems`, `enum`, `const`, `anyOf` / `oneOf` / `allOf`, `$ref` into the schema (`$defs`,
-`definitions`: Pydantic's nested models, recursion included), `nullable`, a string's `minLength` /
-`maxLength`, and a number's sign (`minimum` >= 0 takes no minus). Keywords that do not change the
-shape (`title`, `description`, `default`, `examples`, `format`, `pattern`, bounds other than the
-sign) are not enforced: a value with a `pattern` is still any string.
+any order, each once, the required ones before it closes), `propertyNames` given as an `enum`
+(Pydantic's `dict[Literal[...], V]`), `items` / `prefixItems` / `minItems` / `maxItems`, `enum`,
+`const`, `anyOf` / `oneOf` / `allOf` (with the keywords beside them), `$ref` into the schema
+(`$defs`, `definitions`: Pydantic's nested models, recursion included), `nullable`, a string's
+`minLength` / `maxLength`, and a number's sign (`minimum` >= 0 takes no minus). Not enforced:
+`pattern`, `format`, `patternProperties`, `not`, `uniqueItems`, `minProperties` /
+`maxProperties`, numeric bounds other than the sign (a value with a `pattern` is still any string).
 """
 
 from __future__ import annotations
 
 import json
+import math
+from bisect import bisect_left, bisect_right
 from typing import Any
 
 from influence_tui.engine.constrain import ESCAPES, HEX, WHITESPACE
 
-MAX_DIGITS = 16  # digits of a number's integer or fraction part (a model cannot write digits forever)
+MAX_DIGITS = 20  # digits of a number's integer or fraction part: a 64-bit integer, a float's repr; no runaway
 MAX_INDENT = 20  # spaces or tabs after a newline between tokens (llama.cpp's grammars take 20)
 MAX_DEPTH = 64  # values nested in values (the recognizer recurses once per level)
 MAX_STATES = 512  # parse stacks kept at once (a pathological union cannot grow them without bound)
@@ -56,27 +59,78 @@ class Node:
         return self.can_end(frame)
 
 
-class Literal(Node):
-    """One exact JSON text: a `const`, an `enum` member, true / false / null."""
+def _escape(pending: str, ch: str) -> str | None:
+    """One more character of a string's escape sequence `pending` (it starts with the backslash):
+    None where JSON has no such escape, "" once it is whole, else what is still pending. A \\u
+    high surrogate must be followed by its low half (a lone one is not valid Unicode: Pydantic's
+    parser refuses it)."""
+    n = len(pending)
+    if n == 1:
+        return "" if ch in ESCAPES and ch != "u" else pending + ch if ch == "u" else None
+    if n in (7,):  # after a high surrogate: its pair's backslash, then 'u'
+        return pending + ch if ch == "u" else None
+    if n == 6:
+        return pending + ch if ch == "\\" else None
+    if ch not in HEX:
+        return None
+    pending += ch
+    if len(pending) == 6:
+        code = int(pending[2:], 16)
+        if 0xDC00 <= code <= 0xDFFF:
+            return None
+        return pending if 0xD800 <= code <= 0xDBFF else ""
+    if len(pending) == 12:
+        return "" if 0xDC00 <= int(pending[8:], 16) <= 0xDFFF else None
+    return pending
 
-    __slots__ = ("text",)
 
-    def __init__(self, value: Any) -> None:
-        self.text = json.dumps(value, ensure_ascii=False)
+class Choice(Node):
+    """One of a set of exact texts (`enum`, `const`, true / false / null), kept sorted so that a
+    prefix is checked by bisection, whatever the number of members."""
+
+    __slots__ = ("texts", "whole")
+
+    def __init__(self, texts: list[str]) -> None:
+        self.texts = sorted(set(texts))
+        self.whole = frozenset(self.texts)
 
     def start(self) -> list[Frame]:
-        return [(self, 0)]
+        return [(self, "")]
 
     def step(self, frame: Frame, ch: str) -> list:
-        i = frame[1]
-        return [((self, i + 1), None, True)] if i < len(self.text) and self.text[i] == ch else []
+        typed = frame[1] + ch
+        i = bisect_left(self.texts, typed)
+        return [((self, typed), None, True)] if i < len(self.texts) and self.texts[i].startswith(typed) else []
 
     def can_end(self, frame: Frame) -> bool:
-        return frame[1] == len(self.text)
+        return frame[1] in self.whole
+
+    def closed(self, frame: Frame) -> bool:
+        typed = frame[1]
+        i = bisect_right(self.texts, typed)
+        return typed in self.whole and not (i < len(self.texts) and self.texts[i].startswith(typed))
+
+
+def _texts(value: Any, where: str) -> list[str]:
+    """The ways a scalar is written: a string with or without \\u escapes, an integral number with
+    or without ".0" (JSON Schema's 1 equals 1.0)."""
+    if isinstance(value, str):
+        return [json.dumps(value, ensure_ascii=False), json.dumps(value)]
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise SchemaError(f"{where}: {value} is not a JSON value")
+        return [json.dumps(value)] + ([str(int(value))] if value.is_integer() else [])
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [str(value), f"{value}.0"]
+    return [json.dumps(value)]  # true, false, null
+
+
+def literal(value: Any) -> Node:
+    return Choice(_texts(value, "#"))
 
 
 class String(Node):
-    """A JSON string of min_len..max_len characters (an escape is one)."""
+    """A JSON string of min_len..max_len characters (an escape is one, a surrogate pair too)."""
 
     __slots__ = ("min_len", "max_len")
 
@@ -84,23 +138,22 @@ class String(Node):
         self.min_len, self.max_len = min_len, max_len
 
     def start(self) -> list[Frame]:
-        return [(self, 0, 0, False, 0)]  # phase (0 before, 1 inside, 2 done), length, escape, \u digits left
+        return [(self, 0, 0, "")]  # phase (0 before, 1 inside, 2 done), length, the escape under way
 
     def step(self, frame: Frame, ch: str) -> list:
-        _, phase, n, escape, hex_left = frame
+        _, phase, n, pending = frame
         if phase == 0:
-            return [((self, 1, 0, False, 0), None, True)] if ch == '"' else []
+            return [((self, 1, 0, ""), None, True)] if ch == '"' else []
         if phase == 2:
             return []
-        if hex_left:
-            return [((self, 1, n, False, hex_left - 1), None, True)] if ch in HEX else []
-        if escape:
-            return [((self, 1, n, False, 4 if ch == "u" else 0), None, True)] if ch in ESCAPES else []
+        if pending:
+            after = _escape(pending, ch)
+            return [] if after is None else [((self, 1, n, after), None, True)]
         if ch == '"':
-            return [((self, 2, n, False, 0), None, True)] if n >= self.min_len else []
+            return [((self, 2, n, ""), None, True)] if n >= self.min_len else []
         if ch < " " or (self.max_len is not None and n >= self.max_len):  # control characters must be escaped
             return []
-        return [((self, 1, n + 1, ch == "\\", 0), None, True)]
+        return [((self, 1, n + 1, "\\" if ch == "\\" else ""), None, True)]
 
     def can_end(self, frame: Frame) -> bool:
         return frame[1] == 2
@@ -212,66 +265,65 @@ class Array(Node):
 
 
 class Object(Node):
-    """`{...}` with the `properties` (keys as they are written in JSON, escapes and all), each at
-    most once, the `required` ones before it closes, other keys only where `extra` (the
-    additionalProperties schema) says what their values are."""
+    """`{...}` with the `properties`, each at most once, the `required` ones before it closes, other
+    keys only where `extra` (the additionalProperties schema) says what their values are. Keys are
+    compared once decoded ("a\\u0062" is "ab"); a declared key is only recognized as JSON writes it."""
 
-    __slots__ = ("props", "required", "extra")
+    __slots__ = ("props", "written", "required", "extra")
 
     OPEN, FIRST, KEY_START, KEY, COLON, VALUE, NEXT, DONE = range(8)
 
     def __init__(self, props: dict[str, Node], required: frozenset[str], extra: Node | None) -> None:
         self.props, self.required, self.extra = props, required, extra
+        self.written = {_key(k): k for k in props}  # as the key reads between its quotes -> its name
 
     def start(self) -> list[Frame]:
-        # phase, keys used, the key being read, escape, \u digits left, spaces
-        return [(self, self.OPEN, frozenset(), "", False, 0, 0)]
+        # phase, names used, the key being read (raw; once read, its name), the escape under way, spaces
+        return [(self, self.OPEN, frozenset(), "", "", 0)]
 
     def _keys_left(self, used: frozenset[str]) -> bool:
         return self.extra is not None or any(k not in used for k in self.props)
 
-    def _key_may_go_on(self, key: str, used: frozenset[str]) -> bool:
-        return self.extra is not None or any(k.startswith(key) and k not in used for k in self.props)
+    def _key_may_go_on(self, raw: str, used: frozenset[str]) -> bool:
+        return self.extra is not None or any(w.startswith(raw) and k not in used for w, k in self.written.items())
 
     def step(self, frame: Frame, ch: str) -> list:
-        _, phase, used, key, escape, hex_left, _spaces = frame
+        _, phase, used, key, _pending, _spaces = frame
         if phase == self.OPEN:
-            return [((self, self.FIRST, used, "", False, 0, 0), None, True)] if ch == "{" else []
+            return [((self, self.FIRST, used, "", "", 0), None, True)] if ch == "{" else []
         if phase == self.DONE:
             return []
         if phase == self.KEY:
             return self._key_char(frame, ch)
         if ch in WHITESPACE:
-            return _space(frame, ch, 6)
+            return _space(frame, ch, 5)
         if phase == self.COLON:
-            return [((self, self.VALUE, used, key, False, 0, 0), None, True)] if ch == ":" else []
+            return [((self, self.VALUE, used, key, "", 0), None, True)] if ch == ":" else []
         if phase == self.VALUE:
             child = self.props.get(key, self.extra)
-            return [((self, self.NEXT, used, "", False, 0, 0), child, False)]
-        closes = ch == "}" and self.required <= used and phase in (self.FIRST, self.NEXT)
-        if closes:
-            return [((self, self.DONE, used, "", False, 0, 0), None, True)]
+            return [((self, self.NEXT, used, "", "", 0), child, False)]
+        if ch == "}" and self.required <= used and phase in (self.FIRST, self.NEXT):
+            return [((self, self.DONE, used, "", "", 0), None, True)]
         if ch == "," and phase == self.NEXT and self._keys_left(used):
-            return [((self, self.KEY_START, used, "", False, 0, 0), None, True)]
+            return [((self, self.KEY_START, used, "", "", 0), None, True)]
         if ch == '"' and phase in (self.FIRST, self.KEY_START) and self._keys_left(used):
-            return [((self, self.KEY, used, "", False, 0, 0), None, True)]
+            return [((self, self.KEY, used, "", "", 0), None, True)]
         return []
 
     def _key_char(self, frame: Frame, ch: str) -> list:
-        _, _, used, key, escape, hex_left, _ = frame
-        if ch == '"' and not escape and not hex_left:
-            if key in used or (key not in self.props and self.extra is None):
+        _, _, used, key, pending, _ = frame
+        if ch == '"' and not pending:
+            name = json.loads(f'"{key}"')
+            if name in used or (name not in self.props and self.extra is None):
                 return []
-            return [((self, self.COLON, used | {key}, key, False, 0, 0), None, True)]
-        if hex_left:
-            ok, escape, hex_left = ch in HEX, False, hex_left - 1
-        elif escape:
-            ok, escape, hex_left = ch in ESCAPES, False, 4 if ch == "u" else 0
+            return [((self, self.COLON, used | {name}, name, "", 0), None, True)]
+        if pending:
+            after = _escape(pending, ch)
         else:
-            ok, escape = ch >= " ", ch == "\\"
-        if not ok or not self._key_may_go_on(key + ch, used):
+            after = "\\" if ch == "\\" else "" if ch >= " " else None
+        if after is None or not self._key_may_go_on(key + ch, used):
             return []
-        return [((self, self.KEY, used, key + ch, escape, hex_left, 0), None, True)]
+        return [((self, self.KEY, used, key + ch, after, 0), None, True)]
 
     def can_end(self, frame: Frame) -> bool:
         return frame[1] == self.DONE
@@ -292,14 +344,22 @@ class Union(Node):
 class Ref(Node):
     """A `$ref`, compiled once its target is known (recursive schemas refer to themselves)."""
 
-    __slots__ = ("target",)
+    __slots__ = ("target", "busy")
 
     def __init__(self) -> None:
         self.target: Node | None = None
+        self.busy = False
 
     def start(self) -> list[Frame]:
-        assert self.target is not None
-        return self.target.start()
+        """The target's first frames; none where the target comes back to this reference before
+        reading a character (`{"anyOf": [{"$ref": "#"}]}` would otherwise recurse forever)."""
+        if self.busy or self.target is None:
+            return []
+        self.busy = True
+        try:
+            return self.target.start()
+        finally:
+            self.busy = False
 
 
 class AnyValue(Node):
@@ -308,8 +368,7 @@ class AnyValue(Node):
     __slots__ = ("options",)
 
     def __init__(self) -> None:
-        self.options = [Object({}, frozenset(), self), Array(self), String(), Number(),
-                        Literal(True), Literal(False), Literal(None)]
+        self.options = [Object({}, frozenset(), self), Array(self), String(), Number(), Choice(["true", "false", "null"])]
 
     def start(self) -> list[Frame]:
         return [f for o in self.options for f in o.start()]
@@ -351,8 +410,11 @@ class SchemaPrefix:
     def feed(self, text: str) -> bool:
         for ch in text:
             out: list[Stack] = []
-            for s in self.stacks:
-                _advance(s, ch, out)
+            try:
+                for s in self.stacks:
+                    _advance(s, ch, out)
+            except RecursionError:  # (MAX_DEPTH keeps well inside Python's limit; never fail a batch)
+                return False
             if not out:
                 return False
             self.stacks = list(dict.fromkeys(out))[:MAX_STATES]
@@ -372,12 +434,20 @@ class SchemaPrefix:
 def compile_schema(schema: Any) -> Node:
     """The matcher of `schema`; SchemaError (saying where) for what it cannot follow."""
     try:
-        return _Compiler(schema).build()
+        node = _Compiler(schema).build()
     except RecursionError:
         raise SchemaError("the schema is nested too deeply") from None
+    if not node.start():
+        raise SchemaError("#: the schema accepts no value (it refers only to itself)")
+    return node
 
 
-SHAPE_KEYS = ("properties", "additionalProperties", "items", "prefixItems", "minLength", "maxLength")
+# keywords that describe rather than constrain: the first of them wins where allOf parts differ
+ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$comment", "deprecated", "readOnly",
+                         "writeOnly", "$schema", "$id", "$defs", "definitions", "discriminator", "format",
+                         "pattern", "strict"})
+LOWER_BOUNDS = ("minLength", "minItems", "minimum", "exclusiveMinimum")
+UPPER_BOUNDS = ("maxLength", "maxItems", "maximum", "exclusiveMaximum")
 
 
 class _Compiler:
@@ -390,10 +460,12 @@ class _Compiler:
         node = self.node(self.root, "#")
         while self.pending:  # compile every target now, so a bad one is an error before any answer
             path = self.pending.pop()
-            self.refs[path].target = self.node(self.resolve(path), path)
+            self.refs[path].target = self.node(self.resolve(path, path), path)
         return node
 
-    def resolve(self, path: str) -> Any:
+    def resolve(self, path: Any, where: str) -> Any:
+        if not isinstance(path, str):
+            raise SchemaError(f"{where}: $ref must be a string")
         if not path.startswith("#"):
             raise SchemaError(f"$ref {path!r}: only references into the schema itself (#/...) are followed")
         target = self.root
@@ -401,7 +473,7 @@ class _Compiler:
             part = part.replace("~1", "/").replace("~0", "~")
             if isinstance(target, dict) and part in target:
                 target = target[part]
-            elif isinstance(target, list) and part.isdigit() and int(part) < len(target):
+            elif isinstance(target, list) and part.isascii() and part.isdigit() and int(part) < len(target):
                 target = target[int(part)]
             else:
                 raise SchemaError(f"$ref {path!r} points at nothing")
@@ -416,36 +488,47 @@ class _Compiler:
             raise SchemaError(f"{where}: a schema must be an object")
         if "$ref" in s:
             path = s["$ref"]
-            if not isinstance(path, str):
-                raise SchemaError(f"{where}: $ref must be a string")
+            self.resolve(path, where)  # (an error now, saying where it was written)
             if path not in self.refs:
                 self.refs[path] = Ref()
                 self.pending.append(path)
-            return self.refs[path]
-        node = self._shape(s, where)
+            node: Node = self.refs[path]
+        else:
+            node = self._shape(s, where)
         if s.get("nullable") is True:
-            node = Union([node, Literal(None)])
+            node = Union([node, literal(None)])
         return node
+
+    def _values(self, values: list[Any], where: str) -> Node:
+        """`enum` / `const`: the scalars as one Choice, objects and arrays as their shapes."""
+        scalars = [t for v in values if not isinstance(v, (dict, list)) for t in _texts(v, where)]
+        shapes = [self._const_shape(v, where) for v in values if isinstance(v, (dict, list))]
+        nodes = ([Choice(scalars)] if scalars else []) + shapes
+        return nodes[0] if len(nodes) == 1 else Union(nodes)
+
+    def _const_shape(self, value: Any, where: str) -> Node:
+        if isinstance(value, dict):
+            props = {k: self._values([v], where) for k, v in value.items()}
+            return Object(props, frozenset(props), None)
+        items = [self._values([v], where) for v in value]
+        return Array(None, items, len(items), len(items))
 
     def _shape(self, s: dict[str, Any], where: str) -> Node:
         if "const" in s:
-            return Literal(s["const"])
+            return self._values([s["const"]], f"{where}/const")
         if "enum" in s:
             values = s["enum"]
             if not isinstance(values, list) or not values:
                 raise SchemaError(f"{where}/enum: must be a non-empty list")
-            return Union([Literal(v) for v in values])
-        for key in ("anyOf", "oneOf"):  # oneOf's "exactly one" is not checked: any that matches
-            if key in s:
-                options = s[key]
-                if not isinstance(options, list) or not options:
-                    raise SchemaError(f"{where}/{key}: must be a non-empty list")
-                return Union([self.node(o, f"{where}/{key}/{i}") for i, o in enumerate(options)])
+            return self._values(values, f"{where}/enum")
         if "allOf" in s:
             return self.node(self._merge(s, where), where)
+        for key in ("anyOf", "oneOf"):  # oneOf's "exactly one" is not checked: any that matches
+            if key in s:
+                return self._union(s, key, where)
         types = s.get("type")
         if types is None:
-            types = ("object" if "properties" in s or "additionalProperties" in s else
+            types = ("object" if "properties" in s or "additionalProperties" in s or "propertyNames" in s else
                      "array" if "items" in s or "prefixItems" in s else
                      "string" if "minLength" in s or "maxLength" in s else None)
             if types is None:
@@ -456,34 +539,76 @@ class _Compiler:
             return Union([self._typed(t, s, where) for t in types])
         return self._typed(types, s, where)
 
+    def _union(self, s: dict[str, Any], key: str, where: str) -> Node:
+        options = s[key]
+        if not isinstance(options, list) or not options:
+            raise SchemaError(f"{where}/{key}: must be a non-empty list")
+        beside = {k: v for k, v in s.items() if k != key and k not in ANNOTATIONS}
+        if beside.get("nullable") is True:  # (node() adds null once for the whole union)
+            del beside["nullable"]
+        nodes = []
+        for i, option in enumerate(options):
+            here = f"{where}/{key}/{i}"
+            # keywords beside the union hold for each option: {"type": "object", "anyOf": [{"required": ["a"]}, ...]}
+            nodes.append(self.node(self._merge({"allOf": [beside, option]}, here), here) if beside else self.node(option, here))
+        return Union(nodes)
+
     def _merge(self, s: dict[str, Any], where: str) -> dict[str, Any]:
-        """allOf as one schema: the parts' properties and required keys together (Pydantic wraps a
-        single $ref this way)."""
+        """allOf as one schema: properties and required keys together (a property in several parts
+        must fit each), the tighter of two bounds, the types they share; other keywords must agree.
+        (Pydantic wraps a single $ref this way.)"""
         parts = s["allOf"]
         if not isinstance(parts, list) or not parts:
             raise SchemaError(f"{where}/allOf: must be a non-empty list")
-        merged = {k: v for k, v in s.items() if k != "allOf"}
-        if not isinstance(merged.get("properties", {}), dict) or not isinstance(merged.get("required", []), list):
-            raise SchemaError(f"{where}: properties must be an object and required a list")
-        for i, part in enumerate(parts):
-            seen = set()
-            while isinstance(part, dict) and "$ref" in part and part["$ref"] not in seen:
-                seen.add(part["$ref"])
-                part = self.resolve(part["$ref"])
-            if not isinstance(part, dict):
-                raise SchemaError(f"{where}/allOf/{i}: a schema must be an object")
-            if "allOf" in part:
-                part = self._merge(part, f"{where}/allOf/{i}")
-            if not isinstance(part.get("properties", {}), dict) or not isinstance(part.get("required", []), list):
-                raise SchemaError(f"{where}/allOf/{i}: properties must be an object and required a list")
-            for k, v in part.items():
-                if k == "properties":
-                    merged["properties"] = {**merged.get("properties", {}), **v}
-                elif k == "required":
-                    merged["required"] = sorted(set(merged.get("required", [])) | set(v))
-                else:
-                    merged.setdefault(k, v)
+        merged: dict[str, Any] = {}
+        base = {k: v for k, v in s.items() if k != "allOf"}
+        for i, part in enumerate([base, *parts]):
+            here = f"{where}/allOf/{i - 1}" if i else where
+            for piece in self._pieces(part, here, set()):
+                self._merge_into(merged, self._merge(piece, here) if "allOf" in piece else piece, here)
         return merged
+
+    def _pieces(self, part: Any, where: str, seen: set[str]) -> list[dict[str, Any]]:
+        """An allOf part as schemas to merge: a $ref's target, then the keywords beside it."""
+        if part is True or part == {}:
+            return []
+        if not isinstance(part, dict):
+            raise SchemaError(f"{where}: a schema must be an object")
+        if "$ref" not in part:
+            return [part]
+        ref = part["$ref"]
+        if not isinstance(ref, str) or ref in seen:
+            raise SchemaError(f"{where}: $ref must be a string that leads to a schema")
+        rest = {k: v for k, v in part.items() if k != "$ref"}
+        return self._pieces(self.resolve(ref, where), where, seen | {ref}) + ([rest] if rest else [])
+
+    def _merge_into(self, merged: dict[str, Any], part: dict[str, Any], where: str) -> None:
+        props, required = part.get("properties", {}), part.get("required", [])
+        if not isinstance(props, dict):
+            raise SchemaError(f"{where}/properties: must be an object")
+        if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+            raise SchemaError(f"{where}/required: must be a list of names")
+        for k, v in part.items():
+            if k in ANNOTATIONS or k not in merged:
+                merged.setdefault(k, dict(v) if k == "properties" else v)
+            elif merged[k] == v:
+                continue
+            elif k == "properties":
+                for name, sub in v.items():
+                    old = merged[k].get(name)
+                    merged[k][name] = sub if old is None else {"allOf": [old, sub]}
+            elif k == "required":
+                merged[k] = sorted(set(merged[k]) | set(v))
+            elif k in LOWER_BOUNDS + UPPER_BOUNDS and all(isinstance(x, (int, float)) for x in (merged[k], v)):
+                merged[k] = max(merged[k], v) if k in LOWER_BOUNDS else min(merged[k], v)
+            elif k == "type":
+                ours, theirs = ([t] if isinstance(t, str) else t for t in (merged[k], v))
+                both = [t for t in ours if t in theirs] if isinstance(ours, list) and isinstance(theirs, list) else []
+                if not both:
+                    raise SchemaError(f"{where}/type: no value is both {merged[k]!r} and {v!r}")
+                merged[k] = both
+            else:
+                raise SchemaError(f"{where}/{k}: allOf parts that set {k} differently are not supported")
 
     def _count(self, s: dict[str, Any], key: str, where: str) -> int | None:
         v = s.get(key)
@@ -493,16 +618,22 @@ class _Compiler:
             raise SchemaError(f"{where}/{key}: must be a whole number >= 0")
         return v
 
+    def _range(self, s: dict[str, Any], low: str, high: str, where: str) -> tuple[int, int | None]:
+        lo, hi = self._count(s, low, where) or 0, self._count(s, high, where)
+        if hi is not None and lo > hi:
+            raise SchemaError(f"{where}: {low} {lo} is more than {high} {hi}: no value fits")
+        return lo, hi
+
     def _typed(self, t: Any, s: dict[str, Any], where: str) -> Node:
         if t == "string":
-            return String(self._count(s, "minLength", where) or 0, self._count(s, "maxLength", where))
+            return String(*self._range(s, "minLength", "maxLength", where))
         if t in ("integer", "number"):
             low = [s[k] for k in ("minimum", "exclusiveMinimum") if isinstance(s.get(k), (int, float)) and not isinstance(s.get(k), bool)]
             return Number(integer=t == "integer", signed=not (low and max(low) >= 0))
         if t == "boolean":
-            return Union([Literal(True), Literal(False)])
+            return Choice(["true", "false"])
         if t == "null":
-            return Literal(None)
+            return literal(None)
         if t == "array":
             return self._array(s, where)
         if t == "object":
@@ -517,7 +648,10 @@ class _Compiler:
             raise SchemaError(f"{where}/prefixItems: must be a list of schemas")
         prefix_nodes = [self.node(p, f"{where}/prefixItems/{i}") for i, p in enumerate(prefix or [])]
         item_node = None if items is False else self.node(items, f"{where}/items")
-        return Array(item_node, prefix_nodes, self._count(s, "minItems", where) or 0, self._count(s, "maxItems", where))
+        lo, hi = self._range(s, "minItems", "maxItems", where)
+        if item_node is None and lo > len(prefix_nodes):
+            raise SchemaError(f"{where}: minItems {lo} but only {len(prefix_nodes)} items are allowed")
+        return Array(item_node, prefix_nodes, lo, hi)
 
     def _object(self, s: dict[str, Any], where: str) -> Node:
         props = s.get("properties") or {}
@@ -529,12 +663,32 @@ class _Compiler:
         extra_schema = s.get("additionalProperties")
         if extra_schema is None:  # llama.cpp's reading: declared properties only, any keys where none are declared
             extra_schema = not props
+        names = self._property_names(s, where)
+        if names is not None:  # only these keys: each a property (the additional schema where undeclared)
+            if extra_schema is not False:
+                props = {**{n: extra_schema for n in names}, **props}
+            extra_schema = False
         extra = None if extra_schema is False else self.node(extra_schema, f"{where}/additionalProperties")
         missing = [r for r in required if r not in props and extra is None]
         if missing:
             raise SchemaError(f"{where}/required: {missing[0]!r} is required but not allowed")
-        written = {_key(k): self.node(v, f"{where}/properties/{k}") for k, v in props.items()}
-        return Object(written, frozenset(_key(r) for r in required), extra)
+        compiled = {k: self.node(v, f"{where}/properties/{k}") for k, v in props.items()}
+        return Object(compiled, frozenset(required), extra)
+
+    def _property_names(self, s: dict[str, Any], where: str) -> list[str] | None:
+        """`propertyNames` as an enum or const of names (Pydantic's dict[Literal[...], V] and
+        dict[SomeEnum, V]); other forms are not enforced."""
+        names = s.get("propertyNames")
+        seen: set[str] = set()
+        while isinstance(names, dict) and "$ref" in names and names["$ref"] not in seen:
+            seen.add(names["$ref"])
+            names = self.resolve(names["$ref"], f"{where}/propertyNames")
+        if not isinstance(names, dict):
+            return None
+        values = names.get("enum", [names["const"]] if "const" in names else None)
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            return None
+        return values
 
 
 def _key(name: str) -> str:

@@ -51,6 +51,8 @@ def schema_state(schema: Any) -> Any:
         return SchemaPrefix(compile_schema(schema))
     except SchemaError as exc:
         raise RequestError(f"JSON schema: {exc}") from None
+    except Exception as exc:  # a schema no check foresaw: this request's error, never the batch's
+        raise RequestError(f"JSON schema: cannot be followed ({type(exc).__name__}: {exc})") from None
 
 
 def _inference() -> Any:
@@ -600,7 +602,10 @@ class Scheduler:
         (`final`: the answer ends, and what the splitter held back comes out)."""
         thinking = ""
         if seq.splitter is not None:
+            was_thinking = seq.splitter.state == "think"
             thinking, text = seq.splitter.feed(text)
+            if token >= 0 and (was_thinking or seq.splitter.state == "think"):  # (the tags count too)
+                seq.usage.reasoning_tokens += 1
             if final:
                 more = seq.splitter.flush()
                 thinking, text = thinking + more[0], text + more[1]

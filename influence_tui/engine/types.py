@@ -69,6 +69,7 @@ class Usage:
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens reused from the KV cache (llama-server's cache_n)
     dropped_tokens: int = 0  # history tokens dropped to fit the context window
+    reasoning_tokens: int = 0  # of completion_tokens, those of a reasoning model's think block (tags included)
     context_length: int = 0  # the model's (or num_ctx's) maximum
     load_s: float = 0.0
     ttft_s: float = 0.0  # submit -> first token

@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from influence_tui.library import ModelNotFound
 from influence_tui.params import ParamError
-from influence_tui.server import native, ollama, openai
+from influence_tui.server import native, ollama, openai, responses
 from influence_tui.server.common import (
     DEFAULT_MAX_BODY,
     ApiError,
@@ -174,7 +174,7 @@ def create_app(engine: "Engine", settings: "Settings", *, api_key: str | None = 
     from influence_tui.engine import EngineError, QueueFull
 
     ctx = ServerContext(engine=engine, settings=settings)
-    routes = [*native.ROUTES, *openai.ROUTES, *ollama.ROUTES, Route("/openapi.json", openapi, methods=["GET"])]
+    routes = [*native.ROUTES, *openai.ROUTES, *responses.ROUTES, *ollama.ROUTES, Route("/openapi.json", openapi, methods=["GET"])]
     middleware = []
     if cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"],

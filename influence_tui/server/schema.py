@@ -112,6 +112,35 @@ RESPONSE_FORMAT = {"type": "object", "required": ["type"], "properties": {
     "type": {"type": "string", "enum": ["text", "json_object", "json_schema"]},
     "json_schema": {"type": "object", "description": "with type json_schema: the answer follows `schema`",
                     "properties": {"name": {"type": "string"}, "schema": {"type": "object"}, "strict": {"type": "boolean"}}}}}
+RESPONSES_PART = {"type": "object", "required": ["type", "text"], "properties": {
+    "type": {"type": "string", "enum": ["input_text", "output_text"]}, "text": {"type": "string"}}}
+RESPONSES_ITEM = {"oneOf": [
+    {"type": "object", "required": ["role", "content"], "description": "a message", "properties": {
+        "type": {"type": "string", "enum": ["message"]}, "role": {"type": "string", "enum": ["system", "developer", "user", "assistant"]},
+        "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": RESPONSES_PART}]}}},
+    {"type": "object", "required": ["type", "call_id", "name", "arguments"], "description": "an earlier call", "properties": {
+        "type": {"type": "string", "enum": ["function_call"]}, "call_id": {"type": "string"}, "name": {"type": "string"},
+        "arguments": {"type": "string", "description": "a JSON object, as text"}}},
+    {"type": "object", "required": ["type", "call_id", "output"], "description": "a call's result", "properties": {
+        "type": {"type": "string", "enum": ["function_call_output"]}, "call_id": {"type": "string"}, "output": {"type": "string"}}},
+]}
+RESPONSES_BODY = {
+    "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": RESPONSES_ITEM, "minItems": 1}]},
+    "instructions": {"type": "string", "description": "the system prompt"},
+    "model": {"type": "string"}, "stream": {"type": "boolean"},
+    "max_output_tokens": _num("max_tokens"), "temperature": _num("temperature"), "top_p": _num("top_p"),
+    "tools": {"type": "array", "items": {"type": "object", "required": ["type", "name"], "properties": {
+        "type": {"type": "string", "enum": ["function"]}, "name": {"type": "string", "minLength": 1},
+        "description": {"type": "string"}, "parameters": {"type": "object"}}}, "description": "function tools only"},
+    "tool_choice": {"oneOf": [{"type": "string", "enum": ["none", "auto", "required"]},
+                              {"type": "object", "required": ["type", "name"], "properties": {
+                                  "type": {"type": "string", "enum": ["function"]}, "name": {"type": "string"}}}]},
+    "text": {"type": "object", "properties": {"format": {"type": "object", "required": ["type"], "properties": {
+        "type": {"type": "string", "enum": ["text", "json_object", "json_schema"]}, "name": {"type": "string"},
+        "schema": {"type": "object"}, "strict": {"type": "boolean"}}}}},
+    "reasoning": {"type": "object", "properties": {"effort": {"type": "string"}}},
+    "store": {"type": "boolean", "description": "accepted; nothing is stored"},
+}
 THINK = {"type": "boolean", "description": "a reasoning model thinks first, its reasoning kept apart (default: the server's setting)"}
 OLLAMA_THINK = {"oneOf": [THINK, {"type": "string", "enum": ["low", "medium", "high"], "description": "think (any level)"}]}
 EFFORT = {"type": "string", "enum": ["none", "minimal", "low", "medium", "high", "xhigh"],
@@ -157,6 +186,9 @@ def _paths() -> dict[str, Any]:
                                                                 "response_format": RESPONSE_FORMAT, **OPENAI_SAMPLING, **OPENAI_REASONING,
                                                              **OPENAI_TOOLS}, ["messages"]),
                                           "responses": _responses(json_ok)}},
+        "/v1/responses": {"post": {"summary": "OpenAI Responses API, stateless (SSE events when stream is true)",
+                                   "operationId": "openaiResponses",
+                                   "requestBody": _body(RESPONSES_BODY, ["input"]), "responses": _responses(json_ok)}},
         "/v1/completions": {"post": {"summary": "OpenAI text completions (no chat template)", "operationId": "openaiCompletions",
                                      "requestBody": _body({"prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1}]},
                                                            "echo": {"type": "boolean"}, **OPENAI_SAMPLING}, ["prompt"]),
