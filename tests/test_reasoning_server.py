@@ -130,6 +130,10 @@ def test_responses_api_gives_a_reasoning_item(openai_client):
     assert final.output_text == THINKER_ANSWER and final.output[0].content[0].text == THINKER_REASONING
     alone = openai_client.responses.create(**ask, reasoning={"effort": "none"})
     assert [item.type for item in alone.output] == ["message"] and alone.output_text == THINKER_ANSWER
+    cut = openai_client.responses.create(**ask, max_output_tokens=1)  # cut off while thinking: the reasoning alone
+    assert [(item.type, item.status) for item in cut.output] == [("reasoning", "incomplete")] and cut.status == "incomplete"
+    events = list(openai_client.responses.create(**ask, max_output_tokens=1, stream=True))
+    assert [e.item.type for e in events if e.type == "response.output_item.added"] == ["reasoning"]
 
 
 @pytest.mark.parametrize("ask", [{"reasoning_effort": "none"}, {"extra_body": {"reasoning": {"effort": "none"}}},

@@ -38,14 +38,17 @@ def test_the_answer_is_the_chat_completions_answer(openai_client):
 
 
 def test_instructions_and_a_conversation_of_items(openai_client):
-    items = [{"role": "user", "content": "My name is Ada."},
-             {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Hello Ada!"}]},
+    items = [{"type": None, "role": "user", "content": "My name is Ada."},  # (an EasyInputMessage dumped)
+             {"type": "message", "role": "assistant", "id": "msg_1", "status": "completed",
+              "content": [{"type": "output_text", "text": "Hello Ada!", "annotations": []}]},
+             {"type": "message", "role": "assistant", "content": [{"type": "refusal", "refusal": " Nice name."}]},
              {"role": "user", "content": [{"type": "input_text", "text": "What is my name?"}]}]
     resp = openai_client.responses.create(model="smollm2", instructions="You are terse.", input=items, **GREEDY)
     chat = openai_client.chat.completions.create(
         model="smollm2", temperature=0, max_tokens=24,
         messages=[{"role": "system", "content": "You are terse."}, {"role": "user", "content": "My name is Ada."},
-                  {"role": "assistant", "content": "Hello Ada!"}, {"role": "user", "content": "What is my name?"}])
+                  {"role": "assistant", "content": "Hello Ada!"}, {"role": "assistant", "content": " Nice name."},
+                  {"role": "user", "content": "What is my name?"}])
     assert resp.output_text == chat.choices[0].message.content
     assert resp.instructions == "You are terse."
 
@@ -66,12 +69,28 @@ def test_the_stream_helper_puts_the_events_together(openai_client):
     assert final.usage.output_tokens == whole.usage.output_tokens
 
 
-def test_a_stream_cut_short_ends_incomplete(openai_client):
-    whole = openai_client.responses.create(model="smollm2", input="Tell me about the sea.", **GREEDY).output_text
+def test_a_stream_cut_short_ends_incomplete(openai_client, url):
+    from openai.types.responses import Response
+
+    whole = openai_client.responses.create(model="smollm2", input="Tell me about the sea.", **GREEDY)
     events = list(openai_client.responses.create(model="smollm2", input="Tell me about the sea.", stream=True, **GREEDY))
     last = events[-1]
     assert last.type == "response.incomplete" and last.response.incomplete_details.reason == "max_output_tokens"
-    assert last.response.output_text == whole == "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert last.response.output_text == whole.output_text == "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert whole.output[0].status == last.response.output[0].status == "incomplete"  # the cut-off item, as OpenAI marks it
+    raw = httpx.post(f"{url}/v1/responses", json={"model": "smollm2", "input": "Hi", **GREEDY}, timeout=60).json()
+    Response.model_validate(raw)  # every field the client's types require
+
+
+def test_logprobs_of_the_output_text(openai_client):
+    ask = {"model": "smollm2", "input": "Tell me about the sea.", "include": ["message.output_text.logprobs"],
+           "top_logprobs": 2, **GREEDY}
+    resp = openai_client.responses.create(**ask)
+    part = resp.output[0].content[0]
+    assert "".join(t.token for t in part.logprobs) == part.text and all(len(t.top_logprobs) == 2 for t in part.logprobs)
+    events = list(openai_client.responses.create(**ask, stream=True))
+    streamed = [t for e in events if e.type == "response.output_text.delta" for t in e.logprobs]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in part.logprobs]
 
 
 def test_structured_output_with_parse(openai_client):
@@ -94,6 +113,15 @@ def test_structured_output_with_parse(openai_client):
     ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "int"}}}},
      "JSON schema: #/type: unknown type 'int'"),
     ({"input": "hi", "reasoning": {"effort": "extreme"}}, "reasoning.effort must be one of"),
+    ({"input": "hi", "prompt": {"id": "pmpt_1"}}, "prompt is not supported"),
+    ({"input": [{"role": "bogus", "content": "x"}]}, "input[0].role must be one of system, developer, user, assistant"),
+    ({"input": [{"type": "function_call", "call_id": "c1", "arguments": "{}"}]}, "input[0].name must be a non-empty string"),
+    ({"input": [{"role": "user", "content": "x"}, {"type": "function_call_output", "call_id": "c1", "output": {"t": 1}}]},
+     "input[1].output must be a string or an array of text parts"),
+    ({"input": "hi", "tools": [{"type": "function", "name": "has space"}]}, "tools[0].name must be 1-64 letters"),
+    ({"input": "hi", "tool_choice": {"type": "allowed_tools", "tools": []}}, 'tool_choice must be "none", "auto"'),
+    ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": "cat"}}},
+     "text.format.schema must be a JSON schema"),
 ])
 def test_what_it_cannot_do_is_an_openai_400(url, body, message):
     resp = httpx.post(f"{url}/v1/responses", json={"model": "smollm2", **body}, timeout=60)

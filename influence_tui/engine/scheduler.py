@@ -133,6 +133,7 @@ class Sequence:
     limit: int = 0  # max new tokens after context fitting
     filling: bool = False  # its prompt is still being prefilled, PIECE rows per step
     admitted: float = 0.0
+    logprobs: list[Any] | None = None  # with request.logprobs: the tokens whose text went out
 
 
 def _check_unicode(request: GenerationRequest) -> None:
@@ -508,7 +509,7 @@ class Scheduler:
                                        hidden=self._hidden_tools if req.tools else self._hidden),
             stopper=StopMatcher(req.params.stop), usage=usage, history=list(prompt), limit=limit,
             splitter=self._splitter(req, prompt),
-            tool_parser=self._tool_parser(req),
+            tool_parser=self._tool_parser(req), logprobs=[] if req.logprobs is not None else None,
         )
         if limit <= 0:
             self._finish(seq, "length")
@@ -616,14 +617,23 @@ class Scheduler:
         if text:
             seq.text.append(text)
         if text or thinking:
-            seq.job.stream._put(TokenEvent(text, token, thinking))
+            picked = seq.sampler.take() if seq.logprobs is not None else []
+            if seq.logprobs is not None:
+                seq.logprobs.extend(picked)
+            seq.job.stream._put(TokenEvent(text, token, thinking, picked))
 
     def _sampler(self, req: GenerationRequest) -> Any:
-        sampler = Sampler(req.params)
+        sampler: Any = Sampler(req.params)
         if req.format == "json":
             from influence_tui.engine.constrain import JsonSampler, vocabulary
 
-            return JsonSampler(sampler, vocabulary(self.tok), self.eos, schema_state(req.json_schema))
+            sampler = JsonSampler(sampler, vocabulary(self.tok), self.eos, schema_state(req.json_schema))
+        if req.logprobs is not None:
+            from influence_tui.engine.logprobs import MAX_TOP, LogprobSampler, token_texts
+
+            if not 0 <= req.logprobs <= MAX_TOP:
+                raise RequestError(f"top_logprobs must be from 0 to {MAX_TOP}")
+            sampler = LogprobSampler(sampler, req.logprobs, token_texts(self.tok))
         return sampler
 
     def _accept(self, seq: Sequence, token: int) -> None:
@@ -632,6 +642,8 @@ class Scheduler:
         seq.last_token = token
         params = seq.job.request.params
         if token in self.eos and not params.ignore_eos:
+            if seq.logprobs is not None:
+                seq.sampler.take()  # the end of the answer is not one of its tokens
             self._finish(seq, "stop")
             return
         text = seq.stopper.feed(seq.decoder.push(token))
@@ -659,7 +671,8 @@ class Scheduler:
             self.active.remove(seq)
         seq.job.stream._finish(Result("".join(seq.text), reason, seq.usage, model=self.lm.name,  # type: ignore[arg-type]
                                       context=list(seq.history), thinking="".join(seq.thinking),
-                                      tool_calls=seq.tool_parser.calls if seq.tool_parser else []))
+                                      tool_calls=seq.tool_parser.calls if seq.tool_parser else [],
+                                      logprobs=seq.logprobs))
 
     def cancel_all(self, reason: str = "cancelled") -> None:
         for seq in list(self.active):

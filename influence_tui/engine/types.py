@@ -61,6 +61,9 @@ class GenerationRequest:
     # {"name", "description", "parameters"}}): into the prompt through the chat template; the calls
     # come back in Result.tool_calls (see engine.tools)
     tools: list[dict[str, Any]] | None = None
+    # log-probabilities of the answer's tokens (engine.logprobs): None for none, N for each token's
+    # own and its N most likely alternatives (0-20)
+    logprobs: int | None = None
 
 
 @dataclass
@@ -90,10 +93,21 @@ class Usage:
 
 
 @dataclass
+class TokenLogprob:
+    """One token of an answer and its log-probability (see engine.logprobs)."""
+
+    token: str  # its text as it reads inside a text
+    logprob: float
+    bytes: list[int]  # its own bytes (a token may hold part of a UTF-8 character)
+    top: list["TokenLogprob"] = field(default_factory=list)  # the most likely tokens at its step, best first
+
+
+@dataclass
 class TokenEvent:
     text: str  # the new text (may be "" while a multi-byte character or a stop string is pending)
     token_id: int
     thinking: str = ""  # new reasoning text of a reasoning model (never part of `text`)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # with request.logprobs: the tokens of this text
 
 
 @dataclass
@@ -107,6 +121,7 @@ class Result:
     context: list[int] = field(default_factory=list)  # prompt and answer token ids (Ollama's `context`)
     thinking: str = ""  # a reasoning model's reasoning (`text` is the answer after it)
     tool_calls: list[ToolCall] = field(default_factory=list)  # calls the answer made (their text is not in `text`)
+    logprobs: list[TokenLogprob] | None = None  # with request.logprobs: each token of the answer
 
 
 class StreamClosed(Exception):

@@ -663,17 +663,44 @@ async def token_texts(stream: "GenerationStream") -> AsyncIterator[str]:
             stream.cancel()
 
 
-async def token_deltas(stream: "GenerationStream") -> AsyncIterator[tuple[str, str]]:
-    """(answer, reasoning) deltas of a stream, at least one non-empty: a reasoning model's events
-    may carry reasoning only. Cancels the generation if the consumer stops early."""
+async def token_events(stream: "GenerationStream") -> AsyncIterator[Any]:
+    """A stream's TokenEvents with answer or reasoning text (a reasoning model's events may carry
+    reasoning only). Cancels the generation if the consumer stops early."""
     try:
         async for event in stream:
-            thinking = getattr(event, "thinking", "")
-            if event.text or thinking:
-                yield event.text, thinking
+            if event.text or event.thinking:
+                yield event
     finally:
         if not stream.done:
             stream.cancel()
+
+
+async def token_deltas(stream: "GenerationStream") -> AsyncIterator[tuple[str, str]]:
+    """(answer, reasoning) deltas of a stream, at least one non-empty."""
+    async for event in token_events(stream):
+        yield event.text, event.thinking
+
+
+# --- log-probabilities ----------------------------------------------------------------------------
+
+
+def logprobs_field(data: dict[str, Any], label: str = "logprobs") -> int | None:
+    """`logprobs` (a boolean) and `top_logprobs` (0-20) -> GenerationRequest.logprobs; OpenAI's and
+    Ollama's chat routes name them alike."""
+    wanted = get_field(data, label, bool, False)
+    top = get_field(data, "top_logprobs", int)
+    if top is not None and not 0 <= top <= 20:
+        raise ApiError(400, "top_logprobs must be from 0 to 20", param="top_logprobs")
+    if top and not wanted:
+        raise ApiError(400, f"top_logprobs needs {label}: true", param="top_logprobs")
+    return (top or 0) if wanted else None
+
+
+def logprob_dicts(entries: list[Any] | None) -> list[dict[str, Any]]:
+    """Each token as OpenAI's chat `logprobs.content` and Ollama's `logprobs` write it."""
+    return [{"token": e.token, "logprob": e.logprob, "bytes": e.bytes,
+             "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": t.bytes} for t in e.top]}
+            for e in entries or ()]
 
 
 # --- reasoning models ---------------------------------------------------------------------------

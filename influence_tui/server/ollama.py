@@ -52,7 +52,9 @@ from influence_tui.server.common import (
     stream_response,
     submit,
     think_for,
-    token_deltas,
+    logprob_dicts,
+    logprobs_field,
+    token_events,
     wait_result,
 )
 
@@ -250,7 +252,7 @@ async def generate(request: Request) -> Response:
     if context is not None and not all(isinstance(t, int) and not isinstance(t, bool) for t in context):
         raise ApiError(400, "context must be an array of token ids (an earlier answer's context)")
     req = GenerationRequest(prompt=prompt, system=system, params=params, raw=raw, num_ctx=num_ctx,
-                            context=context or None, think=think, **answer_format(data))
+                            context=context or None, think=think, logprobs=logprobs_field(data), **answer_format(data))
     return await answer(request, ctx, req, model, name, started, stream, keep_alive, chat=False)
 
 
@@ -274,7 +276,7 @@ async def chat(request: Request) -> Response:
     if not messages:
         return await load_or_unload(request, ctx, name, model, keep_alive, chat=True)
     req = GenerationRequest(messages=messages, params=params, num_ctx=num_ctx, think=think, tools=tools,
-                            **answer_format(data))
+                            logprobs=logprobs_field(data), **answer_format(data))
     return await answer(request, ctx, req, model, name, started, stream, keep_alive, chat=True)
 
 
@@ -327,14 +329,19 @@ async def _respond(request: Request, ctx: ServerContext, gen: Any, name: str | N
         result = await wait_result(request, gen)
         check_result(result)
         body = piece(result.text, result.thinking, name or ctx.loaded_name() or result.model, result.tool_calls)
+        if result.logprobs is not None:
+            body["logprobs"] = logprob_dicts(result.logprobs)
         body.update(final_fields(result, started, chat))
         return JSONResponse(body)
 
     async def lines() -> AsyncIterator[str]:
         model_name = name or ctx.loaded_name() or ""
         try:
-            async for text, thinking in token_deltas(gen):
-                yield dumps({**piece(text, thinking, model_name), "done": False}) + "\n"
+            async for event in token_events(gen):
+                body = {**piece(event.text, event.thinking, model_name), "done": False}
+                if event.logprobs:
+                    body["logprobs"] = logprob_dicts(event.logprobs)
+                yield dumps(body) + "\n"
             result = gen.result
             if result.finish_reason == "error":
                 yield dumps({"error": result.error or "generation failed"}) + "\n"

@@ -48,8 +48,9 @@ from influence_tui.server.common import (
     stream_response,
     submit,
     think_for,
-    token_deltas,
-    token_texts,
+    logprob_dicts,
+    logprobs_field,
+    token_events,
     wait_result,
 )
 
@@ -82,10 +83,6 @@ def openai_params(data: dict[str, Any], base: GenerationParams) -> GenerationPar
     labels = {"max_tokens": "max_tokens" if data.get("max_completion_tokens") is None else "max_completion_tokens"}
     return build_params(base, values, labels)
 
-
-def refuse_unsupported(data: dict[str, Any]) -> None:
-    if data.get("logprobs"):
-        raise ApiError(400, "logprobs are not supported by this server", param="logprobs")
 
 
 def answer_format(data: dict[str, Any]) -> dict[str, Any]:
@@ -239,7 +236,7 @@ async def chat_completions(request: Request, default_stream: bool = False) -> Re
     ctx = ctx_of(request)
     data = await read_json(request)
     messages = parse_messages(data.get("messages"))
-    refuse_unsupported(data)
+    logprobs = logprobs_field(data)
     tools = tools_field(data)
     stream = get_field(data, "stream", bool, default_stream)
     usage_chunk = include_usage(data) if stream else False
@@ -247,9 +244,14 @@ async def chat_completions(request: Request, default_stream: bool = False) -> Re
     think = think_for(ctx, think_field(data))
     name = get_field(data, "model", str)
     model = await check_chat_model(ctx, name)
-    req = GenerationRequest(messages=messages, params=params, think=think, tools=tools, **answer_format(data))
+    req = GenerationRequest(messages=messages, params=params, think=think, tools=tools, logprobs=logprobs,
+                            **answer_format(data))
     gen = await submit(ctx, req, model)
     ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+    def logprobs_of(entries: Any) -> dict[str, Any] | None:
+        return {"content": logprob_dicts(entries), "refusal": None} if logprobs is not None else None
+
     if not stream:
         result = await wait_result(request, gen)
         check_result(result)
@@ -262,15 +264,16 @@ async def chat_completions(request: Request, default_stream: bool = False) -> Re
         return JSONResponse({
             "id": ident, "object": "chat.completion", "created": created, "model": name or ctx.loaded_name() or result.model,
             "system_fingerprint": None,
-            "choices": [{"index": 0, "message": message, "logprobs": None,
+            "choices": [{"index": 0, "message": message, "logprobs": logprobs_of(result.logprobs),
                          "finish_reason": finish_reason(result)}],
             "usage": usage_of(result.usage), "timings": timings_of(result.usage),
         })
 
-    def chunk(delta: dict[str, Any], reason: str | None, model_name: str, **extra: Any) -> str:
+    def chunk(delta: dict[str, Any], reason: str | None, model_name: str, entries: Any = None, **extra: Any) -> str:
         body: dict[str, Any] = {"id": ident, "object": "chat.completion.chunk", "created": created,
                                 "model": model_name, "system_fingerprint": None,
-                                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+                                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs_of(entries) if entries else None,
+                                             "finish_reason": reason}]}
         if usage_chunk:
             body["usage"] = None
         body.update(extra)
@@ -279,8 +282,8 @@ async def chat_completions(request: Request, default_stream: bool = False) -> Re
     async def events() -> AsyncIterator[str]:
         model_name = name or ctx.loaded_name() or ""
         yield chunk({"role": "assistant", "content": ""}, None, model_name)
-        async for text, thinking in token_deltas(gen):
-            yield chunk(delta_of(text, thinking), None, model_name)
+        async for event in token_events(gen):
+            yield chunk(delta_of(event.text, event.thinking), None, model_name, event.logprobs)
         result = gen.result
         if result.finish_reason == "error":
             yield _error_chunk(result)
@@ -318,35 +321,56 @@ async def completions(request: Request) -> Response:
         raise ApiError(400, "prompt must not be empty", param="prompt")
     if data.get("suffix"):
         raise ApiError(400, "suffix (fill-in-the-middle) is not supported by this server", param="suffix")
-    if data.get("logprobs"):
-        raise ApiError(400, "logprobs are not supported by this server", param="logprobs")
+    logprobs = get_field(data, "logprobs", int)  # the legacy form: a count of alternatives, 0-5
+    if logprobs is not None and not 0 <= logprobs <= 5:
+        raise ApiError(400, "logprobs must be from 0 to 5", param="logprobs")
     if get_field(data, "best_of", int, 1) != 1:
         raise ApiError(400, "best_of must be 1", param="best_of")
     echo = get_field(data, "echo", bool, False)
+    if echo and logprobs is not None:
+        raise ApiError(400, "echo with logprobs (the prompt's log-probabilities) is not supported by this server", param="echo")
     stream = get_field(data, "stream", bool, False)
     usage_chunk = include_usage(data) if stream else False
     params = openai_params(data, ctx.base_params())
     name = get_field(data, "model", str)
     model = await check_chat_model(ctx, name)
     # a completion continues the text as written: no chat template
-    gen = await submit(ctx, GenerationRequest(prompt=prompt, params=params, raw=True), model)
+    gen = await submit(ctx, GenerationRequest(prompt=prompt, params=params, raw=True, logprobs=logprobs), model)
     ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     head = prompt if echo else ""
+    offset = len(head)  # where the next token's text starts in the choice's text (text_offset)
+
+    def legacy(entries: Any) -> dict[str, Any] | None:
+        """The legacy completions' logprobs: parallel lists, alternatives as {token: logprob}."""
+        nonlocal offset
+        if logprobs is None:
+            return None
+        out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [] if logprobs else None, "text_offset": []}
+        for e in entries or ():
+            out["tokens"].append(e.token)
+            out["token_logprobs"].append(e.logprob)
+            out["text_offset"].append(offset)
+            offset += len(e.token)
+            if logprobs:
+                out["top_logprobs"].append({t.token: t.logprob for t in e.top})
+        return out
+
     if not stream:
         result = await wait_result(request, gen)
         check_result(result)
         return JSONResponse({
             "id": ident, "object": "text_completion", "created": created, "model": name or ctx.loaded_name() or result.model,
             "system_fingerprint": None,
-            "choices": [{"index": 0, "text": head + result.text, "logprobs": None,
+            "choices": [{"index": 0, "text": head + result.text, "logprobs": legacy(result.logprobs),
                          "finish_reason": finish_reason(result)}],
             "usage": usage_of(result.usage), "timings": timings_of(result.usage),
         })
 
-    def chunk(text: str, reason: str | None, model_name: str, **extra: Any) -> str:
+    def chunk(text: str, reason: str | None, model_name: str, entries: Any = None, **extra: Any) -> str:
         body: dict[str, Any] = {"id": ident, "object": "text_completion", "created": created, "model": model_name,
                                 "system_fingerprint": None,
-                                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}]}
+                                "choices": [{"index": 0, "text": text, "logprobs": legacy(entries) if entries else None,
+                                             "finish_reason": reason}]}
         if usage_chunk:
             body["usage"] = None
         body.update(extra)
@@ -356,8 +380,9 @@ async def completions(request: Request) -> Response:
         model_name = name or ctx.loaded_name() or ""
         if head:
             yield chunk(head, None, model_name)
-        async for text in token_texts(gen):
-            yield chunk(text, None, model_name)
+        async for event in token_events(gen):
+            if event.text:
+                yield chunk(event.text, None, model_name, event.logprobs)
         result = gen.result
         if result.finish_reason == "error":
             yield _error_chunk(result)

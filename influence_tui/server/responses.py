@@ -22,6 +22,7 @@ an engine error).
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -41,15 +42,16 @@ from influence_tui.server.common import (
     get_field,
     parse_messages,
     read_json,
+    logprob_dicts,
     stream_response,
     submit,
     think_for,
-    token_deltas,
+    token_events,
     wait_result,
 )
 from influence_tui.server.openai import answer_format, think_field, tools_field
 
-STATEFUL = ("previous_response_id", "conversation")
+STATEFUL = ("previous_response_id", "conversation", "prompt")  # what only a server that keeps things could answer
 
 
 def _id(prefix: str) -> str:
@@ -64,16 +66,18 @@ def _text_of_parts(content: Any, where: str) -> str:
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise ApiError(400, f"{where}.content must be a string or an array of text parts", param="input")
+        raise ApiError(400, f"{where} must be a string or an array of text parts", param="input")
     texts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind in ("input_text", "output_text", "text") and isinstance(part.get("text"), str):
             texts.append(part["text"])
+        elif kind == "refusal" and isinstance(part.get("refusal"), str):  # an earlier answer's, replayed
+            texts.append(part["refusal"])
         elif kind in ("input_image", "input_file", "input_audio"):
             raise ApiError(400, f"{where}.content[{j}]: {kind} is not supported by this server (text only)", param="input")
         else:
-            raise ApiError(400, f"{where}.content[{j}] must be an input_text or output_text part", param="input")
+            raise ApiError(400, f"{where}.content[{j}] must be an input_text, output_text or refusal part", param="input")
     return "".join(texts)
 
 
@@ -93,26 +97,43 @@ def chat_messages(data: dict[str, Any]) -> list[dict[str, Any]]:
         where = f"input[{i}]"
         if not isinstance(item, dict):
             raise ApiError(400, f"{where} must be an object", param="input")
-        kind = item.get("type", "message")
+        kind = item.get("type") or "message"  # (clients send an EasyInputMessage's type as null)
         if kind == "message":
-            out.append({"role": item.get("role"), "content": _text_of_parts(item.get("content"), where)})
+            role = item.get("role")
+            if role not in ROLES:
+                raise ApiError(400, f"{where}.role must be one of {', '.join(ROLES)}", param="input")
+            out.append({"role": role, "content": _text_of_parts(item.get("content"), f"{where}.content")})
         elif kind == "function_call":
-            call = {"id": item.get("call_id"), "type": "function",
-                    "function": {"name": item.get("name"), "arguments": item.get("arguments", "{}")}}
+            name, arguments = _string(item, "name", where), item.get("arguments", "{}")
+            if not isinstance(arguments, str):
+                raise ApiError(400, f"{where}.arguments must be a string (a JSON object as text)", param="input")
+            call = {"id": _string(item, "call_id", where), "type": "function", "function": {"name": name, "arguments": arguments}}
             if out and out[-1]["role"] == "assistant":
                 out[-1].setdefault("tool_calls", []).append(call)
             else:
                 out.append({"role": "assistant", "content": "", "tool_calls": [call]})
         elif kind == "function_call_output":
             output = item.get("output")
-            out.append({"role": "tool", "tool_call_id": item.get("call_id"),
-                        "content": output if isinstance(output, str) else _text_of_parts(output, where)})
+            if not isinstance(output, (str, list)):
+                raise ApiError(400, f"{where}.output must be a string or an array of text parts", param="input")
+            out.append({"role": "tool", "tool_call_id": _string(item, "call_id", where),
+                        "content": output if isinstance(output, str) else _text_of_parts(output, f"{where}.output")})
         elif kind == "reasoning":
             continue  # earlier reasoning is not sent back to the model (as in chat)
         else:
             raise ApiError(400, f"{where}.type {kind!r} is not supported by this server "
                            "(message, function_call, function_call_output, reasoning)", param="input")
     return out
+
+
+ROLES = ("system", "developer", "user", "assistant")
+
+
+def _string(item: dict[str, Any], key: str, where: str) -> str:
+    value = item.get(key)
+    if not isinstance(value, str) or not value:
+        raise ApiError(400, f"{where}.{key} must be a non-empty string", param="input")
+    return value
 
 
 def chat_tools(data: dict[str, Any]) -> dict[str, Any]:
@@ -128,12 +149,22 @@ def chat_tools(data: dict[str, Any]) -> dict[str, Any]:
                 kind = tool.get("type") if isinstance(tool, dict) else None
                 raise ApiError(400, f"tools[{i}]: only function tools are supported by this server (got {kind!r})",
                                param=f"tools[{i}].type")
+            name = tool.get("name")
+            if not isinstance(name, str) or not re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", name):
+                raise ApiError(400, f"tools[{i}].name must be 1-64 letters, digits, _ or -", param=f"tools[{i}].name")
+            if tool.get("parameters") is not None and not isinstance(tool["parameters"], dict):
+                raise ApiError(400, f"tools[{i}].parameters must be a JSON schema (an object)", param=f"tools[{i}].parameters")
+            if tool.get("description") is not None and not isinstance(tool["description"], str):
+                raise ApiError(400, f"tools[{i}].description must be a string", param=f"tools[{i}].description")
             fn = {k: tool[k] for k in ("name", "description", "parameters") if tool.get(k) is not None}
             converted.append({"type": "function", "function": fn})
         out["tools"] = converted
     choice = data.get("tool_choice")
-    if isinstance(choice, dict) and choice.get("type") == "function":
-        choice = {"type": "function", "function": {"name": choice.get("name")}}
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
+        choice = {"type": "function", "function": {"name": choice["name"]}}
+    elif choice is not None and choice not in ("none", "auto", "required"):
+        raise ApiError(400, 'tool_choice must be "none", "auto", "required" or {"type": "function", "name": ...}',
+                       param="tool_choice")
     if choice is not None:
         out["tool_choice"] = choice
     if data.get("parallel_tool_calls") is not None:
@@ -148,7 +179,10 @@ def chat_format(data: dict[str, Any]) -> dict[str, Any]:
     if fmt is None:
         return {}
     if fmt.get("type") == "json_schema":
-        return {"response_format": {"type": "json_schema", "json_schema": {"name": fmt.get("name"), "schema": fmt.get("schema")}}}
+        schema = fmt.get("schema")
+        if schema is not None and not isinstance(schema, (dict, bool)):
+            raise ApiError(400, "text.format.schema must be a JSON schema (an object)", param="text.format.schema")
+        return {"response_format": {"type": "json_schema", "json_schema": {"name": fmt.get("name"), "schema": schema}}}
     if fmt.get("type") not in ("text", "json_object"):
         raise ApiError(400, "text.format.type must be text, json_object or json_schema", param="text.format.type")
     return {"response_format": {"type": fmt["type"]}}
@@ -159,8 +193,8 @@ def engine_request(data: dict[str, Any], ctx: Any) -> Any:
 
     for key in STATEFUL:
         if data.get(key) is not None:
-            raise ApiError(400, f"{key} is not supported: this server keeps no responses, send the whole "
-                           "conversation as input", param=key)
+            raise ApiError(400, f"{key} is not supported: this server keeps no stored responses, conversations "
+                           "or prompts; send the whole conversation as input", param=key)
     if data.get("background"):
         raise ApiError(400, "background responses are not supported by this server", param="background")
     chat = {"messages": chat_messages(data), **chat_tools(data), **chat_format(data),
@@ -172,7 +206,12 @@ def engine_request(data: dict[str, Any], ctx: Any) -> Any:
         "seed": get_field(data, "seed", int),  # not OpenAI's: as on the chat route
     }
     params = build_params(ctx.base_params(), values, {"max_tokens": "max_output_tokens"})
-    return GenerationRequest(messages=parse_messages(chat["messages"]), params=params,
+    include = get_field(data, "include", list, [])
+    top = get_field(data, "top_logprobs", int)
+    if top is not None and not 0 <= top <= 20:
+        raise ApiError(400, "top_logprobs must be from 0 to 20", param="top_logprobs")
+    logprobs = (top or 0) if "message.output_text.logprobs" in include or top is not None else None
+    return GenerationRequest(messages=parse_messages(chat["messages"]), params=params, logprobs=logprobs,
                              think=think_for(ctx, think_field(chat)), tools=tools_field(chat), **answer_format(chat))
 
 
@@ -191,24 +230,27 @@ class ResponseBuilder:
         return {"id": self.reasoning_id, "type": "reasoning", "summary": [], "status": status,
                 "content": [{"type": "reasoning_text", "text": text}] if text else []}
 
-    def message_item(self, text: str | None, status: str = "completed") -> dict[str, Any]:
-        content = [] if text is None else [self.text_part(text)]
+    def message_item(self, text: str | None, status: str = "completed", logprobs: Any = None) -> dict[str, Any]:
+        content = [] if text is None else [self.text_part(text, logprobs)]
         return {"id": self.message_id, "type": "message", "status": status, "role": "assistant", "content": content}
 
     @staticmethod
-    def text_part(text: str) -> dict[str, Any]:
-        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    def text_part(text: str, logprobs: Any = None) -> dict[str, Any]:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprob_dicts(logprobs)}
 
     @staticmethod
     def call_items(result: Any) -> list[dict[str, Any]]:
         return [{"id": _id("fc"), "type": "function_call", "status": "completed", "call_id": c.id or _id("call"),
                  "name": c.name, "arguments": dumps(c.arguments)} for c in result.tool_calls or ()]
 
-    def output(self, result: Any) -> list[dict[str, Any]]:
-        items = [self.reasoning_item(result.thinking)] if result.thinking else []
-        calls = self.call_items(result)
-        if result.text or not calls:
-            items.append(self.message_item(result.text))
+    def output(self, result: Any, calls: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """reasoning, message, calls: the message where there is text, or where nothing else came
+        (an answer cut off while thinking is its reasoning alone, as OpenAI's)."""
+        status = status_of(result)
+        items = [self.reasoning_item(result.thinking, status if not result.text else "completed")] if result.thinking else []
+        calls = self.call_items(result) if calls is None else calls
+        if result.text or not (calls or items):
+            items.append(self.message_item(result.text, status, result.logprobs))
         return items + calls
 
     def body(self, status: str, output: list[dict[str, Any]], result: Any = None, error: str | None = None) -> dict[str, Any]:
@@ -216,7 +258,7 @@ class ResponseBuilder:
         usage = None
         if result is not None:
             u = result.usage
-            usage = {"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": u.cached_tokens},
+            usage = {"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": u.cached_tokens, "cache_write_tokens": 0},
                      "output_tokens": u.completion_tokens, "output_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
                      "total_tokens": u.prompt_tokens + u.completion_tokens}
         return {
@@ -269,22 +311,23 @@ async def _events(built: ResponseBuilder, gen: Any) -> AsyncIterator[str]:
     index = 0  # the output index of the item being written
     thinking: list[str] = []
     text: list[str] = []
+    entries: list[Any] = []  # the answer's tokens with their log-probabilities, where asked
     opened: str | None = None  # "reasoning" or "message"
 
-    def close() -> list[str]:
+    def close(status: str = "completed") -> list[str]:
         if opened == "reasoning":
             whole = "".join(thinking)
             return [event("response.reasoning_text.done", item_id=built.reasoning_id, output_index=index,
                           content_index=0, text=whole),
                     event("response.content_part.done", item_id=built.reasoning_id, output_index=index, content_index=0,
                           part={"type": "reasoning_text", "text": whole}),
-                    event("response.output_item.done", output_index=index, item=built.reasoning_item(whole))]
+                    event("response.output_item.done", output_index=index, item=built.reasoning_item(whole, status))]
         whole = "".join(text)
         return [event("response.output_text.done", item_id=built.message_id, output_index=index, content_index=0,
-                      text=whole, logprobs=[]),
+                      text=whole, logprobs=logprob_dicts(entries)),
                 event("response.content_part.done", item_id=built.message_id, output_index=index, content_index=0,
-                      part=built.text_part(whole)),
-                event("response.output_item.done", output_index=index, item=built.message_item(whole))]
+                      part=built.text_part(whole, entries)),
+                event("response.output_item.done", output_index=index, item=built.message_item(whole, status, entries))]
 
     def open_item(kind: str) -> list[str]:
         if kind == "reasoning":
@@ -307,7 +350,8 @@ async def _events(built: ResponseBuilder, gen: Any) -> AsyncIterator[str]:
     pending = built.body("in_progress", [])
     yield event("response.created", response=pending)
     yield event("response.in_progress", response=pending)
-    async for piece, thought in token_deltas(gen):
+    async for token_event in token_events(gen):
+        piece, thought = token_event.text, token_event.thinking
         if thought:
             if opened != "reasoning":
                 for e in switch("reasoning"):
@@ -320,18 +364,20 @@ async def _events(built: ResponseBuilder, gen: Any) -> AsyncIterator[str]:
                 for e in switch("message"):
                     yield e
             text.append(piece)
+            entries.extend(token_event.logprobs)
             yield event("response.output_text.delta", item_id=built.message_id, output_index=index,
-                        content_index=0, delta=piece, logprobs=[])
+                        content_index=0, delta=piece, logprobs=logprob_dicts(token_event.logprobs))
     result = gen.result
     if result.finish_reason == "error":
         yield event("response.failed", response=built.body("failed", [], result, result.error or "generation failed"))
         return
     calls = built.call_items(result)
-    if opened != "message" and not calls:  # an answer with no text still has its (empty) message
+    status = status_of(result)
+    if opened is None and not calls:  # an answer with nothing in it still has its (empty) message
         for e in switch("message"):
             yield e
     if opened is not None:
-        for e in close():
+        for e in close(status):
             yield e
         index += 1
     for call in calls:
@@ -342,10 +388,7 @@ async def _events(built: ResponseBuilder, gen: Any) -> AsyncIterator[str]:
         yield event("response.output_item.done", output_index=index, item=call)
         index += 1
     built.model = built.model or result.model
-    output = [built.reasoning_item(result.thinking)] if result.thinking else []
-    output += [built.message_item(result.text)] if result.text or not calls else []
-    status = status_of(result)
-    yield event(f"response.{status}", response=built.body(status, output + calls, result))
+    yield event(f"response.{status}", response=built.body(status, built.output(result, calls), result))
 
 
 ROUTES = [Route("/v1/responses", responses, methods=["POST"])]
