@@ -136,9 +136,23 @@ def test_a_model_that_thinks_before_it_calls(tmp_path):
     assert "".join(e.thinking for e in events) == THINKER_REASONING and not any(e.text for e in events)
 
 
-def test_json_mode_and_tools_are_refused_together(caller):
-    result = caller.submit(GenerationRequest(messages=[QUESTION], params=GREEDY, tools=[WEATHER_TOOL], format="json")).wait()
-    assert result.finish_reason == "error" and result.error_kind == "request" and "JSON mode and tools" in result.error
+def test_with_tools_a_json_format_lets_the_answer_open_with_a_call(caller, tmp_path):
+    """As OpenAI's API (and the Agents SDK with tools and an output type) expects: the model calls
+    a tool or answers in the format. Its call tag may open the answer; then the call is read."""
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+    for fmt in ({"format": "json"}, {"format": "json", "json_schema": schema}):
+        result = caller.submit(GenerationRequest(messages=[QUESTION], params=GREEDY, tools=[WEATHER_TOOL], **fmt)).wait()
+        assert [(c.name, c.arguments) for c in result.tool_calls] == [("get_weather", PARIS)] and result.text == ""
+    # a model whose calls are bare JSON objects (Llama 3's way) could not call: refused
+    from tests.tiny_models import write_chain_model
+    from tokenizers import AddedToken
+
+    template = ('{% if tools %}Call one of {{ tools | tojson }} as {"name": ..., "parameters": {...}}\n{% endif %}'
+                "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n")
+    bare = write_chain_model(tmp_path / "bare", [AddedToken("{}", normalized=False)], ("Ċ", "{}", "<|im_end|>"), template)
+    with engine_on(bare, max_batch=1) as engine:
+        refused = engine.submit(GenerationRequest(messages=[QUESTION], params=GREEDY, tools=[WEATHER_TOOL], format="json")).wait()
+    assert refused.finish_reason == "error" and refused.error_kind == "request" and "JSON mode and tools" in refused.error
 
 
 def test_without_tools_the_call_is_plain_text(caller):

@@ -62,6 +62,14 @@ def test_responses_api_returns_the_call_and_takes_its_result(openai_client):
         {"role": "user", "content": "What is the weather in Paris?"}, call.model_dump(),
         {"type": "function_call_output", "call_id": call.call_id, "output": '{"temperature": 21}'}]})
     assert again.status == "completed" and again.usage.input_tokens > resp.usage.input_tokens + 10
+    # tools and an output format together (the Agents SDK's agent with tools and an output_type):
+    # the model may still call
+    weather = {"type": "object", "properties": {"summary": {"type": "string"}}, "required": ["summary"]}
+    typed = openai_client.responses.create(**ask, text={"format": {"type": "json_schema", "name": "w", "schema": weather}})
+    assert [(item.type, item.name) for item in typed.output] == [("function_call", "get_weather")]
+    chat = openai_client.chat.completions.create(model=NAME, messages=QUESTION, tools=[WEATHER_TOOL], temperature=0,
+                                                 response_format={"type": "json_schema", "json_schema": {"name": "w", "schema": weather}})
+    assert chat.choices[0].finish_reason == "tool_calls" and chat.choices[0].message.tool_calls[0].function.name == "get_weather"
 
 
 def test_openai_stream_accumulates_to_the_call(openai_client):

@@ -232,7 +232,8 @@ class JsonSampler:
     The request's penalties apply before the candidates are ranked (greedy takes the best
     penalised token that fits), then its temperature, top-k/p and seed pick among those that fit."""
 
-    def __init__(self, sampler: "Sampler", vocab: Vocabulary, eos_ids: set[int], state: Any = None) -> None:
+    def __init__(self, sampler: "Sampler", vocab: Vocabulary, eos_ids: set[int], state: Any = None,
+                 escape: frozenset[int] = frozenset()) -> None:
         from influence_tui.engine.sampling import Sampler
 
         self.sampler = sampler
@@ -242,6 +243,10 @@ class JsonSampler:
         # any JSON object, or a JSON schema's values (json_schema.SchemaPrefix: the same interface)
         self.state = state if state is not None else JsonPrefix()
         self.stopped = False
+        # tokens that may open the answer instead of the object: a tool call's own tag (with tools,
+        # the model either calls one or answers in the format, as OpenAI's API lets it); once one
+        # is picked the answer is the call's, unconstrained
+        self.escape, self.free, self.started = escape, False, False
         # the final pick without the penalties (already applied), drawing from the request's generator
         self.picker = Sampler(sampler.p.with_(repeat_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0))
         self.picker.rng, self.picker.seed = sampler.rng, sampler.seed
@@ -252,11 +257,13 @@ class JsonSampler:
 
     @property
     def complete(self) -> bool:
-        return self.stopped or self.state.complete
+        return self.stopped or (not self.free and self.state.complete)
 
     def __call__(self, logits: Any, history: list[int]) -> int:
         from influence_tui.engine.sampling import _as_numpy, _penalise
 
+        if self.free:
+            return self.sampler(logits, history)
         x = _as_numpy(logits)
         if self.sampler.needs_penalties:
             x = x.copy()
@@ -271,8 +278,11 @@ class JsonSampler:
         self.sampler.generated[token] += 1  # what the presence/frequency penalties count
         if token in self.eos_ids:  # a value that could go on (a number at the top) ended here
             self.stopped = True
+        elif token in self.escape and not self.started:
+            self.free = True
         else:
             self.state.feed(self.texts[token])
+        self.started = True
         return token
 
     def _fits(self, token: int, x: np.ndarray) -> bool:
@@ -280,6 +290,8 @@ class JsonSampler:
             return False
         if token in self.eos_ids:
             return self.state.can_end
+        if token in self.escape:
+            return not self.started
         text = self.texts[token]
         return bool(text) and self.state.copy().feed(text)
 

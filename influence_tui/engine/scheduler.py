@@ -32,6 +32,7 @@ from influence_tui.engine.tools import (
     mistral_ids,
     one_call_per_turn,
     template_takes_tools,
+    tool_openers,
 )
 from influence_tui.engine.tokenizer import IncrementalDecoder
 from influence_tui.engine.types import GenerationRequest, GenerationStream, Result, TokenEvent, Usage
@@ -191,6 +192,7 @@ class Scheduler:
         # the vocabulary marks them special: the splitter and the call parser read them
         self._hidden = self.tok.special_ids_but((OPEN, CLOSE)) if self.thinks else None
         self._hidden_tools = self.tok.special_ids_but((OPEN, CLOSE, *TOOL_TAGS)) if self.takes_tools else None
+        self._tool_openers = tool_openers(self.tok, self._tool_formats) if self.takes_tools else frozenset()
 
     # --- prompt building -----------------------------------------------------------------------
     def context_limit(self, request: GenerationRequest) -> int:
@@ -289,9 +291,9 @@ class Scheduler:
         if request.tools:
             if not self.takes_tools:
                 raise RequestError(f"{self.lm.name} does not support tools (its chat template has no place for them)")
-            if request.format == "json":  # the answer is forced into one object: a call could not be told apart
-                raise RequestError("JSON mode and tools cannot go together: the answer would be forced into one object, "
-                                   "so no tool could be called")
+            if request.format == "json" and not self._tool_openers:  # a call could not be told from the object
+                raise RequestError(f"JSON mode and tools cannot go together on {self.lm.name}: its tool calls do not "
+                                   "start with a tag of their own, so the answer forced into the format could call no tool")
             options["tools"] = request.tools
         if self.thinks and (request.think is False or request.format == "json"):
             options["enable_thinking"] = False
@@ -627,7 +629,8 @@ class Scheduler:
         if req.format == "json":
             from influence_tui.engine.constrain import JsonSampler, vocabulary
 
-            sampler = JsonSampler(sampler, vocabulary(self.tok), self.eos, schema_state(req.json_schema))
+            sampler = JsonSampler(sampler, vocabulary(self.tok), self.eos, schema_state(req.json_schema),
+                                  self._tool_openers if req.tools else frozenset())
         if req.logprobs is not None:
             from influence_tui.engine.logprobs import MAX_TOP, LogprobSampler, token_texts
 

@@ -49,6 +49,14 @@ def formats_of(template: str | None) -> frozenset[str]:
     return frozenset(found or (HERMES, JSON, MISTRAL_LIST))
 
 
+def tool_openers(tokenizer: Any, formats: frozenset[str]) -> frozenset[int]:
+    """The single tokens that open a call in these formats (Hermes' <tool_call>, Mistral's
+    [TOOL_CALLS]) where the vocabulary has them: with tools and a JSON format, an answer may start
+    with one instead of the object. Llama 3's calls are bare JSON objects: none."""
+    ids = (tokenizer.tok.token_to_id(tag) for fmt, tag in ((HERMES, OPEN), (MISTRAL_LIST, MISTRAL)) if fmt in formats)
+    return frozenset(i for i in ids if i is not None)
+
+
 def _call_of(obj: Any, names: frozenset[str] | None) -> ToolCall | None:
     """A call object: the name of a tool given (any, where `names` is None) and its arguments."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
