@@ -269,6 +269,19 @@ def write_tiny_tool_caller(dir: str | Path, special_tags: bool = False, thinks: 
     return write_chain_model(dir, added, chain, template)
 
 
+FIM_MIDDLE = "    return a + b"
+
+
+def write_tiny_infiller(dir: str | Path) -> Path:
+    """A tiny code model with Qwen2.5-Coder's fill-in-the-middle tokens whose greedy middle is
+    always FIM_MIDDLE (then the end of text)."""
+    from tokenizers import AddedToken
+
+    added = [AddedToken(t, normalized=False, special=True) for t in ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")]
+    added.append(AddedToken(FIM_MIDDLE, normalized=False))
+    return write_chain_model(dir, added, ("<|fim_middle|>", FIM_MIDDLE, "<|im_end|>"), CHATML)
+
+
 def write_chain_model(dir: str | Path, added: list, chain: tuple[str, ...], template: str) -> Path:
     """A tiny Llama (safetensors folder) whose greedy output after the token chain[0] is always the
     rest of `chain`: every layer's output projections are zero (each position's hidden state is its

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from influence_tui.engine.base import LoadedModel
+from influence_tui.engine.infill import fim_tokens
 from influence_tui.engine.reasoning import CLOSE, OPEN, ThinkSplitter, opens_thinking, without_thinking
 from influence_tui.engine.sampling import Sampler, StopMatcher, greedy
 from influence_tui.engine.tools import TAGS as TOOL_TAGS
@@ -193,6 +194,7 @@ class Scheduler:
         self._hidden = self.tok.special_ids_but((OPEN, CLOSE)) if self.thinks else None
         self._hidden_tools = self.tok.special_ids_but((OPEN, CLOSE, *TOOL_TAGS)) if self.takes_tools else None
         self._tool_openers = tool_openers(self.tok, self._tool_formats) if self.takes_tools else frozenset()
+        self.fim = fim_tokens(self.tok) if hasattr(getattr(self.tok, "tok", None), "token_to_id") else None
 
     # --- prompt building -----------------------------------------------------------------------
     def context_limit(self, request: GenerationRequest) -> int:
@@ -283,6 +285,17 @@ class Scheduler:
             if len(ids) <= room or not done:
                 return ids
 
+    def _infill_prompt(self, request: GenerationRequest, ctx: int, want: int) -> tuple[list[int], int, int]:
+        """Fill-in-the-middle: the model's own prefix/suffix/middle tokens around the two sides."""
+        from influence_tui.engine.infill import infill_ids
+
+        if self.fim is None:
+            raise RequestError(f'"{self.lm.name}" does not support insert (its vocabulary has no fill-in-the-middle tokens)')
+        ids = infill_ids(self.tok, self.fim, request.prompt or "", request.suffix or "")
+        if len(ids) >= ctx:
+            raise RequestError(f"the prompt and suffix are {len(ids)} tokens but the context holds {ctx}: shorten them")
+        return ids, 0, max(min(want, ctx - len(ids)), 0)
+
     def _template_options(self, request: GenerationRequest) -> dict[str, Any]:
         """The chat template's variables beyond the messages: `tools` (RequestError where the
         template has no place for them: they would vanish from the prompt), and
@@ -302,6 +315,8 @@ class Scheduler:
     def _build_prompt(self, request: GenerationRequest) -> tuple[list[int], int, int]:
         ctx = self.context_limit(request)
         want = request.params.max_tokens
+        if request.suffix is not None:
+            return self._infill_prompt(request, ctx, want)
         if request.raw and request.prompt is not None:
             ids = self.tok.encode(request.prompt, add_special_tokens=True)
             if not ids:

@@ -48,6 +48,7 @@ class ModelSummary:
     weights: str = ""  # how weights are held: int4 / int8 / none (float)
     thinks: bool = False  # a reasoning model: answers come with their reasoning apart (engine.reasoning)
     tools: bool = False  # its chat template takes tools (engine.tools)
+    infills: bool = False  # its vocabulary has fill-in-the-middle tokens (engine.infill)
 
 
 @dataclass
@@ -366,6 +367,7 @@ class Engine:
             parameters=loaded.parameters,
             size_bytes=_file_size(loaded.path), load_s=time.perf_counter() - t0,
             weights=str(loaded.extra.get("weights", "")), thinks=scheduler.thinks, tools=scheduler.takes_tools,
+            infills=scheduler.fim is not None,
         )
         self._state, self._loading = "ready", None
         self._notify()

@@ -61,6 +61,9 @@ class GenerationRequest:
     # {"name", "description", "parameters"}}): into the prompt through the chat template; the calls
     # come back in Result.tool_calls (see engine.tools)
     tools: list[dict[str, Any]] | None = None
+    # fill-in-the-middle: `prompt` is the code before the gap and this the code after it; the answer
+    # is what goes between (engine.infill; no chat template, no system prompt)
+    suffix: str | None = None
     # log-probabilities of the answer's tokens (engine.logprobs): None for none, N for each token's
     # own and its N most likely alternatives (0-20)
     logprobs: int | None = None

@@ -122,8 +122,6 @@ def keep_alive_s(data: dict[str, Any]) -> float | None:
 def refuse_unsupported(data: dict[str, Any]) -> None:
     if data.get("images"):
         raise ApiError(400, "images are not supported by this server")
-    if data.get("suffix"):
-        raise ApiError(400, "suffix (fill-in-the-middle) is not supported by this server")
     if data.get("template"):
         raise ApiError(400, "template overrides are not supported: the model's own chat template is used")
 
@@ -246,12 +244,13 @@ async def generate(request: Request) -> Response:
     model = await check_chat_model(ctx, name)
     if think_field(data):
         await refuse_thinking(ctx, name, model)
-    if not prompt:
+    suffix = get_field(data, "suffix", str) or None  # fill-in-the-middle: prompt and suffix around the gap
+    if not prompt and suffix is None:
         return await load_or_unload(request, ctx, name, model, keep_alive, chat=False)
     context = get_field(data, "context", list)  # deprecated by Ollama, still sent by older clients
     if context is not None and not all(isinstance(t, int) and not isinstance(t, bool) for t in context):
         raise ApiError(400, "context must be an array of token ids (an earlier answer's context)")
-    req = GenerationRequest(prompt=prompt, system=system, params=params, raw=raw, num_ctx=num_ctx,
+    req = GenerationRequest(prompt=prompt, system=system, params=params, raw=raw, num_ctx=num_ctx, suffix=suffix,
                             context=context or None, think=think, logprobs=logprobs_field(data), **answer_format(data))
     return await answer(request, ctx, req, model, name, started, stream, keep_alive, chat=False)
 
@@ -440,6 +439,8 @@ def capabilities_of(ctx: ServerContext, info: ModelInfo) -> list[str]:
     out = list(info.capabilities) or ["completion"]
     if loaded is not None and loaded.tools and "tools" not in out:
         out.insert(1, "tools")
+    if loaded is not None and loaded.infills and "insert" not in out:
+        out.append("insert")
     if loaded is not None and loaded.thinks and "thinking" not in out:
         out.append("thinking")
     return out

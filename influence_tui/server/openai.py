@@ -317,10 +317,9 @@ async def completions(request: Request) -> Response:
     ctx = ctx_of(request)
     data = await read_json(request)
     prompt = completion_prompt(data)
-    if not prompt:  # nothing to continue from (a model without BOS would see zero tokens)
+    suffix = get_field(data, "suffix", str) or None  # fill-in-the-middle: the code after the gap
+    if not prompt and suffix is None:  # nothing to continue from (a model without BOS would see zero tokens)
         raise ApiError(400, "prompt must not be empty", param="prompt")
-    if data.get("suffix"):
-        raise ApiError(400, "suffix (fill-in-the-middle) is not supported by this server", param="suffix")
     logprobs = get_field(data, "logprobs", int)  # the legacy form: a count of alternatives, 0-5
     if logprobs is not None and not 0 <= logprobs <= 5:
         raise ApiError(400, "logprobs must be from 0 to 5", param="logprobs")
@@ -335,7 +334,7 @@ async def completions(request: Request) -> Response:
     name = get_field(data, "model", str)
     model = await check_chat_model(ctx, name)
     # a completion continues the text as written: no chat template
-    gen = await submit(ctx, GenerationRequest(prompt=prompt, params=params, raw=True, logprobs=logprobs), model)
+    gen = await submit(ctx, GenerationRequest(prompt=prompt, params=params, raw=True, logprobs=logprobs, suffix=suffix), model)
     ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     head = prompt if echo else ""
     offset = len(head)  # where the next token's text starts in the choice's text (text_offset)

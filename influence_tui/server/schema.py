@@ -141,6 +141,8 @@ RESPONSES_BODY = {
     "reasoning": {"type": "object", "properties": {"effort": {"type": "string"}}},
     "store": {"type": "boolean", "description": "accepted; nothing is stored"},
 }
+SUFFIX = {"type": "string", "description": "fill-in-the-middle: the code after the gap (`prompt` is the code before); "
+                                         "a model without fill-in-the-middle tokens answers 400"}
 LOGPROBS = {"logprobs": {"type": "boolean", "description": "each token's log-probability"},
             "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20, "description": "alternatives per token (needs logprobs)"}}
 THINK = {"type": "boolean", "description": "a reasoning model thinks first, its reasoning kept apart (default: the server's setting)"}
@@ -193,7 +195,7 @@ def _paths() -> dict[str, Any]:
                                    "requestBody": _body(RESPONSES_BODY, ["input"]), "responses": _responses(json_ok)}},
         "/v1/completions": {"post": {"summary": "OpenAI text completions (no chat template)", "operationId": "openaiCompletions",
                                      "requestBody": _body({"prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1}]},
-                                                           "echo": {"type": "boolean"}, **OPENAI_SAMPLING,
+                                                           "echo": {"type": "boolean"}, **OPENAI_SAMPLING, "suffix": SUFFIX,
                                                            "logprobs": {"type": "integer", "minimum": 0, "maximum": 5,
                                                                         "description": "alternatives per token (legacy form)"}}, ["prompt"]),
                                      "responses": _responses(json_ok)}},
@@ -212,7 +214,7 @@ def _paths() -> dict[str, Any]:
                                    "requestBody": _body({"model": MODEL, "prompt": {"type": "string"}, "system": {"type": "string"},
                                                          "raw": {"type": "boolean"}, "stream": {"type": "boolean"},
                                                          "context": {"type": "array", "items": {"type": "integer"}},
-                                                         "format": JSON_FORMAT, "think": OLLAMA_THINK, **LOGPROBS,
+                                                         "format": JSON_FORMAT, "think": OLLAMA_THINK, **LOGPROBS, "suffix": SUFFIX,
                                                          "keep_alive": KEEP_ALIVE, "options": OLLAMA_OPTIONS}),
                                    "responses": _responses(json_ok, dialect="ollama")}},
         "/api/chat": {"post": {"summary": "Ollama chat (NDJSON stream by default; empty messages loads, keep_alive 0 unloads)",
