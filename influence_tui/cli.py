@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", help="the prompt (- reads stdin)")
     _gen_flags(p)
     p.add_argument("--raw", action="store_true", help="send the prompt as-is, without the chat template")
+    p.add_argument("--suffix", help="fill in the middle: the prompt is the code before the gap and SUFFIX the code after "
+                                    "it (a code model with fill-in-the-middle tokens)")
+    p.add_argument("--logprobs", type=int, metavar="N", help="with --json: each token's log-probability and its N (0-20) "
+                                                             "most likely alternatives")
     p.add_argument("--format", metavar="json|SCHEMA",
                    help="answer with one JSON object (each token checked as it is picked); a JSON schema "
                         "(a file, or the JSON itself) makes the answer follow it")

@@ -119,12 +119,18 @@ def _engine(settings: Settings, max_batch: int = 8):
 def run_generate(args: argparse.Namespace, settings: Settings) -> int:
     try:
         prompt = _read_text("-") if args.prompt == "-" else _arg_text(args.prompt, "the prompt")
+        logprobs = getattr(args, "logprobs", None)
+        if logprobs is not None and not (getattr(args, "json", False) and 0 <= logprobs <= 20):
+            raise InputError("--logprobs takes 0 to 20 alternatives and needs --json (the values go into its output)")
+        suffix = getattr(args, "suffix", None)
         request = GenerationRequest(prompt=prompt, system=_system(settings), params=_params(args, settings), raw=args.raw,
-                                    think=settings.think, **_format_arg(getattr(args, "format", None)))
+                                    think=settings.think, logprobs=logprobs,
+                                    suffix=_arg_text(suffix, "the suffix") if suffix is not None else None,
+                                    **_format_arg(getattr(args, "format", None)))
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if not prompt.strip():
+    if not prompt.strip() and request.suffix is None:
         print("error: the prompt is empty", file=sys.stderr)
         return 2
     engine = _engine(settings, max_batch=1)
@@ -172,6 +178,7 @@ def _stream_generate(engine: Any, request: GenerationRequest, args: argparse.Nam
             "prefill_tokens_per_s": round(u.prefill_tokens_per_s, 2),
             "decode_tokens_per_s": round(u.decode_tokens_per_s, 2),
             **({"thinking": result.thinking} if result.thinking else {}),
+            **({"logprobs": logprob_rows(result.logprobs)} if result.logprobs is not None else {}),
         }))
     else:
         sys.stdout.write("\n")
@@ -243,7 +250,13 @@ def _embed_texts(args: list[str]) -> list[str]:
 
 # What a JSONL line may hold: anything else is most likely a typo ("temprature") that would
 # otherwise be ignored without a word, leaving the default in force.
-BATCH_FIELDS = ("id", "prompt", "messages", "system", "format", "think", *PARAM_NAMES)
+BATCH_FIELDS = ("id", "prompt", "messages", "system", "format", "think", "suffix", "logprobs", *PARAM_NAMES)
+
+
+def logprob_rows(entries: list[Any]) -> list[dict[str, Any]]:
+    """Each token with its log-probability (and alternatives), as the OpenAI and Ollama routes write them."""
+    return [{"token": e.token, "logprob": e.logprob, "bytes": e.bytes,
+             "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": t.bytes} for t in e.top]} for e in entries]
 
 
 @dataclass
@@ -293,11 +306,16 @@ def _json_request(obj: dict[str, Any], base: GenerationParams, system: str | Non
     fmt = answer_format(obj.get("format"))
     if "system" in obj:
         system = _check_text(obj["system"], "system")
-    shared: dict[str, Any] = dict(system=system, params=params, think=obj.get("think"), **fmt)
+    logprobs, suffix = obj.get("logprobs"), obj.get("suffix")
+    if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool) or not 0 <= logprobs <= 20):
+        raise ParamError("logprobs must be a whole number of alternatives from 0 to 20")
+    if suffix is not None:
+        suffix = _check_text(suffix, "suffix")
+    shared: dict[str, Any] = dict(system=system, params=params, think=obj.get("think"), logprobs=logprobs, suffix=suffix, **fmt)
     if obj.get("messages") is not None:
         return GenerationRequest(messages=_messages(obj["messages"]), **shared)
     prompt = obj.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
+    if not isinstance(prompt, str) or (not prompt.strip() and suffix is None):
         raise ParamError("needs a non-empty \"prompt\" string or a \"messages\" list")
     return GenerationRequest(prompt=_check_text(prompt, "prompt"), **shared)
 
@@ -485,6 +503,8 @@ def _write_results(items: list[BatchItem], streams: dict[int, Any], out: _Sink) 
                            "finish_reason": result.finish_reason}
                     if result.thinking:  # a reasoning model's reasoning, apart from its answer
                         row["thinking"] = result.thinking
+                    if result.logprobs is not None:
+                        row["logprobs"] = logprob_rows(result.logprobs)
             if item.error:
                 failed += 1
                 row = {"id": item.id, "error": item.error}

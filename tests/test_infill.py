@@ -60,3 +60,21 @@ def test_a_model_without_the_tokens_says_it_cannot():
         assert ollama.status_code == openai.status_code == 400
         assert "does not support insert (its vocabulary has no fill-in-the-middle tokens)" in ollama.json()["error"]
         assert "does not support insert" in openai.json()["error"]["message"]
+
+
+def test_generate_and_batch_fill_in_the_middle_from_the_command_line(coder, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "influence_tui", "-m", str(coder.folder), *args],
+                              capture_output=True, text=True, timeout=180)
+
+    out = cli("generate", BEFORE, "--suffix", AFTER, "--temperature", "0")
+    assert out.returncode == 0 and out.stdout == FIM_MIDDLE + "\n", out.stderr
+    batch = tmp_path / "b.jsonl"
+    batch.write_text(json.dumps({"prompt": "", "suffix": AFTER, "temperature": 0}) + "\n")
+    rows = [json.loads(line) for line in cli("--batch", str(batch)).stdout.splitlines()]
+    assert rows == [{"id": 1, "text": FIM_MIDDLE, "prompt_tokens": rows[0]["prompt_tokens"], "completion_tokens": 2,
+                     "cached_tokens": 0, "finish_reason": "stop"}]

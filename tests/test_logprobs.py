@@ -77,6 +77,9 @@ def test_openai_chat_logprobs_streamed_and_not(openai_client):
     assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
     plain = openai_client.chat.completions.create(**CHAT)
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == resp.choices[0].message.content
+    # a stop string that never completes holds the last text back until the end: its tokens go out with it
+    held = openai_client.chat.completions.create(**{**CHAT, "max_tokens": 60}, logprobs=True, stop=["?QQQ", "!QQQ", ".QQQ"])
+    assert "".join(t.token for t in held.choices[0].logprobs.content) == held.choices[0].message.content
 
 
 def test_openai_legacy_completions_logprobs(openai_client):
@@ -88,6 +91,13 @@ def test_openai_legacy_completions_logprobs(openai_client):
     assert all(len(top) == 2 for top in lp.top_logprobs)
     assert all(top.get(tok, value) == value for tok, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs))
     assert max(lp.top_logprobs[0].values()) == lp.token_logprobs[0]  # greedy took the most likely
+    # a character split across tokens: its halves are written as bytes, and offsets count characters
+    asian = openai_client.completions.create(model="smollm2", max_tokens=12, temperature=0, logprobs=1,
+                                             prompt="Write the word for Japan in Japanese characters: 日本. Now write Tokyo in Japanese:")
+    text, lp = asian.choices[0].text, asian.choices[0].logprobs
+    assert any(t.startswith("bytes:\\x") for t in lp.tokens)
+    for token, offset in zip(lp.tokens, lp.text_offset):
+        assert token.startswith("bytes:") or text[offset:].startswith(token)
 
 
 def test_ollama_logprobs_streamed_and_not(ollama_client):
@@ -128,3 +138,27 @@ def test_a_token_that_holds_part_of_a_character_has_its_own_bytes():
     ids = tok.encode(whole)
     assert bytes(b for i in ids for b in texts(i)[1]).decode() == whole
     assert texts(tok.encode(" the")[0]) == (" the", list(b" the"))  # as it reads inside a text
+
+
+def test_generate_and_batch_print_logprobs(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "influence_tui", *args], capture_output=True, text=True, timeout=180)
+
+    out = cli("generate", "Say hi.", "--json", "--logprobs", "2", "--temperature", "0", "--max-tokens", "6")
+    body = json.loads(out.stdout)
+    assert "".join(t["token"] for t in body["logprobs"]) == body["text"]
+    assert all(len(t["top_logprobs"]) == 2 and t["logprob"] <= 0 for t in body["logprobs"])
+    bad = cli("generate", "Say hi.", "--logprobs", "2")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --logprobs") and len(bad.stderr.splitlines()) == 1
+    batch = tmp_path / "b.jsonl"
+    batch.write_text(json.dumps({"prompt": "Say hi.", "logprobs": 0, "temperature": 0, "max_tokens": 6}) + "\n"
+                     + json.dumps({"prompt": "Say hi.", "logprobs": 50}) + "\n"
+                     + json.dumps({"prompt": "def f():", "suffix": "return 1"}) + "\n")
+    rows = [json.loads(line) for line in cli("--batch", str(batch)).stdout.splitlines()]
+    assert "".join(t["token"] for t in rows[0]["logprobs"]) == rows[0]["text"]
+    assert rows[1]["error"] == "line 2: logprobs must be a whole number of alternatives from 0 to 20"
+    assert "does not support insert" in rows[2]["error"]

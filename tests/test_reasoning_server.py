@@ -113,6 +113,9 @@ def test_openai_chat_gives_reasoning_content(openai_client):
     assert "".join(d.content or "" for d in deltas) == THINKER_ANSWER
     assert resp.usage.completion_tokens == 5  # reasoning, </think>, blank line, answer, end of turn
     assert resp.usage.completion_tokens_details.reasoning_tokens == 2  # reasoning, </think>
+    # log-probabilities are the answer's (as OpenAI's): the reasoning's tokens are not among them
+    scored = openai_client.chat.completions.create(model=NAME, messages=QUESTION, temperature=0, logprobs=True)
+    assert "".join(t.token for t in scored.choices[0].logprobs.content) == THINKER_ANSWER
 
 
 def test_responses_api_gives_a_reasoning_item(openai_client):

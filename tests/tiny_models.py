@@ -274,12 +274,12 @@ FIM_MIDDLE = "    return a + b"
 
 def write_tiny_infiller(dir: str | Path) -> Path:
     """A tiny code model with Qwen2.5-Coder's fill-in-the-middle tokens whose greedy middle is
-    always FIM_MIDDLE (then the end of text)."""
+    always FIM_MIDDLE, then <|endoftext|>, as an instruct model's (its EOS is <|im_end|>)."""
     from tokenizers import AddedToken
 
     added = [AddedToken(t, normalized=False, special=True) for t in ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")]
     added.append(AddedToken(FIM_MIDDLE, normalized=False))
-    return write_chain_model(dir, added, ("<|fim_middle|>", FIM_MIDDLE, "<|im_end|>"), CHATML)
+    return write_chain_model(dir, added, ("<|fim_middle|>", FIM_MIDDLE, "<|endoftext|>"), CHATML)
 
 
 def write_chain_model(dir: str | Path, added: list, chain: tuple[str, ...], template: str) -> Path:

@@ -25,6 +25,12 @@ SPELLINGS = (
 )
 
 
+# what ends a middle besides the model's end of turn: an instruct model's EOS is <|im_end|>, but it
+# writes the base model's end of text (or a pad, or a new file) after a middle, as llama.cpp knows
+ENDS = ("<|endoftext|>", "<|fim_pad|>", "<|file_sep|>", "<|repo_name|>", "<fim_pad>", "<file_sep>", "▁<EOT>", "<EOT>",
+        "<｜end▁of▁sentence｜>")
+
+
 @dataclass(frozen=True)
 class FimTokens:
     prefix: int
@@ -42,9 +48,24 @@ def fim_tokens(tokenizer: Any) -> FimTokens | None:
     return None
 
 
+def fim_end_ids(tokenizer: Any) -> frozenset[int]:
+    ids = (tokenizer.tok.token_to_id(t) for t in ENDS)
+    return frozenset(i for i in ids if i is not None)
+
+
+def _encode_inside(tokenizer: Any, text: str) -> list[int]:
+    """`text` encoded as it reads after other text: a SentencePiece tokenizer (Llama's) would put a
+    space before it, which CodeLlama's suffix must not have (Meta's encode_infilling drops it)."""
+    head = tokenizer.encode("\n")
+    both = tokenizer.encode("\n" + text)
+    if head and both[: len(head)] == head and tokenizer.decode(both[len(head):]) == text:
+        return both[len(head):]
+    return tokenizer.encode(text)
+
+
 def infill_ids(tokenizer: Any, fim: FimTokens, prefix: str, suffix: str) -> list[int]:
     """The prompt whose continuation is the middle (the model's BOS first where it takes one)."""
-    pre, suf = tokenizer.encode(prefix), tokenizer.encode(suffix)
+    pre, suf = tokenizer.encode(prefix), _encode_inside(tokenizer, suffix)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and _adds_bos(tokenizer) else []
     if fim.middle is None:
         return bos + [fim.suffix, *suf, fim.prefix, *pre]

@@ -14,6 +14,7 @@ Requests admitted together that begin alike have their common prefix prefilled o
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from influence_tui.engine.base import LoadedModel
-from influence_tui.engine.infill import fim_tokens
+from influence_tui.engine.infill import fim_end_ids, fim_tokens
 from influence_tui.engine.reasoning import CLOSE, OPEN, ThinkSplitter, opens_thinking, without_thinking
 from influence_tui.engine.sampling import Sampler, StopMatcher, greedy
 from influence_tui.engine.tools import TAGS as TOOL_TAGS
@@ -195,6 +196,7 @@ class Scheduler:
         self._hidden_tools = self.tok.special_ids_but((OPEN, CLOSE, *TOOL_TAGS)) if self.takes_tools else None
         self._tool_openers = tool_openers(self.tok, self._tool_formats) if self.takes_tools else frozenset()
         self.fim = fim_tokens(self.tok) if hasattr(getattr(self.tok, "tok", None), "token_to_id") else None
+        self._fim_ends = fim_end_ids(self.tok) if self.fim is not None else frozenset()
 
     # --- prompt building -----------------------------------------------------------------------
     def context_limit(self, request: GenerationRequest) -> int:
@@ -618,26 +620,50 @@ class Scheduler:
     def _emit(self, seq: Sequence, text: str, token: int, final: bool = False) -> None:
         """New text of an answer to its stream, the reasoning apart where the model reasons
         (`final`: the answer ends, and what the splitter held back comes out)."""
-        thinking = ""
+        thinking, reasoning, called = "", False, False
         if seq.splitter is not None:
             was_thinking = seq.splitter.state == "think"
             thinking, text = seq.splitter.feed(text)
-            if token >= 0 and (was_thinking or seq.splitter.state == "think"):  # (the tags count too)
+            reasoning = token >= 0 and (was_thinking or seq.splitter.state == "think")  # (the tags count too)
+            if reasoning:
                 seq.usage.reasoning_tokens += 1
             if final:
                 more = seq.splitter.flush()
                 thinking, text = thinking + more[0], text + more[1]
         if seq.tool_parser is not None:
+            given = text
             text = seq.tool_parser.feed(text) + (seq.tool_parser.flush() if final else "")
+            called = bool(given) and not text  # the tokens went into a call
+        first = not seq.text
         if thinking:
             seq.thinking.append(thinking)
         if text:
             seq.text.append(text)
+        picked = self._logprobs_of(seq, text, first, drop=reasoning or called)
         if text or thinking:
-            picked = seq.sampler.take() if seq.logprobs is not None else []
-            if seq.logprobs is not None:
-                seq.logprobs.extend(picked)
             seq.job.stream._put(TokenEvent(text, token, thinking, picked))
+
+    def _logprobs_of(self, seq: Sequence, text: str, first: bool, drop: bool) -> list[Any]:
+        """The tokens (with their log-probabilities) whose text is `text`: none while the model
+        reasons or writes a call (only the answer's tokens count, as OpenAI's), and the answer's
+        first tokens as the answer reads (blank space before it dropped, a SentencePiece token's
+        leading space stripped as the decoder strips it)."""
+        if seq.logprobs is None:
+            return []
+        if drop:
+            seq.sampler.take()
+            return []
+        if not text:
+            return []  # held back: they go out with the text they make
+        picked = seq.sampler.take()
+        if first:
+            while picked and not picked[0].token.strip() and not text.startswith(picked[0].token):
+                picked.pop(0)
+            head = picked[0] if picked else None
+            if head is not None and head.token.startswith(" ") and not text.startswith(" "):
+                picked[0] = dataclasses.replace(head, token=head.token[1:], bytes=head.bytes[1:] if head.bytes[:1] == [32] else head.bytes)
+        seq.logprobs.extend(picked)
+        return picked
 
     def _sampler(self, req: GenerationRequest) -> Any:
         sampler: Any = Sampler(req.params)
@@ -659,9 +685,10 @@ class Scheduler:
         seq.history.append(token)
         seq.last_token = token
         params = seq.job.request.params
-        if token in self.eos and not params.ignore_eos:
-            if seq.logprobs is not None:
-                seq.sampler.take()  # the end of the answer is not one of its tokens
+        ended = token in self.eos or (token in self._fim_ends and seq.job.request.suffix is not None)
+        if ended and not params.ignore_eos:
+            if seq.logprobs is not None and seq.sampler.pending:
+                seq.sampler.pending.pop()  # the end of the answer is not one of its tokens (held text's are)
             self._finish(seq, "stop")
             return
         text = seq.stopper.feed(seq.decoder.push(token))

@@ -301,6 +301,10 @@ async def chat_completions(request: Request, default_stream: bool = False) -> Re
     return stream_response(events(), "text/event-stream", gen)
 
 
+def _legacy_token(entry: Any) -> str:
+    return entry.token if "\ufffd" not in entry.token else "bytes:" + "".join(f"\\x{b:02x}" for b in entry.bytes)
+
+
 def completion_prompt(data: dict[str, Any]) -> str:
     prompt = data.get("prompt", "")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -337,21 +341,25 @@ async def completions(request: Request) -> Response:
     gen = await submit(ctx, GenerationRequest(prompt=prompt, params=params, raw=True, logprobs=logprobs, suffix=suffix), model)
     ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     head = prompt if echo else ""
-    offset = len(head)  # where the next token's text starts in the choice's text (text_offset)
+
+    written = bytearray()  # the answer's bytes so far: a character split across tokens has one offset
 
     def legacy(entries: Any) -> dict[str, Any] | None:
-        """The legacy completions' logprobs: parallel lists, alternatives as {token: logprob}."""
-        nonlocal offset
+        """The legacy completions' logprobs: parallel lists, alternatives as {token: logprob}; a
+        token that holds part of a character is written "bytes:\\xNN" (as OpenAI writes it)."""
         if logprobs is None:
             return None
         out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [] if logprobs else None, "text_offset": []}
         for e in entries or ():
-            out["tokens"].append(e.token)
+            out["tokens"].append(_legacy_token(e))
             out["token_logprobs"].append(e.logprob)
-            out["text_offset"].append(offset)
-            offset += len(e.token)
+            out["text_offset"].append(len(head) + len(written.decode("utf-8", "ignore")))
+            written.extend(e.bytes)
             if logprobs:
-                out["top_logprobs"].append({t.token: t.logprob for t in e.top})
+                top: dict[str, float] = {}
+                for t in e.top:
+                    top.setdefault(_legacy_token(t), t.logprob)  # best first: a look-alike keeps the higher
+                out["top_logprobs"].append(top)
         return out
 
     if not stream:
