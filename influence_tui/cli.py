@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--threads", type=str, default=argparse.SUPPRESS, help="CPU threads for inference (default: one per core)")
         p.add_argument("--ctx-size", "--context-length", dest="context_length", type=str, default=argparse.SUPPRESS,
                        help="context per request in tokens (default: the model's, at most 4096)")
-        p.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
+        p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or 'x-api-key: KEY')")
         p.add_argument("--cors", action="append", metavar="ORIGIN", help="allow this browser origin (repeatable)")
         p.add_argument("--detached", action="store_true", help="run in the background (pid and log files)")
         p.add_argument("--stop", action="store_true", help="stop a detached server")

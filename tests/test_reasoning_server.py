@@ -118,6 +118,21 @@ def test_openai_chat_gives_reasoning_content(openai_client):
     assert "".join(t.token for t in scored.choices[0].logprobs.content) == THINKER_ANSWER
 
 
+def test_anthropic_messages_give_a_thinking_block(url):
+    import anthropic
+
+    claude = anthropic.Anthropic(base_url=url, api_key="none", max_retries=0)
+    ask = {"model": NAME, "max_tokens": 20, "messages": QUESTION}
+    msg = claude.messages.create(**ask)
+    assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in msg.content] == \
+           [("thinking", THINKER_REASONING), ("text", THINKER_ANSWER)]
+    with claude.messages.stream(**ask) as stream:
+        final = stream.get_final_message()
+    assert final.content[0].thinking == THINKER_REASONING and final.content[1].text == THINKER_ANSWER
+    alone = claude.messages.create(**ask, thinking={"type": "disabled"})
+    assert [b.type for b in alone.content] == ["text"] and alone.content[0].text == THINKER_ANSWER
+
+
 def test_responses_api_gives_a_reasoning_item(openai_client):
     ask = {"model": NAME, "input": "What is six times seven?", "temperature": 0}
     resp = openai_client.responses.create(**ask)

@@ -72,6 +72,27 @@ def test_responses_api_returns_the_call_and_takes_its_result(openai_client):
     assert chat.choices[0].finish_reason == "tool_calls" and chat.choices[0].message.tool_calls[0].function.name == "get_weather"
 
 
+def test_anthropic_messages_return_tool_use_and_take_its_result(url):
+    import anthropic
+
+    claude = anthropic.Anthropic(base_url=url, api_key="none", max_retries=0)
+    fn = WEATHER_TOOL["function"]
+    tool = {"name": fn["name"], "description": fn["description"], "input_schema": fn["parameters"]}
+    ask = {"model": NAME, "max_tokens": 30, "messages": QUESTION, "tools": [tool]}
+    msg = claude.messages.create(**ask)
+    [use] = msg.content
+    assert (use.type, use.name, use.input, msg.stop_reason) == ("tool_use", "get_weather", PARIS, "tool_use")
+    with claude.messages.stream(**ask) as stream:
+        final = stream.get_final_message()
+    assert [(b.type, b.input) for b in final.content] == [("tool_use", PARIS)] and final.stop_reason == "tool_use"
+    again = claude.messages.create(**{**ask, "messages": [*QUESTION, {"role": "assistant", "content": [use.model_dump()]},
+                                                         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
+                                                                                       "content": '{"temperature": 21}'}]}]})
+    assert again.usage.input_tokens > msg.usage.input_tokens + 10  # the call and its result reached the prompt
+    plain = claude.messages.create(**{**ask, "tool_choice": {"type": "none"}})
+    assert plain.stop_reason == "end_turn" and plain.content[0].type == "text"
+
+
 def test_openai_stream_accumulates_to_the_call(openai_client):
     chunks = list(openai_client.chat.completions.create(
         model=NAME, messages=QUESTION, tools=[WEATHER_TOOL], temperature=0, stream=True,

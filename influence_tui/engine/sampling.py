@@ -243,6 +243,7 @@ class StopMatcher:
         self.stops = tuple(s for s in stops if s)
         self.pending = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the answer (Anthropic's stop_sequence)
 
     def feed(self, delta: str) -> str:
         if not self.stops:
@@ -253,6 +254,7 @@ class StopMatcher:
         cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
         if cut >= 0:
             self.stopped = True
+            self.matched = next(s for s in self.stops if text.find(s) == cut)
             self.pending = ""
             return text[:cut]
         hold = 0

@@ -717,7 +717,7 @@ class Scheduler:
         seq.job.stream._finish(Result("".join(seq.text), reason, seq.usage, model=self.lm.name,  # type: ignore[arg-type]
                                       context=list(seq.history), thinking="".join(seq.thinking),
                                       tool_calls=seq.tool_parser.calls if seq.tool_parser else [],
-                                      logprobs=seq.logprobs))
+                                      logprobs=seq.logprobs, stop_sequence=seq.stopper.matched))
 
     def cancel_all(self, reason: str = "cancelled") -> None:
         for seq in list(self.active):

@@ -125,6 +125,7 @@ class Result:
     thinking: str = ""  # a reasoning model's reasoning (`text` is the answer after it)
     tool_calls: list[ToolCall] = field(default_factory=list)  # calls the answer made (their text is not in `text`)
     logprobs: list[TokenLogprob] | None = None  # with request.logprobs: each token of the answer
+    stop_sequence: str | None = None  # the stop string that ended it, if one did
 
 
 class StreamClosed(Exception):

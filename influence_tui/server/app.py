@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from influence_tui.library import ModelNotFound
 from influence_tui.params import ParamError
-from influence_tui.server import native, ollama, openai, responses
+from influence_tui.server import anthropic, native, ollama, openai, responses
 from influence_tui.server.common import (
     DEFAULT_MAX_BODY,
     ApiError,
@@ -56,7 +56,7 @@ class Guard:
             return
         path = scope["path"]
         if self.api_key and path not in OPEN_PATHS and scope["method"] != "OPTIONS" and not self._authorized(scope):
-            await error_response(path, 401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+            await error_response(path, 401, "missing or invalid API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')",
                                  code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
             return
         length = _header(scope, b"content-length")
@@ -95,7 +95,9 @@ class Guard:
     def _authorized(self, scope: Scope) -> bool:
         value = _header(scope, b"authorization") or ""
         scheme, _, token = value.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+        if scheme.lower() != "bearer":  # Anthropic's clients send the key as x-api-key
+            token = _header(scope, b"x-api-key") or ""
+        return bool(token) and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
 
     async def _too_large(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
         await error_response(path, 413, f"request body is larger than {self.max_body} bytes")(scope, receive, send)
@@ -174,7 +176,7 @@ def create_app(engine: "Engine", settings: "Settings", *, api_key: str | None = 
     from influence_tui.engine import EngineError, QueueFull
 
     ctx = ServerContext(engine=engine, settings=settings)
-    routes = [*native.ROUTES, *openai.ROUTES, *responses.ROUTES, *ollama.ROUTES, Route("/openapi.json", openapi, methods=["GET"])]
+    routes = [*native.ROUTES, *openai.ROUTES, *responses.ROUTES, *anthropic.ROUTES, *ollama.ROUTES, Route("/openapi.json", openapi, methods=["GET"])]
     middleware = []
     if cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"],

@@ -58,8 +58,16 @@ OPENAI_TYPES = {
 }
 
 
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+    413: "request_too_large", 500: "api_error", 502: "api_error", 503: "overloaded_error",
+}
+
+
 def dialect_of(path: str) -> str:
     """Which API a path belongs to, so that errors come back in the shape its clients parse."""
+    if path.startswith("/v1/messages"):
+        return "anthropic"
     if path.startswith("/v1/") or path == "/v1":
         return "openai"
     if path.startswith("/api/") or path == "/":
@@ -69,8 +77,11 @@ def dialect_of(path: str) -> str:
 
 def error_response(path: str, status: int, message: str, *, param: str | None = None, code: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    if dialect_of(path) == "ollama":
+    dialect = dialect_of(path)
+    if dialect == "ollama":
         body: dict[str, Any] = {"error": message}
+    elif dialect == "anthropic":
+        body = {"type": "error", "error": {"type": ANTHROPIC_TYPES.get(status, "invalid_request_error"), "message": message}}
     else:  # OpenAI's shape; the native routes use it too (their chat route is OpenAI-shaped)
         body = {"error": {"message": message, "type": OPENAI_TYPES.get(status, "invalid_request_error"),
                           "param": param, "code": code}}  # OpenAI's code: a string or null

@@ -112,6 +112,27 @@ RESPONSE_FORMAT = {"type": "object", "required": ["type"], "properties": {
     "type": {"type": "string", "enum": ["text", "json_object", "json_schema"]},
     "json_schema": {"type": "object", "description": "with type json_schema: the answer follows `schema`",
                     "properties": {"name": {"type": "string"}, "schema": {"type": "object"}, "strict": {"type": "boolean"}}}}}
+ANTHROPIC_BLOCK = {"type": "object", "required": ["type"], "properties": {
+    "type": {"type": "string", "enum": ["text", "tool_use", "tool_result", "thinking"]}, "text": {"type": "string"},
+    "id": {"type": "string"}, "name": {"type": "string"}, "input": {"type": "object"},
+    "tool_use_id": {"type": "string"}, "content": {"oneOf": [{"type": "string"}, {"type": "array"}]}}}
+ANTHROPIC_BODY = {
+    "model": {"type": "string"}, "max_tokens": _num("max_tokens"),
+    "messages": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["role", "content"], "properties": {
+        "role": {"type": "string", "enum": ["user", "assistant"]},
+        "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": ANTHROPIC_BLOCK}]}}}},
+    "system": {"oneOf": [{"type": "string"}, {"type": "array", "items": ANTHROPIC_BLOCK}]},
+    "stream": {"type": "boolean"}, "temperature": _num("temperature"), "top_p": _num("top_p"), "top_k": _num("top_k"),
+    "stop_sequences": {"type": "array", "items": {"type": "string"}},
+    "tools": {"type": "array", "items": {"type": "object", "required": ["name", "input_schema"], "properties": {
+        "name": {"type": "string"}, "description": {"type": "string"}, "input_schema": {"type": "object"}}}},
+    "tool_choice": {"type": "object", "properties": {"type": {"type": "string", "enum": ["auto", "any", "tool", "none"]},
+                                                     "name": {"type": "string"}}},
+    "thinking": {"type": "object", "properties": {"type": {"type": "string", "enum": ["enabled", "disabled", "adaptive"]},
+                                                  "budget_tokens": {"type": "integer"}}},
+    "output_config": {"type": "object", "properties": {"format": {"type": "object", "required": ["type", "schema"], "properties": {
+        "type": {"type": "string", "enum": ["json_schema"]}, "schema": {"type": "object"}}}}},
+}
 RESPONSES_PART = {"type": "object", "required": ["type", "text"], "properties": {
     "type": {"type": "string", "enum": ["input_text", "output_text"]}, "text": {"type": "string"}}}
 RESPONSES_ITEM = {"oneOf": [
@@ -190,6 +211,9 @@ def _paths() -> dict[str, Any]:
                                                                 "response_format": RESPONSE_FORMAT, **OPENAI_SAMPLING, **OPENAI_REASONING,
                                                              **OPENAI_TOOLS, **LOGPROBS}, ["messages"]),
                                           "responses": _responses(json_ok)}},
+        "/v1/messages": {"post": {"summary": "Anthropic Messages API (SSE events when stream is true)",
+                                  "operationId": "anthropicMessages",
+                                  "requestBody": _body(ANTHROPIC_BODY, ["messages", "max_tokens"]), "responses": _responses(json_ok)}},
         "/v1/responses": {"post": {"summary": "OpenAI Responses API, stateless (SSE events when stream is true)",
                                    "operationId": "openaiResponses",
                                    "requestBody": _body(RESPONSES_BODY, ["input"]), "responses": _responses(json_ok)}},

@@ -1,0 +1,96 @@
+"""Anthropic's Messages API (/v1/messages) through the official `anthropic` client, over the
+bundled model: the same answer as chat completions, streamed as Anthropic's events that the
+client's stream helper puts together, stop sequences, structured outputs with `messages.parse`,
+the key as x-api-key, and Anthropic-shaped errors. Tool use and thinking blocks are tested beside
+the tiny models that make them (test_tools_server.py, test_reasoning_server.py)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from pydantic import BaseModel
+
+from server_support import running_server
+
+pytestmark = pytest.mark.slow
+KEY = "anthropic-key"
+GREEDY = {"extra_body": {"temperature": 0}}  # (this client sends no sampling fields of its own)
+HELLO = [{"role": "user", "content": "Say hello."}]
+
+
+@pytest.fixture(scope="module")
+def url():
+    for url, _, _ in running_server(api_key=KEY):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def claude(url):
+    import anthropic
+
+    return anthropic.Anthropic(base_url=url, api_key=KEY, max_retries=0, timeout=120)
+
+
+def test_the_answer_is_the_chat_completions_answer(claude, url):
+    msg = claude.messages.create(model="smollm2", max_tokens=40, system="Be brief.", messages=HELLO, **GREEDY)
+    chat = httpx.post(f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=120, json={
+        "model": "smollm2", "max_tokens": 40, "temperature": 0,
+        "messages": [{"role": "system", "content": "Be brief."}, *HELLO]}).json()
+    [block] = msg.content
+    assert block.type == "text" and block.text == chat["choices"][0]["message"]["content"]
+    assert msg.type == "message" and msg.role == "assistant" and msg.id.startswith("msg_") and msg.model == "smollm2"
+    assert msg.stop_reason == "end_turn" and msg.stop_sequence is None
+    assert msg.usage.input_tokens == chat["usage"]["prompt_tokens"] - msg.usage.cache_read_input_tokens
+    assert msg.usage.output_tokens == chat["usage"]["completion_tokens"]
+
+
+def test_the_stream_helper_puts_the_events_together(claude):
+    whole = claude.messages.create(model="smollm2", max_tokens=40, messages=HELLO, **GREEDY)
+    with claude.messages.stream(model="smollm2", max_tokens=40, messages=HELLO, **GREEDY) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    kinds = [e.type for e in events if e.type in ("message_start", "content_block_start", "content_block_stop",
+                                                  "message_delta", "message_stop")]
+    assert kinds == ["message_start", "content_block_start", "content_block_stop", "message_delta", "message_stop"]
+    assert final.content[0].text == whole.content[0].text and final.stop_reason == "end_turn"
+    assert final.usage.output_tokens == whole.usage.output_tokens
+
+
+def test_max_tokens_and_stop_sequences(claude):
+    cut = claude.messages.create(model="smollm2", max_tokens=3, messages=HELLO, **GREEDY)
+    assert cut.stop_reason == "max_tokens" and cut.usage.output_tokens == 3
+    full = claude.messages.create(model="smollm2", max_tokens=40, messages=HELLO, **GREEDY).content[0].text
+    word = full.split()[2]
+    stopped = claude.messages.create(model="smollm2", max_tokens=40, messages=HELLO, stop_sequences=["QQQ", word], **GREEDY)
+    assert stopped.stop_reason == "stop_sequence" and stopped.stop_sequence == word
+    assert stopped.content[0].text == full[: full.index(word)]
+
+
+def test_structured_output_with_parse(claude):
+    class Pet(BaseModel):
+        kind: str
+        name: str
+
+    parsed = claude.messages.parse(model="smollm2", max_tokens=80, output_format=Pet,
+                                   messages=[{"role": "user", "content": "Name a pet."}], **GREEDY)
+    assert isinstance(parsed.parsed_output, Pet)
+
+
+def test_errors_are_anthropic_shaped(url):
+    post = lambda body, **kw: httpx.post(f"{url}/v1/messages", json={"model": "smollm2", **body}, timeout=60,  # noqa: E731
+                                         headers={"x-api-key": KEY, **kw.get("headers", {})})
+    cases = [
+        (post({"messages": HELLO}), 400, "max_tokens is required"),
+        (post({"max_tokens": 5, "messages": []}), 400, "messages: must be a non-empty array"),
+        (post({"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}), 400,
+         "image blocks are not supported"),
+        (post({"max_tokens": 5, "messages": HELLO, "tools": [{"type": "web_search_20250305", "name": "web_search"}]}), 400,
+         "only client tools"),
+        (post({"max_tokens": 5, "messages": HELLO, "output_config": {"format": {"type": "json_schema", "schema": {"type": "int"}}}}),
+         400, "JSON schema: #/type: unknown type 'int'"),
+        (post({"max_tokens": 5, "messages": HELLO}, headers={"x-api-key": "wrong"}), 401, "missing or invalid API key"),
+    ]
+    for resp, status, message in cases:
+        body = resp.json()
+        assert resp.status_code == status and body["type"] == "error" and message in body["error"]["message"], body
+    assert cases[-1][0].json()["error"]["type"] == "authentication_error"
