@@ -94,3 +94,9 @@ def test_errors_are_anthropic_shaped(url):
         body = resp.json()
         assert resp.status_code == status and body["type"] == "error" and message in body["error"]["message"], body
     assert cases[-1][0].json()["error"]["type"] == "authentication_error"
+
+
+def test_count_tokens_is_the_prompt_the_model_reads(claude):
+    counted = claude.messages.count_tokens(model="smollm2", system="Be brief.", messages=HELLO)
+    answered = claude.messages.create(model="smollm2", max_tokens=2, system="Be brief.", messages=HELLO, **GREEDY)
+    assert counted.input_tokens == answered.usage.input_tokens + answered.usage.cache_read_input_tokens > 5

@@ -173,6 +173,25 @@ class Engine:
     def generate(self, request: GenerationRequest, model: str | None = None) -> Result:
         return self.submit(request, model).wait()
 
+    def count_tokens(self, request: GenerationRequest, model: str | None = None) -> int:
+        """The prompt tokens `request` would take, chat template and tools included (Anthropic's
+        count_tokens), with `model` (a path, None: the loaded or default one); nothing generates.
+        A model other than the loaded one is loaded only when nothing is running."""
+        return self._on_worker(self._count_tokens, request, model)
+
+    def _count_tokens(self, request: GenerationRequest, model: str | None) -> int:
+        from influence_tui.engine.scheduler import RequestError
+
+        if self._scheduler is None or (model and model != self._summary.path):  # type: ignore[union-attr]
+            if self._scheduler is not None and self._scheduler.active:
+                raise EngineError("another model is answering now: count tokens with the loaded one, or later")
+            self._load(model or self.resolve(None), None)
+        try:
+            ids, dropped, _ = self._scheduler.build_prompt(request)  # type: ignore[union-attr]
+        except RequestError as exc:
+            raise EngineError(str(exc)) from None
+        return len(ids) + dropped
+
     def embed(self, texts: list[str], model: str | None = None, truncate: bool = True) -> EmbeddingResult:
         """Embeddings with a BERT-family encoder (default: the bundled all-MiniLM-L6-v2).
 

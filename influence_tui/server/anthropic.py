@@ -15,7 +15,7 @@ reasoning), a `text` block and one `tool_use` block per call; `stop_reason` is e
 max_tokens, stop_sequence or tool_use. Streamed, it is Anthropic's Server-Sent Events:
 message_start, then per block content_block_start, its deltas (thinking_delta, text_delta,
 input_json_delta) and content_block_stop, then message_delta (stop_reason, output tokens) and
-message_stop. Errors are Anthropic's `{"type": "error", "error": {"type", "message"}}`; the API key
+message_stop. `/v1/messages/count_tokens` answers the prompt's token count. Errors are Anthropic's `{"type": "error", "error": {"type", "message"}}`; the API key
 may come as `x-api-key`, as its clients send it.
 """
 
@@ -37,6 +37,7 @@ from influence_tui.server.common import (
     check_result,
     ctx_of,
     dumps,
+    engine_error,
     get_field,
     parse_messages,
     parse_tools,
@@ -229,6 +230,24 @@ async def messages(request: Request) -> Response:
     return stream_response(_events(ident, name or ctx.loaded_name() or "", gen), "text/event-stream", gen)
 
 
+async def count_tokens(request: Request) -> Response:
+    """The prompt's tokens as this model reads it (Claude Code asks before it sends)."""
+    import asyncio
+
+    ctx = ctx_of(request)
+    data = await read_json(request)
+    req = engine_request({**data, "max_tokens": 1}, ctx)
+    model = await check_chat_model(ctx, get_field(data, "model", str))
+    try:
+        n = await asyncio.to_thread(ctx.engine.count_tokens, req, model)
+    except Exception as exc:
+        mapped = engine_error(exc)
+        if mapped is None:
+            raise
+        raise mapped from None
+    return JSONResponse({"input_tokens": n})
+
+
 def _event(kind: str, **fields: Any) -> str:
     return f"event: {kind}\ndata: {dumps({'type': kind, **fields})}\n\n"
 
@@ -278,4 +297,5 @@ async def _events(ident: str, model: str, gen: Any) -> AsyncIterator[str]:
     yield _event("message_stop")
 
 
-ROUTES = [Route("/v1/messages", messages, methods=["POST"])]
+ROUTES = [Route("/v1/messages", messages, methods=["POST"]),
+          Route("/v1/messages/count_tokens", count_tokens, methods=["POST"])]
