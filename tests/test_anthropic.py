@@ -19,9 +19,13 @@ HELLO = [{"role": "user", "content": "Say hello."}]
 
 
 @pytest.fixture(scope="module")
-def url():
-    for url, _, _ in running_server(api_key=KEY):
-        yield url
+def server():
+    yield from running_server(api_key=KEY)
+
+
+@pytest.fixture(scope="module")
+def url(server):
+    return server[0]
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +58,9 @@ def test_the_stream_helper_puts_the_events_together(claude):
     assert kinds == ["message_start", "content_block_start", "content_block_stop", "message_delta", "message_stop"]
     assert final.content[0].text == whole.content[0].text and final.stop_reason == "end_turn"
     assert final.usage.output_tokens == whole.usage.output_tokens
+    [start] = [e for e in events if e.type == "message_start"]  # the prompt is counted from the start, as Anthropic's
+    assert start.message.usage.input_tokens + start.message.usage.cache_read_input_tokens == \
+           whole.usage.input_tokens + whole.usage.cache_read_input_tokens
 
 
 def test_max_tokens_and_stop_sequences(claude):
@@ -88,15 +95,42 @@ def test_errors_are_anthropic_shaped(url):
          "only client tools"),
         (post({"max_tokens": 5, "messages": HELLO, "output_config": {"format": {"type": "json_schema", "schema": {"type": "int"}}}}),
          400, "JSON schema: #/type: unknown type 'int'"),
+        (post({"max_tokens": 5, "messages": HELLO, "stop_sequences": [""]}), 400, "non-empty strings"),
+        (post({"max_tokens": 5, "messages": [{"role": "user", "content": "hi " * 5000}]}), 400,
+         "tokens > 4096 maximum"),  # Anthropic's words, which Claude Code reads to compact
         (post({"max_tokens": 5, "messages": HELLO}, headers={"x-api-key": "wrong"}), 401, "missing or invalid API key"),
     ]
+    assert cases[-2][0].json()["error"]["message"].startswith("prompt is too long: 50")
     for resp, status, message in cases:
         body = resp.json()
         assert resp.status_code == status and body["type"] == "error" and message in body["error"]["message"], body
     assert cases[-1][0].json()["error"]["type"] == "authentication_error"
+    either = post({"max_tokens": 1, "messages": HELLO}, headers={"Authorization": "Bearer other"})  # the x-api-key is right
+    assert either.status_code == 200
+
+
+def test_a_final_assistant_message_is_continued(claude, server):
+    from influence_tui.engine import ChatMessage, GenerationRequest
+
+    ask = [{"role": "user", "content": "Give me a JSON object for a cat."}, {"role": "assistant", "content": '{"name":'}]
+    msg = claude.messages.create(model="smollm2", max_tokens=12, messages=ask, **GREEDY)
+    assert not msg.content[0].text.lstrip().startswith("{")  # it goes on from the prefill, not a new turn
+    scheduler = server[2]._scheduler
+    ids, _, _ = scheduler.build_prompt(GenerationRequest(messages=[ChatMessage(m["role"], m["content"]) for m in ask]))
+    assert scheduler.tok.decode(ids).endswith('<|im_start|>assistant\n{"name":')
 
 
 def test_count_tokens_is_the_prompt_the_model_reads(claude):
     counted = claude.messages.count_tokens(model="smollm2", system="Be brief.", messages=HELLO)
     answered = claude.messages.create(model="smollm2", max_tokens=2, system="Be brief.", messages=HELLO, **GREEDY)
     assert counted.input_tokens == answered.usage.input_tokens + answered.usage.cache_read_input_tokens > 5
+    # however long: Claude Code asks when a conversation grows past the context
+    long = claude.messages.count_tokens(model="smollm2", messages=[{"role": "user", "content": "hi " * 5000}]).input_tokens
+    assert long > 5000
+    # a failed tool's result says so to the model
+    turn = [{"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "weather", "input": {}}]}]
+    result = {"type": "tool_result", "tool_use_id": "t1", "content": [{"type": "text", "text": "timeout"}]}
+    ok = claude.messages.count_tokens(model="smollm2", messages=[*turn, {"role": "user", "content": [result]}])
+    failed = claude.messages.count_tokens(model="smollm2", messages=[*turn, {"role": "user", "content": [{**result, "is_error": True}]}])
+    assert failed.input_tokens > ok.input_tokens

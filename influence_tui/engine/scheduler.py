@@ -220,16 +220,36 @@ class Scheduler:
         options = options or {}
         no_think = options.get("enable_thinking") is False
         if self.tok.has_chat_template:
+            last = msgs[-1] if msgs else {}
+            # a conversation that ends with the assistant's own words (Anthropic's prefill, llama-server's
+            # and Ollama's too): the answer goes on from them instead of starting a new turn
+            prefill = last.get("role") == "assistant" and bool(last.get("content")) and not last.get("tool_calls")
             try:
-                text = self.tok.apply_chat_template(msgs, add_generation_prompt=True, **options)
+                text = self.tok.apply_chat_template(msgs, add_generation_prompt=not prefill, **options)
             except Exception as exc:  # a template's raise_exception (e.g. roles must alternate)
                 raise RequestError(f"the model's chat template rejected the messages: {exc}") from None
+            if prefill:
+                end = text.rfind(last["content"])
+                if end >= 0:  # (cut where the words end, as transformers' continue_final_message does)
+                    text = text[: end + len(last["content"])]
+                else:  # a template that rewrote them: a new turn after all
+                    text = self.tok.apply_chat_template(msgs, add_generation_prompt=True, **options)
             if no_think:
                 text = without_thinking(text)
             return self.tok.encode(text, add_special_tokens=False)
         # No template: plain "role: content" lines, so at least the text reaches the model.
         text = "\n".join(f"{m['role']}: {m['content']}" for m in msgs) + "\nassistant:"
         return self.tok.encode(text, add_special_tokens=True)
+
+    def count_prompt(self, request: GenerationRequest) -> int:
+        """The tokens of the prompt as written, however long (nothing dropped to fit the context)."""
+        _check_unicode(request)
+        if request.raw and request.prompt is not None:
+            return len(self.tok.encode(request.prompt, add_special_tokens=True))
+        msgs = self._messages(request)
+        if not msgs:
+            raise RequestError("nothing to count: give messages")
+        return len(self._render(msgs, self._template_options(request)))
 
     def build_prompt(self, request: GenerationRequest) -> tuple[list[int], int, int]:
         """(prompt ids, tokens dropped to fit, max new tokens). Oldest turns go first; the system
@@ -522,6 +542,7 @@ class Scheduler:
             prompt_tokens=len(prompt), cached_tokens=reuse, dropped_tokens=dropped,
             context_length=self.context_limit(req), queue_s=t0 - job.submitted, load_s=job.load_s,
         )
+        job.stream.prompt_tokens, job.stream.cached_tokens = len(prompt), reuse
         seq = Sequence(
             job=job, slot=slot, prompt=prompt, sampler=sampler,
             decoder=IncrementalDecoder(self.tok, skip_special_tokens=True,

@@ -187,10 +187,9 @@ class Engine:
                 raise EngineError("another model is answering now: count tokens with the loaded one, or later")
             self._load(model or self.resolve(None), None)
         try:
-            ids, dropped, _ = self._scheduler.build_prompt(request)  # type: ignore[union-attr]
+            return self._scheduler.count_prompt(request)  # type: ignore[union-attr]
         except RequestError as exc:
             raise EngineError(str(exc)) from None
-        return len(ids) + dropped
 
     def embed(self, texts: list[str], model: str | None = None, truncate: bool = True) -> EmbeddingResult:
         """Embeddings with a BERT-family encoder (default: the bundled all-MiniLM-L6-v2).

@@ -182,6 +182,8 @@ class GenerationStream:
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self.result: Result | None = None
         self.request_id: str = ""
+        self.prompt_tokens: int | None = None  # known once the request is admitted (its first token comes after)
+        self.cached_tokens = 0
 
     # --- worker side -------------------------------------------------------------------------
     def _put(self, event: TokenEvent) -> None:

@@ -22,6 +22,7 @@ may come as `x-api-key`, as its clients send it.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Any, AsyncIterator
 
@@ -58,7 +59,8 @@ def _id(prefix: str) -> str:
 
 
 def _text(blocks: Any, where: str) -> str:
-    """A string, or text blocks joined (what a system prompt or a tool result holds)."""
+    """A string, or text blocks, a blank line between them (what a system prompt or a tool result
+    holds: Claude Code sends a reminder block before the user's words)."""
     if isinstance(blocks, str):
         return blocks
     if not isinstance(blocks, list):
@@ -69,7 +71,7 @@ def _text(blocks: Any, where: str) -> str:
             kind = block.get("type") if isinstance(block, dict) else None
             raise ApiError(400, f"{where}[{j}] must be a text block" + (f" ({kind} is not supported by this server)" if kind else ""))
         out.append(block["text"])
-    return "".join(out)
+    return "\n\n".join(out)
 
 
 def chat_messages(data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -101,14 +103,19 @@ def chat_messages(data: dict[str, Any]) -> list[dict[str, Any]]:
             if kind == "text" and isinstance(block.get("text"), str):
                 texts.append(block["text"])
             elif kind == "tool_use" and msg["role"] == "assistant":
-                if not isinstance(block.get("name"), str) or not isinstance(block.get("input", {}), dict):
-                    raise ApiError(400, f"{at}: a tool_use block needs a name and an input object")
+                if not isinstance(block.get("name"), str) or not isinstance(block.get("input", {}), dict) \
+                        or not isinstance(block.get("id"), str):
+                    raise ApiError(400, f"{at}: a tool_use block needs an id and a name (strings) and an input object")
                 calls.append({"id": block.get("id"), "type": "function",
                               "function": {"name": block["name"], "arguments": block.get("input", {})}})
             elif kind == "tool_result" and msg["role"] == "user":
+                if not isinstance(block.get("tool_use_id"), str):
+                    raise ApiError(400, f"{at}.tool_use_id must be a string (the id of the tool_use it answers)")
                 body = block.get("content", "")
-                results.append({"role": "tool", "tool_call_id": block.get("tool_use_id"),
-                                "content": _text(body, f"{at}.content") if body else ""})
+                text = _text(body, f"{at}.content") if body else ""
+                if block.get("is_error"):  # the model must know the call failed, whatever the text says
+                    text = f"Error: {text}"
+                results.append({"role": "tool", "tool_call_id": block["tool_use_id"], "content": text})
             elif kind in ("thinking", "redacted_thinking") and msg["role"] == "assistant":
                 continue  # earlier reasoning is not sent back to the model (as in chat)
             elif kind in ("image", "document"):
@@ -117,7 +124,8 @@ def chat_messages(data: dict[str, Any]) -> list[dict[str, Any]]:
                 raise ApiError(400, f"{at}: a {msg['role']} message cannot hold a {kind!r} block here")
         out.extend(results)
         if texts or calls or not results:
-            message: dict[str, Any] = {"role": msg["role"], "content": "".join(texts)}
+            # an assistant's blocks are one text (its prefill goes on from the last); a user's are apart
+            message: dict[str, Any] = {"role": msg["role"], "content": ("" if msg["role"] == "assistant" else "\n\n").join(texts)}
             if calls:
                 message["tool_calls"] = calls
             out.append(message)
@@ -139,7 +147,11 @@ def chat_tools(data: dict[str, Any]) -> list[dict[str, Any]] | None:
         if not isinstance(tool, dict) or "input_schema" not in tool and tool.get("type") not in (None, "custom"):
             kind = tool.get("type") if isinstance(tool, dict) else None
             raise ApiError(400, f"tools.{i}: only client tools (name, input_schema) are supported by this server (got {kind!r})")
-        fn = {"name": tool.get("name"), "parameters": tool.get("input_schema")}
+        if not isinstance(tool.get("name"), str) or not re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", tool["name"]):
+            raise ApiError(400, f"tools.{i}.name must be 1-64 letters, digits, _ or -")
+        if not isinstance(tool.get("input_schema"), dict):
+            raise ApiError(400, f"tools.{i}.input_schema must be a JSON schema (an object)")
+        fn = {"name": tool["name"], "parameters": tool["input_schema"]}
         if tool.get("description") is not None:
             fn["description"] = tool["description"]
         converted.append({"type": "function", "function": fn})
@@ -164,8 +176,8 @@ def engine_request(data: dict[str, Any], ctx: Any) -> Any:
 
     max_tokens = get_field(data, "max_tokens", int, required=True)
     stops = get_field(data, "stop_sequences", list)
-    if stops is not None and not all(isinstance(s, str) for s in stops):
-        raise ApiError(400, "stop_sequences must be an array of strings")
+    if stops is not None and not all(isinstance(s, str) and s for s in stops):
+        raise ApiError(400, "stop_sequences must be an array of non-empty strings")
     values = {"max_tokens": max_tokens, "temperature": get_field(data, "temperature", (int, float)),
               "top_p": get_field(data, "top_p", (int, float)), "top_k": get_field(data, "top_k", int), "stop": stops}
     params = build_params(ctx.base_params(), values)
@@ -205,7 +217,25 @@ def usage_of(result: Any) -> dict[str, Any]:
             "cache_creation_input_tokens": 0, "output_tokens": u.completion_tokens}
 
 
+TOO_LONG = re.compile(r"the prompt is (\d+) tokens but the context holds (\d+)")
+
+
+def anthropic_wording(exc: ApiError) -> ApiError:
+    """A prompt over the context in Anthropic's words, which Claude Code reads to compact the chat."""
+    found = TOO_LONG.search(exc.message)
+    if found:
+        return ApiError(400, f"prompt is too long: {found.group(1)} tokens > {found.group(2)} maximum")
+    return exc
+
+
 async def messages(request: Request) -> Response:
+    try:
+        return await _messages(request)
+    except ApiError as exc:
+        raise anthropic_wording(exc) from None
+
+
+async def _messages(request: Request) -> Response:
     ctx = ctx_of(request)
     data = await read_json(request)
     stream = get_field(data, "stream", bool, False)
@@ -255,8 +285,11 @@ def _event(kind: str, **fields: Any) -> str:
 async def _events(ident: str, model: str, gen: Any) -> AsyncIterator[str]:
     """Blocks open when their first delta comes and close when the next kind starts or the answer
     ends; tool_use blocks come whole at the end (the calls are known only then)."""
+    prompt, cached = gen.prompt_tokens or 0, gen.cached_tokens  # (admitted: the first token has come)
     start = {"id": ident, "type": "message", "role": "assistant", "model": model, "content": [],
-             "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}
+             "stop_reason": None, "stop_sequence": None,
+             "usage": {"input_tokens": prompt - cached, "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0,
+                       "output_tokens": 0}}
     yield _event("message_start", message=start)
     index, opened = -1, None
 

@@ -94,10 +94,9 @@ class Guard:
 
     def _authorized(self, scope: Scope) -> bool:
         value = _header(scope, b"authorization") or ""
-        scheme, _, token = value.partition(" ")
-        if scheme.lower() != "bearer":  # Anthropic's clients send the key as x-api-key
-            token = _header(scope, b"x-api-key") or ""
-        return bool(token) and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+        scheme, _, bearer = value.partition(" ")
+        tokens = [bearer if scheme.lower() == "bearer" else "", _header(scope, b"x-api-key") or ""]  # (Anthropic's clients)
+        return any(t and hmac.compare_digest(t.strip().encode(), self.api_key.encode()) for t in tokens)
 
     async def _too_large(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
         await error_response(path, 413, f"request body is larger than {self.max_body} bytes")(scope, receive, send)
