@@ -60,6 +60,10 @@ def test_ollama_chat_streamed_and_not(ollama_client):
 def test_ollama_embed(ollama_client):
     resp = ollama_client.embed(model="minilm", input=["hello", "world"])
     assert len(resp.embeddings) == 2 and len(resp.embeddings[0]) == 384
+    short = ollama_client.embed(model="minilm", input=["hello", "world"], dimensions=64)
+    for full, head in zip(resp.embeddings, short.embeddings):  # the first 64 values, back to length 1
+        norm = sum(x * x for x in full[:64]) ** 0.5
+        assert len(head) == 64 and head == pytest.approx([x / norm for x in full[:64]], abs=1e-6)
 
 
 def test_ollama_list_show_ps(ollama_client):
@@ -157,10 +161,16 @@ def test_openai_completions(openai_client):
 
 
 def test_openai_embeddings(openai_client):
+    import openai
+
     resp = openai_client.embeddings.create(model="all-MiniLM-L6-v2", input=["hello", "world"])
     assert len(resp.data) == 2 and len(resp.data[0].embedding) == 384 and resp.usage.prompt_tokens > 0
     floats = openai_client.embeddings.create(model="minilm", input="hello", encoding_format="float")
     assert floats.data[0].embedding == pytest.approx(resp.data[0].embedding, abs=1e-5)
+    short = openai_client.embeddings.create(model="minilm", input="hello", dimensions=128).data[0].embedding
+    assert len(short) == 128 and sum(x * x for x in short) == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(openai.BadRequestError, match="at most 384"):
+        openai_client.embeddings.create(model="minilm", input="hello", dimensions=1000)
 
 
 def test_openai_models_list(openai_client):

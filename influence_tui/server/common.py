@@ -692,6 +692,31 @@ async def token_deltas(stream: "GenerationStream") -> AsyncIterator[tuple[str, s
         yield event.text, event.thinking
 
 
+# --- embeddings -----------------------------------------------------------------------------------
+
+
+def dimensions_field(data: dict[str, Any]) -> int | None:
+    dims = get_field(data, "dimensions", int)
+    if dims is not None and dims < 1:
+        raise ApiError(400, "dimensions must be a positive integer", param="dimensions")
+    return dims
+
+
+def shorten(vectors: list[list[float]], dims: int | None) -> list[list[float]]:
+    """The first `dims` values of each vector, scaled back to length 1 (as OpenAI and Ollama return
+    shortened embeddings: cosine similarity stays a dot product)."""
+    if dims is None:
+        return vectors
+    if vectors and dims > len(vectors[0]):
+        raise ApiError(400, f"dimensions must be at most {len(vectors[0])} for this model", param="dimensions")
+    out = []
+    for v in vectors:
+        head = v[:dims]
+        norm = sum(x * x for x in head) ** 0.5
+        out.append([x / norm for x in head] if norm > 0 else head)
+    return out
+
+
 # --- log-probabilities ----------------------------------------------------------------------------
 
 

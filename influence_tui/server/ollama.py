@@ -52,8 +52,10 @@ from influence_tui.server.common import (
     stream_response,
     submit,
     think_for,
+    dimensions_field,
     logprob_dicts,
     logprobs_field,
+    shorten,
     token_events,
     wait_result,
 )
@@ -533,6 +535,7 @@ async def embed_route(request: Request) -> Response:
     else:
         raise ApiError(400, "input must be a string or an array of strings")
     truncate = get_field(data, "truncate", bool, True)
+    dims = dimensions_field(data)
     keep_alive_s(data)
     requested = get_field(data, "model", str)
     name = await check_embedding_model(ctx, requested)
@@ -540,7 +543,7 @@ async def embed_route(request: Request) -> Response:
         return JSONResponse({"model": requested or "", "embeddings": [], "total_duration": 0, "load_duration": 0,
                              "prompt_eval_count": 0})
     result = await embed(ctx, texts, name, truncate)
-    return JSONResponse({"model": requested or result.model, "embeddings": result.embeddings,
+    return JSONResponse({"model": requested or result.model, "embeddings": shorten(result.embeddings, dims),
                          "total_duration": time.perf_counter_ns() - started, "load_duration": 0,
                          "prompt_eval_count": result.prompt_tokens})
 

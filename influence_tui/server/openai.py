@@ -48,8 +48,10 @@ from influence_tui.server.common import (
     stream_response,
     submit,
     think_for,
+    dimensions_field,
     logprob_dicts,
     logprobs_field,
+    shorten,
     token_events,
     wait_result,
 )
@@ -429,12 +431,10 @@ async def embeddings(request: Request) -> Response:
     fmt = get_field(data, "encoding_format", str, "float")
     if fmt not in ("float", "base64"):
         raise ApiError(400, "encoding_format must be 'float' or 'base64'", param="encoding_format")
-    dims = get_field(data, "dimensions", int)
-    if dims is not None and dims < 1:
-        raise ApiError(400, "dimensions must be a positive integer", param="dimensions")
+    dims = dimensions_field(data)
     requested = get_field(data, "model", str)
     result = await embed(ctx, texts, await check_embedding_model(ctx, requested))
-    vectors = [v[:dims] if dims else v for v in result.embeddings]
+    vectors = shorten(result.embeddings, dims)
     return JSONResponse({
         "object": "list",
         "data": [{"object": "embedding", "index": i, "embedding": encode_base64(v) if fmt == "base64" else v}

@@ -264,6 +264,8 @@ def _paths() -> dict[str, Any]:
         "/api/embed": {"post": {"summary": "embeddings of one or more inputs", "operationId": "ollamaEmbed",
                                 "requestBody": _body({"model": MODEL, "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
                                                       "truncate": {"type": "boolean"}, "keep_alive": KEEP_ALIVE,
+                                                      "dimensions": {"type": "integer", "minimum": 1,
+                                                                     "description": "the first N values, scaled to length 1"},
                                                       "options": ANY_OBJECT}, ["input"]),
                                 "responses": _responses("embeddings", dialect="ollama")}},
         "/api/embeddings": {"post": {"summary": "embedding of one prompt (superseded by /api/embed)", "operationId": "ollamaEmbeddings",
