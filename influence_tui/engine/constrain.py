@@ -215,14 +215,9 @@ class Vocabulary:
 
 
 def vocabulary(tokenizer: Any) -> Vocabulary:
-    cached = getattr(tokenizer, "_json_vocabulary", None)
-    if cached is None:
-        cached = Vocabulary(tokenizer)
-        try:
-            tokenizer._json_vocabulary = cached
-        except AttributeError:  # a tokenizer that takes no new attributes: work it out each request
-            pass
-    return cached
+    from influence_tui.engine.tokenizer import cached_on
+
+    return cached_on(tokenizer, "_json_vocabulary", Vocabulary)
 
 
 class JsonSampler:

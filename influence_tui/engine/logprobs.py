@@ -65,14 +65,9 @@ class TokenTexts:
 
 
 def token_texts(tokenizer: Any) -> TokenTexts:
-    cached = getattr(tokenizer, "_token_texts", None)
-    if cached is None:
-        cached = TokenTexts(tokenizer)
-        try:
-            tokenizer._token_texts = cached
-        except AttributeError:
-            pass
-    return cached
+    from influence_tui.engine.tokenizer import cached_on
+
+    return cached_on(tokenizer, "_token_texts", TokenTexts)
 
 
 class LogprobSampler:

@@ -88,6 +88,19 @@ def _token_content(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def cached_on(tokenizer: Any, attr: str, build: Any) -> Any:
+    """What `build(tokenizer)` makes, worked out once per tokenizer and kept on it (a tokenizer that
+    takes no new attributes works it out each time)."""
+    cached = getattr(tokenizer, attr, None)
+    if cached is None:
+        cached = build(tokenizer)
+        try:
+            setattr(tokenizer, attr, cached)
+        except AttributeError:
+            pass
+    return cached
+
+
 @dataclass
 class HFTokenizer:
     """Implements `engine.base.TextTokenizer`."""

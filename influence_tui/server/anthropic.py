@@ -42,9 +42,9 @@ from influence_tui.server.common import (
     get_field,
     parse_messages,
     parse_tools,
+    read_and_submit,
     read_json,
     stream_response,
-    submit,
     think_for,
     token_events,
     wait_result,
@@ -236,13 +236,8 @@ async def messages(request: Request) -> Response:
 
 
 async def _messages(request: Request) -> Response:
-    ctx = ctx_of(request)
-    data = await read_json(request)
+    ctx, data, name, gen = await read_and_submit(request, engine_request)
     stream = get_field(data, "stream", bool, False)
-    req = engine_request(data, ctx)
-    name = get_field(data, "model", str)
-    model = await check_chat_model(ctx, name)
-    gen = await submit(ctx, req, model)
     ident = _id("msg")
     if not stream:
         result = await wait_result(request, gen)

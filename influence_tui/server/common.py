@@ -519,6 +519,18 @@ async def check_embedding_model(ctx: ServerContext, name: str | None) -> str | N
     return info.name
 
 
+async def read_and_submit(request: Request, to_engine: Callable[[dict[str, Any], ServerContext], Any]
+                          ) -> tuple[ServerContext, dict[str, Any], str | None, "GenerationStream"]:
+    """A generation route's start: the body, its engine request (`to_engine` reads the dialect's
+    fields), its model checked, the request submitted: (ctx, body, the model named, the stream)."""
+    ctx = ctx_of(request)
+    data = await read_json(request)
+    req = to_engine(data, ctx)
+    name = get_field(data, "model", str)
+    model = await check_chat_model(ctx, name)
+    return ctx, data, name, await submit(ctx, req, model)
+
+
 async def submit(ctx: ServerContext, req: "GenerationRequest", model: str | None) -> "GenerationStream":
     """Hand a request to the engine (off the event loop: a model switch may resolve names on disk)."""
     try:

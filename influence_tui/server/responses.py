@@ -35,16 +35,13 @@ from influence_tui.server.common import (
     ApiError,
     begin_stream,
     build_params,
-    check_chat_model,
     check_result,
-    ctx_of,
     dumps,
     get_field,
     parse_messages,
-    read_json,
     logprob_dicts,
+    read_and_submit,
     stream_response,
-    submit,
     think_for,
     token_events,
     wait_result,
@@ -280,13 +277,8 @@ def status_of(result: Any) -> str:
 
 
 async def responses(request: Request) -> Response:
-    ctx = ctx_of(request)
-    data = await read_json(request)
+    ctx, data, name, gen = await read_and_submit(request, engine_request)
     stream = get_field(data, "stream", bool, False)
-    req = engine_request(data, ctx)
-    name = get_field(data, "model", str)
-    model = await check_chat_model(ctx, name)
-    gen = await submit(ctx, req, model)
     built = ResponseBuilder(data, name or ctx.loaded_name() or "")
     if not stream:
         result = await wait_result(request, gen)
