@@ -14,9 +14,11 @@ any order, each once, the required ones before it closes), `propertyNames` given
 (Pydantic's `dict[Literal[...], V]`), `items` / `prefixItems` / `minItems` / `maxItems`, `enum`,
 `const`, `anyOf` / `oneOf` / `allOf` (with the keywords beside them), `$ref` into the schema
 (`$defs`, `definitions`: Pydantic's nested models, recursion included), `nullable`, a string's
-`minLength` / `maxLength`, and a number's sign (`minimum` >= 0 takes no minus). Not enforced:
-`pattern`, `format`, `patternProperties`, `not`, `uniqueItems`, `minProperties` /
-`maxProperties`, numeric bounds other than the sign (a value with a `pattern` is still any string).
+`minLength` / `maxLength`, a string's `pattern` (regular expressions, matched as they are written)
+and `format` date, time, date-time and uuid (Pydantic's datetime, date, time and UUID fields), and
+a number's sign (`minimum` >= 0 takes no minus). Not enforced: other formats (email, uri, …),
+`patternProperties`, `not`, `uniqueItems`, `minProperties` / `maxProperties`, numeric bounds other
+than the sign.
 """
 
 from __future__ import annotations
@@ -154,6 +156,50 @@ class String(Node):
         if ch < " " or (self.max_len is not None and n >= self.max_len):  # control characters must be escaped
             return []
         return [((self, 1, n + 1, "\\" if ch == "\\" else ""), None, True)]
+
+    def can_end(self, frame: Frame) -> bool:
+        return frame[1] == 2
+
+
+# `format`s a Pydantic model writes, as the regular expressions of their values (llama.cpp's
+# converter knows the same four); other formats (email, uri, …) are any string
+_DATE = (r"[0-9]{4}-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)"  # each month's days
+         r"|02-(0[1-9]|1[0-9]|2[0-9]))")  # (February 29th in any year)
+_TIME = r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?(Z|[+-]([01][0-9]|2[0-3]):?[0-5][0-9])?"
+FORMATS = {
+    "date": _DATE,
+    "time": _TIME,
+    "date-time": f"{_DATE}T{_TIME}",
+    "uuid": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
+}
+
+
+class PatternString(Node):
+    """A JSON string whose value matches a regular expression (a `pattern`, or a `format` such as
+    date-time), checked as it is written: each character must leave a match possible (the `regex`
+    module's partial matching). Its characters are written as they are: no escapes."""
+
+    __slots__ = ("regex", "min_len", "max_len")
+
+    def __init__(self, compiled: Any, min_len: int = 0, max_len: int | None = None) -> None:
+        self.regex, self.min_len, self.max_len = compiled, min_len, max_len
+
+    def start(self) -> list[Frame]:
+        return [(self, 0, "")]  # phase (0 before, 1 inside, 2 done), the value so far
+
+    def step(self, frame: Frame, ch: str) -> list:
+        _, phase, value = frame
+        if phase == 0:
+            return [((self, 1, ""), None, True)] if ch == '"' else []
+        if phase == 2:
+            return []
+        if ch == '"':
+            whole = len(value) >= self.min_len and self.regex.fullmatch(value) is not None
+            return [((self, 2, value), None, True)] if whole else []
+        if ch == "\\" or ch < " " or (self.max_len is not None and len(value) >= self.max_len):
+            return []
+        value += ch
+        return [((self, 1, value), None, True)] if self.regex.fullmatch(value, partial=True) is not None else []
 
     def can_end(self, frame: Frame) -> bool:
         return frame[1] == 2
@@ -444,8 +490,7 @@ def compile_schema(schema: Any) -> Node:
 
 # keywords that describe rather than constrain: the first of them wins where allOf parts differ
 ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$comment", "deprecated", "readOnly",
-                         "writeOnly", "$schema", "$id", "$defs", "definitions", "discriminator", "format",
-                         "pattern", "strict"})
+                         "writeOnly", "$schema", "$id", "$defs", "definitions", "discriminator", "strict"})
 LOWER_BOUNDS = ("minLength", "minItems", "minimum", "exclusiveMinimum")
 UPPER_BOUNDS = ("maxLength", "maxItems", "maximum", "exclusiveMaximum")
 
@@ -626,7 +671,9 @@ class _Compiler:
 
     def _typed(self, t: Any, s: dict[str, Any], where: str) -> Node:
         if t == "string":
-            return String(*self._range(s, "minLength", "maxLength", where))
+            lo, hi = self._range(s, "minLength", "maxLength", where)
+            compiled = self._pattern(s, where)
+            return String(lo, hi) if compiled is None else PatternString(compiled, lo, hi)
         if t in ("integer", "number"):
             low = [s[k] for k in ("minimum", "exclusiveMinimum") if isinstance(s.get(k), (int, float)) and not isinstance(s.get(k), bool)]
             return Number(integer=t == "integer", signed=not (low and max(low) >= 0))
@@ -639,6 +686,24 @@ class _Compiler:
         if t == "object":
             return self._object(s, where)
         raise SchemaError(f"{where}/type: unknown type {t!r}")
+
+    def _pattern(self, s: dict[str, Any], where: str) -> Any:
+        """A string's `pattern` (JSON Schema's: found anywhere in the value unless anchored with ^…$),
+        else its `format` where it is one of FORMATS; None for any string."""
+        import regex
+
+        pattern = s.get("pattern")
+        if pattern is None:
+            fmt = s.get("format")
+            return regex.compile(FORMATS[fmt]) if isinstance(fmt, str) and fmt in FORMATS else None
+        if not isinstance(pattern, str):
+            raise SchemaError(f"{where}/pattern: must be a string")
+        anchored = pattern.startswith("^") and pattern.endswith("$") and not pattern.endswith("\\$")
+        source = pattern if anchored else f"(?s:.*?)(?:{pattern})(?s:.*)"
+        try:
+            return regex.compile(source)
+        except regex.error as exc:
+            raise SchemaError(f"{where}/pattern: not a regular expression this server reads ({exc})") from None
 
     def _array(self, s: dict[str, Any], where: str) -> Node:
         items, prefix = s.get("items", True), s.get("prefixItems")
