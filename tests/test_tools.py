@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from influence_tui.engine.tools import HERMES, JSON, ToolCallParser, formats_of, mistral_ids, one_call_per_turn
+from influence_tui.engine.tools import HERMES, JSON, PIPE_LIST, ToolCallParser, formats_of, mistral_ids, one_call_per_turn
 
 pytest.importorskip("torch")  # the tiny tool caller is written with transformers
 
@@ -40,6 +40,10 @@ def _parse(text: str, step: int, formats: frozenset[str] = formats_of(None)) -> 
     ('{"name": "nope", "arguments": {}}', ('{"name": "nope", "arguments": {}}', [])),  # not a tool that was given
     ('{"name": "get", "parameters": {"q": 1}}', ("", [("get", {"q": 1})])),  # Llama 3.x
     ('[TOOL_CALLS] [{"name": "a", "arguments": {"k": [1]}}]', ("", [("a", {"k": [1]})])),  # Mistral
+    ('<|tool_call|>[{"name": "a", "arguments": {}}, {"name": "w", "arguments": {"c": "P"}}]',
+     ("", [("a", {}), ("w", {"c": "P"})])),  # Granite 3
+    ('<|tool_call|>[{"name": "w", "arguments": {"c": "P"}}]<|/tool_call|>', ("", [("w", {"c": "P"})])),  # Phi-4-mini
+    ("<|tool_call|>not json", ("<|tool_call|>not json", [])),
     ("Just text.", ("Just text.", [])),
     ('{"answer": 42}', ('{"answer": 42}', [])),  # JSON that is not a call is the answer
     ("<tool_call>not json</tool_call> then", ("<tool_call>not json</tool_call> then", [])),
@@ -53,6 +57,7 @@ def test_calls_are_read_out_of_the_answer_wherever_tokens_cut_it(text, expected,
 def test_the_template_tells_the_format():
     qwen = "{% for tool in tools %}{{ tool | tojson }}{% endfor %} <tool_call>"
     assert formats_of(qwen) == {HERMES} and formats_of('tools "parameters"') == {JSON}
+    assert formats_of("{{ tools }} <|tool_call|>") == {PIPE_LIST}
     # a Hermes model's answer that starts with a bracket streams at once: it cannot be a call
     parser = ToolCallParser(NAMES, formats_of(qwen))
     assert parser.feed("[Paris](https://en.wikipedia.org/wiki/Paris) is") == "[Paris](https://en.wikipedia.org/wiki/Paris) is"
@@ -153,6 +158,16 @@ def test_with_tools_a_json_format_lets_the_answer_open_with_a_call(caller, tmp_p
     with engine_on(bare, max_batch=1) as engine:
         refused = engine.submit(GenerationRequest(messages=[QUESTION], params=GREEDY, tools=[WEATHER_TOOL], format="json")).wait()
     assert refused.finish_reason == "error" and refused.error_kind == "request" and "JSON mode and tools" in refused.error
+
+
+def test_a_model_that_calls_as_granite_does(tmp_path):
+    """<|tool_call|> then a JSON list: read as calls, and with a JSON format the tag may open the answer."""
+    from tests.tiny_models import write_tiny_pipe_caller
+
+    with engine_on(write_tiny_pipe_caller(tmp_path / "pipe"), max_batch=1) as engine:
+        for fmt in ({}, {"format": "json"}):
+            result = engine.submit(GenerationRequest(messages=[QUESTION], params=GREEDY, tools=[WEATHER_TOOL], **fmt)).wait()
+            assert [(c.name, c.arguments) for c in result.tool_calls] == [("get_weather", PARIS)] and result.text == ""
 
 
 def test_without_tools_the_call_is_plain_text(caller):

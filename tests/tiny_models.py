@@ -282,6 +282,16 @@ def write_tiny_infiller(dir: str | Path) -> Path:
     return write_chain_model(dir, added, ("<|fim_middle|>", FIM_MIDDLE, "<|endoftext|>"), CHATML)
 
 
+def write_tiny_pipe_caller(dir: str | Path) -> Path:
+    """A tiny Llama that calls as Granite 3 does: <|tool_call|>[TOOL_CALL_JSON]."""
+    from tokenizers import AddedToken
+
+    calls = f"[{TOOL_CALL_JSON}]"
+    added = [AddedToken("<|tool_call|>", normalized=False, special=True), AddedToken(calls, normalized=False)]
+    template = TOOLS_TEMPLATE.replace("<tool_call>", "<|tool_call|>[").replace("</tool_call>", "]")
+    return write_chain_model(dir, added, ("Ċ", "<|tool_call|>", calls, "<|im_end|>"), template)
+
+
 def write_chain_model(dir: str | Path, added: list, chain: tuple[str, ...], template: str) -> Path:
     """A tiny Llama (safetensors folder) whose greedy output after the token chain[0] is always the
     rest of `chain`: every layer's output projections are zero (each position's hidden state is its

@@ -7,7 +7,9 @@ llama-server read back the same way:
 - Hermes / Qwen2.5 / Qwen3 / SmolLM3: `<tool_call>{"name": …, "arguments": {…}}</tool_call>`, one
   block a call, possibly after some text;
 - Llama 3.1+: the whole answer is one JSON object `{"name": …, "parameters": {…}}`;
-- Mistral: `[TOOL_CALLS] [{"name": …, "arguments": {…}}]`.
+- Mistral: `[TOOL_CALLS] [{"name": …, "arguments": {…}}]`;
+- Granite 3 / Phi-4-mini: `<|tool_call|>[{"name": …, "arguments": {…}}]` (Phi closes it with
+  `<|/tool_call|>`).
 
 The template tells which format its model writes (`formats_of`). `ToolCallParser` is fed the
 answer's text deltas (after any reasoning is split off) and lets plain text through as it comes;
@@ -25,8 +27,10 @@ from typing import Any
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 MISTRAL = "[TOOL_CALLS]"
-TAGS = (OPEN, CLOSE, MISTRAL)
-HERMES, JSON, MISTRAL_LIST = "hermes", "json", "mistral"
+PIPE_OPEN, PIPE_CLOSE = "<|tool_call|>", "<|/tool_call|>"  # Granite 3, Phi-4-mini
+TAGS = (OPEN, CLOSE, MISTRAL, PIPE_OPEN, PIPE_CLOSE)
+HERMES, JSON, MISTRAL_LIST, PIPE_LIST = "hermes", "json", "mistral", "pipe"
+LIST_OPENERS = ((MISTRAL, MISTRAL_LIST), (PIPE_OPEN, PIPE_LIST))  # a tag, then the calls as a JSON list to the end
 
 
 @dataclass
@@ -45,15 +49,17 @@ def formats_of(template: str | None) -> frozenset[str]:
     """The call formats a template's model writes: what its template shows it (a template that
     shows none of them: any)."""
     t = template or ""
-    found = {fmt for fmt, mark in ((HERMES, OPEN), (MISTRAL_LIST, MISTRAL), (JSON, '"parameters"')) if mark in t}
-    return frozenset(found or (HERMES, JSON, MISTRAL_LIST))
+    found = {fmt for fmt, mark in ((HERMES, OPEN), (MISTRAL_LIST, MISTRAL), (PIPE_LIST, PIPE_OPEN), (JSON, '"parameters"'))
+             if mark in t}
+    return frozenset(found or (HERMES, JSON, MISTRAL_LIST, PIPE_LIST))
 
 
 def tool_openers(tokenizer: Any, formats: frozenset[str]) -> frozenset[int]:
     """The single tokens that open a call in these formats (Hermes' <tool_call>, Mistral's
     [TOOL_CALLS]) where the vocabulary has them: with tools and a JSON format, an answer may start
     with one instead of the object. Llama 3's calls are bare JSON objects: none."""
-    ids = (tokenizer.tok.token_to_id(tag) for fmt, tag in ((HERMES, OPEN), (MISTRAL_LIST, MISTRAL)) if fmt in formats)
+    ids = (tokenizer.tok.token_to_id(tag) for fmt, tag in ((HERMES, OPEN), (MISTRAL_LIST, MISTRAL), (PIPE_LIST, PIPE_OPEN))
+           if fmt in formats)
     return frozenset(i for i in ids if i is not None)
 
 
@@ -101,7 +107,7 @@ class ToolCallParser:
 
     `names`: the tools the request gave (None: any name); `formats`: see `formats_of`."""
 
-    def __init__(self, names: frozenset[str] | None = None, formats: frozenset[str] = frozenset((HERMES, JSON, MISTRAL_LIST))) -> None:
+    def __init__(self, names: frozenset[str] | None = None, formats: frozenset[str] = frozenset((HERMES, JSON, MISTRAL_LIST, PIPE_LIST))) -> None:
         self.names, self.formats = names, formats
         self.state = "start"  # start | text | block (inside <tool_call>) | json (the whole answer may be calls)
         self.held = ""
@@ -110,10 +116,10 @@ class ToolCallParser:
     def _json_start(self, body: str) -> bool:
         if JSON in self.formats and body.startswith(("{", "[")):
             return True
-        return MISTRAL_LIST in self.formats and body.startswith(MISTRAL)
+        return any(fmt in self.formats and body.startswith(tag) for tag, fmt in LIST_OPENERS)
 
     def _maybe_tag(self, body: str) -> bool:
-        tags = [t for t, fmt in ((OPEN, HERMES), (MISTRAL, MISTRAL_LIST)) if fmt in self.formats]
+        tags = [t for t, fmt in ((OPEN, HERMES), *LIST_OPENERS) if fmt in self.formats]
         return any(t.startswith(body) and len(body) < len(t) for t in tags)
 
     def feed(self, text: str) -> str:
@@ -167,8 +173,9 @@ class ToolCallParser:
         held, self.held = self.held, ""
         if self.state == "json":
             body = held.strip()
-            if body.startswith(MISTRAL):
-                body = body[len(MISTRAL):].strip()
+            for tag, _ in LIST_OPENERS:
+                if body.startswith(tag):
+                    body = body[len(tag):].strip().removesuffix(PIPE_CLOSE).strip()
             found = calls_in_json(body, self.names)
             if found:
                 self.calls += found
