@@ -365,3 +365,34 @@ def test_a_model_served_from_its_own_path_is_listed_and_found_by_name(tmp_path):
     finally:
         runner.stop()
         engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reluctant(tmp_path_factory):
+    from tests.tiny_models import write_tiny_reluctant_caller
+
+    yield from built_model_server(tmp_path_factory.mktemp("reluctant"), "reluctant", write_tiny_reluctant_caller, 30)
+
+
+def test_a_required_or_named_tool_choice_makes_the_answer_a_call(reluctant):
+    """The model would answer in words; tool_choice required (OpenAI), any (Anthropic) or a named
+    function makes its answer open with its call tag, so it calls."""
+    import anthropic
+    import openai
+
+    from tests.tiny_models import RELUCTANT_ANSWER
+
+    client = openai.OpenAI(base_url=f"{reluctant.url}/v1", api_key="none", max_retries=0)
+    ask = {"model": "reluctant", "messages": QUESTION, "tools": [WEATHER_TOOL], "temperature": 0}
+    assert client.chat.completions.create(**ask).choices[0].message.content == RELUCTANT_ANSWER  # auto: its choice
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        forced = client.chat.completions.create(**ask, tool_choice=choice).choices[0]
+        assert forced.finish_reason == "tool_calls" and json.loads(forced.message.tool_calls[0].function.arguments) == PARIS
+    fn = WEATHER_TOOL["function"]
+    tool = {"name": fn["name"], "description": fn["description"], "input_schema": fn["parameters"]}
+    claude = anthropic.Anthropic(base_url=reluctant.url, api_key="none", max_retries=0)
+    msg = claude.messages.create(model="reluctant", max_tokens=30, messages=QUESTION, tools=[tool], tool_choice={"type": "any"})
+    assert msg.stop_reason == "tool_use" and msg.content[0].input == PARIS
+    responses = client.responses.create(model="reluctant", input="Weather?", tools=[{"type": "function", **fn}],
+                                        tool_choice="required", temperature=0)
+    assert responses.output[0].type == "function_call"

@@ -282,6 +282,19 @@ def write_tiny_infiller(dir: str | Path) -> Path:
     return write_chain_model(dir, added, ("<|fim_middle|>", FIM_MIDDLE, "<|endoftext|>"), CHATML)
 
 
+RELUCTANT_ANSWER = "Sunny, I think."
+
+
+def write_tiny_reluctant_caller(dir: str | Path) -> Path:
+    """A tiny Hermes-format Llama whose greedy answer is RELUCTANT_ANSWER, but which, once its
+    answer opens with <tool_call>, goes on with TOOL_CALL_JSON: a call only when one is forced."""
+    from tokenizers import AddedToken
+
+    added = [AddedToken(t, normalized=False) for t in ("<tool_call>", "</tool_call>", f"\n{TOOL_CALL_JSON}\n", RELUCTANT_ANSWER)]
+    chain = ("Ċ", RELUCTANT_ANSWER, "<|im_end|>", "<tool_call>", f"\n{TOOL_CALL_JSON}\n", "</tool_call>", "<|im_end|>")
+    return write_chain_model(dir, added, chain, TOOLS_TEMPLATE)
+
+
 def write_tiny_pipe_caller(dir: str | Path) -> Path:
     """A tiny Llama that calls as Granite 3 does: <|tool_call|>[TOOL_CALL_JSON]."""
     from tokenizers import AddedToken

@@ -316,3 +316,27 @@ class JsonSampler:
                 if greedy or len(found) >= CANDIDATES:
                     break
         return found
+
+
+class CallFirst:
+    """tool_choice "required" or a named tool: the answer's first token is one of the model's call
+    tags (engine.tools.tool_openers), so it is a call; then the request's own sampler goes on."""
+
+    picks_best = False
+
+    def __init__(self, inner: Any, openers: frozenset[int]) -> None:
+        self.inner, self.openers, self.started = inner, sorted(openers), False
+
+    def __getattr__(self, name: str) -> Any:  # needs_penalties, complete, …: the inner sampler's
+        return getattr(self.inner, name)
+
+    def __call__(self, logits: Any, history: list[int]) -> int:
+        from influence_tui.engine.sampling import _as_numpy
+
+        if self.started:
+            return self.inner(logits, history)
+        self.started = True
+        x = _as_numpy(logits)
+        masked = np.full_like(x, -np.inf)
+        masked[self.openers] = x[self.openers]
+        return self.inner(masked, history)

@@ -630,7 +630,10 @@ class Scheduler:
         """Calls of the request's tools, in the formats the template shows."""
         if not req.tools:
             return None
-        return ToolCallParser(frozenset(t["function"]["name"] for t in req.tools), self._tool_formats)
+        names = frozenset(t["function"]["name"] for t in req.tools)
+        if req.tool_choice and req.tool_choice != "required":  # a named tool: only its calls count
+            names = frozenset({req.tool_choice}) & names or names
+        return ToolCallParser(names, self._tool_formats)
 
     def _splitter(self, req: GenerationRequest, prompt: list[int]) -> ThinkSplitter | None:
         """A reasoning model's answer is split; a raw prompt's is the caller's to read."""
@@ -693,6 +696,10 @@ class Scheduler:
 
             sampler = JsonSampler(sampler, vocabulary(self.tok), self.eos, schema_state(req.json_schema),
                                   self._tool_openers if req.tools else frozenset())
+        if req.tools and req.tool_choice and self._tool_openers:
+            from influence_tui.engine.constrain import CallFirst
+
+            sampler = CallFirst(sampler, self._tool_openers)
         if req.logprobs is not None:
             from influence_tui.engine.logprobs import MAX_TOP, LogprobSampler, token_texts
 

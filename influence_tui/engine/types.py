@@ -61,6 +61,9 @@ class GenerationRequest:
     # {"name", "description", "parameters"}}): into the prompt through the chat template; the calls
     # come back in Result.tool_calls (see engine.tools)
     tools: list[dict[str, Any]] | None = None
+    # with tools: "required" (the answer must be a call) or a tool's name (a call of that one);
+    # None lets the model choose. Forced where the model's calls open with a tag of their own.
+    tool_choice: str | None = None
     # fill-in-the-middle: `prompt` is the code before the gap and this the code after it; the answer
     # is what goes between (engine.infill; no chat template, no system prompt)
     suffix: str | None = None

@@ -5,7 +5,8 @@ llama-server serve it too.
 `system` (a string or text blocks) and `messages` (text, `tool_use` and `tool_result` blocks;
 earlier `thinking` blocks are skipped, never resent) are read into the chat-completions shapes and
 run as the same engine request. `tools` (`name`, `description`, `input_schema`) go through the
-model's chat template; `tool_choice` none sends none, auto / any / tool send them (not forced).
+model's chat template; `tool_choice` none sends none, auto lets the model decide, any / tool make
+the answer a call where the model's calls open with a tag (see the OpenAI route).
 `thinking: {"type": "disabled"}` asks a reasoning model not to think. `output_config.format` (a
 JSON schema) makes the answer follow it (structured outputs). `stop_sequences`, `temperature`,
 `top_p` and `top_k` map onto the engine's (newer clients send the sampling fields as extra_body).
@@ -181,7 +182,10 @@ def engine_request(data: dict[str, Any], ctx: Any) -> Any:
     values = {"max_tokens": max_tokens, "temperature": get_field(data, "temperature", (int, float)),
               "top_p": get_field(data, "top_p", (int, float)), "top_k": get_field(data, "top_k", int), "stop": stops}
     params = build_params(ctx.base_params(), values)
-    return GenerationRequest(messages=parse_messages(chat_messages(data)), params=params, tools=chat_tools(data),
+    tools = chat_tools(data)
+    choice = get_field(data, "tool_choice", dict, {})
+    forced = {"any": "required", "tool": choice.get("name")}.get(choice.get("type")) if tools else None
+    return GenerationRequest(messages=parse_messages(chat_messages(data)), params=params, tools=tools, tool_choice=forced,
                              think=think_for(ctx, think_field(data)), **output_format(data))
 
 

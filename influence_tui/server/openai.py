@@ -12,9 +12,11 @@ Tools (`tools`, OpenAI's function tools) go into the prompt through the model's 
 model whose template has no place for them is a 400). Calls come back as `message.tool_calls`
 (arguments as a JSON string) with `finish_reason: "tool_calls"`; streamed, the calls are known only
 when the answer ends, so they come whole in one chunk (each with its `index`) after the text.
-`tool_choice`: "none" sends no tools (the model answers in text); "auto", "required" and a named
-function send the tools but do not force a call: the model decides, as with "auto" (nothing here
-constrains its output). `parallel_tool_calls` is accepted and ignored (a model may make several).
+`tool_choice`: "none" sends no tools (the model answers in text), "auto" lets the model decide;
+"required" and a named function make the answer a call where the model's calls open with a tag of
+their own (Hermes, Mistral, Granite: the first token is the tag; a named function's calls alone
+count), and are a wish otherwise (Llama 3's bare JSON). `parallel_tool_calls` is accepted and
+ignored (a model may make several).
 """
 
 from __future__ import annotations
@@ -135,6 +137,16 @@ def tools_field(data: dict[str, Any]) -> list[dict[str, Any]] | None:
     return tools  # the named tool is not forced: see the module's docstring
 
 
+def tool_choice_of(data: dict[str, Any]) -> str | None:
+    """GenerationRequest.tool_choice from a (checked) chat `tool_choice`: "required", a name, or None."""
+    choice = data.get("tool_choice")
+    if choice == "required":
+        return "required"
+    if isinstance(choice, dict):
+        return choice["function"]["name"]
+    return None
+
+
 def tool_calls_of(calls: list[Any], streamed: bool = False) -> list[dict[str, Any]]:
     """The calls as OpenAI sends them: arguments as a JSON string, each with a fresh id (a stream's
     deltas also carry their `index`, by which clients put the pieces together)."""
@@ -247,7 +259,7 @@ async def chat_completions(request: Request, default_stream: bool = False) -> Re
     name = get_field(data, "model", str)
     model = await check_chat_model(ctx, name)
     req = GenerationRequest(messages=messages, params=params, think=think, tools=tools, logprobs=logprobs,
-                            **answer_format(data))
+                            tool_choice=tool_choice_of(data) if tools else None, **answer_format(data))
     gen = await submit(ctx, req, model)
     ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 

@@ -46,7 +46,7 @@ from influence_tui.server.common import (
     token_events,
     wait_result,
 )
-from influence_tui.server.openai import answer_format, think_field, tools_field
+from influence_tui.server.openai import answer_format, think_field, tool_choice_of, tools_field
 
 STATEFUL = ("previous_response_id", "conversation", "prompt")  # what only a server that keeps things could answer
 
@@ -208,8 +208,10 @@ def engine_request(data: dict[str, Any], ctx: Any) -> Any:
     if top is not None and not 0 <= top <= 20:
         raise ApiError(400, "top_logprobs must be from 0 to 20", param="top_logprobs")
     logprobs = (top or 0) if "message.output_text.logprobs" in include or top is not None else None
+    tools = tools_field(chat)
     return GenerationRequest(messages=parse_messages(chat["messages"]), params=params, logprobs=logprobs,
-                             think=think_for(ctx, think_field(chat)), tools=tools_field(chat), **answer_format(chat))
+                             think=think_for(ctx, think_field(chat)), tools=tools,
+                             tool_choice=tool_choice_of(chat) if tools else None, **answer_format(chat))
 
 
 # --- the response ---------------------------------------------------------------------------------
