@@ -162,3 +162,21 @@ def test_generate_and_batch_print_logprobs(tmp_path):
     assert "".join(t["token"] for t in rows[0]["logprobs"]) == rows[0]["text"]
     assert rows[1]["error"] == "line 2: logprobs must be a whole number of alternatives from 0 to 20"
     assert "does not support insert" in rows[2]["error"]
+
+
+def test_logit_bias_bans_and_forces_tokens(openai_client, url):
+    from influence_tui.engine.tokenizer import load_gguf_tokenizer
+    from influence_tui.library import default_model_path
+
+    tok = load_gguf_tokenizer(default_model_path())
+    plain = openai_client.chat.completions.create(**CHAT, logprobs=True).choices[0]
+    first = tok.tok.token_to_id(plain.logprobs.content[0].token)  # the greedy answer's first token
+    banned = openai_client.chat.completions.create(**CHAT, logit_bias={str(first): -100}).choices[0].message.content
+    assert not banned.startswith(plain.logprobs.content[0].token)
+    hello = tok.tok.token_to_id("Hello")
+    forced = openai_client.chat.completions.create(**{**CHAT, "max_tokens": 1}, logit_bias={str(hello): 100})
+    assert forced.choices[0].message.content == "Hello"
+    for bias, message in (({"x": 1}, "logit_bias maps token ids"), ({"5": 101}, "logit_bias maps token ids"),
+                          ({"999999": 1}, "beyond this model's vocabulary")):
+        resp = httpx.post(f"{url}/v1/chat/completions", json={**CHAT, "logit_bias": bias}, timeout=60)
+        assert resp.status_code == 400 and message in resp.json()["error"]["message"]

@@ -340,3 +340,25 @@ class CallFirst:
         masked = np.full_like(x, -np.inf)
         masked[self.openers] = x[self.openers]
         return self.inner(masked, history)
+
+
+class Biased:
+    """OpenAI's logit_bias: the values added to their tokens' logits before the request's sampler
+    (and JSON mode's candidate ranking) sees them."""
+
+    picks_best = False
+
+    def __init__(self, inner: Any, bias: dict[int, float]) -> None:
+        self.inner = inner
+        self.ids = np.array(sorted(bias), dtype=np.int64)
+        self.values = np.array([bias[i] for i in sorted(bias)], dtype=np.float32)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def __call__(self, logits: Any, history: list[int]) -> int:
+        from influence_tui.engine.sampling import _as_numpy
+
+        x = _as_numpy(logits).astype(np.float32, copy=True)
+        x[self.ids] += self.values
+        return self.inner(x, history)

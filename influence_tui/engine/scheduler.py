@@ -696,6 +696,14 @@ class Scheduler:
 
             sampler = JsonSampler(sampler, vocabulary(self.tok), self.eos, schema_state(req.json_schema),
                                   self._tool_openers if req.tools else frozenset())
+        if req.logit_bias:
+            from influence_tui.engine.constrain import Biased
+
+            beyond = [i for i in req.logit_bias if not 0 <= i < self.tok.vocab_size]
+            if beyond:
+                raise RequestError(f"logit_bias names token {beyond[0]}, beyond this model's vocabulary "
+                                   f"(0 to {self.tok.vocab_size - 1})")
+            sampler = Biased(sampler, req.logit_bias)
         if req.tools and req.tool_choice and self._tool_openers:
             from influence_tui.engine.constrain import CallFirst
 

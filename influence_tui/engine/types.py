@@ -64,6 +64,9 @@ class GenerationRequest:
     # with tools: "required" (the answer must be a call) or a tool's name (a call of that one);
     # None lets the model choose. Forced where the model's calls open with a tag of their own.
     tool_choice: str | None = None
+    # OpenAI's logit_bias: token id -> a value added to its logit at every step (-100 bans it,
+    # +100 all but forces it)
+    logit_bias: dict[int, float] | None = None
     # fill-in-the-middle: `prompt` is the code before the gap and this the code after it; the answer
     # is what goes between (engine.infill; no chat template, no system prompt)
     suffix: str | None = None

@@ -137,6 +137,20 @@ def tools_field(data: dict[str, Any]) -> list[dict[str, Any]] | None:
     return tools  # the named tool is not forced: see the module's docstring
 
 
+def logit_bias_field(data: dict[str, Any]) -> dict[int, float] | None:
+    """`logit_bias`: {"token id": -100..100} -> the engine's {id: value}."""
+    raw = get_field(data, "logit_bias", dict)
+    if not raw:
+        return None
+    out: dict[int, float] = {}
+    for key, value in raw.items():
+        if not (isinstance(key, str) and key.isdigit()) or isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not -100 <= value <= 100:
+            raise ApiError(400, "logit_bias maps token ids (as strings) to numbers from -100 to 100", param="logit_bias")
+        out[int(key)] = float(value)
+    return out
+
+
 def tool_choice_of(data: dict[str, Any]) -> str | None:
     """GenerationRequest.tool_choice from a (checked) chat `tool_choice`: "required", a name, or None."""
     choice = data.get("tool_choice")
@@ -259,7 +273,8 @@ async def chat_completions(request: Request, default_stream: bool = False) -> Re
     name = get_field(data, "model", str)
     model = await check_chat_model(ctx, name)
     req = GenerationRequest(messages=messages, params=params, think=think, tools=tools, logprobs=logprobs,
-                            tool_choice=tool_choice_of(data) if tools else None, **answer_format(data))
+                            tool_choice=tool_choice_of(data) if tools else None, logit_bias=logit_bias_field(data),
+                            **answer_format(data))
     gen = await submit(ctx, req, model)
     ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
@@ -352,7 +367,8 @@ async def completions(request: Request) -> Response:
     name = get_field(data, "model", str)
     model = await check_chat_model(ctx, name)
     # a completion continues the text as written: no chat template
-    gen = await submit(ctx, GenerationRequest(prompt=prompt, params=params, raw=True, logprobs=logprobs, suffix=suffix), model)
+    gen = await submit(ctx, GenerationRequest(prompt=prompt, params=params, raw=True, logprobs=logprobs, suffix=suffix,
+                                              logit_bias=logit_bias_field(data)), model)
     ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     head = prompt if echo else ""
 

@@ -93,6 +93,8 @@ OPENAI_SAMPLING = {
     "repeat_penalty": _num("repeat_penalty"), "presence_penalty": _num("presence_penalty"),
     "frequency_penalty": _num("frequency_penalty"), "seed": {"type": "integer"}, "stop": STOP,
     "n": {"type": "integer", "enum": [1]}, "stream": {"type": "boolean"},
+    "logit_bias": {"type": "object", "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+                   "description": "token id (a string) -> a value added to its logit"},
     "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
 }
 
