@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from influence_tui.engine.sampling import SamplerLayer
+
 if TYPE_CHECKING:
     from influence_tui.engine.sampling import Sampler
 
@@ -318,17 +320,13 @@ class JsonSampler:
         return found
 
 
-class CallFirst:
+class CallFirst(SamplerLayer):
     """tool_choice "required" or a named tool: the answer's first token is one of the model's call
     tags (engine.tools.tool_openers), so it is a call; then the request's own sampler goes on."""
 
-    picks_best = False
-
     def __init__(self, inner: Any, openers: frozenset[int]) -> None:
-        self.inner, self.openers, self.started = inner, sorted(openers), False
-
-    def __getattr__(self, name: str) -> Any:  # needs_penalties, complete, …: the inner sampler's
-        return getattr(self.inner, name)
+        super().__init__(inner)
+        self.openers, self.started = sorted(openers), False
 
     def __call__(self, logits: Any, history: list[int]) -> int:
         from influence_tui.engine.sampling import _as_numpy
@@ -342,19 +340,14 @@ class CallFirst:
         return self.inner(masked, history)
 
 
-class Biased:
+class Biased(SamplerLayer):
     """OpenAI's logit_bias: the values added to their tokens' logits before the request's sampler
     (and JSON mode's candidate ranking) sees them."""
 
-    picks_best = False
-
     def __init__(self, inner: Any, bias: dict[int, float]) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.ids = np.array(sorted(bias), dtype=np.int64)
         self.values = np.array([bias[i] for i in sorted(bias)], dtype=np.float32)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
     def __call__(self, logits: Any, history: list[int]) -> int:
         from influence_tui.engine.sampling import _as_numpy

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from influence_tui.engine.sampling import SamplerLayer
 from influence_tui.engine.types import TokenLogprob
 
 MAX_TOP = 20  # OpenAI's and Ollama's limit on alternatives per position
@@ -70,18 +71,14 @@ def token_texts(tokenizer: Any) -> TokenTexts:
     return cached_on(tokenizer, "_token_texts", TokenTexts)
 
 
-class LogprobSampler:
+class LogprobSampler(SamplerLayer):
     """A request's sampler (plain, or JSON mode's) that also notes each pick's log-probability and
     the `top` most likely tokens; `pending` holds them until their text goes out with an event."""
 
-    picks_best = False  # every row goes through __call__ (the batched greedy shortcut would skip it)
-
     def __init__(self, inner: Any, top: int, texts: TokenTexts) -> None:
-        self.inner, self.top, self.texts = inner, top, texts
+        super().__init__(inner)
+        self.top, self.texts = top, texts
         self.pending: list[TokenLogprob] = []
-
-    def __getattr__(self, name: str) -> Any:  # needs_penalties, complete, …: the inner sampler's
-        return getattr(self.inner, name)
 
     def __call__(self, logits: Any, history: list[int]) -> int:
         from influence_tui.engine.sampling import _as_numpy

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,6 +33,20 @@ def greedy(logits: "torch.Tensor | np.ndarray") -> list[int]:
             return logits.reshape(-1, logits.shape[-1]).argmax(dim=-1).tolist()
         logits = logits.numpy()
     return logits.reshape(-1, logits.shape[-1]).argmax(axis=1).tolist()
+
+
+class SamplerLayer:
+    """A layer around a request's sampler (logit_bias, a forced call tag, log-probabilities): it
+    sees each row of logits first and hands on the rest (needs_penalties, complete, …). Every row
+    goes through it: the batched greedy shortcut, which skips samplers, is off."""
+
+    picks_best = False
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
 
 class Sampler:
