@@ -125,8 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="open the app on the chat screen", epilog=EPILOG)
     _gen_flags(p, chat=True)
-    p.add_argument("--session", help="load this session file first")
+    first = p.add_mutually_exclusive_group()
+    first.add_argument("--session", metavar="FILE", help="load this session file first (or a saved chat, by the file "
+                                                         "name `influence chats` lists)")
+    first.add_argument("-c", "--continue", dest="resume", action="store_true",
+                       help="reopen the most recent saved chat (see `influence chats`)")
     p.add_argument("--save-on-exit", metavar="FILE", help="save the session to FILE however the app ends")
+
+    p = sub.add_parser("chats", help="list the app's saved chats, newest first", epilog=EPILOG)
+    p.add_argument("words", nargs="*", help="only the chats whose title or messages hold all these words")
+    p.add_argument("--limit", type=_positive_int, help="at most this many")
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
 
     for name in ("serve", "deploy"):
         p = sub.add_parser(name, help="run the local API server (Ollama- and OpenAI-compatible)" + (" (alias of serve)" if name == "deploy" else ""), epilog=EPILOG)
@@ -196,6 +205,10 @@ def _handler(command: str | None, args: argparse.Namespace) -> Callable[[argpars
         return run_list
     if command == "config":
         return run_config
+    if command == "chats":
+        from influence_tui.chats_cli import run_chats
+
+        return run_chats
     if command in ("search", "download"):
         try:
             from influence_tui import hub_cli

@@ -148,6 +148,9 @@ SPECS: tuple[Spec, ...] = (
     Spec("warmup_tokens", "INFLUENCE_WARMUP_TOKENS", 6, _int_range(0, 1024), "tokens generated after load to warm up (0 = off)"),
     Spec("mirror", "INFLUENCE_MIRROR", None, _url, "Hugging Face Hub endpoint or mirror"),
     Spec("output_dir", "INFLUENCE_OUTPUT_DIR", "./models", lambda raw: _text(raw) or "./models", "where models are downloaded"),
+    Spec("save_chats", "INFLUENCE_SAVE_CHATS", True, _switch,
+         "keep the app's chats on this disk, to reopen from the Chats list (ctrl+o): on | off"),
+    Spec("chats_dir", "INFLUENCE_CHATS_DIR", None, _text, "where the app keeps its chats (empty = the platform's data folder)"),
     Spec("theme", "INFLUENCE_THEME", "textual-dark", lambda raw: _text(raw) or "textual-dark", "the app's colour theme"),
 )
 SPEC_BY_NAME = {s.name: s for s in SPECS}
@@ -298,6 +301,8 @@ class Settings:
     warmup_tokens: int = 6
     mirror: str | None = None
     output_dir: str = "./models"
+    save_chats: bool = True  # every chat of the app kept as a session file (chats.py)
+    chats_dir: str | None = None  # None: the platform's data folder
     theme: str = "textual-dark"
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 

@@ -7,6 +7,7 @@ Format (the original tool's keys, plus ``version``)::
      "messages": [{"role": "user", "content": "...", "timestamp": "2026-01-29 14:30:15"}, ...],
      "created_at": "2026-01-29 14:30:15"}
 
+A session may carry ``"title"`` (the name the app's Chats list shows, when the user gave one).
 A message may also carry ``"stopped": true`` (an answer stopped with Esc) and ``"thinking"`` (a
 reasoning model's reasoning; ``content`` is the answer alone). Both are written only when set, and
 files without them (the original tool's, older ones of ours) load as before.
@@ -74,6 +75,9 @@ class Session:
     messages: list[SessionMessage] = field(default_factory=list)
     created_at: str = field(default_factory=now_stamp)
     version: int = VERSION
+    # Not in the original format (which ignores it): the name the Chats list shows, when the user
+    # gave one; otherwise the list shows the first question.
+    title: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -87,6 +91,7 @@ class Session:
             "repeat_penalty": self.repeat_penalty,
             "messages": [m.to_dict() for m in self.messages],
             "created_at": self.created_at,
+            **({"title": self.title} if self.title else {}),
         }
 
 
@@ -142,6 +147,7 @@ def session_from_dict(data: Any, where: str = "session") -> Session:
         messages=_messages(data["messages"], where),
         created_at=_opt_str(data, "created_at", where) or now_stamp(),
         version=VERSION,
+        title=_opt_str(data, "title", where),
     )
 
 

@@ -18,6 +18,8 @@ for name in list(os.environ):
     if name.startswith("INFLUENCE_") and name != "INFLUENCE_CONFIG_DIR":
         del os.environ[name]
 os.environ["INFLUENCE_OUTPUT_DIR"] = str(_SESSION_TMP / "models")
+# the app's chats folder (platformdirs' data folder): never the developer's own
+os.environ["XDG_DATA_HOME"] = str(_SESSION_TMP / "data")
 # converted-weights cache: per test session, never the developer's own cache folder
 os.environ["INFLUENCE_CACHE_DIR"] = str(_SESSION_TMP / "cache")
 # other apps' model stores: empty unless a test fills them (never the developer's own)
@@ -32,9 +34,10 @@ PYTHON = sys.executable
 
 @pytest.fixture(autouse=True)
 def _isolated_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Each test gets a fresh settings folder and runs in its own working directory (no stray .env)."""
+    """Each test gets a fresh settings folder (and chats folder) and runs in its own working directory (no stray .env)."""
     cfg = tmp_path / "_config"
     monkeypatch.setenv("INFLUENCE_CONFIG_DIR", str(cfg))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "_data"))  # so the chats folder is the test's own
     monkeypatch.chdir(tmp_path)
     return cfg
 

@@ -6,15 +6,19 @@ code block, so every run draws the same screens.
 
 from __future__ import annotations
 
-from typing import Any
-
+import os
+import shutil
+import tempfile
+import time
 from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
 
 from influence_tui import hub
 from influence_tui.config import Settings
 from influence_tui.hub import HubModel, RepoEntry, RepoListing
 from influence_tui.library import ModelInfo
-from influence_tui.sessions import SessionMessage
+from influence_tui.sessions import Session, SessionMessage, save_session
 from influence_tui.tui.app import InfluenceApp
 
 MODELS = [
@@ -100,8 +104,29 @@ def loaded_summary() -> Any:
                            size_bytes=m.size_bytes, load_s=1.2)
 
 
+# The Chats list's folder: fixed (its path is on the screen) and filled afresh for every app, with
+# times a few minutes back (what "5 min ago" says does not change within a run)
+CHATS = Path(tempfile.gettempdir()) / "influence-snapshot-chats"
+SAVED_CHATS = [
+    ("Summarise the water cycle for a ten-year-old", "Water goes up as vapour…", None, 300),
+    ("Explain the TCP three-way handshake", "SYN, SYN-ACK, ACK…", None, 600),
+    ("Plan a three-day trip to Kyoto", "Day 1: Fushimi Inari…", "Kyoto trip", 2400),
+]
+
+
+def seed_chats() -> None:
+    shutil.rmtree(CHATS, ignore_errors=True)
+    for i, (question, answer, title, age_s) in enumerate(SAVED_CHATS):
+        session = Session(model_path=MODELS[0].path, title=title, created_at="2026-01-29 14:30:15",
+                          messages=[SessionMessage("user", question, "2026-01-29 14:30:15"),
+                                    SessionMessage("assistant", answer, "2026-01-29 14:30:17")])
+        path = save_session(CHATS / f"chat-{i}.json", session)
+        os.utime(path, (time.time() - age_s, time.time() - age_s))
+
+
 def make_app(**kwargs: Any) -> SnapshotApp:
-    settings = Settings(output_dir="./models")
+    seed_chats()
+    settings = Settings(output_dir="./models", chats_dir=str(CHATS))
     app = SnapshotApp(settings, autoload=False, list_models=lambda: list(MODELS), **kwargs)
     app.model_summary, app.model_state = loaded_summary(), "ready"  # shown as loaded; never used to chat
     app.conversation.messages = [

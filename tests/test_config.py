@@ -132,7 +132,7 @@ SAVED = {
     "max_tokens": 77, "min_p": 0.2, "seed": 7, "system_prompt": "Be brief.", "device": "cpu", "device_index": 2,
     "threads": 3, "context_length": 2048, "port": 9123, "host": "0.0.0.0", "api_key": "k", "warmup_tokens": 0,
     "mirror": "https://hf-mirror.com", "output_dir": "/tmp/saved-models", "theme": "nord",
-    "think": False,
+    "think": False, "save_chats": False, "chats_dir": "/tmp/saved-chats",
 }
 
 

@@ -62,3 +62,12 @@ def test_hub_screen(snap_compare: Any) -> None:
         await pilot.pause(0.3)  # the files table measures its columns on the next idle
 
     assert snap_compare(APP, run_before=run_before, terminal_size=SIZE)
+
+
+def test_chats_list(snap_compare: Any) -> None:
+    async def run_before(pilot: Any) -> None:
+        await pilot.press("ctrl+o")
+        await pilot.app.workers.wait_for_complete()
+        await pilot.pause()
+
+    assert snap_compare(APP, run_before=run_before, terminal_size=SIZE)

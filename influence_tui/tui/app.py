@@ -58,6 +58,7 @@ class InfluenceApp(App[int]):
         save_on_exit: str | None = None,
         list_models: Callable[[], list[Any]] | None = None,
         initial_mode: str = "chat",
+        continue_latest: bool = False,
     ) -> None:
         super().__init__()
         self.settings = settings or Settings.load()
@@ -65,10 +66,14 @@ class InfluenceApp(App[int]):
         self.model_request = model or self.settings.model_path
         self.autoload = autoload
         self.session_path = session_path
+        self.continue_latest = continue_latest  # `influence chat --continue`: the newest saved chat
         self.save_on_exit_path = save_on_exit
         self._list_models = list_models
         self.initial_mode = initial_mode
         self.conversation = Conversation(system_prompt=self.settings.system_prompt)
+        self.chat_path: Path | None = None  # the conversation's file in the chats folder, once saved
+        self._autosave_failed = False  # say so once, not after every answer
+        self._saved: int | None = None  # the conversation's fingerprint when it was last saved or opened
         self.model_summary: Any = None
         self.model_error: str | None = None
         self.server: Any = None
@@ -105,13 +110,32 @@ class InfluenceApp(App[int]):
     async def load_start_session(self, chat: ChatScreen) -> None:
         """`--session FILE`: loaded once, by the Chat screen when it is mounted."""
         path, self.session_path = self.session_path, None
+        if self.continue_latest:
+            self.continue_latest = False
+            path = self._latest_chat()
         if not path:
             return
+        from influence_tui.chats import resolve
+
+        path = str(resolve(path, self.chats_folder()))
         try:
             await chat.load_file(path)
         except SessionError as exc:
             self.notify(str(exc), title="Session not loaded", severity="error", timeout=10)
             self._keep_unreadable(Path(path))
+
+    def _latest_chat(self) -> str | None:
+        from influence_tui.chats import list_chats
+
+        try:
+            entries, _ = list_chats(self.chats_folder())
+        except SessionError as exc:
+            self.notify(str(exc), title="No chat to continue", severity="error", timeout=10)
+            return None
+        if not entries:
+            self.notify(f"No saved chat in {self.chats_folder()} yet: this is a new one", title="No chat to continue")
+            return None
+        return str(entries[0].path)
 
     def _keep_unreadable(self, path: Path) -> None:
         """`--session F --save-on-exit F` and F did not load: saving on exit would replace what
@@ -155,7 +179,55 @@ class InfluenceApp(App[int]):
     async def action_quit(self) -> None:
         self.exit(0)
 
+    # -- the chats folder -------------------------------------------------------------------------
+    def chats_folder(self) -> Path:
+        from influence_tui.chats import chats_folder
+
+        return chats_folder(self.settings)
+
+    def autosave(self) -> Path | None:
+        """Keep the conversation in the chats folder (setting `save_chats`): after each answer, on
+        a rename, and however the app ends. A chat without messages is not kept."""
+        if not self.settings.save_chats or not self.conversation.messages:
+            return None
+        if self._saved == self.conversation.fingerprint():
+            return self.chat_path  # unchanged since it was saved or opened (a session file only read is not copied)
+        from influence_tui.chats import save_chat
+
+        session = self.current_session()
+        self.conversation.created_at = session.created_at  # fixed from the first save on
+        try:
+            self.chat_path = save_chat(self.chats_folder(), session, self.chat_path)
+        except SessionError as exc:
+            if not self._autosave_failed:
+                self._autosave_failed = True
+                self.notify(f"{exc} (the chat stays open; /save FILE saves it elsewhere)", title="Chat not saved",
+                            severity="warning", timeout=10)
+            return None
+        self._autosave_failed = False
+        self._saved = self.conversation.fingerprint()
+        return self.chat_path
+
+    def adopt_chat_file(self, path: str | Path) -> None:
+        """A loaded session file: the chat goes on in it when it is one of the chats folder (the
+        Chats list, `--continue`), else it becomes a new chat there at the next save."""
+        from influence_tui.chats import in_folder
+
+        path = Path(path).expanduser()
+        self.chat_path = path if in_folder(path, self.chats_folder()) else None
+        self._saved = self.conversation.fingerprint()
+
+    def new_conversation(self) -> None:
+        """A new chat (the one before stays in the chats folder as it was last saved)."""
+        self.conversation = Conversation(system_prompt=self.settings.system_prompt)
+        self.chat_path = None
+
+    def chat_deleted(self) -> None:
+        """The open chat's file was deleted from the Chats list: it is gone from here too."""
+        self.new_conversation()
+
     def on_unmount(self) -> None:
+        self.autosave()
         self.save_on_exit()
         if self.server is not None:
             try:
@@ -355,6 +427,8 @@ class InfluenceApp(App[int]):
         if chat is not None:
             yield SystemCommand("Stop answer", "Stop the answer being written (Esc)", chat.action_stop)
             yield SystemCommand("Retry", "Answer the last message again (/retry)", chat.action_retry)
+            yield SystemCommand("New chat", "Start a new chat; this one stays in the Chats list (ctrl+n, /new)", chat.action_new_chat)
+            yield SystemCommand("Chats", "Open, search, rename or delete the saved chats (ctrl+o, /chats)", chat.action_chats)
             yield SystemCommand("Clear chat", "Forget the conversation, keep the system prompt (/clear)", chat.action_clear)
             yield SystemCommand("Copy answer", "Copy the last answer (/copy)", chat.action_copy)
             yield SystemCommand("Chat history", "Show the conversation (/history)", lambda: chat.run_command("/history"))

@@ -23,6 +23,7 @@ class Conversation:
     system_prompt: str | None = None
     messages: list[SessionMessage] = field(default_factory=list)
     created_at: str | None = None
+    title: str | None = None  # the name the user gave it in the Chats list (None: its first question)
 
     def add(self, role: str, content: str, stopped: bool = False, thinking: str = "") -> SessionMessage:
         message = SessionMessage(role, content, stopped=stopped, thinking=thinking)
@@ -32,6 +33,13 @@ class Conversation:
     def clear(self) -> None:
         """Forget the turns; the system prompt stays (what `/clear` promises)."""
         self.messages.clear()
+        self.created_at = self.title = None  # what is left is a new chat
+
+    def fingerprint(self) -> int:
+        """Changes whenever what a saved chat holds changes (so an unchanged chat is not rewritten:
+        its file's time is when it last changed, and the Chats list sorts by it)."""
+        return hash((self.system_prompt, self.title,
+                     tuple((m.role, m.content, m.stopped, m.thinking) for m in self.messages)))
 
     def engine_messages(self) -> list[Any]:
         """The turns as the model gets them: answers without their reasoning (as reasoning
@@ -49,6 +57,7 @@ class Conversation:
             setattr(session, name, getattr(settings, name))
         if self.created_at:
             session.created_at = self.created_at
+        session.title = self.title
         return session
 
     @classmethod
@@ -61,7 +70,7 @@ class Conversation:
                 system = system or m.content
             else:
                 messages.append(m)
-        return cls(system_prompt=system, messages=messages, created_at=session.created_at)
+        return cls(system_prompt=system, messages=messages, created_at=session.created_at, title=session.title)
 
 
 def apply_session_params(settings: "Settings", session: Session) -> list[str]:

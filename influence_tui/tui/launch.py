@@ -19,6 +19,7 @@ def build_app(args: argparse.Namespace, settings: Settings) -> Any:
         settings,
         model=getattr(args, "model_path", None) or settings.model_path,
         session_path=getattr(args, "session", None),
+        continue_latest=bool(getattr(args, "resume", False)),
         save_on_exit=getattr(args, "save_on_exit", None),
     )
 

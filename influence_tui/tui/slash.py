@@ -10,6 +10,9 @@ from dataclasses import dataclass
 # name -> (argument hint, help); the order is the order of /help.
 COMMANDS: dict[str, tuple[str, str]] = {
     "/help": ("", "list the commands"),
+    "/new": ("", "start a new chat (this one stays in the Chats list)"),
+    "/chats": ("", "open, search, rename or delete the saved chats (ctrl+o)"),
+    "/rename": ("[TITLE]", "name this chat in the Chats list (no title: its first question)"),
     "/clear": ("", "forget the conversation (the system prompt stays)"),
     "/history": ("", "show the conversation so far"),
     "/save": ("FILE", "save the session as JSON"),
@@ -25,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 SETTABLE = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "max_tokens", "seed", "think")
 NEEDS_ARG = {"/save", "/load", "/set", "/model"}
-NO_ARG = {"/help", "/clear", "/history", "/retry", "/quit", "/exit"}
+NO_ARG = {"/help", "/new", "/chats", "/clear", "/history", "/retry", "/quit", "/exit"}
 
 
 class SlashError(ValueError):

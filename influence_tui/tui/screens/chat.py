@@ -70,6 +70,8 @@ class ChatScreen(Screen[None]):
         Binding("ctrl+l", "clear", "Clear", show=False),
         Binding("ctrl+y", "copy", "Copy answer", show=False, priority=True),  # over the prompt's redo
         Binding("ctrl+t", "toggle_think", "Thinking on/off", show=False, priority=True),  # as oterm's
+        Binding("ctrl+n", "new_chat", "New chat", show=False, priority=True),
+        Binding("ctrl+o", "chats", "Chats", priority=True),
     ]
 
     def __init__(self) -> None:
@@ -215,6 +217,7 @@ class ChatScreen(Screen[None]):
         await bubble.finish(format_stats(result, self._stopped_by_user), stopped=stopped, error=result.error if result.finish_reason == "error" else None)
         if result.finish_reason != "error" or bubble.text or bubble.thinking:
             self.conversation.add("assistant", bubble.text, stopped=stopped, thinking=bubble.thinking)
+            app.autosave()
         elif result.error_kind == "request":
             # the question cannot be answered as it is (too long for the context): out of the
             # history, so it is not resent with every later message, and back in the prompt to edit
@@ -266,6 +269,12 @@ class ChatScreen(Screen[None]):
     async def action_clear(self) -> None:
         await self.run_command("/clear")
 
+    async def action_new_chat(self) -> None:
+        await self.run_command("/new")
+
+    async def action_chats(self) -> None:
+        await self.run_command("/chats")
+
     async def action_copy(self) -> None:
         await self.run_command("/copy")
 
@@ -291,10 +300,57 @@ class ChatScreen(Screen[None]):
     async def _cmd_clear(self, arg: str) -> None:
         if self.busy:
             raise slash.SlashError("wait for the answer to finish (or press Esc) before /clear")
+        self.influence.autosave()
         self.conversation.clear()
+        saved, self.influence.chat_path = self.influence.chat_path, None  # the turns stay in the chat's file
         self._unanswered = None
         await self.render_conversation()
-        self.app.notify("Conversation cleared" + (" (system prompt kept)" if self.conversation.system_prompt else ""))
+        kept = " (system prompt kept)" if self.conversation.system_prompt else ""
+        self.app.notify("Conversation cleared" + kept + ("; the chat before is in the Chats list (ctrl+o)" if saved else ""))
+
+    async def _cmd_new(self, arg: str) -> None:
+        if self.busy:
+            raise slash.SlashError("wait for the answer to finish (or press Esc) before /new")
+        self.influence.autosave()
+        self.influence.new_conversation()
+        self._unanswered = None
+        await self.render_conversation()
+        self.query_one(PromptInput).focus()
+
+    async def _cmd_chats(self, arg: str) -> None:
+        from influence_tui.tui.screens.chats import ChatsScreen
+
+        self.influence.autosave()  # the open chat as it is now (a rename or /system since its last answer)
+        before = self.conversation
+
+        async def closed(path: Path | None) -> None:
+            if path is not None:
+                await self.open_chat(path)
+            elif self.conversation is not before:  # the open chat was deleted from the list
+                self._unanswered = None
+                await self.render_conversation()
+
+        self.app.push_screen(ChatsScreen(), closed)
+
+    async def open_chat(self, path: Path) -> None:
+        if self.busy:
+            self.app.notify("An answer is still being written: Esc stops it first.", severity="warning")
+            return
+        try:
+            await self.load_file(path)
+        except SessionError as exc:
+            self.app.notify(str(exc), title="Chat not opened", severity="error")
+
+    async def _cmd_rename(self, arg: str) -> None:
+        self.conversation.title = " ".join(arg.split()) or None
+        from influence_tui.chats import title_of
+
+        name = title_of(self.influence.current_session())
+        if self.conversation.messages and self.influence.settings.save_chats:
+            self.influence.autosave()
+            await self.note(f"This chat is now listed as “{name}” (ctrl+o lists the chats)")
+        else:
+            await self.note(f"This chat will be listed as “{name}” once it has an answer")
 
     async def _cmd_history(self, arg: str) -> None:
         msgs = self.conversation.messages
@@ -325,7 +381,9 @@ class ChatScreen(Screen[None]):
     async def load_file(self, path: str | Path) -> None:
         session = load_session(path)  # raises SessionError before anything changes
         app = self.influence
+        app.autosave()  # the chat being left, as it is now
         app.conversation = Conversation.from_session(session)
+        app.adopt_chat_file(path)
         self._unanswered = None  # a question of the previous conversation is not this one's to retry
         before = {name: getattr(app.settings, name) for name in SESSION_PARAMS}
         apply_session_params(app.settings, session)
@@ -352,6 +410,8 @@ class ChatScreen(Screen[None]):
             await self.note(f"System prompt: {current}" if current else "No system prompt. `/system TEXT` sets one.")
             return
         self.conversation.system_prompt = arg
+        if self.influence.chat_path is not None:
+            self.influence.autosave()
         await self.note(f"System prompt set: {arg}")
 
     async def _cmd_model(self, arg: str) -> None:

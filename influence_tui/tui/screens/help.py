@@ -28,6 +28,7 @@ def _rows(bindings: list[Any]) -> list[str]:
 def help_markdown() -> str:
     from influence_tui.tui.app import InfluenceApp
     from influence_tui.tui.screens.chat import ChatScreen
+    from influence_tui.tui.screens.chats import ChatsScreen
     from influence_tui.tui.screens.hub import HubScreen
     from influence_tui.tui.screens.library import LibraryScreen
     from influence_tui.tui.screens.settings import SettingsScreen
@@ -36,7 +37,7 @@ def help_markdown() -> str:
     parts = ["# Keys", "", "| key | action |", "|---|---|"]
     parts += _rows(InfluenceApp.BINDINGS)
     parts += ["| `ctrl+p` | Command palette: every action, themes |"]
-    for title, cls in (("Chat", ChatScreen), ("Chat prompt", PromptInput), ("Hub", HubScreen),
+    for title, cls in (("Chat", ChatScreen), ("Chat prompt", PromptInput), ("Chats list (ctrl+o)", ChatsScreen), ("Hub", HubScreen),
                        ("Library", LibraryScreen), ("Settings", SettingsScreen)):
         parts += ["", f"## {title}", "", "| key | action |", "|---|---|"] + _rows(cls.BINDINGS)
     parts += ["", "# Slash commands (Chat)", "", slash.help_text()]

@@ -31,6 +31,7 @@ FORM: list[tuple[str, list[tuple[str, str]]]] = [
     ("Model", [("model_path", "Default model"), ("device", "Device"), ("context_length", "Context length"),
                ("output_dir", "Models folder"), ("mirror", "Hub mirror")]),
     ("API server", [("host", "Host"), ("port", "Port"), ("api_key", "API key")]),
+    ("Chats", [("save_chats", "Keep chats"), ("chats_dir", "Chats folder")]),
 ]
 FIELDS = [name for _, rows in FORM for name, _ in rows]
 

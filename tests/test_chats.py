@@ -1,0 +1,302 @@
+"""Saved chats: the folder (chats.py), `influence chats`, `influence chat --continue`, and the app
+keeping each conversation after every answer, with its Chats list (ctrl+o) driven by Pilot and
+the real bundled model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from influence_tui.chats import ago, chats_folder, delete_chat, list_chats, new_chat_path, rename_chat, title_of
+from influence_tui.config import Settings
+from influence_tui.sessions import Session, SessionMessage, load_session, save_session
+from influence_tui.tui.screens.chats import ChatsScreen
+from influence_tui.tui.screens.confirm_delete import ConfirmDelete
+from tests.test_tui import SIZE, chat, make_app, make_settings, notes, send, wait_until
+
+
+def write_chat(folder: Path, name: str, question: str, answer: str = "An answer.", age_s: float = 0, **extra: Any) -> Path:
+    session = Session(model_path="/models/SmolLM2-135M-Instruct-Q4_1.gguf",
+                      messages=[SessionMessage("user", question), SessionMessage("assistant", answer)], **extra)
+    path = save_session(folder / name, session)
+    stamp = time.time() - age_s
+    os.utime(path, (stamp, stamp))
+    return path
+
+
+# -- the folder ---------------------------------------------------------------------------------
+def test_chats_are_listed_newest_first_under_their_first_question(tmp_path: Path) -> None:
+    write_chat(tmp_path, "old.json", "How do I sort a list\n in Python?", age_s=7200)
+    write_chat(tmp_path, "new.json", "Explain TCP handshakes", age_s=10)
+    write_chat(tmp_path, "named.json", "something", age_s=3600, title="My [project] notes")
+    (tmp_path / "notes.json").write_text('{"not": "a session"}')  # someone else's file: named, left alone
+    (tmp_path / "readme.txt").write_text("not json")
+    entries, problems = list_chats(tmp_path)
+    assert [e.title for e in entries] == ["Explain TCP handshakes", "My [project] notes", "How do I sort a list in Python?"]
+    assert [e.messages for e in entries] == [2, 2, 2]
+    assert len(problems) == 1 and "notes.json" in problems[0] and "not a session file" in problems[0]
+    assert (tmp_path / "notes.json").exists()
+    # search: every word, in the title or any message, any case
+    assert [e.title for e in entries if e.matches("tcp")] == ["Explain TCP handshakes"]
+    assert [e.title for e in entries if e.matches("an ANSWER python")] == ["How do I sort a list in Python?"]
+    assert list_chats(tmp_path / "missing") == ([], [])
+
+
+def test_titles_file_names_rename_and_delete(tmp_path: Path) -> None:
+    long = "Please explain, in detail, how the attention mechanism of a transformer works " * 2
+    session = Session(messages=[SessionMessage("user", long)])
+    assert title_of(session).endswith("…") and len(title_of(session)) == 60
+    assert title_of(Session()) == "New chat"
+    first = new_chat_path(tmp_path, session)
+    assert first.name.endswith("-please-explain-in-detail-how-the.json")
+    save_session(first, session)
+    assert new_chat_path(tmp_path, session) != first  # never over another chat
+    assert new_chat_path(tmp_path, Session(messages=[SessionMessage("user", "¿¿??")])).name.endswith("-chat.json")
+
+    assert rename_chat(first, "  Attention,\n explained ").title == "Attention, explained"
+    assert load_session(first).title == "Attention, explained"
+    assert list_chats(tmp_path)[0][0].title == "Attention, explained"
+    assert rename_chat(first, "  ").title is None  # back to its first question
+    assert list_chats(tmp_path)[0][0].title == title_of(session)
+    delete_chat(first)
+    delete_chat(first)  # already gone: nothing to do
+    assert list_chats(tmp_path) == ([], [])
+
+
+def test_the_original_tools_session_lists_and_keeps_its_keys(tmp_path: Path) -> None:
+    original = {"model_path": "./models/TinyLlama", "system_prompt": "Be brief.", "max_tokens": 100, "temperature": 0.7,
+                "top_p": 0.9, "top_k": None, "repeat_penalty": 1.1, "created_at": "2026-01-29 14:30:15",
+                "messages": [{"role": "user", "content": "Hi there", "timestamp": "2026-01-29 14:30:15"}]}
+    (tmp_path / "old.json").write_text(json.dumps(original))
+    [entry], _ = list_chats(tmp_path)
+    assert (entry.title, entry.model, entry.created_at) == ("Hi there", "./models/TinyLlama", "2026-01-29 14:30:15")
+    rename_chat(entry.path, "Greeting")
+    saved = json.loads(entry.path.read_text())
+    assert saved["title"] == "Greeting" and saved["system_prompt"] == "Be brief." and saved["messages"][0]["content"] == "Hi there"
+
+
+def test_ago_reads_like_a_person_would_say_it() -> None:
+    now = time.mktime((2026, 12, 8, 15, 0, 0, 0, 0, -1))
+    assert ago(now - 20, now) == "just now"
+    assert ago(now - 300, now) == "5 min ago"
+    assert ago(now - 3 * 3600, now) == "3 h ago"
+    assert ago(now - 24 * 3600, now) == "yesterday"
+    assert ago(now - 10 * 24 * 3600, now) == "Nov 28"
+    assert ago(now - 400 * 24 * 3600, now) == "2025-11-03"
+
+
+def test_the_folder_follows_the_setting_else_the_data_folder(tmp_path: Path) -> None:
+    assert chats_folder(Settings(chats_dir=str(tmp_path / "c"))) == tmp_path / "c"
+    assert chats_folder(Settings()) == Path(os.environ["XDG_DATA_HOME"]) / "influence-tui" / "chats"
+
+
+# -- influence chats ----------------------------------------------------------------------------
+def run_cli(*args: str, chats: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "INFLUENCE_CHATS_DIR": str(chats)}
+    return subprocess.run([sys.executable, "-m", "influence_tui", *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_influence_chats_lists_searches_and_prints_json(tmp_path: Path) -> None:
+    out = run_cli("chats", chats=tmp_path / "none")
+    assert out.returncode == 0 and "No chat is saved" in out.stdout
+
+    write_chat(tmp_path, "a.json", "How do I sort a list in Python?", age_s=100)
+    write_chat(tmp_path, "b.json", "Explain TCP", answer="SYN, SYN-ACK, ACK.")
+    (tmp_path / "broken.json").write_text("{")
+    out = run_cli("chats", "--json", chats=tmp_path)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert [r["title"] for r in rows] == ["Explain TCP", "How do I sort a list in Python?"]
+    assert rows[0]["path"] == str(tmp_path / "b.json") and rows[0]["messages"] == 2
+    assert "broken.json" in out.stderr and "warning" in out.stderr  # named, not fatal
+
+    out = run_cli("chats", "syn-ack", "--json", chats=tmp_path)
+    assert [r["title"] for r in json.loads(out.stdout)] == ["Explain TCP"]
+    out = run_cli("chats", "--limit", "1", chats=tmp_path)
+    assert "Explain TCP" in out.stdout and "sort a list" not in out.stdout
+    assert "SmolLM2-135M-Instruct-Q4_1 " in out.stdout and "b.json" in out.stdout
+    out = run_cli("chats", "nothing-like-this", chats=tmp_path)
+    assert out.returncode == 0 and "No chat matches" in out.stdout
+
+
+# -- the app ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def engine() -> Any:
+    from influence_tui.engine import Engine
+
+    eng = Engine(Settings(warmup_tokens=0))
+    eng.load("smollm2")
+    yield eng
+    eng.shutdown()
+
+
+def folder() -> Path:
+    return chats_folder(Settings.load())
+
+
+@pytest.mark.slow
+async def test_every_answer_is_kept_and_the_chats_list_reopens_renames_and_deletes(engine: Any) -> None:
+    app = make_app(engine, settings=make_settings(max_tokens=6))
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "What is the capital of France?")
+        await wait_until(pilot, lambda: app.answers_done == 1, what="the first answer")
+        [first] = folder().glob("*.json")
+        assert app.chat_path == first and first.name.endswith("-what-is-the-capital-of-france.json")
+        saved = load_session(first)
+        assert [m.role for m in saved.messages] == ["user", "assistant"]
+        assert saved.messages[1].content == app.conversation.messages[1].content
+
+        await pilot.press("ctrl+n")  # a new chat: the screen is empty, the first stays on disk
+        await wait_until(pilot, lambda: not app.conversation.messages and app.chat_path is None, what="a new chat")
+        await send(pilot, "Name a color.")
+        await wait_until(pilot, lambda: app.answers_done == 2, what="the second answer")
+        second = app.chat_path
+        assert second is not None and second != first and len(list(folder().glob("*.json"))) == 2
+        mtime = first.stat().st_mtime_ns
+
+        await pilot.press("ctrl+o")
+        await wait_until(pilot, lambda: isinstance(app.screen, ChatsScreen) and app.screen.loaded, what="the Chats list")
+        chats = app.screen
+        assert [e.path for e in chats.shown] == [second, first]  # newest first
+        await pilot.press(*"france")  # the search field has the focus
+        await wait_until(pilot, lambda: [e.path for e in chats.shown] == [first], what="the search")
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.chat_path == first, what="the chat to open")
+        assert app.conversation.messages[0].content == "What is the capital of France?"
+        assert first.stat().st_mtime_ns == mtime  # opening (and leaving the other) rewrites nothing
+        assert any("Loaded" in n for n in notes(app))
+
+        await send(pilot, "And of Italy?")  # the opened chat goes on in its own file
+        await wait_until(pilot, lambda: app.answers_done == 3, what="the follow-up")
+        assert len(load_session(first).messages) == 4 and len(list(folder().glob("*.json"))) == 2
+
+        await pilot.press("ctrl+o")
+        await wait_until(pilot, lambda: isinstance(app.screen, ChatsScreen) and app.screen.loaded, what="the Chats list")
+        assert app.screen.shown[0].path == first  # just changed: on top
+        await pilot.press("ctrl+r")
+        await wait_until(pilot, lambda: app.screen.id == "rename-chat", what="the rename box")
+        app.screen.query_one("#rename-input").value = "Capitals"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: load_session(first).title == "Capitals", what="the rename")
+        assert app.conversation.title == "Capitals"  # the open chat keeps the name at its next save
+        await wait_until(pilot, lambda: isinstance(app.screen, ChatsScreen) and app.screen.shown
+                         and app.screen.shown[0].title == "Capitals", what="the list to show the name")
+
+        await pilot.press("ctrl+d")  # the open chat: asks, then it is gone from the disk and the screen
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmDelete), what="the confirmation")
+        await pilot.press("y")
+        await wait_until(pilot, lambda: not first.exists(), what="the delete")
+        await wait_until(pilot, lambda: isinstance(app.screen, ChatsScreen) and len(app.screen.shown) == 1, what="the list")
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: not isinstance(app.screen, ChatsScreen), what="the list to close")
+        assert not app.conversation.messages and app.chat_path is None
+    assert not first.exists() and second.exists()  # leaving the app did not bring it back
+
+
+@pytest.mark.slow
+async def test_slash_commands_clear_keeps_the_chat_and_rename_names_it(engine: Any) -> None:
+    app = make_app(engine, settings=make_settings(max_tokens=4))
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "/rename Early name")  # no answer yet: nothing on disk
+        assert not list(folder().glob("*.json")) and "once it has an answer" in notes(app)[-1]
+        await send(pilot, "Say hi.")
+        await wait_until(pilot, lambda: app.answers_done == 1, what="the answer")
+        path = app.chat_path
+        assert path is not None and load_session(path).title == "Early name"
+        await send(pilot, "/system Answer in French.")  # saved at once in the open chat
+        assert load_session(path).system_prompt == "Answer in French."
+        await send(pilot, "/clear")
+        await wait_until(pilot, lambda: not app.conversation.messages, what="the clear")
+        assert app.chat_path is None and len(load_session(path).messages) == 2  # the turns stay in its file
+        assert app.conversation.system_prompt == "Answer in French."  # /clear keeps the system prompt
+        await send(pilot, "/chats")
+        await wait_until(pilot, lambda: isinstance(app.screen, ChatsScreen) and app.screen.loaded, what="the Chats list")
+        assert [e.title for e in app.screen.shown] == ["Early name"]
+
+
+@pytest.mark.slow
+async def test_save_chats_off_keeps_nothing(engine: Any) -> None:
+    app = make_app(engine, settings=make_settings(max_tokens=3, save_chats=False))
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "Hello")
+        await wait_until(pilot, lambda: app.answers_done == 1, what="the answer")
+        await pilot.press("ctrl+o")
+        await wait_until(pilot, lambda: isinstance(app.screen, ChatsScreen) and app.screen.loaded, what="the Chats list")
+        assert "save_chats is off" in str(app.screen.query_one("#chats-title").render())
+    assert not folder().exists() or not list(folder().glob("*.json"))
+
+
+@pytest.mark.slow
+async def test_a_chats_folder_that_cannot_be_written_is_one_notification(engine: Any, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("in the way")
+    app = make_app(engine, settings=make_settings(max_tokens=3, chats_dir=str(blocker / "chats")))
+    async with app.run_test(size=SIZE) as pilot:
+        for i in range(2):
+            await send(pilot, f"Hello {i}")
+            await wait_until(pilot, lambda: app.answers_done == i + 1, what="the answer")
+        failures = [n for n in app._notifications if n.title == "Chat not saved"]
+        assert len(failures) == 1 and "/save FILE" in failures[0].message  # once, not after every answer
+        assert len(app.conversation.messages) == 4  # the chat goes on
+    assert blocker.read_text() == "in the way"
+
+
+async def test_continue_opens_the_newest_chat_and_goes_on_in_its_file(tmp_path: Path) -> None:
+    from influence_tui.tui.app import InfluenceApp
+
+    app = InfluenceApp(make_settings(), autoload=False, continue_latest=True)
+    async with app.run_test(size=SIZE) as pilot:  # nothing saved yet: a new chat, and why
+        await wait_until(pilot, lambda: any(n.title == "No chat to continue" for n in app._notifications), what="the note")
+        assert not app.conversation.messages
+    write_chat(folder(), "older.json", "Older question", age_s=600)
+    newest = write_chat(folder(), "newer.json", "Newer question", age_s=5)
+    app = InfluenceApp(make_settings(), autoload=False, continue_latest=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.conversation.messages, what="the newest chat")
+        assert app.conversation.messages[0].content == "Newer question" and app.chat_path == newest
+        assert chat(app).query("UserMessage")
+
+
+def test_chat_continue_and_session_are_exclusive(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "influence_tui", "chat", "--continue", "--session", "x.json"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "not allowed with" in out.stderr
+
+
+async def test_session_takes_a_saved_chats_file_name() -> None:
+    from influence_tui.tui.app import InfluenceApp
+
+    saved = write_chat(folder(), "2026-12-08_101500-tcp.json", "Explain TCP")
+    for name in ("2026-12-08_101500-tcp.json", "2026-12-08_101500-tcp"):
+        app = InfluenceApp(make_settings(), autoload=False, session_path=name)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.conversation.messages, what="the chat")
+            assert app.chat_path == saved  # it goes on in its own file
+    app = InfluenceApp(make_settings(), autoload=False, session_path="no-such-chat.json")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: any(n.title == "Session not loaded" for n in app._notifications), what="the error")
+
+
+async def test_a_session_file_only_read_is_not_copied_into_the_chats(tmp_path: Path) -> None:
+    from influence_tui.tui.app import InfluenceApp
+
+    outside = write_chat(tmp_path, "notes.json", "A question kept elsewhere")
+    app = InfluenceApp(make_settings(), autoload=False, session_path=str(outside))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.conversation.messages, what="the session")
+        assert app.chat_path is None  # not one of the chats: a new chat there once it changes
+        await send(pilot, "/rename Kept elsewhere")
+    [copy] = folder().glob("*.json")  # changed (named), so kept; the file it came from is untouched
+    assert load_session(copy).title == "Kept elsewhere" and load_session(outside).title is None
+    copy.unlink()
+    app = InfluenceApp(make_settings(), autoload=False, session_path=str(outside))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.conversation.messages, what="the session")
+    assert not list(folder().glob("*.json"))
