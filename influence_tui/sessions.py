@@ -108,6 +108,38 @@ def save_session(path: str | Path, session: Session) -> Path:
     return target
 
 
+MARKDOWN_SUFFIXES = (".md", ".markdown")
+
+
+def session_markdown(session: Session, title: str) -> str:
+    """The chat as a Markdown transcript (what `/save FILE.md` writes: to read or share, not to
+    load back). A reasoning model's reasoning is folded in a <details> block above its answer."""
+    lines = [f"# {title}", ""]
+    model = Path(session.model_path).name if session.model_path else None
+    lines += [f"*{session.created_at}*" + (f" · {model}" if model else ""), ""]
+    if session.system_prompt:
+        lines += ["> **System:** " + session.system_prompt.replace("\n", "\n> "), ""]
+    for m in session.messages:
+        who = {"user": "You", "assistant": "Assistant", "system": "System"}[m.role]
+        lines += [f"## {who}" + (" (stopped)" if m.stopped else ""), ""]
+        if m.thinking:
+            lines += ["<details><summary>Reasoning</summary>", "", m.thinking.strip(), "", "</details>", ""]
+        lines += [m.content.rstrip(), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def save_markdown(path: str | Path, session: Session, title: str) -> Path:
+    """Write the transcript atomically; SessionError (the old file whole) on failure."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise SessionError(f"cannot save: {target} is a folder")
+    try:
+        atomic_write_text(target, session_markdown(session, title))
+    except OSError as exc:
+        raise SessionError(f"cannot save to {target}: {exc.strerror or exc}") from None
+    return target
+
+
 def load_session(path: str | Path) -> Session:
     """Read and validate a session file (ours or the original tool's); SessionError if it is not one."""
     source = Path(path).expanduser()

@@ -300,3 +300,26 @@ async def test_a_session_file_only_read_is_not_copied_into_the_chats(tmp_path: P
     async with app.run_test(size=SIZE) as pilot:
         await wait_until(pilot, lambda: app.conversation.messages, what="the session")
     assert not list(folder().glob("*.json"))
+
+
+async def test_save_md_writes_a_transcript_to_read(tmp_path: Path) -> None:
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        app.conversation.system_prompt = "Be kind."
+        app.conversation.add("user", "What is 2 + 2?")
+        app.conversation.add("assistant", "It is **4**.\n\n```python\nprint(2 + 2)\n```", thinking="Add them.")
+        app.conversation.add("assistant", "Half an ans", stopped=True)
+        await send(pilot, f"/save {tmp_path / 'chat.md'}")
+        assert "Markdown" in notes(app)[-1]
+        blocker = tmp_path / "folder.md"
+        blocker.mkdir()
+        await send(pilot, f"/save {blocker}")
+        assert "is a folder" in notes(app)[-1]
+    text = (tmp_path / "chat.md").read_text()
+    assert text.startswith("# What is 2 + 2?\n")
+    assert "> **System:** Be kind." in text
+    assert "## You\n\nWhat is 2 + 2?" in text
+    assert "<details><summary>Reasoning</summary>\n\nAdd them.\n\n</details>\n\nIt is **4**." in text
+    assert "```python\nprint(2 + 2)\n```" in text and "## Assistant (stopped)\n\nHalf an ans" in text
+    with pytest.raises(Exception):
+        json.loads(text)  # a transcript, not a session

@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "/rename": ("[TITLE]", "name this chat in the Chats list (no title: its first question)"),
     "/clear": ("", "forget the conversation (the system prompt stays)"),
     "/history": ("", "show the conversation so far"),
-    "/save": ("FILE", "save the session as JSON"),
+    "/save": ("FILE", "save the session as JSON (FILE.md: a Markdown transcript to read or share)"),
     "/load": ("FILE", "load a session file (this tool's or the original tool's)"),
     "/set": ("NAME VALUE", "set temperature, top_p, top_k, min_p, repeat_penalty, max_tokens, seed, "
                            "or think on/off (whether a reasoning model thinks first)"),

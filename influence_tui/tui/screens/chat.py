@@ -18,7 +18,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Static
 
 from influence_tui.config import ConfigError, validate_value
-from influence_tui.sessions import SessionError, load_session, save_session
+from influence_tui.sessions import MARKDOWN_SUFFIXES, SessionError, load_session, save_markdown, save_session
 from influence_tui.tui import slash
 from influence_tui.tui.conversation import SESSION_PARAMS, Conversation, apply_session_params
 from influence_tui.tui.widgets.messages import AssistantMessage, NoteMessage, UserMessage
@@ -370,7 +370,14 @@ class ChatScreen(Screen[None]):
         await self.note("\n".join(lines))
 
     async def _cmd_save(self, arg: str) -> None:
-        path = save_session(arg, self.influence.current_session())
+        session = self.influence.current_session()
+        if arg.lower().endswith(MARKDOWN_SUFFIXES):  # a transcript to read or share
+            from influence_tui.chats import title_of
+
+            path = save_markdown(arg, session, title_of(session))
+            await self.note(f"Saved the chat as Markdown to `{path}` (`/save FILE.json` keeps a session to load)")
+            return
+        path = save_session(arg, session)
         await self.note(f"Saved the session to `{path}`")
 
     async def _cmd_load(self, arg: str) -> None:
