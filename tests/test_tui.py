@@ -691,3 +691,34 @@ async def test_ctrl_c_says_how_to_quit_in_plain_words() -> None:
         await pilot.pause()
         shown = [str(n.message) for n in app._notifications]
         assert "Press ctrl+q to quit the app" in shown and not any("[b]" in m for m in shown)
+
+
+async def test_up_and_down_bring_back_what_was_sent() -> None:
+    app = make_app()  # no model: each message gets its one-line error, the history is the prompt's
+    async with app.run_test(size=SIZE) as pilot:
+        prompt = app.screen.query_one(PromptInput)
+        for text in ("first question", "/set temperature 0.3", "/set temperature 0.3"):
+            await send(pilot, text)
+        await pilot.press("d", "r")  # a draft being typed
+        await pilot.press("up")
+        assert prompt.text == "/set temperature 0.3" and prompt.cursor_location == (0, len(prompt.text))
+        await pilot.press("up")
+        assert prompt.text == "first question"  # (the same text sent twice in a row comes back once)
+        await pilot.press("up")
+        assert prompt.text == "first question"  # the oldest: it stays
+        await pilot.press("down")
+        assert prompt.text == "/set temperature 0.3"
+        await pilot.press("down")
+        assert prompt.text == "dr"  # back to the draft
+        await pilot.press("down")
+        assert prompt.text == "dr"
+        # on a second line, Up moves the cursor (no recall); on the first, it recalls
+        prompt.text = "line one\nline two"
+        prompt.move_cursor(prompt.document.end)
+        await pilot.press("up")
+        assert prompt.text == "line one\nline two" and prompt.cursor_location[0] == 0
+        await pilot.press("up")
+        assert prompt.text == "/set temperature 0.3"
+        await pilot.press("end", "!")  # edited: now it is what is being typed
+        await pilot.press("down")
+        assert prompt.text == "/set temperature 0.3!"
