@@ -11,6 +11,7 @@ Nothing here imports the engine: the list is read by the CLI and the app's first
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -29,12 +30,13 @@ SLUG_CHARS = 40  # the file name's words from the title
 
 
 def chats_folder(settings: "Settings") -> Path:
-    """`chats_dir`, else `chats` in the platform's data folder (~/.local/share/influence-tui on Linux)."""
+    """`chats_dir`, else `chats` in the platform's data folder (~/.local/share/influence-tui on
+    Linux); absolute, so that a chat's path compares equal however it was reached."""
     if settings.chats_dir:
-        return Path(settings.chats_dir).expanduser()
+        return Path(settings.chats_dir).expanduser().resolve()
     from platformdirs import user_data_dir
 
-    return Path(user_data_dir("influence-tui", appauthor=False)) / "chats"
+    return (Path(user_data_dir("influence-tui", appauthor=False)) / "chats").resolve()
 
 
 def one_line(text: str, limit: int = TITLE_CHARS) -> str:
@@ -43,12 +45,12 @@ def one_line(text: str, limit: int = TITLE_CHARS) -> str:
     return line if len(line) <= limit else line[: limit - 1].rstrip() + "…"
 
 
-def title_of(session: Session) -> str:
+def title_of(session: Session, limit: int = TITLE_CHARS) -> str:
     """The name a chat is listed under: the one the user gave, else its first question."""
     if session.title and session.title.strip():
-        return one_line(session.title)
+        return one_line(session.title, limit)
     first = next((m.content for m in session.messages if m.role == "user" and m.content.strip()), "")
-    return one_line(first) or UNTITLED
+    return one_line(first, limit) or UNTITLED
 
 
 def _slug(title: str) -> str:
@@ -71,22 +73,26 @@ class ChatEntry:
     messages: int
     model: str | None  # the model it was recorded with (a path or a name)
     created_at: str
-    text: str = field(default="", repr=False)  # the title and the messages, lower case: what a search reads
+    text: str = field(default="", repr=False)
+    given_title: str | None = None  # the title the user gave (None: listed under its first question)
+    full_title: str = ""  # the title uncut  # the title and the messages, lower case: what a search reads
 
     def matches(self, query: str) -> bool:
         """Every word of `query` is in the title or a message (case-insensitive)."""
         return all(word in self.text for word in query.lower().split())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": str(self.path), "title": self.title, "messages": self.messages, "model": self.model,
-                "created_at": self.created_at,
-                "updated_at": datetime.fromtimestamp(self.modified).strftime("%Y-%m-%d %H:%M:%S")}
+        return {"path": str(self.path), "title": self.full_title or self.title, "messages": self.messages,
+                "model": self.model, "created_at": self.created_at,
+                "updated_at": datetime.fromtimestamp(self.modified).astimezone().isoformat(timespec="seconds")}
 
 
 def entry_of(path: Path, session: Session, modified: float) -> ChatEntry:
-    title = title_of(session)
-    text = "\n".join([title, *(m.content for m in session.messages)]).lower()
-    return ChatEntry(path, title, modified, len(session.messages), session.model_path, session.created_at, text)
+    title, full = title_of(session), title_of(session, limit=10_000)
+    text = "\n".join([full, *(m.content for m in session.messages)]).lower()
+    given = " ".join(session.title.split()) if session.title and session.title.strip() else None
+    return ChatEntry(path, title, modified, len(session.messages), session.model_path, session.created_at, text,
+                     given, full)
 
 
 def list_chats(folder: Path) -> tuple[list[ChatEntry], list[str]]:
@@ -98,6 +104,8 @@ def list_chats(folder: Path) -> tuple[list[ChatEntry], list[str]]:
         files = [p for p in folder.iterdir() if p.suffix == ".json" and not p.name.startswith(".")]
     except FileNotFoundError:
         return [], []
+    except NotADirectoryError:
+        raise SessionError(f"the chats folder {folder} is a file, not a folder (setting chats_dir)") from None
     except OSError as exc:
         raise SessionError(f"cannot read the chats folder {folder}: {exc.strerror or exc}") from None
     for path in files:
@@ -126,10 +134,16 @@ def save_chat(folder: Path, session: Session, path: Path | None = None) -> Path:
 
 
 def rename_chat(path: Path, title: str) -> Session:
-    """Give a saved chat a title (empty: it is listed under its first question again)."""
+    """Give a saved chat a title (empty: it is listed under its first question again). Its time
+    stays: a name is not a change of the conversation (the list's order, `--continue`)."""
     session = load_session(path)
     session.title = " ".join(title.split()) or None
+    times = path.stat()
     save_session(path, session)
+    try:
+        os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+    except OSError:
+        pass
     return session
 
 

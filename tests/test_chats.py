@@ -141,6 +141,16 @@ def folder() -> Path:
     return chats_folder(Settings.load())
 
 
+def notified(app: Any, text: str) -> bool:
+    return any(text in str(n.message) for n in app._notifications)
+
+
+async def open_list(pilot: Any) -> ChatsScreen:
+    await pilot.press("ctrl+o")
+    await wait_until(pilot, lambda: isinstance(pilot.app.screen, ChatsScreen) and pilot.app.screen.loaded, what="the Chats list")
+    return pilot.app.screen
+
+
 @pytest.mark.slow
 async def test_every_answer_is_kept_and_the_chats_list_reopens_renames_and_deletes(engine: Any) -> None:
     app = make_app(engine, settings=make_settings(max_tokens=6))
@@ -204,8 +214,9 @@ async def test_every_answer_is_kept_and_the_chats_list_reopens_renames_and_delet
 async def test_slash_commands_clear_keeps_the_chat_and_rename_names_it(engine: Any) -> None:
     app = make_app(engine, settings=make_settings(max_tokens=4))
     async with app.run_test(size=SIZE) as pilot:
-        await send(pilot, "/rename Early name")  # no answer yet: nothing on disk
-        assert not list(folder().glob("*.json")) and "once it has an answer" in notes(app)[-1]
+        await send(pilot, "/rename Early name")  # no message yet: nothing on disk
+        assert not list(folder().glob("*.json"))
+        assert notified(app, "once it has a message")
         await send(pilot, "Say hi.")
         await wait_until(pilot, lambda: app.answers_done == 1, what="the answer")
         path = app.chat_path
@@ -323,3 +334,169 @@ async def test_save_md_writes_a_transcript_to_read(tmp_path: Path) -> None:
     assert "```python\nprint(2 + 2)\n```" in text and "## Assistant (stopped)\n\nHalf an ans" in text
     with pytest.raises(Exception):
         json.loads(text)  # a transcript, not a session
+
+
+
+# -- what a reviewer found: each a way to lose a chat, or a surprise ----------------------------------
+async def test_the_open_chat_cannot_be_deleted_while_its_answer_waits() -> None:
+    path = write_chat(folder(), "open.json", "First question")
+    app = make_app(session_path=str(path))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.chat_path == path.resolve(), what="the chat")
+        app.model_state = "loading"  # (a model switch in progress: the answer waits for it)
+        await send(pilot, "Second question")
+        await wait_until(pilot, lambda: chat(app).busy, what="the answer to wait")
+        await open_list(pilot)
+        await pilot.press("ctrl+d")
+        assert isinstance(app.screen, ChatsScreen) and notified(app, "waiting for or writing an answer")
+        await pilot.press("escape")
+        app.model_state = "error"
+        await wait_until(pilot, lambda: not chat(app).busy, what="the answer to give up")
+    assert path.exists()
+
+
+@pytest.mark.slow
+async def test_quitting_mid_answer_keeps_the_answer_as_far_as_it_got(engine: Any) -> None:
+    from tests.test_tui import VERY_LONG_PROMPT
+
+    app = make_app(engine, settings=make_settings(max_tokens=3000))
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, VERY_LONG_PROMPT)
+        await wait_until(pilot, lambda: chat(app).busy and len(chat(app)._current.text) > 20, what="some of the answer")
+        await pilot.press("ctrl+q")
+    [path] = folder().glob("*.json")
+    saved = load_session(path)
+    assert [m.role for m in saved.messages] == ["user", "assistant"]
+    assert saved.messages[1].stopped and len(saved.messages[1].content) > 20
+
+
+async def test_save_on_exit_keeps_its_chat_in_that_file_and_never_an_empty_one(tmp_path: Path) -> None:
+    notes_file = write_chat(tmp_path, "notes.json", "My notes question", "My notes answer")
+    for _ in range(2):  # resuming again and again: no copies pile up in the chats folder
+        app = make_app(session_path=str(notes_file), save_on_exit=str(notes_file))
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.conversation.messages, what="the session")
+            app.conversation.add("user", "one more")
+            app.conversation.add("assistant", "kept")
+            assert app.autosave() == notes_file  # (what an answer's end does)
+            assert len(load_session(notes_file).messages) == len(app.conversation.messages)
+    assert not list(folder().glob("*.json"))
+    assert len(load_session(notes_file).messages) == 6
+    app = make_app(session_path=str(notes_file), save_on_exit=str(notes_file))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.conversation.messages, what="the session")
+        await pilot.press("ctrl+n")  # a new, empty chat; quitting must not write it over the notes
+        await wait_until(pilot, lambda: not app.conversation.messages, what="the new chat")
+        await pilot.press("ctrl+q")
+    assert len(load_session(notes_file).messages) == 6
+
+
+async def test_a_chat_opened_by_a_relative_path_is_the_listed_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_chat(folder(), "2026-12-01_090000-relative.json", "Opened by its relative path")
+    monkeypatch.chdir(folder())
+    app = make_app(session_path=path.name)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.conversation.messages, what="the chat")
+        chats = await open_list(pilot)
+        assert "● open" in str(chats.query_one("#chats-list").get_option_at_index(0).prompt)
+        await pilot.press("ctrl+d")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmDelete), what="the confirmation")
+        await pilot.press("y")
+        await wait_until(pilot, lambda: not path.exists(), what="the delete")
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: not app.conversation.messages, what="the open chat to go")
+        app.conversation.add("user", "typed after")
+        app.autosave()
+    assert not path.exists()  # not brought back
+    assert [load_session(p).messages[0].content for p in folder().glob("*.json")] == ["typed after"]
+
+
+async def test_a_chat_changed_by_another_window_is_not_overwritten() -> None:
+    path = write_chat(folder(), "shared.json", "Asked in two windows", age_s=60)
+    app = make_app(session_path=str(path))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.conversation.messages, what="the chat")
+        other = load_session(path)  # the other window answers first
+        other.messages.append(SessionMessage("user", "from the other window"))
+        save_session(path, other)
+        app.conversation.add("user", "from this window")
+        written = app.autosave()
+        await pilot.pause()
+        assert written is not None and written != path and notified(app, "changed by another window")
+    assert load_session(path).messages[-1].content == "from the other window"
+    assert load_session(written).messages[-1].content == "from this window"
+
+
+async def test_sampling_settings_travel_with_a_chat_and_flags_win(tmp_path: Path) -> None:
+    from influence_tui.tui.app import InfluenceApp
+
+    hot = write_chat(folder(), "hot.json", "A chat with its own settings", max_tokens=3, temperature=1.7)
+    settings = Settings.load(flags={"max_tokens": 64})  # as `influence chat --max-tokens 64`
+    app = InfluenceApp(settings, autoload=False)
+    async with app.run_test(size=SIZE) as pilot:
+        own = (settings.temperature, settings.max_tokens)
+        await open_list(pilot)
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.chat_path == hot.resolve(), what="the chat")
+        assert (settings.temperature, settings.max_tokens) == (1.7, 64)  # the chat's, but the flag's max_tokens
+        await pilot.press("ctrl+n")
+        await wait_until(pilot, lambda: not app.conversation.messages, what="the new chat")
+        assert (settings.temperature, settings.max_tokens) == own  # back to the user's own
+
+
+async def test_rename_starts_from_the_full_name_and_keeps_the_chats_place() -> None:
+    long_name = "Project Alpha: notes on the migration of the billing service to the new cluster"
+    named = write_chat(folder(), "named.json", "Q1", age_s=600, title=long_name)
+    untitled = write_chat(folder(), "untitled.json", "What is the airspeed velocity of an unladen swallow, roughly?",
+                          age_s=1200)
+    newest = write_chat(folder(), "newest.json", "Q3", age_s=10)
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        chats = await open_list(pilot)
+        await pilot.press("down")
+        await wait_until(pilot, lambda: chats.selected() is not None and chats.selected().path == named, what="row 2")
+        await pilot.press("ctrl+r")
+        await wait_until(pilot, lambda: app.screen.id == "rename-chat", what="the rename box")
+        assert app.screen.query_one("#rename-input").value == long_name  # whole, not the list's cut title
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: isinstance(app.screen, ChatsScreen), what="the list")
+        assert load_session(named).title == long_name
+        await pilot.press("down")
+        await wait_until(pilot, lambda: chats.selected().path == untitled, what="row 3")
+        await pilot.press("ctrl+r")
+        await wait_until(pilot, lambda: app.screen.id == "rename-chat", what="the rename box")
+        assert app.screen.query_one("#rename-input").value == ""  # untitled: nothing to cut into a name
+        app.screen.query_one("#rename-input").value = "Swallows"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: chats.loaded and [e.title for e in chats.shown][2:] == ["Swallows"], what="the list")
+        assert [e.path for e in chats.shown] == [newest, named, untitled]  # a rename is not a change: same order
+        assert chats.selected().path == untitled  # and the row stays selected
+
+
+async def test_a_chats_folder_that_is_a_file_is_said_by_name(tmp_path: Path) -> None:
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    app = make_app(settings=make_settings(chats_dir=str(blocker)))
+    async with app.run_test(size=SIZE) as pilot:
+        app.conversation.add("user", "hello")
+        assert app.autosave() is None
+        await pilot.pause()
+        assert notified(app, "is a file, not a folder")
+        chats = await open_list(pilot)
+        assert "is a file, not a folder" in str(chats.query_one("#chats-list").get_option_at_index(0).prompt)
+
+
+async def test_a_new_chats_folder_takes_the_open_chat(tmp_path: Path) -> None:
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        app.conversation.add("user", "Which folder am I in?")
+        old = app.autosave()
+        assert old is not None and old.parent == folder()
+        await pilot.press("f5")
+        await pilot.pause()
+        app.screen.query_one("#set-chats_dir").value = str(tmp_path / "elsewhere")
+        await pilot.press("ctrl+s")
+        await wait_until(pilot, lambda: notified(app, "now kept in"), what="the move")
+        assert app.chat_path is not None and app.chat_path.parent == (tmp_path / "elsewhere").resolve()
+        assert load_session(app.chat_path).messages[0].content == "Which folder am I in?"
+    assert old.exists()  # the chats saved before stay where they were

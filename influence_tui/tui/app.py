@@ -17,8 +17,9 @@ from textual.reactive import reactive
 from textual.screen import Screen
 
 from influence_tui.config import Settings
-from influence_tui.sessions import Session, SessionError, save_session
+from influence_tui.sessions import Session, SessionError
 from influence_tui.tui.conversation import Conversation
+from influence_tui.tui.keeper import ChatKeeper
 from influence_tui.tui.screens.chat import ChatScreen
 from influence_tui.tui.screens.help import HelpScreen
 from influence_tui.tui.screens.hub import HubScreen
@@ -71,9 +72,8 @@ class InfluenceApp(App[int]):
         self._list_models = list_models
         self.initial_mode = initial_mode
         self.conversation = Conversation(system_prompt=self.settings.system_prompt)
-        self.chat_path: Path | None = None  # the conversation's file in the chats folder, once saved
-        self._autosave_failed = False  # say so once, not after every answer
-        self._saved: int | None = None  # the conversation's fingerprint when it was last saved or opened
+        self.keeper = ChatKeeper(self, save_on_exit)  # where the conversation is kept, and when
+        self.chat_screen: ChatScreen | None = None  # (it registers itself when mounted)
         self.model_summary: Any = None
         self.model_error: str | None = None
         self.server: Any = None
@@ -119,7 +119,7 @@ class InfluenceApp(App[int]):
 
         path = str(resolve(path, self.chats_folder()))
         try:
-            await chat.load_file(path)
+            await chat.load_file(path, starting=True)
         except SessionError as exc:
             self.notify(str(exc), title="Session not loaded", severity="error", timeout=10)
             self._keep_unreadable(Path(path))
@@ -147,19 +147,22 @@ class InfluenceApp(App[int]):
             return
         beside = target.with_name(f"{target.stem}.new{target.suffix or '.json'}")
         self.save_on_exit_path = str(beside)
+        self.keeper.exit_path = beside
         self.notify(f"{target.name} is left as it is: this chat will be saved to {beside.name} on exit",
                     title="Session kept", timeout=10)
 
     def save_on_exit(self) -> Path | None:
-        """Save the session to --save-on-exit (called however the app ends; safe to repeat)."""
-        if not self.save_on_exit_path:
-            return None
+        """Keep the open chat however the app ends (`--save-on-exit`'s file while the chat the app
+        started with is open, else the chats folder); safe to repeat. The answer being written, if
+        any, is kept as far as it got, marked stopped (as Esc leaves it)."""
+        if self.chat_screen is not None:
+            self.chat_screen.keep_partial_answer()
         try:
-            return save_session(self.save_on_exit_path, self.current_session())
-        except SessionError as exc:
+            return self.keeper.save()
+        except Exception as exc:  # noqa: BLE001 - leaving anyway: say why, once, on the terminal
             import sys
 
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: the chat was not saved: {exc}", file=sys.stderr)
             return None
 
     def notify(self, message: str, *, title: str = "", severity: Any = "information", timeout: float | None = None,
@@ -180,54 +183,24 @@ class InfluenceApp(App[int]):
         self.exit(0)
 
     # -- the chats folder -------------------------------------------------------------------------
-    def chats_folder(self) -> Path:
-        from influence_tui.chats import chats_folder
+    @property
+    def chat_path(self) -> Path | None:
+        """The open chat's file in the chats folder, once it is written or opened from there."""
+        return self.keeper.path
 
-        return chats_folder(self.settings)
+    def chats_folder(self) -> Path:
+        return self.keeper.folder()
 
     def autosave(self) -> Path | None:
-        """Keep the conversation in the chats folder (setting `save_chats`): after each answer, on
-        a rename, and however the app ends. A chat without messages is not kept."""
-        if not self.settings.save_chats or not self.conversation.messages:
-            return None
-        if self._saved == self.conversation.fingerprint():
-            return self.chat_path  # unchanged since it was saved or opened (a session file only read is not copied)
-        from influence_tui.chats import save_chat
+        return self.keeper.save()
 
-        session = self.current_session()
-        self.conversation.created_at = session.created_at  # fixed from the first save on
-        try:
-            self.chat_path = save_chat(self.chats_folder(), session, self.chat_path)
-        except SessionError as exc:
-            if not self._autosave_failed:
-                self._autosave_failed = True
-                self.notify(f"{exc} (the chat stays open; /save FILE saves it elsewhere)", title="Chat not saved",
-                            severity="warning", timeout=10)
-            return None
-        self._autosave_failed = False
-        self._saved = self.conversation.fingerprint()
-        return self.chat_path
-
-    def adopt_chat_file(self, path: str | Path) -> None:
-        """A loaded session file: the chat goes on in it when it is one of the chats folder (the
-        Chats list, `--continue`), else it becomes a new chat there at the next save."""
-        from influence_tui.chats import in_folder
-
-        path = Path(path).expanduser()
-        self.chat_path = path if in_folder(path, self.chats_folder()) else None
-        self._saved = self.conversation.fingerprint()
-
-    def new_conversation(self) -> None:
-        """A new chat (the one before stays in the chats folder as it was last saved)."""
-        self.conversation = Conversation(system_prompt=self.settings.system_prompt)
-        self.chat_path = None
-
-    def chat_deleted(self) -> None:
-        """The open chat's file was deleted from the Chats list: it is gone from here too."""
-        self.new_conversation()
+    def new_conversation(self, deleted: bool = False, system_prompt: str | None = None) -> None:
+        """A new chat (with the default system prompt, or this one); the one before is kept as it
+        was last written (`deleted`: its file is gone)."""
+        self.keeper.leave(deleted=deleted)
+        self.conversation = Conversation(system_prompt=system_prompt or self.settings.system_prompt)
 
     def on_unmount(self) -> None:
-        self.autosave()
         self.save_on_exit()
         if self.server is not None:
             try:
@@ -429,7 +402,8 @@ class InfluenceApp(App[int]):
             yield SystemCommand("Retry", "Answer the last message again (/retry)", chat.action_retry)
             yield SystemCommand("New chat", "Start a new chat; this one stays in the Chats list (ctrl+n, /new)", chat.action_new_chat)
             yield SystemCommand("Chats", "Open, search, rename or delete the saved chats (ctrl+o, /chats)", chat.action_chats)
-            yield SystemCommand("Clear chat", "Forget the conversation, keep the system prompt (/clear)", chat.action_clear)
+            yield SystemCommand("Clear chat", "Start over with the same system prompt; the chat before stays in the Chats list (/clear)",
+                                chat.action_clear)
             yield SystemCommand("Copy answer", "Copy the last answer (/copy)", chat.action_copy)
             yield SystemCommand("Chat history", "Show the conversation (/history)", lambda: chat.run_command("/history"))
         for command in getattr(screen, "palette_commands", lambda: [])():

@@ -13,7 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "/new": ("", "start a new chat (this one stays in the Chats list)"),
     "/chats": ("", "open, search, rename or delete the saved chats (ctrl+o)"),
     "/rename": ("[TITLE]", "name this chat in the Chats list (no title: its first question)"),
-    "/clear": ("", "forget the conversation (the system prompt stays)"),
+    "/clear": ("", "start over with the same system prompt (the chat before stays in the Chats list)"),
     "/history": ("", "show the conversation so far"),
     "/save": ("FILE", "save the session as JSON (FILE.md: a Markdown transcript to read or share)"),
     "/load": ("FILE", "load a session file (this tool's or the original tool's)"),

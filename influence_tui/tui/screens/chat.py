@@ -20,7 +20,7 @@ from textual.widgets import Footer, Static
 from influence_tui.config import ConfigError, validate_value
 from influence_tui.sessions import MARKDOWN_SUFFIXES, SessionError, load_session, save_markdown, save_session
 from influence_tui.tui import slash
-from influence_tui.tui.conversation import SESSION_PARAMS, Conversation, apply_session_params
+from influence_tui.tui.conversation import Conversation
 from influence_tui.tui.widgets.messages import AssistantMessage, NoteMessage, UserMessage
 from influence_tui.tui.widgets.prompt import PromptInput
 from influence_tui.tui.widgets.status import StatusBar
@@ -80,6 +80,7 @@ class ChatScreen(Screen[None]):
         self._current: AssistantMessage | None = None
         self._stopped_by_user = False  # Esc, not an unload or a model switch, ended the answer
         self._unanswered: str | None = None  # the last question dropped without an answer (for /retry)
+        self._partial_kept = False  # the app ended mid-answer and keep_partial_answer() kept it
 
     @property
     def influence(self) -> "InfluenceApp":
@@ -105,11 +106,23 @@ class ChatScreen(Screen[None]):
         # Anchored: new text keeps the view at the bottom until the user scrolls up to read;
         # scrolling back down re-anchors (Textual >= 4).
         container.anchor()
+        self.influence.chat_screen = self
         await self.render_conversation()
         self.query_one(PromptInput).focus()
         await self.influence.load_start_session(self)
 
+    def keep_partial_answer(self) -> None:
+        """The app ends while an answer is written: it goes into the conversation as far as it got,
+        marked stopped (as Esc leaves it), so the saved chat does not end on an unanswered question."""
+        bubble = self._current
+        if bubble is None or self._partial_kept or not self.conversation.messages \
+                or self.conversation.messages[-1].role != "user":
+            return
+        self._partial_kept = True
+        self.conversation.add("assistant", bubble.text, stopped=True, thinking=bubble.thinking)
+
     def on_unmount(self) -> None:
+        self.keep_partial_answer()  # (before the answer's worker is cancelled with the screen)
         # Leaving the app mid-answer: free the engine for the API server and the next run.
         if self._stream is not None and not self._stream.done:
             self._stream.cancel()
@@ -164,6 +177,7 @@ class ChatScreen(Screen[None]):
         await self._start_answer()
 
     async def _start_answer(self) -> None:
+        self._partial_kept = False
         container = self.query_one("#messages", VerticalScroll)
         bubble = AssistantMessage(model=self.influence.model_label())
         self._current = bubble
@@ -177,7 +191,9 @@ class ChatScreen(Screen[None]):
         try:
             await self._answer(bubble)
         except asyncio.CancelledError:
-            if self._stream is None:  # Esc while waiting for the model: nothing was generated
+            if self._stream is not None:  # the app is ending mid-answer (its workers are cancelled first)
+                self.keep_partial_answer()
+            else:  # Esc while waiting for the model: nothing was generated
                 bubble.set_status("⏹ stopped before the model was ready")
                 bubble.add_class("stopped")
                 self._drop_unanswered()
@@ -215,6 +231,8 @@ class ChatScreen(Screen[None]):
         result = stream.result
         stopped = result.finish_reason == "cancelled"
         await bubble.finish(format_stats(result, self._stopped_by_user), stopped=stopped, error=result.error if result.finish_reason == "error" else None)
+        if self._partial_kept:  # the app is ending: the answer was kept as far as it got
+            return
         if result.finish_reason != "error" or bubble.text or bubble.thinking:
             self.conversation.add("assistant", bubble.text, stopped=stopped, thinking=bubble.thinking)
             app.autosave()
@@ -300,18 +318,17 @@ class ChatScreen(Screen[None]):
     async def _cmd_clear(self, arg: str) -> None:
         if self.busy:
             raise slash.SlashError("wait for the answer to finish (or press Esc) before /clear")
-        self.influence.autosave()
-        self.conversation.clear()
-        saved, self.influence.chat_path = self.influence.chat_path, None  # the turns stay in the chat's file
+        had = bool(self.conversation.messages)
+        self.influence.new_conversation(system_prompt=self.conversation.system_prompt)  # the turns stay in their file
         self._unanswered = None
         await self.render_conversation()
         kept = " (system prompt kept)" if self.conversation.system_prompt else ""
-        self.app.notify("Conversation cleared" + kept + ("; the chat before is in the Chats list (ctrl+o)" if saved else ""))
+        where = "; the chat before is in the Chats list (ctrl+o)" if had and self.influence.settings.save_chats else ""
+        self.app.notify("Conversation cleared" + kept + where)
 
     async def _cmd_new(self, arg: str) -> None:
         if self.busy:
             raise slash.SlashError("wait for the answer to finish (or press Esc) before /new")
-        self.influence.autosave()
         self.influence.new_conversation()
         self._unanswered = None
         await self.render_conversation()
@@ -342,15 +359,23 @@ class ChatScreen(Screen[None]):
             self.app.notify(str(exc), title="Chat not opened", severity="error")
 
     async def _cmd_rename(self, arg: str) -> None:
-        self.conversation.title = " ".join(arg.split()) or None
         from influence_tui.chats import title_of
 
+        self.conversation.title = " ".join(arg.split()) or None
         name = title_of(self.influence.current_session())
-        if self.conversation.messages and self.influence.settings.save_chats:
-            self.influence.autosave()
-            await self.note(f"This chat is now listed as “{name}” (ctrl+o lists the chats)")
+        keeper = self.influence.keeper
+        # plain-text notifications: a title is the user's text, not Markdown
+        if keeper.exit_path is not None:
+            keeper.save()
+            self.app.notify(f"This chat is now named “{name}” (kept in {keeper.exit_path})", title="Renamed")
+        elif not self.influence.settings.save_chats:
+            self.app.notify(f"This chat is now named “{name}”; chats are not kept (save_chats is off: /save FILE keeps it)",
+                            title="Renamed")
+        elif self.conversation.messages:
+            keeper.save()
+            self.app.notify(f"This chat is now listed as “{name}” (ctrl+o lists the chats)", title="Renamed")
         else:
-            await self.note(f"This chat will be listed as “{name}” once it has an answer")
+            self.app.notify(f"This chat will be listed as “{name}” once it has a message", title="Renamed")
 
     async def _cmd_history(self, arg: str) -> None:
         msgs = self.conversation.messages
@@ -385,21 +410,23 @@ class ChatScreen(Screen[None]):
             raise slash.SlashError("wait for the answer to finish (or press Esc) before /load")
         await self.load_file(arg)
 
-    async def load_file(self, path: str | Path) -> None:
+    async def load_file(self, path: str | Path, starting: bool = False) -> None:
+        """A session file into the conversation (`starting`: the one the app starts with, which
+        `--save-on-exit` keeps)."""
         session = load_session(path)  # raises SessionError before anything changes
         app = self.influence
-        app.autosave()  # the chat being left, as it is now
+        if not starting:
+            app.keeper.leave()  # the chat being left, as it is now
         app.conversation = Conversation.from_session(session)
-        app.adopt_chat_file(path)
+        app.keeper.opened(path)
         self._unanswered = None  # a question of the previous conversation is not this one's to retry
-        before = {name: getattr(app.settings, name) for name in SESSION_PARAMS}
-        apply_session_params(app.settings, session)
-        changed = [f"{name} {getattr(app.settings, name)}" for name in SESSION_PARAMS
-                   if getattr(app.settings, name) != before[name]]
+        changed = [f"{name} {getattr(app.settings, name)}" for name in app.keeper.apply_params(session)]
         await self.render_conversation()
         note = f"Loaded `{path}`: {len(app.conversation.messages)} messages"
         if changed:  # the file's generation settings now apply: say which
             note += f"; its settings apply: {', '.join(changed)}"
+        if app.keeper.path is None and app.keeper.exit_path is None and app.settings.save_chats:
+            note += "\n\nChanges are kept as a new chat in the Chats list (ctrl+o); `/save FILE` writes a file."
         if session.model_path and not app.is_loaded(session.model_path):
             note += f"\n\nIt was recorded with `{session.model_path}`; `/model NAME` switches model."
         await self.note(note)
@@ -417,8 +444,7 @@ class ChatScreen(Screen[None]):
             await self.note(f"System prompt: {current}" if current else "No system prompt. `/system TEXT` sets one.")
             return
         self.conversation.system_prompt = arg
-        if self.influence.chat_path is not None:
-            self.influence.autosave()
+        self.influence.autosave()
         await self.note(f"System prompt set: {arg}")
 
     async def _cmd_model(self, arg: str) -> None:

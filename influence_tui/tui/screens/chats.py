@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from influence_tui.tui.app import InfluenceApp
 
 KEYS = "Enter open · ctrl+r rename · ctrl+d delete · Esc close"
+SHOWN = 200  # rows drawn at once: a search narrows the rest (3,000 rows took 0.5 s a key press)
+SEARCH_DELAY = 0.12  # seconds of no typing before the list follows the search field
 
 
 def entry_line(entry: ChatEntry, is_open: bool) -> Text:
@@ -53,6 +55,9 @@ class ChatsScreen(ModalScreen["Path | None"]):
         self.entries: list[ChatEntry] = []
         self.shown: list[ChatEntry] = []
         self.loaded = False
+        self._error: str | None = None  # the folder could not be read: said in the list
+        self._keep: Path | None = None  # the row to highlight again after a refresh
+        self._search_timer: Any = None
 
     @property
     def influence(self) -> "InfluenceApp":
@@ -74,15 +79,15 @@ class ChatsScreen(ModalScreen["Path | None"]):
 
     @work(thread=True, exclusive=True, group="chats-scan")
     def _scan(self, folder: Path) -> None:
+        error = None
         try:
             entries, problems = list_chats(folder)
         except SessionError as exc:
-            self.app.call_from_thread(self.app.notify, str(exc), severity="error")
-            entries, problems = [], []
-        self.app.call_from_thread(self._show, entries, problems)
+            entries, problems, error = [], [], str(exc)
+        self.app.call_from_thread(self._show, entries, problems, error)
 
-    def _show(self, entries: list[ChatEntry], problems: list[str]) -> None:
-        self.entries, self.loaded = entries, True
+    def _show(self, entries: list[ChatEntry], problems: list[str], error: str | None = None) -> None:
+        self.entries, self.loaded, self._error = entries, True, error
         folder = self.influence.chats_folder()
         title = f"Chats · {len(entries)} saved in {folder}"
         if problems:
@@ -93,21 +98,32 @@ class ChatsScreen(ModalScreen["Path | None"]):
         self._filter(self.query_one("#chats-filter", Input).value)
 
     def on_input_changed(self, event: Input.Changed) -> None:
-        if self.loaded:
-            self._filter(event.value)
+        if not self.loaded:
+            return
+        if self._search_timer is not None:
+            self._search_timer.stop()
+        self._search_timer = self.set_timer(SEARCH_DELAY, lambda: self._filter(event.value))
 
     def _filter(self, query: str) -> None:
-        self.shown = [e for e in self.entries if e.matches(query)]
+        keep = self._keep or (self.selected().path if self.selected() else None)
+        self._keep = None
+        matches = [e for e in self.entries if e.matches(query)]
+        self.shown = matches[:SHOWN]
         options = self.query_one("#chats-list", OptionList)
         options.clear_options()
         current = self.influence.chat_path
-        options.add_options([Option(entry_line(e, current is not None and e.path == current), id=str(e.path))
-                             for e in self.shown])
+        options.add_options([Option(entry_line(e, e.path == current), id=str(e.path)) for e in self.shown])
         if self.shown:
-            options.highlighted = 0
-        elif self.entries:
+            paths = [e.path for e in self.shown]
+            options.highlighted = paths.index(keep) if keep in paths else 0
+        if len(matches) > SHOWN:
+            options.add_option(Option(Text(f"… {len(matches) - SHOWN} more: type to narrow the search", style="dim"),
+                                      disabled=True))
+        elif self._error:
+            options.add_option(Option(Text(f"✗ {self._error}", style="red"), disabled=True))
+        elif not self.shown and self.entries:
             options.add_option(Option(Text("No chat matches the search."), disabled=True))
-        else:
+        elif not self.shown:
             options.add_option(Option(Text("No saved chats yet: they appear here after their first answer."), disabled=True))
 
     def selected(self) -> ChatEntry | None:
@@ -144,8 +160,10 @@ class ChatsScreen(ModalScreen["Path | None"]):
         entry = self.selected()
         if entry is None:
             return
-        if entry.path == self.influence.chat_path and self.influence.answers_in_flight():
-            self.app.notify("This chat is writing an answer: Esc stops it first.", severity="warning")
+        chat = self.influence.chat_screen
+        if entry.path == self.influence.chat_path and chat is not None and chat.busy:
+            self.app.notify("This chat is waiting for or writing an answer: close the list (Esc), stop the "
+                            "answer (Esc), then delete it.", severity="warning")
             return
 
         def done(confirmed: bool | None) -> None:
@@ -156,9 +174,12 @@ class ChatsScreen(ModalScreen["Path | None"]):
             except SessionError as exc:
                 self.app.notify(str(exc), severity="error")
                 return
-            if entry.path == self.influence.chat_path:
-                self.influence.chat_deleted()
-            self.app.notify(f"Deleted the chat {entry.title!r}")
+            if entry.path == self.influence.chat_path:  # gone from the screen too: a new chat
+                self.influence.new_conversation(deleted=True)
+            self.app.notify(f"Deleted the chat “{entry.title}”")
+            row = self.shown.index(entry) if entry in self.shown else 0
+            rest = [e for e in self.shown if e is not entry]
+            self._keep = rest[min(row, len(rest) - 1)].path if rest else None  # the row below takes its place
             self.refresh_list()
 
         self.app.push_screen(ConfirmDelete(entry.title, str(entry.path), f"{entry.messages} messages",
@@ -172,16 +193,18 @@ class ChatsScreen(ModalScreen["Path | None"]):
         def done(title: str | None) -> None:
             if title is None:
                 return
+            self._keep = entry.path
             try:
                 session = rename_chat(entry.path, title)
-            except SessionError as exc:
+            except SessionError as exc:  # (deleted meanwhile, by another window)
                 self.app.notify(str(exc), severity="error")
+                self.refresh_list()
                 return
             if entry.path == self.influence.chat_path:  # the open chat: its next save keeps the name
                 self.influence.conversation.title = session.title
             self.refresh_list()
 
-        self.app.push_screen(RenameChat(entry.title), done)
+        self.app.push_screen(RenameChat(entry.given_title or ""), done)
 
 
 class RenameChat(ModalScreen["str | None"]):
@@ -195,8 +218,9 @@ class RenameChat(ModalScreen["str | None"]):
 
     def compose(self) -> Any:
         with Vertical(id="rename-box"):
-            yield Static("Rename the chat (empty: its first question) · Enter saves · Esc cancels", id="rename-title")
-            yield Input(self.old_title, id="rename-input", compact=True)
+            yield Static("Rename the chat (empty: listed under its first question) · Enter saves · Esc cancels",
+                         id="rename-title")
+            yield Input(self.old_title, placeholder="a name for the chat", id="rename-input", compact=True)
 
     def on_mount(self) -> None:
         self.query_one("#rename-input", Input).focus()

@@ -145,6 +145,7 @@ class SettingsScreen(Screen[None]):
             self.app.notify(f"Not saved: fix {bad}", severity="error")
             return
         settings = self.influence.settings
+        folder_before = self.influence.chats_folder()
         changed = [name for name in FIELDS if getattr(settings, name) != values[name]]
         for name in FIELDS:
             setattr(settings, name, values[name])
@@ -156,6 +157,7 @@ class SettingsScreen(Screen[None]):
         except OSError as exc:
             self.app.notify(f"cannot write the settings file: {exc.strerror or exc}", severity="error")
             return
+        self.influence.keeper.settings_saved(FIELDS, folder_before)
         note = f"Saved to {path}; the next answer uses them"
         if {"device", "model_path", "context_length"} & set(changed):
             note += " (device/model/context: on the next model load)"
