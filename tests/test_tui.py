@@ -722,3 +722,20 @@ async def test_up_and_down_bring_back_what_was_sent() -> None:
         await pilot.press("end", "!")  # edited: now it is what is being typed
         await pilot.press("down")
         assert prompt.text == "/set temperature 0.3!"
+
+
+async def test_clicking_a_code_block_copies_it() -> None:
+    from textual.widgets.markdown import MarkdownFence
+
+    app = make_app()
+    app.conversation.add("user", "Show me code")
+    app.conversation.add("assistant", "Two blocks:\n\n```python\nprint('one')\n```\n\nand\n\n```sh\nls -la\necho two\n```\n")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: len(app.screen.query(MarkdownFence)) == 2, what="the code blocks")
+        await pilot.click(app.screen.query(MarkdownFence).last())
+        await wait_until(pilot, lambda: app.last_copied == "ls -la\necho two", what="the copy")
+        assert any("Copied the code block (2 lines" in str(n.message) for n in app._notifications)
+        app.last_copied = None
+        await pilot.click(app.screen.query(AssistantMessage).last(), offset=(2, 0))  # not a code block: nothing
+        await pilot.pause()
+        assert app.last_copied is None

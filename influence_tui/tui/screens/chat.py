@@ -11,11 +11,12 @@ import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from textual import work
+from textual import events, work
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Static
+from textual.widgets.markdown import MarkdownFence
 
 from influence_tui.config import ConfigError, validate_value
 from influence_tui.sessions import MARKDOWN_SUFFIXES, SessionError, load_session, save_markdown, save_session
@@ -265,6 +266,19 @@ class ChatScreen(Screen[None]):
         # /retry with nothing else to answer sends it again.
         if self.conversation.messages and self.conversation.messages[-1].role == "user":
             self._unanswered = self.conversation.messages.pop().content
+
+    def on_click(self, event: events.Click) -> None:
+        """A click on a code block copies it (as oterm's); a drag still selects text."""
+        node = event.widget
+        while node is not None and not isinstance(node, MarkdownFence):
+            node = node.parent
+        if node is None or self.get_selected_text():
+            return
+        code = node.code.rstrip("\n")
+        self.app.copy_to_clipboard(code)
+        self.influence.last_copied = code
+        lines = code.count("\n") + 1
+        self.app.notify(f"Copied the code block ({lines} line{'s' if lines != 1 else ''}; OSC 52: your terminal must allow it)")
 
     # -- actions ---------------------------------------------------------------------------------
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:

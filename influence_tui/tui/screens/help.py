@@ -40,6 +40,8 @@ def help_markdown() -> str:
     for title, cls in (("Chat", ChatScreen), ("Chat prompt", PromptInput), ("Chats list (ctrl+o)", ChatsScreen), ("Hub", HubScreen),
                        ("Library", LibraryScreen), ("Settings", SettingsScreen)):
         parts += ["", f"## {title}", "", "| key | action |", "|---|---|"] + _rows(cls.BINDINGS)
+        if cls is ChatScreen:  # (a mouse action, not a binding)
+            parts += ["| `click` on a code block | Copy the block |"]
     parts += ["", "# Slash commands (Chat)", "", slash.help_text()]
     return "\n".join(parts)
 
