@@ -739,3 +739,27 @@ async def test_clicking_a_code_block_copies_it() -> None:
         await pilot.click(app.screen.query(AssistantMessage).last(), offset=(2, 0))  # not a code block: nothing
         await pilot.pause()
         assert app.last_copied is None
+
+
+@pytest.mark.slow
+async def test_edit_takes_the_last_question_back_into_the_prompt(engine: Any) -> None:
+    app = make_app(engine, settings=make_settings(max_tokens=4))
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "What is the capital of Frnace?")
+        await wait_until(pilot, lambda: app.answers_done == 1, what="the answer")
+        await send(pilot, "/edit")
+        prompt = app.screen.query_one(PromptInput)
+        assert prompt.text == "What is the capital of Frnace?" and not app.conversation.messages
+        assert not app.screen.query(AssistantMessage) and not app.screen.query("UserMessage")
+        prompt.text = "What is the capital of France?"
+        prompt.move_cursor(prompt.document.end)
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.answers_done == 2, what="the new answer")
+        assert [m.content for m in app.conversation.messages if m.role == "user"] == ["What is the capital of France?"]
+        assert len(app.screen.query(AssistantMessage)) == 1
+        saved = json.loads(app.chat_path.read_text())  # the kept chat follows the edit
+        assert [m["content"] for m in saved["messages"] if m["role"] == "user"] == ["What is the capital of France?"]
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "/edit")
+        assert "nothing to edit" in notes(app)[-1]

@@ -22,13 +22,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "/system": ("[TEXT]", "set the system prompt (no text: show it)"),
     "/model": ("NAME", "load another model (a name from the Library, an alias or a path)"),
     "/retry": ("", "answer the last message again"),
+    "/edit": ("", "take back the last question (and its answer) into the prompt, to change and send again"),
     "/copy": ("[code]", "copy the last answer (or its last code block) to the clipboard"),
     "/quit": ("", "leave the app"),
     "/exit": ("", "leave the app"),
 }
 SETTABLE = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "max_tokens", "seed", "think")
 NEEDS_ARG = {"/save", "/load", "/set", "/model"}
-NO_ARG = {"/help", "/new", "/chats", "/clear", "/history", "/retry", "/quit", "/exit"}
+NO_ARG = {"/help", "/new", "/chats", "/clear", "/history", "/retry", "/edit", "/quit", "/exit"}
 
 
 class SlashError(ValueError):

@@ -493,6 +493,38 @@ class ChatScreen(Screen[None]):
                 await answers.last().remove()
         await self._start_answer()
 
+    async def _cmd_edit(self, arg: str) -> None:
+        if self.busy:
+            raise slash.SlashError("an answer is being written; Esc stops it first")
+        msgs = self.conversation.messages
+        last = next((i for i in range(len(msgs) - 1, -1, -1) if msgs[i].role == "user"), None)
+        if last is None:
+            if self._unanswered:  # a question on screen that got no answer: back into the prompt
+                last_text, self._unanswered = self._unanswered, None
+                await self._remove_from_last_question()
+                self._to_prompt(last_text)
+                return
+            raise slash.SlashError("nothing to edit: send a message first")
+        text = msgs[last].content
+        del msgs[last:]
+        self._unanswered = None
+        await self._remove_from_last_question()
+        self._to_prompt(text)
+        self.influence.autosave()
+
+    async def _remove_from_last_question(self) -> None:
+        """The last question's bubble and everything under it."""
+        children = list(self.query_one("#messages", VerticalScroll).children)
+        first = max((i for i, w in enumerate(children) if isinstance(w, UserMessage)), default=None)
+        if first is not None:
+            await self.query_one("#messages", VerticalScroll).remove_children(children[first:])
+
+    def _to_prompt(self, text: str) -> None:
+        prompt = self.query_one(PromptInput)
+        prompt.text = text
+        prompt.move_cursor(prompt.document.end)
+        prompt.focus()
+
     async def _cmd_copy(self, arg: str) -> None:
         last = self.conversation.last("assistant")
         if last is None:
