@@ -105,7 +105,9 @@ def list_chats(folder: Path) -> tuple[list[ChatEntry], list[str]]:
     except FileNotFoundError:
         return [], []
     except NotADirectoryError:
-        raise SessionError(f"the chats folder {folder} is a file, not a folder (setting chats_dir)") from None
+        blocker = not_a_folder(folder) or folder
+        raise SessionError(f"the chats folder {folder} cannot be read: {blocker} is a file, not a folder "
+                           "(setting chats_dir)") from None
     except OSError as exc:
         raise SessionError(f"cannot read the chats folder {folder}: {exc.strerror or exc}") from None
     for path in files:
@@ -116,6 +118,17 @@ def list_chats(folder: Path) -> tuple[list[ChatEntry], list[str]]:
             problems.append(str(exc))
     entries.sort(key=lambda e: (e.modified, e.path.name), reverse=True)
     return entries, problems
+
+
+def not_a_folder(folder: Path) -> Path | None:
+    """The file that stands where `folder` or one of its parents should be a folder, if any."""
+    for place in (folder, *folder.parents):
+        try:
+            if place.exists():
+                return None if place.is_dir() else place
+        except OSError:
+            return None
+    return None
 
 
 def new_chat_path(folder: Path, session: Session) -> Path:

@@ -362,8 +362,10 @@ class Settings:
             )
         return out
 
-    def save(self, names: list[str] | None = None) -> Path:
-        """Write (some of) the settings into the user settings file, keeping the keys already there."""
+    def save(self, names: list[str] | None = None, overrides: dict[str, Any] | None = None) -> Path:
+        """Write (some of) the settings into the user settings file, keeping the keys already there
+        (`overrides`: values to write instead of those in use, e.g. the user's own while an opened
+        chat's sampling settings apply)."""
         path = settings_file()
         try:
             data = read_settings_file(path)
@@ -371,7 +373,7 @@ class Settings:
             data = {}
         for spec in SPECS:
             if names is None or spec.name in names:
-                data[spec.name] = getattr(self, spec.name)
+                data[spec.name] = (overrides or {}).get(spec.name, getattr(self, spec.name))
         atomic_write_text(path, json.dumps(data, indent=2) + "\n")
         return path
 

@@ -123,9 +123,33 @@ def session_markdown(session: Session, title: str) -> str:
         who = {"user": "You", "assistant": "Assistant", "system": "System"}[m.role]
         lines += [f"## {who}" + (" (stopped)" if m.stopped else ""), ""]
         if m.thinking:
-            lines += ["<details><summary>Reasoning</summary>", "", m.thinking.strip(), "", "</details>", ""]
-        lines += [m.content.rstrip(), ""]
+            lines += ["<details><summary>Reasoning</summary>", "", _closed(m.thinking.strip()), "", "</details>", ""]
+        text = _closed(m.content.rstrip())
+        if m.role == "user":  # typed text: a line that starts with # is not a heading of the transcript
+            text = _no_headings(text)
+        lines += [text, ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _fences(text: str) -> list[int]:
+    return [i for i, line in enumerate(text.split("\n")) if line.lstrip().startswith(("```", "~~~"))]
+
+
+def _closed(text: str) -> str:
+    """A message whose code block is left open (a stopped answer) closed, so the messages after
+    it stay messages."""
+    return text + "\n```" if len(_fences(text)) % 2 else text
+
+
+def _no_headings(text: str) -> str:
+    out, inside = [], False
+    for line in text.split("\n"):
+        if line.lstrip().startswith(("```", "~~~")):
+            inside = not inside
+        elif not inside and line.lstrip().startswith("#"):
+            line = "\\" + line.lstrip()
+        out.append(line)
+    return "\n".join(out)
 
 
 def save_markdown(path: str | Path, session: Session, title: str) -> Path:

@@ -320,6 +320,8 @@ async def test_save_md_writes_a_transcript_to_read(tmp_path: Path) -> None:
         app.conversation.add("user", "What is 2 + 2?")
         app.conversation.add("assistant", "It is **4**.\n\n```python\nprint(2 + 2)\n```", thinking="Add them.")
         app.conversation.add("assistant", "Half an ans", stopped=True)
+        app.conversation.add("user", "# not a heading\n```\nunclosed")
+        app.conversation.add("assistant", "ok")
         await send(pilot, f"/save {tmp_path / 'chat.md'}")
         assert "Markdown" in notes(app)[-1]
         blocker = tmp_path / "folder.md"
@@ -332,6 +334,7 @@ async def test_save_md_writes_a_transcript_to_read(tmp_path: Path) -> None:
     assert "## You\n\nWhat is 2 + 2?" in text
     assert "<details><summary>Reasoning</summary>\n\nAdd them.\n\n</details>\n\nIt is **4**." in text
     assert "```python\nprint(2 + 2)\n```" in text and "## Assistant (stopped)\n\nHalf an ans" in text
+    assert "\\# not a heading" in text and "```\nunclosed\n```\n\n## Assistant" in text
     with pytest.raises(Exception):
         json.loads(text)  # a transcript, not a session
 
@@ -500,3 +503,129 @@ async def test_a_new_chats_folder_takes_the_open_chat(tmp_path: Path) -> None:
         assert app.chat_path is not None and app.chat_path.parent == (tmp_path / "elsewhere").resolve()
         assert load_session(app.chat_path).messages[0].content == "Which folder am I in?"
     assert old.exists()  # the chats saved before stay where they were
+
+
+# -- and what a second review found ------------------------------------------------------------------
+async def test_save_on_exit_to_an_existing_file_with_another_chat_open(tmp_path: Path) -> None:
+    opened = write_chat(folder(), "latest.json", "The latest chat", age_s=5)
+    out = write_chat(tmp_path, "out.json", "An older export")
+    app = make_app(continue_latest=True, save_on_exit=str(out))  # `influence chat -c --save-on-exit OUT`
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.conversation.messages, what="the chat")
+        app.conversation.add("user", "one more")
+        assert app.autosave() == out
+        await pilot.pause()
+        assert not notified(app, "another window")
+    assert [m.content for m in load_session(out).messages] == ["The latest chat", "An answer.", "one more"]
+    assert len(load_session(opened).messages) == 2  # the chat it came from is as it was
+
+
+async def test_save_on_exit_with_save_chats_off_says_new_chats_are_not_kept(tmp_path: Path) -> None:
+    out = tmp_path / "out.json"
+    app = make_app(settings=make_settings(save_chats=False), save_on_exit=str(out))
+    async with app.run_test(size=SIZE) as pilot:
+        app.conversation.add("user", "kept in out")
+        await pilot.press("ctrl+n")
+        await wait_until(pilot, lambda: notified(app, "new ones are not kept (save_chats is off"), what="the note")
+    assert load_session(out).messages[0].content == "kept in out"
+
+
+async def test_a_rename_or_delete_in_another_window_is_not_undone() -> None:
+    for change in ("rename", "delete"):
+        path = write_chat(folder(), f"{change}.json", f"Shared for a {change}", age_s=60)
+        app = make_app(session_path=str(path))
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.conversation.messages, what="the chat")
+            if change == "rename":
+                rename_chat(path, "Named elsewhere")  # (keeps the file's time: only its inode tells)
+            else:
+                delete_chat(path)
+            app.conversation.add("user", "from this window")
+            written = app.autosave()
+            await pilot.pause()
+            assert written is not None and written != path and notified(app, "was changed by another window" if change == "rename" else "was deleted by another window")
+        if change == "rename":
+            assert load_session(path).title == "Named elsewhere" and len(load_session(path).messages) == 2
+        else:
+            assert not path.exists()
+
+
+async def test_settings_saved_while_a_chat_applies_keep_the_users_own_values() -> None:
+    write_chat(folder(), "hot.json", "A chat with its own settings", temperature=1.7, top_k=7)
+    settings = make_settings(temperature=0.2, top_k=None)
+    app = make_app(settings=settings, continue_latest=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.conversation.messages, what="the chat")
+        assert (settings.temperature, settings.top_k) == (1.7, 7)
+        await pilot.press("f5")
+        await pilot.pause()
+        app.screen.query_one("#set-seed").value = "42"  # the only field edited
+        await pilot.press("ctrl+s")
+        await wait_until(pilot, lambda: notified(app, "Saved to"), what="the save")
+        stored = json.loads(Path(os.environ["INFLUENCE_CONFIG_DIR"], "settings.json").read_text())
+        assert (stored["temperature"], stored["top_k"], stored["seed"]) == (0.2, None, 42)
+        assert (settings.temperature, settings.top_k) == (1.7, 7)  # the chat's still apply to it
+        await pilot.press("f2", "ctrl+n")
+        await wait_until(pilot, lambda: not app.conversation.messages, what="the new chat")
+        assert (settings.temperature, settings.top_k, settings.seed) == (0.2, None, 42)
+
+
+async def test_keys_right_after_typing_act_on_the_searched_list() -> None:
+    write_chat(folder(), "dragon.json", "A dragon story", age_s=5)
+    banana = write_chat(folder(), "banana.json", "Banana bread recipe", age_s=500)
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_list(pilot)
+        await pilot.press(*"banana", "enter")  # within the search's delay
+        await wait_until(pilot, lambda: app.chat_path == banana.resolve(), what="the searched chat")
+
+
+async def test_save_on_exit_into_the_chats_folder_is_the_listed_chat() -> None:
+    mine = folder() / "mine.json"
+    app = make_app(save_on_exit=str(mine))
+    async with app.run_test(size=SIZE) as pilot:
+        app.conversation.add("user", "kept in mine")
+        assert app.autosave() == mine
+        chats = await open_list(pilot)
+        assert "● open" in str(chats.query_one("#chats-list").get_option_at_index(0).prompt)
+        await pilot.press("ctrl+d")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmDelete), what="the confirmation")
+        await pilot.press("y")
+        await wait_until(pilot, lambda: not mine.exists(), what="the delete")
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: not app.conversation.messages, what="the chat to go")
+    assert not mine.exists()
+
+
+async def test_quitting_while_the_answer_waits_keeps_the_question() -> None:
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        app.model_state = "loading"
+        await send(pilot, "A question typed while the model loads")
+        await wait_until(pilot, lambda: chat(app).busy, what="the wait")
+        await pilot.press("ctrl+q")
+    [path] = folder().glob("*.json")
+    saved = load_session(path)
+    assert [m.role for m in saved.messages] == ["user", "assistant"] and saved.messages[1].stopped
+
+
+async def test_renaming_the_open_chat_keeps_its_place_after_leaving_it() -> None:
+    opened = write_chat(folder(), "open.json", "The open chat", age_s=900)
+    newer = write_chat(folder(), "newer.json", "A newer chat", age_s=60)
+    app = make_app(session_path=str(opened))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.conversation.messages, what="the chat")
+        await send(pilot, "/rename Renamed by command")
+        chats = await open_list(pilot)
+        assert [e.path for e in chats.shown] == [newer, opened]
+        await pilot.press("down", "ctrl+r")
+        await wait_until(pilot, lambda: app.screen.id == "rename-chat", what="the rename box")
+        assert app.screen.query_one("#rename-input").value == "Renamed by command"
+        app.screen.query_one("#rename-input").value = "Renamed in the list"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: isinstance(app.screen, ChatsScreen) and chats.loaded
+                         and chats.shown[1].title == "Renamed in the list", what="the rename")
+        await pilot.press("ctrl+n")  # (leaving it)
+    assert load_session(opened).title == "Renamed in the list"
+    entries, _ = list_chats(folder())
+    assert [e.path for e in entries] == [newer, opened]  # not moved up by the renames, nor by leaving it

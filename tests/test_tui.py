@@ -722,6 +722,11 @@ async def test_up_and_down_bring_back_what_was_sent() -> None:
         await pilot.press("end", "!")  # edited: now it is what is being typed
         await pilot.press("down")
         assert prompt.text == "/set temperature 0.3!"
+        # one long line wrapped over rows: Up moves up a row first, recalls only from the top row
+        prompt.text = "word " * 60
+        prompt.move_cursor(prompt.document.end)
+        await pilot.press("up")
+        assert prompt.text == "word " * 60 and prompt.cursor_location[1] < len(prompt.text)
 
 
 async def test_clicking_a_code_block_copies_it() -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from influence_tui.chats import chats_folder, in_folder, save_chat
+from influence_tui.chats import chats_folder, in_folder, not_a_folder, save_chat
 from influence_tui.sessions import SessionError, save_session
 from influence_tui.tui.conversation import SESSION_PARAMS
 
@@ -26,11 +26,23 @@ if TYPE_CHECKING:
     from influence_tui.tui.app import InfluenceApp
 
 
-def _stamp(path: Path) -> int | None:
+Stamp = tuple[int, int]  # a file's (modification time, inode): saves replace the file, so a new inode
+
+
+def _stamp(path: Path) -> Stamp | None:
     try:
-        return path.stat().st_mtime_ns
+        st = path.stat()
     except OSError:
         return None
+    return st.st_mtime_ns, st.st_ino
+
+
+def _beside(path: Path) -> Path:
+    """A free name next to `path`: notes-2.json, notes-3.json…"""
+    n = 2
+    while (candidate := path.with_name(f"{path.stem}-{n}{path.suffix or '.json'}")).exists():
+        n += 1
+    return candidate
 
 
 class ChatKeeper:
@@ -39,30 +51,34 @@ class ChatKeeper:
         self.exit_path = Path(exit_path).expanduser() if exit_path else None  # --save-on-exit, while its chat is open
         self.path: Path | None = None  # the open chat's file in the chats folder (resolved), once written or opened
         self._saved: int | None = None  # the conversation's fingerprint when last written or opened
-        self._stamp: int | None = None  # the file's time then: another window's write changes it
+        self._seen: tuple[Path, Stamp | None] | None = None  # the file last read or written here, and its stamp then
         self._failed = False  # a failed save is said once per chat, not after every answer
         self.own_params: dict[str, Any] | None = None  # the user's sampling settings while a chat's apply
 
     def folder(self) -> Path:
         return chats_folder(self.app.settings)
 
+    def in_sync(self) -> bool:
+        """The open chat is as it was last written or opened."""
+        return self.app.conversation.fingerprint() == self._saved
+
     # -- writing -------------------------------------------------------------------------------
     def save(self) -> Path | None:
         """Write the open chat where it is kept, if it changed since it was read or written."""
         conversation = self.app.conversation
-        if not conversation.messages or conversation.fingerprint() == self._saved:
+        if not conversation.messages or self.in_sync():
             return self.exit_path or self.path
         if self.exit_path is None and not self.app.settings.save_chats:
             return None
         session = self.app.current_session()
         conversation.created_at = session.created_at  # fixed from the first save on
         target = self.exit_path or self.path
-        if target is not None and self._stamp is not None and _stamp(target) not in (self._stamp, None):
+        if target is not None and self._changed_elsewhere(target):
             target = self._fork(target)
-            if self.exit_path is None and not self.app.settings.save_chats:
+            if target is None and not self.app.settings.save_chats:
                 return None
         try:
-            if self.exit_path is not None and target == self.exit_path:
+            if target is not None and target == self.exit_path:
                 written = save_session(target, session)
             else:
                 written = save_chat(self._writable_folder(), session, target)
@@ -73,27 +89,48 @@ class ChatKeeper:
                                 severity="warning", timeout=10)
             return None
         self._failed = False
-        self._saved, self._stamp = conversation.fingerprint(), _stamp(written)
-        if self.exit_path is None or target != self.exit_path:
+        self._saved = conversation.fingerprint()
+        self._seen = (written, _stamp(written))
+        if written != self.exit_path or in_folder(written, self.folder()):  # (listed: the Chats list marks it open)
             self.path = written.resolve()
         return written
 
-    def _fork(self, target: Path) -> None:  # (the new target: none yet)
-        """Another window wrote the chat's file: this one goes on in a new file (both kept)."""
-        self.app.notify(f"{target.name} was changed by another window since it was opened here: this chat "
-                        "goes on in a new file (both are in the Chats list)", title="Chat kept apart", timeout=10)
-        self.exit_path = None if target == self.exit_path else self.exit_path
+    def _changed_elsewhere(self, target: Path) -> bool:
+        """Another window wrote, renamed or deleted the file since this one read or wrote it."""
+        if self._seen is None or self._seen[0] != target:
+            return target == self.path and not target.exists()  # (opened from the list, deleted since)
+        return _stamp(target) != self._seen[1]
+
+    def _fork(self, target: Path) -> Path | None:
+        """The chat's file changed in another window: this one goes on in a new file (both kept):
+        beside `--save-on-exit`'s file, or a new chat in the folder (None)."""
+        gone = not target.exists()
+        what = f"{target.name} was {'deleted' if gone else 'changed'} by another window since this one had it"
+        if target == self.exit_path:
+            self.exit_path = _beside(target)
+            self.app.notify(f"{what}: this chat goes on in {self.exit_path.name}", title="Chat kept apart", timeout=10)
+            return self.exit_path
         self.path = None
+        where = ("goes on as a new chat in the Chats list" if self.app.settings.save_chats
+                 else "is not kept from now on (save_chats is off: /save FILE keeps it)")
+        self.app.notify(f"{what}: this chat {where}", title="Chat kept apart", timeout=10)
         return None
 
     def _writable_folder(self) -> Path:
         folder = self.folder()
-        for place in (folder, *folder.parents):  # a file where a folder should be: say so, by name
-            if place.exists():
-                if not place.is_dir():
-                    raise SessionError(f"cannot save the chat: {place} is a file, not a folder (setting chats_dir)")
-                break
+        blocker = not_a_folder(folder)
+        if blocker is not None:  # a file where a folder should be: say so, by name
+            raise SessionError(f"cannot save the chat: {blocker} is a file, not a folder (setting chats_dir)")
         return folder
+
+    def renamed(self, title: str | None) -> None:
+        """The open chat's file got a new title (the Chats list, /rename): the conversation takes
+        it, and counts as written when it was (the name is no reason to write it again)."""
+        conversation = self.app.conversation
+        in_sync = self.in_sync()
+        conversation.title = title
+        if in_sync and self.path is not None:
+            self._saved, self._seen = conversation.fingerprint(), (self.path, _stamp(self.path))
 
     # -- switching chats -------------------------------------------------------------------------
     def opened(self, path: str | Path) -> None:
@@ -102,7 +139,9 @@ class ChatKeeper:
         resolved = Path(path).expanduser().resolve()
         self.path = resolved if in_folder(resolved, self.folder()) else None
         self._saved = self.app.conversation.fingerprint()
-        self._stamp = _stamp(resolved)
+        self._seen = (self.path, _stamp(resolved)) if self.path is not None else None
+        if self.exit_path is not None and self.exit_path.resolve() == resolved:
+            self._seen = (self.exit_path, _stamp(resolved))
         self._failed = False
 
     def leave(self, deleted: bool = False) -> None:
@@ -113,10 +152,11 @@ class ChatKeeper:
             self.save()
         if self.exit_path is not None:
             if self.app.conversation.messages and not deleted:
-                self.app.notify(f"That chat is kept in {self.exit_path} (--save-on-exit); new ones go to the Chats list",
-                                title="Chat kept")
+                then = ("new ones go to the Chats list" if self.app.settings.save_chats
+                        else "new ones are not kept (save_chats is off: /save FILE keeps one)")
+                self.app.notify(f"That chat is kept in {self.exit_path} (--save-on-exit); {then}", title="Chat kept")
             self.exit_path = None
-        self.path, self._saved, self._stamp, self._failed = None, None, None, False
+        self.path, self._saved, self._seen, self._failed = None, None, None, False
         self.restore_params()
 
     def apply_params(self, session: Any) -> list[str]:
@@ -140,14 +180,14 @@ class ChatKeeper:
             self.own_params = None
 
     def settings_saved(self, names: list[str], folder_before: Path) -> None:
-        """The Settings screen saved: saved sampling values are the user's own now; a new chats
-        folder takes the open chat at once (the chats in the old one stay there)."""
+        """The Settings screen saved `names` (those edited there): those sampling values are the
+        user's own now; a new chats folder takes the open chat at once (the old one's chats stay)."""
         if self.own_params is not None:
             for name in names:
                 if name in self.own_params:
                     self.own_params[name] = getattr(self.app.settings, name)
-        if self.folder().expanduser().resolve() != folder_before.expanduser().resolve() and self.path is not None:
-            self.path, self._saved, self._stamp = None, None, None
+        if self.folder() != folder_before and self.path is not None and self.exit_path is None:
+            self.path, self._saved, self._seen = None, None, None
             if self.save() is not None:
                 self.app.notify(f"This chat is now kept in {self.folder()}; the chats saved before stay in {folder_before}",
                                 title="Chats folder changed")

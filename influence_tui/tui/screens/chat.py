@@ -178,7 +178,7 @@ class ChatScreen(Screen[None]):
         await self._start_answer()
 
     async def _start_answer(self) -> None:
-        self._partial_kept = False
+        self._partial_kept = self._stopped_by_user = False
         container = self.query_one("#messages", VerticalScroll)
         bubble = AssistantMessage(model=self.influence.model_label())
         self._current = bubble
@@ -192,7 +192,8 @@ class ChatScreen(Screen[None]):
         try:
             await self._answer(bubble)
         except asyncio.CancelledError:
-            if self._stream is not None:  # the app is ending mid-answer (its workers are cancelled first)
+            if self._stream is not None or not self._stopped_by_user:
+                # the app is ending (its workers are cancelled first): the answer as far as it got
                 self.keep_partial_answer()
             else:  # Esc while waiting for the model: nothing was generated
                 bubble.set_status("⏹ stopped before the model was ready")
@@ -375,9 +376,18 @@ class ChatScreen(Screen[None]):
     async def _cmd_rename(self, arg: str) -> None:
         from influence_tui.chats import title_of
 
-        self.conversation.title = " ".join(arg.split()) or None
-        name = title_of(self.influence.current_session())
+        from influence_tui.chats import rename_chat
+
+        title = " ".join(arg.split()) or None
         keeper = self.influence.keeper
+        if keeper.path is not None and keeper.exit_path is None and keeper.in_sync():
+            try:  # written as the Chats list renames: the chat keeps its place in the list
+                keeper.renamed(rename_chat(keeper.path, title or "").title)
+            except SessionError:
+                self.conversation.title = title  # (its file is gone: the next save writes it anew)
+        else:
+            self.conversation.title = title
+        name = title_of(self.influence.current_session())
         # plain-text notifications: a title is the user's text, not Markdown
         if keeper.exit_path is not None:
             keeper.save()
@@ -386,7 +396,7 @@ class ChatScreen(Screen[None]):
             self.app.notify(f"This chat is now named “{name}”; chats are not kept (save_chats is off: /save FILE keeps it)",
                             title="Renamed")
         elif self.conversation.messages:
-            keeper.save()
+            keeper.save()  # (nothing to write when renamed in its file above)
             self.app.notify(f"This chat is now listed as “{name}” (ctrl+o lists the chats)", title="Renamed")
         else:
             self.app.notify(f"This chat will be listed as “{name}” once it has a message", title="Renamed")

@@ -104,7 +104,15 @@ class ChatsScreen(ModalScreen["Path | None"]):
             self._search_timer.stop()
         self._search_timer = self.set_timer(SEARCH_DELAY, lambda: self._filter(event.value))
 
+    def _flush_search(self) -> None:
+        """A search typed but not applied yet (its delay): applied before a key acts on a row."""
+        if self._search_timer is not None:
+            self._search_timer.stop()
+            self._search_timer = None
+            self._filter(self.query_one("#chats-filter", Input).value)
+
     def _filter(self, query: str) -> None:
+        self._search_timer = None
         keep = self._keep or (self.selected().path if self.selected() else None)
         self._keep = None
         matches = [e for e in self.entries if e.matches(query)]
@@ -127,11 +135,14 @@ class ChatsScreen(ModalScreen["Path | None"]):
             options.add_option(Option(Text("No saved chats yet: they appear here after their first answer."), disabled=True))
 
     def selected(self) -> ChatEntry | None:
+        if self._search_timer is not None:
+            self._flush_search()
         row = self.query_one("#chats-list", OptionList).highlighted
         return self.shown[row] if row is not None and 0 <= row < len(self.shown) else None
 
     # -- keys --------------------------------------------------------------------------------------
     def action_move(self, step: int) -> None:
+        self._flush_search()
         options = self.query_one("#chats-list", OptionList)
         if step > 0:
             options.action_cursor_down()
@@ -200,8 +211,8 @@ class ChatsScreen(ModalScreen["Path | None"]):
                 self.app.notify(str(exc), severity="error")
                 self.refresh_list()
                 return
-            if entry.path == self.influence.chat_path:  # the open chat: its next save keeps the name
-                self.influence.conversation.title = session.title
+            if entry.path == self.influence.chat_path:  # the open chat: it has the name too
+                self.influence.keeper.renamed(session.title)
             self.refresh_list()
 
         self.app.push_screen(RenameChat(entry.given_title or ""), done)

@@ -152,12 +152,16 @@ class SettingsScreen(Screen[None]):
             self._shown[name] = self.query_one(f"#set-{name}", Input).value  # the form now matches them
         if "system_prompt" in changed:
             self.influence.conversation.system_prompt = values["system_prompt"]
+        # an opened chat's sampling settings apply now: a field left as it shows them saves the
+        # user's own value (only what was edited becomes theirs)
+        own = self.influence.keeper.own_params or {}
+        overrides = {name: value for name, value in own.items() if name in FIELDS and name not in changed}
         try:
-            path = settings.save(FIELDS)
+            path = settings.save(FIELDS, overrides)
         except OSError as exc:
             self.app.notify(f"cannot write the settings file: {exc.strerror or exc}", severity="error")
             return
-        self.influence.keeper.settings_saved(FIELDS, folder_before)
+        self.influence.keeper.settings_saved(changed, folder_before)
         note = f"Saved to {path}; the next answer uses them"
         if {"device", "model_path", "context_length"} & set(changed):
             note += " (device/model/context: on the next model load)"

@@ -66,8 +66,9 @@ class PromptInput(TextArea):
     def _recall(self, step: int) -> bool:
         """Up on the first line / Down on the last: the previous / next text sent (False: the key
         moves the cursor as usual)."""
-        row, last_row = self.cursor_location[0], self.document.line_count - 1
-        if not self.sent or (step < 0 and row != 0) or (step > 0 and (row != last_row or self._recalled is None)):
+        # (the first / last row as shown: a long line wraps over several)
+        first, last = self.navigator.is_first_wrapped_line(self.cursor_location), self.navigator.is_last_wrapped_line(self.cursor_location)
+        if not self.sent or (step < 0 and not first) or (step > 0 and (not last or self._recalled is None)):
             return False
         if self._recalled is None:
             self._draft, self._recalled = self.text, len(self.sent)
