@@ -126,23 +126,26 @@ def test_influence_chats_lists_searches_and_prints_json(tmp_path: Path) -> None:
     assert out.returncode == 0 and "No chat matches" in out.stdout
 
 
-# -- the app ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def engine() -> Any:
-    from influence_tui.engine import Engine
-
-    eng = Engine(Settings(warmup_tokens=0))
-    eng.load("smollm2")
-    yield eng
-    eng.shutdown()
-
-
+# -- the app (with the real model: conftest's module `engine`) ----------------------------------
 def folder() -> Path:
     return chats_folder(Settings.load())
 
 
 def notified(app: Any, text: str) -> bool:
     return any(text in str(n.message) for n in app._notifications)
+
+
+async def delete_the_open_chat(pilot: Any, path: Path) -> None:
+    """From the Chats list, where the open chat is the first row: delete it, close the list."""
+    app = pilot.app
+    chats = await open_list(pilot)
+    assert "● open" in str(chats.query_one("#chats-list").get_option_at_index(0).prompt)
+    await pilot.press("ctrl+d")
+    await wait_until(pilot, lambda: isinstance(app.screen, ConfirmDelete), what="the confirmation")
+    await pilot.press("y")
+    await wait_until(pilot, lambda: not path.exists(), what="the delete")
+    await pilot.press("escape")
+    await wait_until(pilot, lambda: not app.conversation.messages, what="the open chat to go")
 
 
 async def open_list(pilot: Any) -> ChatsScreen:
@@ -400,14 +403,7 @@ async def test_a_chat_opened_by_a_relative_path_is_the_listed_one(tmp_path: Path
     app = make_app(session_path=path.name)
     async with app.run_test(size=SIZE) as pilot:
         await wait_until(pilot, lambda: app.conversation.messages, what="the chat")
-        chats = await open_list(pilot)
-        assert "● open" in str(chats.query_one("#chats-list").get_option_at_index(0).prompt)
-        await pilot.press("ctrl+d")
-        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmDelete), what="the confirmation")
-        await pilot.press("y")
-        await wait_until(pilot, lambda: not path.exists(), what="the delete")
-        await pilot.press("escape")
-        await wait_until(pilot, lambda: not app.conversation.messages, what="the open chat to go")
+        await delete_the_open_chat(pilot, path)
         app.conversation.add("user", "typed after")
         app.autosave()
     assert not path.exists()  # not brought back
@@ -586,14 +582,7 @@ async def test_save_on_exit_into_the_chats_folder_is_the_listed_chat() -> None:
     async with app.run_test(size=SIZE) as pilot:
         app.conversation.add("user", "kept in mine")
         assert app.autosave() == mine
-        chats = await open_list(pilot)
-        assert "● open" in str(chats.query_one("#chats-list").get_option_at_index(0).prompt)
-        await pilot.press("ctrl+d")
-        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmDelete), what="the confirmation")
-        await pilot.press("y")
-        await wait_until(pilot, lambda: not mine.exists(), what="the delete")
-        await pilot.press("escape")
-        await wait_until(pilot, lambda: not app.conversation.messages, what="the chat to go")
+        await delete_the_open_chat(pilot, mine)
     assert not mine.exists()
 
 
