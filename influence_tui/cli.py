@@ -239,9 +239,12 @@ def run_config(args: argparse.Namespace, settings: Settings) -> int:
 
     from influence_tui.config import settings_file
 
+    from influence_tui.chats import chats_folder
+
     rows = settings.rows(reveal=args.show_secrets)
     if args.json:
-        print(json.dumps({"settings_file": str(settings_file()), "settings": rows}, indent=2))
+        print(json.dumps({"settings_file": str(settings_file()), "chats_folder": str(chats_folder(settings)),
+                          "settings": rows}, indent=2))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -257,6 +260,7 @@ def run_config(args: argparse.Namespace, settings: Settings) -> int:
     console.print(table)
     # on its own line, never wrapped: a path to copy
     console.print(f"settings file: {settings_file()}", soft_wrap=True, highlight=False)
+    console.print(f"chats folder: {chats_folder(settings)}", soft_wrap=True, highlight=False)
     return 0
 
 

@@ -131,23 +131,38 @@ def session_markdown(session: Session, title: str) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _fences(text: str) -> list[int]:
-    return [i for i, line in enumerate(text.split("\n")) if line.lstrip().startswith(("```", "~~~"))]
+def _open_fence(text: str) -> str | None:
+    """The marker of a code block left open at the end of `text` (``` or ~~~), if any."""
+    fence = None
+    for line in text.split("\n"):
+        mark = line.lstrip()[:3]
+        if fence is None and mark in ("```", "~~~"):
+            fence = mark
+        elif fence is not None and mark == fence:
+            fence = None
+    return fence
 
 
 def _closed(text: str) -> str:
     """A message whose code block is left open (a stopped answer) closed, so the messages after
     it stay messages."""
-    return text + "\n```" if len(_fences(text)) % 2 else text
+    fence = _open_fence(text)
+    return f"{text}\n{fence}" if fence else text
 
 
 def _no_headings(text: str) -> str:
-    out, inside = [], False
+    """Typed text's lines that Markdown would make headings (`# x`, or a line under a `---` /
+    `===` one) escaped, outside code blocks: the transcript's own headings are its turns."""
+    out: list[str] = []
+    fence = None
     for line in text.split("\n"):
-        if line.lstrip().startswith(("```", "~~~")):
-            inside = not inside
-        elif not inside and line.lstrip().startswith("#"):
-            line = "\\" + line.lstrip()
+        bare = line.strip()
+        if fence is None and bare[:3] in ("```", "~~~"):
+            fence = bare[:3]
+        elif fence is not None:
+            fence = None if bare[:3] == fence else fence
+        elif bare.startswith("#") or (len(bare) >= 2 and set(bare) in ({"-"}, {"="})):
+            line = "\\" + bare
         out.append(line)
     return "\n".join(out)
 

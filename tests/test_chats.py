@@ -618,3 +618,114 @@ async def test_renaming_the_open_chat_keeps_its_place_after_leaving_it() -> None
     assert load_session(opened).title == "Renamed in the list"
     entries, _ = list_chats(folder())
     assert [e.path for e in entries] == [newer, opened]  # not moved up by the renames, nor by leaving it
+
+
+# -- and a third ------------------------------------------------------------------------------------
+async def test_edit_takes_back_the_unanswered_question_and_an_edit_given_up_loses_nothing() -> None:
+    path = write_chat(folder(), "two.json", "Q1", "A1")
+    session = load_session(path)
+    session.messages += [SessionMessage("user", "Q2"), SessionMessage("assistant", "A2")]
+    save_session(path, session)
+    app = make_app(session_path=str(path))  # no model: a question sent now gets no answer
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: len(app.conversation.messages) == 4, what="the chat")
+        await send(pilot, "Q3")
+        await wait_until(pilot, lambda: not chat(app).busy and chat(app)._unanswered == "Q3", what="the failed question")
+        await send(pilot, "/edit")
+        prompt = app.screen.query_one("PromptInput")
+        assert prompt.text == "Q3" and [m.content for m in app.conversation.messages] == ["Q1", "A1", "Q2", "A2"]
+        prompt.text = ""
+        await send(pilot, "/edit")  # now the last exchange: held in the saved chat until a new message
+        assert prompt.text == "Q2" and [m.content for m in app.conversation.messages] == ["Q1", "A1"]
+        assert len(app.screen.query("UserMessage")) == 1
+        await pilot.press("ctrl+n")  # the edit given up
+        await wait_until(pilot, lambda: not app.conversation.messages, what="the new chat")
+    assert [m.content for m in load_session(path).messages] == ["Q1", "A1", "Q2", "A2"]
+    app = make_app(session_path=str(path))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.conversation.messages, what="the chat")
+        await send(pilot, "/edit")
+        app.conversation.add("user", "Q2, edited")  # (what sending it does, before its answer)
+        app.autosave()
+    assert [m.content for m in load_session(path).messages] == ["Q1", "A1", "Q2, edited"]
+
+
+async def test_renaming_the_open_chat_keeps_another_windows_turns() -> None:
+    path = write_chat(folder(), "x.json", "Q1", "A1", age_s=60)
+    for how in ("/rename", "list"):
+        before = [m.content for m in load_session(path).messages]
+        app = make_app(session_path=str(path))
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.conversation.messages, what="the chat")
+            other = load_session(path)
+            other.messages.append(SessionMessage("user", f"from the other window ({how})"))
+            save_session(path, other)
+            if how == "/rename":
+                await send(pilot, "/rename Foo")
+            else:
+                chats = await open_list(pilot)
+                await wait_until(pilot, lambda: chats.selected() is not None, what="a row")
+                await pilot.press("ctrl+r")
+                await wait_until(pilot, lambda: app.screen.id == "rename-chat", what="the rename box")
+                app.screen.query_one("#rename-input").value = "Foo"
+                await pilot.press("enter")
+                await wait_until(pilot, lambda: isinstance(app.screen, ChatsScreen), what="the list")
+                await pilot.press("escape")
+            await wait_until(pilot, lambda: notified(app, "changed by another window"), what="the fork")
+        assert load_session(path).messages[-1].content == f"from the other window ({how})"
+        forked = [p for p in folder().glob("*.json") if p != path and load_session(p).title == "Foo"]
+        assert forked and [m.content for m in load_session(forked[0]).messages] == before
+        forked[0].unlink()
+
+
+async def test_set_in_an_opened_chat_is_the_users_own_too() -> None:
+    write_chat(folder(), "cold.json", "A cold chat", temperature=0.2)
+    settings = make_settings(temperature=0.7)
+    app = make_app(settings=settings, continue_latest=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.conversation.messages, what="the chat")
+        assert settings.temperature == 0.2
+        await send(pilot, "/set temperature 0.9")
+        await pilot.press("f5")
+        await pilot.pause()
+        await pilot.press("ctrl+s")
+        await wait_until(pilot, lambda: notified(app, "Saved to"), what="the save")
+        stored = json.loads(Path(os.environ["INFLUENCE_CONFIG_DIR"], "settings.json").read_text())
+        assert stored["temperature"] == 0.9
+        await pilot.press("f2", "ctrl+n")
+        await wait_until(pilot, lambda: not app.conversation.messages, what="the new chat")
+        assert settings.temperature == 0.9
+    [cold] = [p for p in folder().glob("*.json")]
+    assert load_session(cold).temperature == 0.9  # and the chat carries it
+
+
+async def test_save_to_the_file_a_chat_is_kept_in_is_not_another_window(tmp_path: Path) -> None:
+    mine = write_chat(tmp_path, "mine.json", "Q1")
+    app = make_app(session_path=str(mine), save_on_exit=str(mine))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.conversation.messages, what="the chat")
+        app.conversation.add("user", "Q2")
+        await send(pilot, f"/save {mine}")
+        app.conversation.add("assistant", "A2")
+        assert app.autosave() == mine
+        await pilot.pause()
+        assert not notified(app, "another window")
+    assert not (tmp_path / "mine-2.json").exists() and len(load_session(mine).messages) == 4
+
+
+def test_transcripts_close_tilde_blocks_and_escape_underlined_headings() -> None:
+    from influence_tui.sessions import session_markdown
+
+    session = Session(messages=[SessionMessage("user", "Summarize this\n---\nand this\n===\n- a list item"),
+                                SessionMessage("assistant", "~~~text\ncut off", stopped=True),
+                                SessionMessage("user", "next")])
+    text = session_markdown(session, "T")
+    assert "Summarize this\n\\---\nand this\n\\===\n- a list item" in text
+    assert "~~~text\ncut off\n~~~\n\n## You\n\nnext" in text
+
+
+def test_influence_config_names_the_chats_folder_in_use(tmp_path: Path) -> None:
+    out = run_cli("config", "--json", chats=tmp_path / "c")
+    assert json.loads(out.stdout)["chats_folder"] == str((tmp_path / "c").resolve())
+    out = run_cli("config", chats=tmp_path / "c")
+    assert f"chats folder: {(tmp_path / 'c').resolve()}" in out.stdout

@@ -24,22 +24,38 @@ class Conversation:
     messages: list[SessionMessage] = field(default_factory=list)
     created_at: str | None = None
     title: str | None = None  # the name the user gave it in the Chats list (None: its first question)
+    # turns taken back by /edit: still in the saved chat until a new message replaces them (an
+    # edit given up, by a new chat or quitting, loses nothing), never sent to the model
+    held: list[SessionMessage] = field(default_factory=list)
 
     def add(self, role: str, content: str, stopped: bool = False, thinking: str = "") -> SessionMessage:
         message = SessionMessage(role, content, stopped=stopped, thinking=thinking)
         self.messages.append(message)
+        self.held.clear()  # what /edit took back is replaced now
         return message
+
+    def take_back(self, index: int) -> SessionMessage:
+        """/edit: the messages from `index` on leave the conversation (held until a new message);
+        the first of them (a question) is returned, for the prompt."""
+        taken, self.messages[index:] = self.messages[index:], []
+        self.held[:0] = taken
+        return taken[0]
+
+    def kept_messages(self) -> list[SessionMessage]:
+        """What the saved chat holds: the conversation and what /edit holds back."""
+        return self.messages + self.held
 
     def clear(self) -> None:
         """Forget the turns; the system prompt stays (what `/clear` promises)."""
         self.messages.clear()
+        self.held.clear()
         self.created_at = self.title = None  # what is left is a new chat
 
     def fingerprint(self) -> int:
         """Changes whenever what a saved chat holds changes (so an unchanged chat is not rewritten:
         its file's time is when it last changed, and the Chats list sorts by it)."""
         return hash((self.system_prompt, self.title,
-                     tuple((m.role, m.content, m.stopped, m.thinking) for m in self.messages)))
+                     tuple((m.role, m.content, m.stopped, m.thinking) for m in self.kept_messages())))
 
     def engine_messages(self) -> list[Any]:
         """The turns as the model gets them: answers without their reasoning (as reasoning
@@ -52,7 +68,7 @@ class Conversation:
         return next((m for m in reversed(self.messages) if m.role == role), None)
 
     def to_session(self, settings: "Settings", model_path: str | None) -> Session:
-        session = Session(model_path=model_path, system_prompt=self.system_prompt, messages=list(self.messages))
+        session = Session(model_path=model_path, system_prompt=self.system_prompt, messages=self.kept_messages())
         for name in SESSION_PARAMS:
             setattr(session, name, getattr(settings, name))
         if self.created_at:

@@ -58,15 +58,20 @@ class ChatKeeper:
     def folder(self) -> Path:
         return chats_folder(self.app.settings)
 
+    def fingerprint(self) -> int:
+        """What a save would write: the conversation and the sampling settings it carries."""
+        settings = self.app.settings
+        return hash((self.app.conversation.fingerprint(), tuple(getattr(settings, n) for n in SESSION_PARAMS)))
+
     def in_sync(self) -> bool:
         """The open chat is as it was last written or opened."""
-        return self.app.conversation.fingerprint() == self._saved
+        return self.fingerprint() == self._saved
 
     # -- writing -------------------------------------------------------------------------------
     def save(self) -> Path | None:
         """Write the open chat where it is kept, if it changed since it was read or written."""
         conversation = self.app.conversation
-        if not conversation.messages or self.in_sync():
+        if not conversation.kept_messages() or self.in_sync():
             return self.exit_path or self.path
         if self.exit_path is None and not self.app.settings.save_chats:
             return None
@@ -89,7 +94,7 @@ class ChatKeeper:
                                 severity="warning", timeout=10)
             return None
         self._failed = False
-        self._saved = conversation.fingerprint()
+        self._saved = self.fingerprint()
         self._seen = (written, _stamp(written))
         if written != self.exit_path or in_folder(written, self.folder()):  # (listed: the Chats list marks it open)
             self.path = written.resolve()
@@ -123,14 +128,36 @@ class ChatKeeper:
             raise SessionError(f"cannot save the chat: {blocker} is a file, not a folder (setting chats_dir)")
         return folder
 
-    def renamed(self, title: str | None) -> None:
-        """The open chat's file got a new title (the Chats list, /rename): the conversation takes
-        it, and counts as written when it was (the name is no reason to write it again)."""
+    def rename(self, title: str | None) -> None:
+        """Name the open chat (/rename, the Chats list). In sync with its file, the file is renamed
+        in place (its time kept: it keeps its place in the list); else the name goes with the next
+        save (which keeps another window's changes apart, as any save does)."""
+        from influence_tui.chats import rename_chat
+
         conversation = self.app.conversation
-        in_sync = self.in_sync()
-        conversation.title = title
-        if in_sync and self.path is not None:
-            self._saved, self._seen = conversation.fingerprint(), (self.path, _stamp(self.path))
+        path = self.path
+        if path is None or self.exit_path is not None or not self.in_sync() or self._changed_elsewhere(path):
+            conversation.title = title
+            self.save()
+            return
+        try:
+            conversation.title = rename_chat(path, title or "").title
+        except SessionError:  # (gone meanwhile: the next save says so)
+            conversation.title = title
+            return
+        self._saved, self._seen = self.fingerprint(), (path, _stamp(path))
+
+    def written_by_save(self, path: Path) -> None:
+        """`/save FILE` wrote the open chat, as it is, to the file it is kept in: not another window."""
+        kept = self.exit_path or self.path
+        if kept is not None and path.expanduser().resolve() == kept.expanduser().resolve():
+            self._saved, self._seen = self.fingerprint(), (kept, _stamp(kept))
+
+    def set_by_user(self, name: str) -> None:
+        """/set NAME: while a chat's settings apply, the value is the user's own too (what the
+        Settings screen saves, and what a new chat keeps)."""
+        if self.own_params is not None and name in self.own_params:
+            self.own_params[name] = getattr(self.app.settings, name)
 
     # -- switching chats -------------------------------------------------------------------------
     def opened(self, path: str | Path) -> None:
@@ -138,7 +165,7 @@ class ChatKeeper:
         of the chats folder (the Chats list, `--continue`), else as a new chat there once it changes."""
         resolved = Path(path).expanduser().resolve()
         self.path = resolved if in_folder(resolved, self.folder()) else None
-        self._saved = self.app.conversation.fingerprint()
+        self._saved = self.fingerprint()  # (after its sampling settings were applied: see apply_params)
         self._seen = (self.path, _stamp(resolved)) if self.path is not None else None
         if self.exit_path is not None and self.exit_path.resolve() == resolved:
             self._seen = (self.exit_path, _stamp(resolved))
@@ -151,7 +178,7 @@ class ChatKeeper:
         if not deleted:
             self.save()
         if self.exit_path is not None:
-            if self.app.conversation.messages and not deleted:
+            if self.app.conversation.kept_messages() and not deleted:
                 then = ("new ones go to the Chats list" if self.app.settings.save_chats
                         else "new ones are not kept (save_chats is off: /save FILE keeps one)")
                 self.app.notify(f"That chat is kept in {self.exit_path} (--save-on-exit); {then}", title="Chat kept")

@@ -376,27 +376,17 @@ class ChatScreen(Screen[None]):
     async def _cmd_rename(self, arg: str) -> None:
         from influence_tui.chats import title_of
 
-        from influence_tui.chats import rename_chat
-
-        title = " ".join(arg.split()) or None
         keeper = self.influence.keeper
-        if keeper.path is not None and keeper.exit_path is None and keeper.in_sync():
-            try:  # written as the Chats list renames: the chat keeps its place in the list
-                keeper.renamed(rename_chat(keeper.path, title or "").title)
-            except SessionError:
-                self.conversation.title = title  # (its file is gone: the next save writes it anew)
-        else:
-            self.conversation.title = title
+        has_file = keeper.path is not None or keeper.exit_path is not None
+        keeper.rename(" ".join(arg.split()) or None)
         name = title_of(self.influence.current_session())
         # plain-text notifications: a title is the user's text, not Markdown
         if keeper.exit_path is not None:
-            keeper.save()
             self.app.notify(f"This chat is now named “{name}” (kept in {keeper.exit_path})", title="Renamed")
         elif not self.influence.settings.save_chats:
             self.app.notify(f"This chat is now named “{name}”; chats are not kept (save_chats is off: /save FILE keeps it)",
                             title="Renamed")
-        elif self.conversation.messages:
-            keeper.save()  # (nothing to write when renamed in its file above)
+        elif has_file or self.conversation.kept_messages():
             self.app.notify(f"This chat is now listed as “{name}” (ctrl+o lists the chats)", title="Renamed")
         else:
             self.app.notify(f"This chat will be listed as “{name}” once it has a message", title="Renamed")
@@ -427,6 +417,7 @@ class ChatScreen(Screen[None]):
             await self.note(f"Saved the chat as Markdown to `{path}` (`/save FILE.json` keeps a session to load)")
             return
         path = save_session(arg, session)
+        self.influence.keeper.written_by_save(path)
         await self.note(f"Saved the session to `{path}`")
 
     async def _cmd_load(self, arg: str) -> None:
@@ -442,9 +433,9 @@ class ChatScreen(Screen[None]):
         if not starting:
             app.keeper.leave()  # the chat being left, as it is now
         app.conversation = Conversation.from_session(session)
-        app.keeper.opened(path)
         self._unanswered = None  # a question of the previous conversation is not this one's to retry
         changed = [f"{name} {getattr(app.settings, name)}" for name in app.keeper.apply_params(session)]
+        app.keeper.opened(path)
         await self.render_conversation()
         note = f"Loaded `{path}`: {len(app.conversation.messages)} messages"
         if changed:  # the file's generation settings now apply: say which
@@ -459,6 +450,7 @@ class ChatScreen(Screen[None]):
         name, raw = slash.parse_set(arg)
         value = validate_value(name, raw)
         setattr(self.influence.settings, name, value)
+        self.influence.keeper.set_by_user(name)
         shown = "off" if value is None or value is False else "on" if value is True else value
         await self.note(f"{name} = {shown} (for the next answers; the Settings screen saves it)")
 
@@ -506,21 +498,16 @@ class ChatScreen(Screen[None]):
     async def _cmd_edit(self, arg: str) -> None:
         if self.busy:
             raise slash.SlashError("an answer is being written; Esc stops it first")
-        msgs = self.conversation.messages
-        last = next((i for i in range(len(msgs) - 1, -1, -1) if msgs[i].role == "user"), None)
-        if last is None:
-            if self._unanswered:  # a question on screen that got no answer: back into the prompt
-                last_text, self._unanswered = self._unanswered, None
-                await self._remove_from_last_question()
-                self._to_prompt(last_text)
-                return
-            raise slash.SlashError("nothing to edit: send a message first")
-        text = msgs[last].content
-        del msgs[last:]
-        self._unanswered = None
+        if self._unanswered:  # the question on screen that got no answer (it is the last one there)
+            text, self._unanswered = self._unanswered, None
+        else:
+            msgs = self.conversation.messages
+            last = next((i for i in range(len(msgs) - 1, -1, -1) if msgs[i].role == "user"), None)
+            if last is None:
+                raise slash.SlashError("nothing to edit: send a message first")
+            text = self.conversation.take_back(last).content  # (the saved chat keeps them until a new message)
         await self._remove_from_last_question()
         self._to_prompt(text)
-        self.influence.autosave()
 
     async def _remove_from_last_question(self) -> None:
         """The last question's bubble and everything under it."""

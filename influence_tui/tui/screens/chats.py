@@ -205,14 +205,14 @@ class ChatsScreen(ModalScreen["Path | None"]):
             if title is None:
                 return
             self._keep = entry.path
-            try:
-                session = rename_chat(entry.path, title)
-            except SessionError as exc:  # (deleted meanwhile, by another window)
-                self.app.notify(str(exc), severity="error")
+            if entry.path == self.influence.chat_path:  # the open chat: through its keeper
+                self.influence.keeper.rename(" ".join(title.split()) or None)
                 self.refresh_list()
                 return
-            if entry.path == self.influence.chat_path:  # the open chat: it has the name too
-                self.influence.keeper.renamed(session.title)
+            try:
+                rename_chat(entry.path, title)
+            except SessionError as exc:  # (deleted meanwhile, by another window)
+                self.app.notify(str(exc), severity="error")
             self.refresh_list()
 
         self.app.push_screen(RenameChat(entry.given_title or ""), done)
