@@ -68,7 +68,6 @@ class InfluenceApp(App[int]):
         self.autoload = autoload
         self.session_path = session_path
         self.continue_latest = continue_latest  # `influence chat --continue`: the newest saved chat
-        self.save_on_exit_path = save_on_exit
         self._list_models = list_models
         self.initial_mode = initial_mode
         self.conversation = Conversation(system_prompt=self.settings.system_prompt)
@@ -140,13 +139,10 @@ class InfluenceApp(App[int]):
     def _keep_unreadable(self, path: Path) -> None:
         """`--session F --save-on-exit F` and F did not load: saving on exit would replace what
         is in F (a damaged session, someone's notes) with this chat. Save beside it instead."""
-        if not self.save_on_exit_path or not path.exists():
-            return
-        target = Path(self.save_on_exit_path)
-        if target.resolve() != path.resolve():
+        target = self.keeper.exit_path
+        if target is None or not path.exists() or target.resolve() != path.resolve():
             return
         beside = target.with_name(f"{target.stem}.new{target.suffix or '.json'}")
-        self.save_on_exit_path = str(beside)
         self.keeper.exit_path = beside
         self.notify(f"{target.name} is left as it is: this chat will be saved to {beside.name} on exit",
                     title="Session kept", timeout=10)
@@ -183,6 +179,11 @@ class InfluenceApp(App[int]):
         self.exit(0)
 
     # -- the chats folder -------------------------------------------------------------------------
+    @property
+    def save_on_exit_path(self) -> str | None:
+        """`--save-on-exit`'s file, while the chat the app started with is open."""
+        return str(self.keeper.exit_path) if self.keeper.exit_path is not None else None
+
     @property
     def chat_path(self) -> Path | None:
         """The open chat's file in the chats folder, once it is written or opened from there."""

@@ -45,12 +45,6 @@ class Conversation:
         """What the saved chat holds: the conversation and what /edit holds back."""
         return self.messages + self.held
 
-    def clear(self) -> None:
-        """Forget the turns; the system prompt stays (what `/clear` promises)."""
-        self.messages.clear()
-        self.held.clear()
-        self.created_at = self.title = None  # what is left is a new chat
-
     def fingerprint(self) -> int:
         """Changes whenever what a saved chat holds changes (so an unchanged chat is not rewritten:
         its file's time is when it last changed, and the Chats list sorts by it)."""

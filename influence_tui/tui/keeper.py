@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from influence_tui.chats import chats_folder, in_folder, not_a_folder, save_chat
+from influence_tui.chats import chats_folder, in_folder, not_a_folder, rename_chat, save_chat
 from influence_tui.sessions import SessionError, save_session
 from influence_tui.tui.conversation import SESSION_PARAMS
 
@@ -132,8 +132,6 @@ class ChatKeeper:
         """Name the open chat (/rename, the Chats list). In sync with its file, the file is renamed
         in place (its time kept: it keeps its place in the list); else the name goes with the next
         save (which keeps another window's changes apart, as any save does)."""
-        from influence_tui.chats import rename_chat
-
         conversation = self.app.conversation
         path = self.path
         if path is None or self.exit_path is not None or not self.in_sync() or self._changed_elsewhere(path):
@@ -166,9 +164,8 @@ class ChatKeeper:
         resolved = Path(path).expanduser().resolve()
         self.path = resolved if in_folder(resolved, self.folder()) else None
         self._saved = self.fingerprint()  # (after its sampling settings were applied: see apply_params)
-        self._seen = (self.path, _stamp(resolved)) if self.path is not None else None
-        if self.exit_path is not None and self.exit_path.resolve() == resolved:
-            self._seen = (self.exit_path, _stamp(resolved))
+        kept = self.exit_path if self.exit_path is not None and self.exit_path.resolve() == resolved else self.path
+        self._seen = (kept, _stamp(resolved)) if kept is not None else None
         self._failed = False
 
     def leave(self, deleted: bool = False) -> None:
@@ -209,10 +206,8 @@ class ChatKeeper:
     def settings_saved(self, names: list[str], folder_before: Path) -> None:
         """The Settings screen saved `names` (those edited there): those sampling values are the
         user's own now; a new chats folder takes the open chat at once (the old one's chats stay)."""
-        if self.own_params is not None:
-            for name in names:
-                if name in self.own_params:
-                    self.own_params[name] = getattr(self.app.settings, name)
+        for name in names:
+            self.set_by_user(name)
         if self.folder() != folder_before and self.path is not None and self.exit_path is None:
             self.path, self._saved, self._seen = None, None, None
             if self.save() is not None:

@@ -18,10 +18,12 @@ from textual.screen import Screen
 from textual.widgets import Footer, Static
 from textual.widgets.markdown import MarkdownFence
 
+from influence_tui.chats import title_of
 from influence_tui.config import ConfigError, validate_value
 from influence_tui.sessions import MARKDOWN_SUFFIXES, SessionError, load_session, save_markdown, save_session
 from influence_tui.tui import slash
 from influence_tui.tui.conversation import Conversation
+from influence_tui.tui.screens.chats import ChatsScreen
 from influence_tui.tui.widgets.messages import AssistantMessage, NoteMessage, UserMessage
 from influence_tui.tui.widgets.prompt import PromptInput
 from influence_tui.tui.widgets.status import StatusBar
@@ -350,8 +352,6 @@ class ChatScreen(Screen[None]):
         self.query_one(PromptInput).focus()
 
     async def _cmd_chats(self, arg: str) -> None:
-        from influence_tui.tui.screens.chats import ChatsScreen
-
         self.influence.autosave()  # the open chat as it is now (a rename or /system since its last answer)
         before = self.conversation
 
@@ -374,8 +374,6 @@ class ChatScreen(Screen[None]):
             self.app.notify(str(exc), title="Chat not opened", severity="error")
 
     async def _cmd_rename(self, arg: str) -> None:
-        from influence_tui.chats import title_of
-
         keeper = self.influence.keeper
         has_file = keeper.path is not None or keeper.exit_path is not None
         keeper.rename(" ".join(arg.split()) or None)
@@ -411,8 +409,6 @@ class ChatScreen(Screen[None]):
     async def _cmd_save(self, arg: str) -> None:
         session = self.influence.current_session()
         if arg.lower().endswith(MARKDOWN_SUFFIXES):  # a transcript to read or share
-            from influence_tui.chats import title_of
-
             path = save_markdown(arg, session, title_of(session))
             await self.note(f"Saved the chat as Markdown to `{path}` (`/save FILE.json` keeps a session to load)")
             return
