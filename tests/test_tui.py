@@ -571,8 +571,10 @@ async def test_no_jump_to_bottom_while_reading_history() -> None:
         await wait_until(pilot, lambda: box.scroll_y == box.max_scroll_y > 0, timeout=30, what="anchored at the bottom")
         box.focus()
         await pilot.press("pageup")  # the user scrolls up to read
-        await pilot.pause()
-        reading = box.scroll_y
+        reading = -1.0
+        while box.scroll_y != reading:  # (the scroll animates: read where it comes to rest)
+            reading = box.scroll_y
+            await pilot.pause(0.1)
         assert reading < box.max_scroll_y
         await screen.note("a new note arrives")
         await pilot.pause()
