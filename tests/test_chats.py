@@ -729,3 +729,19 @@ def test_influence_config_names_the_chats_folder_in_use(tmp_path: Path) -> None:
     assert json.loads(out.stdout)["chats_folder"] == str((tmp_path / "c").resolve())
     out = run_cli("config", chats=tmp_path / "c")
     assert f"chats folder: {(tmp_path / 'c').resolve()}" in out.stdout
+
+
+async def test_retry_after_edit_answers_the_question_taken_back() -> None:
+    path = write_chat(folder(), "retry.json", "Q1", "A1")
+    session = load_session(path)
+    session.messages += [SessionMessage("user", "Q2"), SessionMessage("assistant", "A2")]
+    save_session(path, session)
+    app = make_app(session_path=str(path))  # no model: the retried answer fails, which is enough here
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: len(app.conversation.messages) == 4, what="the chat")
+        await send(pilot, "/edit")
+        assert [m.content for m in app.conversation.messages] == ["Q1", "A1"]
+        app.screen.query_one("PromptInput").text = ""
+        await send(pilot, "/retry")
+        await wait_until(pilot, lambda: not chat(app).busy and chat(app)._unanswered == "Q2", what="the retry of Q2")
+        assert [m.content for m in app.conversation.messages] == ["Q1", "A1"] and not app.conversation.held

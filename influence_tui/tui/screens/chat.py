@@ -477,6 +477,10 @@ class ChatScreen(Screen[None]):
         if self.busy:
             raise slash.SlashError("an answer is being written; Esc stops it first")
         msgs = self.conversation.messages
+        if self.conversation.held:  # after /edit: the edit is given up, the question it took back answered again
+            msgs.extend(self.conversation.held)
+            self.conversation.held.clear()
+            await self.render_conversation()
         if (not msgs or msgs[-1].role == "assistant") and self._unanswered:
             self.conversation.add("user", self._unanswered)  # the question on screen that got no answer
             self._unanswered = None
