@@ -95,17 +95,21 @@ class Session:
         }
 
 
-def save_session(path: str | Path, session: Session) -> Path:
-    """Write the session atomically; raise SessionError (the old file stays whole) on failure."""
+def _write(path: str | Path, text: str, what: str) -> Path:
+    """Write atomically; raise SessionError (the old file stays whole) on failure."""
     target = Path(path).expanduser()
     if target.is_dir():
-        raise SessionError(f"cannot save session: {target} is a folder")
-    text = json.dumps(session.to_dict(), indent=2, ensure_ascii=False) + "\n"
+        raise SessionError(f"cannot save {what}: {target} is a folder")
     try:
         atomic_write_text(target, text)
     except OSError as exc:
-        raise SessionError(f"cannot save session to {target}: {exc.strerror or exc}") from None
+        raise SessionError(f"cannot save {what} to {target}: {exc.strerror or exc}") from None
     return target
+
+
+def save_session(path: str | Path, session: Session) -> Path:
+    """Write the session atomically; raise SessionError (the old file stays whole) on failure."""
+    return _write(path, json.dumps(session.to_dict(), indent=2, ensure_ascii=False) + "\n", "session")
 
 
 MARKDOWN_SUFFIXES = (".md", ".markdown")
@@ -169,14 +173,7 @@ def _no_headings(text: str) -> str:
 
 def save_markdown(path: str | Path, session: Session, title: str) -> Path:
     """Write the transcript atomically; SessionError (the old file whole) on failure."""
-    target = Path(path).expanduser()
-    if target.is_dir():
-        raise SessionError(f"cannot save: {target} is a folder")
-    try:
-        atomic_write_text(target, session_markdown(session, title))
-    except OSError as exc:
-        raise SessionError(f"cannot save to {target}: {exc.strerror or exc}") from None
-    return target
+    return _write(path, session_markdown(session, title), "the transcript")
 
 
 def load_session(path: str | Path) -> Session:
